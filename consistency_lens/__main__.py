@@ -1,0 +1,3 @@
+from consistency_lens.cli import main
+
+main()

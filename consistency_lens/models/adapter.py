@@ -1,0 +1,87 @@
+"""The one place that knows where a causal LM keeps its blocks and its token embeddings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from consistency_lens.errors import LensError
+
+# model_type -> (attribute path of the block list, attribute path of the base model)
+_FAMILIES: dict[str, tuple[str, str]] = {
+    "gpt2": ("transformer.h", "transformer"),
+    "llama": ("model.layers", "model"),
+    "qwen2": ("model.layers", "model"),
+    "qwen3": ("model.layers", "model"),
+    "mistral": ("model.layers", "model"),
+    "gemma": ("model.layers", "model"),
+    "gemma2": ("model.layers", "model"),
+    "gemma3_text": ("model.layers", "model"),
+    "gemma3": ("model.language_model.layers", "model.language_model"),
+    "gpt_neox": ("gpt_neox.layers", "gpt_neox"),
+    "phi": ("model.layers", "model"),
+    "phi3": ("model.layers", "model"),
+}
+
+
+def _get(obj: object, path: str) -> object:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass
+class ModelParts:
+    """Handles into a causal LM that the lens needs."""
+
+    blocks: nn.ModuleList
+    """The transformer blocks, in order."""
+    embed: nn.Embedding
+    """The input token embedding."""
+    embed_scale: float
+    """Factor the embedding module applies to its rows (Gemma 3 scales by sqrt(d) inside it)."""
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of transformer blocks."""
+        return len(self.blocks)
+
+    @property
+    def d_model(self) -> int:
+        """Width of the residual stream."""
+        return self.embed.weight.shape[1]
+
+    def embed_rows(self, weights: torch.Tensor) -> torch.Tensor:
+        """`inputs_embeds` for a (..., V) distribution over tokens (one-hot or soft)."""
+        table = self.embed.weight
+        return (weights.to(table.dtype) @ table) * self.embed_scale
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """`inputs_embeds` for token ids, exactly what the model's forward would compute."""
+        return self.embed(ids)
+
+
+def find_parts(model: nn.Module) -> ModelParts:
+    """Locate blocks and embeddings of a supported HF causal LM, or say which families work."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _FAMILIES:
+        supported = ", ".join(sorted(_FAMILIES))
+        raise LensError(
+            f"Model type '{model_type}' is not supported by the block adapter; "
+            f"supported families: {supported}."
+        )
+    blocks = _get(model, _FAMILIES[model_type][0])
+    embed = model.get_input_embeddings()
+    scale = getattr(embed, "embed_scale", 1.0)
+    return ModelParts(blocks=blocks, embed=embed, embed_scale=float(scale))
+
+
+def check_layer(parts: ModelParts, layer: int, what: str = "layer") -> None:
+    """Refuse a block index outside the model."""
+    if not 0 <= layer < parts.num_blocks:
+        raise LensError(
+            f"{what}={layer} is out of range: this model has {parts.num_blocks} blocks, "
+            f"so use 0 <= {what} <= {parts.num_blocks - 1}."
+        )

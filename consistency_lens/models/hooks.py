@@ -1,0 +1,57 @@
+"""Forward hooks on a block: capture its output, stop the forward early, or replace a position."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def _hidden(output: object) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _rebuild(output: object, hidden: torch.Tensor) -> object:
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+class _StopForward(Exception):
+    pass
+
+
+def run_until(model: nn.Module, block: nn.Module, **forward_kwargs) -> torch.Tensor:
+    """Run `model` only as far as `block` and return that block's output hidden states."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        captured.append(_hidden(output))
+        raise _StopForward
+
+    handle = block.register_forward_hook(hook)
+    try:
+        model(**forward_kwargs)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError("the forward pass never reached the hooked block")
+    return captured[0]
+
+
+@contextmanager
+def replace_last(block: nn.Module, vectors: torch.Tensor) -> Iterator[None]:
+    """Overwrite `block`'s output at the last position with `vectors` (B, d), keeping gradients."""
+
+    def hook(_module, _inputs, output):
+        hidden = _hidden(output)
+        new_last = vectors.to(hidden.dtype).unsqueeze(1)
+        return _rebuild(output, torch.cat([hidden[:, :-1], new_last], dim=1))
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

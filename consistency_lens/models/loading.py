@@ -1,0 +1,127 @@
+"""Load any HF causal LM (hub name, local directory, or the embedded alias) frozen, with its tokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from consistency_lens.errors import LensError
+from consistency_lens.models import embedded
+from consistency_lens.models.adapter import ModelParts, find_parts
+
+
+@dataclass
+class LoadedModel:
+    """A frozen causal LM with its tokenizer and identity."""
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    parts: ModelParts
+    name: str
+    """What the user asked for (hub name, path or alias)."""
+    fingerprint: str
+    """Hub revision or content hash, recorded in dumps and lenses."""
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` picks CUDA when present, else CPU."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise LensError(f"device='{spec}' is not a device; use auto, cpu or cuda[:N].") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LensError(f"device='{spec}' asks for CUDA but none is available; use device=cpu.")
+    return device
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 where the hardware runs it fast, else fp32."""
+    if spec != "auto":
+        return getattr(torch, spec)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+
+
+def _fingerprint(model: torch.nn.Module, source: Path | None) -> str:
+    revision = getattr(model.config, "_commit_hash", None)
+    if revision:
+        return f"revision:{revision}"
+    if source is not None and (source / "fingerprint.txt").is_file():
+        return (source / "fingerprint.txt").read_text().strip()
+    digest = hashlib.sha256()
+    for tensor in list(model.state_dict().values())[:4]:
+        digest.update(tensor.detach().float().cpu().numpy().tobytes()[: 1 << 20])
+    return f"weights-sha256:{digest.hexdigest()[:16]}"
+
+
+def model_slug(name: str) -> str:
+    """A directory-safe short name for a model (`org/name` -> `name`)."""
+    return Path(name.rstrip("/")).name or name
+
+
+def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer of `name`, with a pad token."""
+    source = embedded.embedded_model_dir() if name == embedded.ALIAS else name
+    tok = AutoTokenizer.from_pretrained(
+        str(source), revision=revision, trust_remote_code=trust_remote_code
+    )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    name: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
+) -> LoadedModel:
+    """Load `name` frozen in eval mode on `device`."""
+    local: Path | None = None
+    if name == embedded.ALIAS:
+        local = embedded.embedded_model_dir()
+    elif Path(name).exists():
+        local = Path(name)
+    elif name.startswith((".", "/", "~")):
+        raise LensError(f"Model path '{name}' does not exist; pass a model directory or hub name.")
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    source = str(local) if local is not None else name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            revision=revision,
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+        )
+    except OSError as err:
+        raise LensError(
+            f"Could not load model '{name}' ({str(err).splitlines()[0]}); check the name or path."
+        ) from None
+    model.to(torch_device).eval().requires_grad_(False)
+    tokenizer = load_tokenizer(name, revision, trust_remote_code)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        parts=find_parts(model),
+        name=name,
+        fingerprint=_fingerprint(model, local),
+    )
