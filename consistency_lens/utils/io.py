@@ -37,8 +37,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except OSError as err:
         tmp_path.unlink(missing_ok=True)
         if err.errno == errno.ENOSPC:
-            raise LensError(f"No space left on the device while writing '{path}'; free disk space "
-                            "and run the same command again to resume.") from None
+            raise LensError(
+                f"No space left on the device while writing '{path}'; free disk space "
+                "and run the same command again to resume."
+            ) from None
         raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -62,7 +64,9 @@ def read_json(path: Path, what: str) -> dict:
     except FileNotFoundError:
         raise LensError(f"{what} '{path}' does not exist.") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise LensError(f"{what} '{path}' is corrupt (not valid JSON); delete it and rerun.") from None
+        raise LensError(
+            f"{what} '{path}' is corrupt (not valid JSON); delete it and rerun."
+        ) from None
 
 
 def sha256_file(path: Path) -> str:

@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny random-weight models saved as real HF directories, an offline tokenizer."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+WORDS = (
+    "the nation economy congress people war peace law tax trade union state year government "
+    "public we our must will have been which their this that from with for are not all great"
+).split()
+
+
+def make_text(seed: int, n_words: int) -> str:
+    """Deterministic pseudo-English text."""
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words)) + "."
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer trained offline on the fixture vocabulary, saved as an HF dir."""
+    out = tmp_path_factory.mktemp("tokenizer")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([make_text(i, 200) for i in range(20)], trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    fast.save_pretrained(out)
+    return out
+
+
+def _save(model: torch.nn.Module, tokenizer_dir: Path, out: Path) -> Path:
+    model.save_pretrained(out)
+    PreTrainedTokenizerFast.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A 4-block random Llama (d=64) with the fixture tokenizer."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    return _save(LlamaForCausalLM(cfg), tokenizer_dir, tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A 3-block random GPT-2 (d=64) with the fixture tokenizer."""
+    torch.manual_seed(1)
+    cfg = GPT2Config(
+        vocab_size=320,
+        n_embd=64,
+        n_layer=3,
+        n_head=4,
+        n_positions=256,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return _save(GPT2LMHeadModel(cfg), tokenizer_dir, tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """A directory of 12 small .txt documents."""
+    out = tmp_path_factory.mktemp("corpus")
+    for i in range(12):
+        (out / f"doc_{i:02d}.txt").write_text(make_text(100 + i, 120))
+    return out
