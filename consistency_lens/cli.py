@@ -1,0 +1,146 @@
+"""`consistency-lens` command line: thin subcommands, each a dataclass with one `execute`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from consistency_lens.config import LensConfig, load_config
+from consistency_lens.errors import LensError
+
+
+@dataclass
+class Dump:
+    """Dump activations (A at block `layer`, position P) of `model` over `corpus`."""
+
+    cfg: LensConfig
+
+    def execute(self) -> None:
+        from consistency_lens.data.dump import dump_activations
+
+        dump_activations(self.cfg)
+
+
+@dataclass
+class Train:
+    """Train a lens on a dump."""
+
+    cfg: LensConfig
+    resume: bool = False
+
+    def execute(self) -> None:
+        from consistency_lens.training.trainer import train
+
+        train(self.cfg, resume=self.resume)
+
+
+@dataclass
+class Eval:
+    """Evaluate a saved lens against baselines on the validation split."""
+
+    cfg: LensConfig
+    checkpoint: Path | None = None
+
+    def execute(self) -> None:
+        from consistency_lens.evaluation.evaluate import evaluate_command
+
+        evaluate_command(self.cfg, self.checkpoint)
+
+
+@dataclass
+class Explain:
+    """Explain every token position of a text with a saved lens."""
+
+    cfg: LensConfig
+    checkpoint: Path | None = None
+    text: str | None = None
+    file: Path | None = None
+    html: Path | None = None
+
+    def execute(self) -> None:
+        from consistency_lens.evaluation.explain import explain_command
+
+        text = self.file.read_text() if self.file is not None else self.text
+        if text is None:
+            raise LensError('explain needs --text "..." or --file PATH.')
+        explain_command(self.cfg, self.checkpoint, text, self.html)
+
+
+@dataclass
+class Demo:
+    """The whole pipeline on the embedded default: dump, train, eval, explain, report."""
+
+    cfg: LensConfig
+    extra: dict = field(default_factory=dict)
+
+    def execute(self) -> None:
+        from consistency_lens.demo import run_demo
+
+        run_demo(self.cfg)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="consistency-lens", description=__doc__)
+    subs = parser.add_subparsers(dest="command", required=True)
+    for name, cls in [
+        ("dump", Dump),
+        ("train", Train),
+        ("eval", Eval),
+        ("explain", Explain),
+        ("demo", Demo),
+    ]:
+        sub = subs.add_parser(name, help=cls.__doc__, description=cls.__doc__)
+        sub.add_argument(
+            "--config",
+            action="append",
+            type=Path,
+            default=[],
+            help="YAML config (repeatable, merged in order)",
+        )
+        sub.add_argument(
+            "overrides", nargs="*", help="key=value overrides, e.g. layer=12 train.t_text=8"
+        )
+        if name == "train":
+            sub.add_argument(
+                "--resume", action="store_true", help="continue from the latest valid checkpoint"
+            )
+        if name in ("eval", "explain"):
+            sub.add_argument(
+                "--checkpoint",
+                type=Path,
+                help="saved lens directory (default: <train.run_dir>/lens)",
+            )
+        if name == "explain":
+            sub.add_argument("--text", help="text to explain")
+            sub.add_argument("--file", type=Path, help="file whose text to explain")
+            sub.add_argument("--html", type=Path, help="also write an HTML page here")
+    return parser
+
+
+def build_command(argv: list[str]) -> object:
+    """Parse argv into a subcommand object."""
+    args = _parser().parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "dump":
+        return Dump(cfg)
+    if args.command == "train":
+        return Train(cfg, resume=args.resume)
+    if args.command == "eval":
+        return Eval(cfg, checkpoint=args.checkpoint)
+    if args.command == "explain":
+        return Explain(cfg, args.checkpoint, args.text, args.file, args.html)
+    return Demo(cfg)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run a subcommand; user errors print one line and exit with status 2."""
+    try:
+        build_command(sys.argv[1:] if argv is None else argv).execute()
+    except LensError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume.", file=sys.stderr)
+        sys.exit(130)
