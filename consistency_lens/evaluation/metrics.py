@@ -1,0 +1,104 @@
+"""Pure tensor metrics of a lens: KL, reconstruction quality, fluency, diversity, bootstrap CIs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def kl_per_sample(logits_ref: torch.Tensor, logits_other: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(logits_ref) || softmax(logits_other)) for each row of (B, V) logits, in nats."""
+    log_p = F.log_softmax(logits_ref.float(), dim=-1)
+    log_q = F.log_softmax(logits_other.float(), dim=-1)
+    # Clamp tiny negative values that come from float rounding when both rows are equal.
+    return (log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0.0)
+
+
+def kl_recovered(kl_lens: torch.Tensor, kl_baseline: torch.Tensor) -> float:
+    """`1 - mean(KL_lens) / mean(KL_baseline)`: 1 is perfect, 0 is no better than the baseline."""
+    denom = kl_baseline.float().mean()
+    if denom <= 0:
+        return float("nan")
+    return float(1.0 - kl_lens.float().mean() / denom)
+
+
+def mse(A: torch.Tensor, A_hat: torch.Tensor) -> float:
+    """Mean squared error over all elements."""
+    return float(((A.float() - A_hat.float()) ** 2).mean())
+
+
+def normalized_mse(A: torch.Tensor, A_hat: torch.Tensor) -> float:
+    """`sum ||A - Â||² / sum ||A||²`: error relative to the activations' own energy."""
+    A = A.float()
+    return float(((A - A_hat.float()) ** 2).sum() / (A**2).sum().clamp(min=1e-12))
+
+
+def fve(A: torch.Tensor, A_hat: torch.Tensor) -> float:
+    """Fraction of variance explained: `1 - sum ||A - Â||² / sum ||A - mean(A)||²`."""
+    A = A.float()
+    residual = ((A - A_hat.float()) ** 2).sum()
+    total = ((A - A.mean(0, keepdim=True)) ** 2).sum().clamp(min=1e-12)
+    return float(1.0 - residual / total)
+
+
+def cosine_per_sample(A: torch.Tensor, A_hat: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity between matching rows of (B, d) tensors."""
+    return F.cosine_similarity(A.float(), A_hat.float(), dim=-1)
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean negative log-likelihood; `logits[:, t]` must predict `targets[:, t]`."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    return -picked.mean(-1)
+
+
+def perplexity(nll_per_sample: torch.Tensor) -> float:
+    """Perplexity `exp(mean NLL)` over samples of equal token count."""
+    return float(torch.exp(nll_per_sample.float().mean()))
+
+
+def fraction_unique(texts: Sequence[str]) -> float:
+    """Share of distinct strings among `texts` (1/N means every text is the same: mode collapse)."""
+    return len(set(texts)) / len(texts) if texts else float("nan")
+
+
+def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
+    """Distinct-n: unique n-grams over total n-grams, pooled over all sequences."""
+    grams = [tuple(seq[i : i + n]) for seq in sequences for i in range(len(seq) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def bootstrap_ci(
+    statistic: Callable[..., float],
+    *samples: torch.Tensor,
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of `statistic(*samples)`, resampling rows jointly (paired), seeded."""
+    n = samples[0].shape[0]
+    if resamples <= 0 or n == 0:
+        return (float("nan"), float("nan"))
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.empty(resamples, dtype=torch.float64)
+    for r in range(resamples):
+        idx = torch.randint(0, n, (n,), generator=gen)
+        values[r] = statistic(*(s[idx] for s in samples))
+    tail = (1.0 - level) / 2
+    lo, hi = torch.quantile(values, torch.tensor([tail, 1.0 - tail], dtype=torch.float64))
+    return (float(lo), float(hi))
+
+
+def mean_ci(values: torch.Tensor, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap CI of the mean of a 1-D tensor."""
+    return bootstrap_ci(lambda v: float(v.float().mean()), values, resamples=resamples, seed=seed)
+
+
+def kl_recovered_ci(
+    kl_lens: torch.Tensor, kl_baseline: torch.Tensor, resamples: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """Paired bootstrap CI of `kl_recovered` (same samples drawn for lens and baseline)."""
+    return bootstrap_ci(kl_recovered, kl_lens, kl_baseline, resamples=resamples, seed=seed)
