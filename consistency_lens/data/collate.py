@@ -1,0 +1,67 @@
+"""Left-pad a batch so that every sample's position P is the last column."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class Batch:
+    """A collated batch of activation samples; `P` of every row is column -1."""
+
+    input_ids_A: torch.Tensor
+    """(B, T) left-padded tokens 0..P of A's context."""
+    attention_mask_A: torch.Tensor
+    """(B, T) 1 on real tokens, 0 on padding."""
+    A: torch.Tensor
+    """(B, d) activations at block L, position P."""
+    input_ids_A_prime: torch.Tensor
+    """(B, T') left-padded context of A' (another sequence)."""
+    attention_mask_A_prime: torch.Tensor
+    """(B, T') mask of A' context."""
+    A_prime: torch.Tensor
+    """(B, d) activations A'."""
+
+    def to(self, device: torch.device | str) -> Batch:
+        """Move every tensor to `device`."""
+        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def __len__(self) -> int:
+        return self.A.shape[0]
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions of a left-padded batch: 0 at each row's first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D id tensors right-aligned; returns (ids, mask)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, width - len(seq) :] = seq
+        mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+class CollateFn:
+    """Collate dataset items (mappings) into a left-padded `Batch`."""
+
+    def __init__(self, pad_id: int = 0):
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[dict]) -> Batch:
+        ids_a, mask_a = left_pad([it["input_ids_A"] for it in items], self.pad_id)
+        ids_p, mask_p = left_pad([it["input_ids_A_prime"] for it in items], self.pad_id)
+        return Batch(
+            input_ids_A=ids_a,
+            attention_mask_A=mask_a,
+            A=torch.stack([it["A"] for it in items]),
+            input_ids_A_prime=ids_p,
+            attention_mask_A_prime=mask_p,
+            A_prime=torch.stack([it["A_prime"] for it in items]),
+        )

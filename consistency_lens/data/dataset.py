@@ -1,0 +1,124 @@
+"""`ActivationDataset`: memory-mapped dump shards, with A' paired at load time by a seeded generator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from torch.utils.data import Dataset
+
+from consistency_lens.data.dump import FORMAT_VERSION
+from consistency_lens.errors import LensError
+from consistency_lens.utils.io import read_json, sha256_file
+
+
+class _Shard:
+    """One shard opened by memory map; contexts are sliced from a flat id array by offsets."""
+
+    def __init__(self, path: Path):
+        try:
+            self.handle = safe_open(str(path), framework="pt")
+            self.offsets = self.handle.get_tensor("offsets")
+            self.seq_index = self.handle.get_tensor("seq_index")
+        except (SafetensorError, OSError) as err:
+            raise LensError(
+                f"Shard '{path}' cannot be read ({err}); re-run the dump to rewrite it."
+            ) from None
+        self.acts = self.handle.get_slice("A")
+        self.ids = self.handle.get_slice("input_ids")
+
+    def __len__(self) -> int:
+        return len(self.seq_index)
+
+    def context(self, i: int) -> torch.Tensor:
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.ids[start:end].long()
+
+    def activation(self, i: int) -> torch.Tensor:
+        return self.acts[i : i + 1][0]
+
+
+def _shard_dirs(path: Path, meta: dict) -> list[Path]:
+    return [path / rank for rank in meta["ranks"]] if "ranks" in meta else [path]
+
+
+class ActivationDataset(Dataset):
+    """Samples of one dump split; `ds[i]` has input_ids_A, A, input_ids_A_prime, A_prime."""
+
+    def __init__(self, path: Path | str, seed: int = 0, verify: bool = True):
+        self.path = Path(path)
+        if not (self.path / "metadata.json").is_file():
+            raise LensError(
+                f"No activation dump at '{self.path}' (metadata.json missing); "
+                "run `consistency-lens dump` with the same config first."
+            )
+        self.metadata = read_json(self.path / "metadata.json", "Dump metadata")
+        if self.metadata.get("format_version") != FORMAT_VERSION:
+            raise LensError(
+                f"Dump '{self.path}' has format version {self.metadata.get('format_version')}, "
+                f"this version reads {FORMAT_VERSION}; re-run the dump."
+            )
+        self.shards: list[_Shard] = []
+        for directory in _shard_dirs(self.path, self.metadata):
+            meta = (
+                self.metadata
+                if directory == self.path
+                else read_json(directory / "metadata.json", "Rank metadata")
+            )
+            for entry in meta["shards"]:
+                shard_path = directory / entry["file"]
+                if not shard_path.is_file():
+                    raise LensError(
+                        f"Shard '{shard_path}' is missing; re-run the dump to rewrite it."
+                    )
+                if verify and sha256_file(shard_path) != entry["sha256"]:
+                    raise LensError(
+                        f"Shard '{shard_path}' is corrupt (checksum mismatch); delete it and re-run the dump."
+                    )
+                self.shards.append(_Shard(shard_path))
+        sizes = np.asarray([len(s) for s in self.shards], np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(sizes)])
+        if self._starts[-1] < 2:
+            raise LensError(
+                f"Dump '{self.path}' holds fewer than 2 samples; A' needs another sequence."
+            )
+        self.seq_index = np.concatenate([s.seq_index.numpy() for s in self.shards])
+        self.seed = seed
+        self.set_epoch(0)
+
+    @property
+    def d_model(self) -> int:
+        """Width of the stored activations."""
+        return int(self.metadata["d_model"])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Re-pair every sample with an A' from a different sequence, seeded by (seed, epoch)."""
+        n = len(self)
+        rng = np.random.default_rng([self.seed, epoch])
+        partner = (np.arange(n) + 1 + rng.integers(0, n - 1, size=n)) % n
+        clash = self.seq_index[partner] == self.seq_index
+        while clash.any():
+            partner[clash] = rng.integers(0, n, size=int(clash.sum()))
+            clash = self.seq_index[partner] == self.seq_index
+        self.partner = partner
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _locate(self, i: int) -> tuple[_Shard, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        shard = int(np.searchsorted(self._starts, i, side="right") - 1)
+        return self.shards[shard], i - int(self._starts[shard])
+
+    def sample(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids_A, A) of sample i, A as float32."""
+        shard, j = self._locate(i)
+        return shard.context(j), shard.activation(j).float()
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids, act = self.sample(i)
+        ids_p, act_p = self.sample(int(self.partner[i]))
+        return {"input_ids_A": ids, "A": act, "input_ids_A_prime": ids_p, "A_prime": act_p}

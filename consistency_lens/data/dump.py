@@ -1,0 +1,387 @@
+"""`consistency-lens dump`: activations A at block L, position P, stored once in safetensors shards.
+
+Every sample's sequence and position are fixed up front by the seed, and shards are written
+atomically in order, so a killed dump rerun with the same config ends with exactly the samples an
+uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import save_file
+
+from consistency_lens.config import LensConfig, dump_config
+from consistency_lens.data.corpus import (
+    SOTU,
+    TokenizedCorpus,
+    corpus_slug,
+    tokenized_corpus,
+    tokenizer_hash,
+)
+from consistency_lens.errors import LensError
+from consistency_lens.models.adapter import check_layer
+from consistency_lens.models.hooks import run_until
+from consistency_lens.models.loading import LoadedModel, load_model, model_slug
+from consistency_lens.utils.io import atomic_write, atomic_write_json, read_json, sha256_file
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+_FP16_MAX = 65504.0
+# settings that must match for a rerun to resume an existing dump
+_RESUME_KEYS = (
+    "model",
+    "fingerprint",
+    "layer",
+    "dtype",
+    "seq_len",
+    "p_min",
+    "seed",
+    "corpus",
+    "num_requested",
+    "shard_size",
+    "max_norm_ratio",
+    "tokenizer_hash",
+)
+
+
+def split_dir(cfg: LensConfig, split: str) -> Path:
+    """`<output_dir>/<model>/layer_<L>/<corpus>_<split>/`."""
+    return (
+        Path(cfg.output_dir)
+        / model_slug(cfg.model)
+        / f"layer_{cfg.layer}"
+        / f"{corpus_slug(cfg.corpus)}_{split}"
+    )
+
+
+@dataclass
+class SplitPlan:
+    """Which sequences a split holds and the position P drawn for each."""
+
+    sequences: list[np.ndarray]
+    """Token ids of each sequence (BOS included when the tokenizer adds one)."""
+    positions: np.ndarray
+    """P per sequence, uniform in `p_min <= P <= len - 2`."""
+    seq_index: np.ndarray
+    """Global index of each sequence in the corpus, for A' pairing across splits."""
+
+
+def _windows(
+    corpus: TokenizedCorpus, body: int, min_len: int, bos: list[int]
+) -> tuple[list[np.ndarray], int]:
+    windows, skipped = [], 0
+    for doc in corpus.documents():
+        for start in range(0, len(doc), body):
+            piece = doc[start : start + body]
+            if len(piece) + len(bos) < min_len:
+                skipped += 1
+                continue
+            windows.append(piece)
+    return windows, skipped
+
+
+def plan_splits(
+    cfg: LensConfig, corpus: TokenizedCorpus, bos_id: int | None
+) -> tuple[dict[str, SplitPlan], int]:
+    """Cut the corpus into sequences, shuffle with the seed, and draw P for each sample."""
+    bos = [bos_id] if bos_id is not None else []
+    p_min = cfg.p_min_effective
+    windows, skipped = _windows(corpus, cfg.seq_len - len(bos), p_min + 2, bos)
+    if not windows:
+        raise LensError(
+            f"Corpus '{cfg.corpus}' has no text long enough for positions {p_min}..seq_len-2 "
+            f"(each sequence needs at least {p_min + 2} tokens); lower p_min or use longer texts."
+        )
+    wanted = cfg.val_samples + cfg.num_samples
+    if len(windows) < wanted:
+        raise LensError(
+            f"Corpus '{cfg.corpus}' yields {len(windows)} usable sequences of up to {cfg.seq_len} tokens, "
+            f"fewer than num_samples + val_samples = {wanted}; lower them or use a bigger corpus."
+        )
+    order = np.random.default_rng(cfg.seed).permutation(len(windows))
+    chosen = {"val": order[: cfg.val_samples], "train": order[cfg.val_samples : wanted]}
+    plans = {}
+    for code, split in enumerate(SPLITS):
+        rng = np.random.default_rng([cfg.seed, code])
+        seqs = [
+            np.concatenate([np.asarray(bos, np.int64), windows[i].astype(np.int64)])
+            for i in chosen[split]
+        ]
+        highs = np.asarray([len(s) - 2 for s in seqs], np.int64)
+        positions = rng.integers(p_min, highs + 1) if seqs else np.zeros(0, np.int64)
+        plans[split] = SplitPlan(seqs, positions.astype(np.int64), chosen[split].astype(np.int64))
+    return plans, skipped
+
+
+def _bos_id(tokenizer) -> int | None:
+    """The BOS id when the tokenizer adds one by itself, so dumped contexts match ordinary use."""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a").input_ids
+    return bos if bos is not None and ids and ids[0] == bos else None
+
+
+def _forward_batch(
+    loaded: LoadedModel, layer: int, seqs: list[np.ndarray], positions: np.ndarray
+) -> torch.Tensor:
+    """Activations at each row's P; only blocks 0..L run. Right padding is inert in a causal model."""
+    width = int(positions.max()) + 1
+    pad = loaded.tokenizer.pad_token_id or 0
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        take = min(len(seq), width)
+        ids[row, :take] = torch.from_numpy(seq[:take])
+    device = next(loaded.model.parameters()).device
+    with torch.inference_mode():
+        hidden = run_until(
+            loaded.model, loaded.parts.blocks[layer], input_ids=ids.to(device), use_cache=False
+        )
+    rows = torch.arange(len(seqs), device=device)
+    return hidden[rows, torch.as_tensor(positions, device=device)].float().cpu()
+
+
+def _check_values(acts: torch.Tensor, cfg: LensConfig) -> None:
+    if not torch.isfinite(acts).all():
+        raise LensError(
+            f"The model produced NaN/inf activations at layer {cfg.layer}; try model_dtype=float32."
+        )
+    peak = float(acts.abs().max())
+    if cfg.dtype == "float16" and peak > _FP16_MAX:
+        raise LensError(
+            f"Activations at layer {cfg.layer} reach {peak:.3g}, beyond float16's range; "
+            "rerun with dtype=bfloat16 or dtype=float32."
+        )
+
+
+def _keep_mask(acts: torch.Tensor, ratio: float | None) -> torch.Tensor:
+    if ratio is None:
+        return torch.ones(len(acts), dtype=torch.bool)
+    norms = acts.norm(dim=-1)
+    return norms <= ratio * norms.median()
+
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    return sha256_file(path)
+
+
+def _shard_tensors(
+    plan: SplitPlan, idx: np.ndarray, acts: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype
+) -> dict:
+    kept = idx[keep.numpy()]
+    ctx = [plan.sequences[i][: plan.positions[i] + 1] for i in kept]
+    lengths = np.asarray([len(c) for c in ctx], np.int64)
+    return {
+        "A": acts[keep].to(dtype).contiguous(),
+        "input_ids": torch.from_numpy(
+            np.concatenate(ctx).astype(np.int32) if ctx else np.zeros(0, np.int32)
+        ),
+        "offsets": torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)),
+        "positions": torch.from_numpy(plan.positions[kept].copy()),
+        "seq_index": torch.from_numpy(plan.seq_index[kept].copy()),
+    }
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[rate]:.1f} samples/s"),
+        TimeRemainingColumn(),
+        disable=os.environ.get("CI") == "true",
+    )
+
+
+def _dist() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _resume_state(directory: Path, header: dict) -> list[dict]:
+    """Valid shards already written by an earlier run of the same dump, in order."""
+    for stray in directory.glob(".*.tmp"):
+        stray.unlink()
+    progress = directory / "progress.json"
+    if not progress.is_file():
+        return []
+    state = read_json(progress, "Dump progress file")
+    for key in _RESUME_KEYS:
+        if state["header"].get(key) != header.get(key):
+            raise LensError(
+                f"'{directory}' holds a dump made with {key}={state['header'].get(key)!r}, not "
+                f"{header.get(key)!r}; use another output_dir or delete that directory."
+            )
+    done = []
+    for shard in state["shards"]:
+        path = directory / shard["file"]
+        if not path.is_file() or sha256_file(path) != shard["sha256"]:
+            break
+        done.append(shard)
+    return done
+
+
+def _dump_rank(
+    loaded: LoadedModel,
+    cfg: LensConfig,
+    plan: SplitPlan,
+    span: range,
+    directory: Path,
+    header: dict,
+    progress: Progress,
+    label: str,
+) -> dict:
+    directory.mkdir(parents=True, exist_ok=True)
+    shards = _resume_state(directory, header)
+    dtype = getattr(torch, cfg.dtype)
+    n_shards = math.ceil(len(span) / cfg.shard_size)
+    task = progress.add_task(label, total=len(span), rate=0.0)
+    progress.update(task, completed=sum(s["count"] for s in shards))
+    for number in range(len(shards), n_shards):
+        idx = np.arange(
+            span.start + number * cfg.shard_size,
+            min(span.stop, span.start + (number + 1) * cfg.shard_size),
+        )
+        acts, keep = [], []
+        for start in range(0, len(idx), cfg.batch_size):
+            batch = idx[start : start + cfg.batch_size]
+            tic = progress.get_time()
+            out = _forward_batch(
+                loaded, cfg.layer, [plan.sequences[i] for i in batch], plan.positions[batch]
+            )
+            _check_values(out, cfg)
+            acts.append(out)
+            keep.append(_keep_mask(out, cfg.max_norm_ratio))
+            progress.update(
+                task, advance=len(batch), rate=len(batch) / max(progress.get_time() - tic, 1e-9)
+            )
+        acts_t, keep_t = torch.cat(acts), torch.cat(keep)
+        name = f"shard_{number:05d}.safetensors"
+        digest = _write_shard(directory / name, _shard_tensors(plan, idx, acts_t, keep_t, dtype))
+        shards.append(
+            {"file": name, "count": int(len(idx)), "kept": int(keep_t.sum()), "sha256": digest}
+        )
+        atomic_write_json(directory / "progress.json", {"header": header, "shards": shards})
+    return {"shards": shards, "kept": sum(s["kept"] for s in shards), "drawn": len(span)}
+
+
+def _header(cfg: LensConfig, loaded: LoadedModel, corpus_key: str, split: str, n: int) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": cfg.model,
+        "fingerprint": loaded.fingerprint,
+        "layer": cfg.layer,
+        "num_blocks": loaded.parts.num_blocks,
+        "d_model": loaded.parts.d_model,
+        "dtype": cfg.dtype,
+        "seq_len": cfg.seq_len,
+        "p_min": cfg.p_min_effective,
+        "p_max": cfg.seq_len - 2,
+        "seed": cfg.seed,
+        "corpus": cfg.corpus,
+        "corpus_key": corpus_key,
+        "split": split,
+        "num_requested": n,
+        "shard_size": cfg.shard_size,
+        "max_norm_ratio": cfg.max_norm_ratio,
+        "tokenizer": getattr(loaded.tokenizer, "name_or_path", ""),
+        "tokenizer_hash": tokenizer_hash(loaded.tokenizer),
+        "pad_token_id": loaded.tokenizer.pad_token_id,
+    }
+
+
+def dump_activations(cfg: LensConfig, loaded: LoadedModel | None = None) -> dict[str, Path]:
+    """Dump the train and val splits; returns split name -> split directory."""
+    loaded = loaded or load_model(
+        cfg.model,
+        cfg.device,
+        cfg.model_dtype,
+        cfg.revision,
+        cfg.trust_remote_code,
+        cfg.attn_implementation,
+    )
+    check_layer(loaded.parts, cfg.layer)
+    rank, world = _dist()
+    corpus = _shared_corpus(cfg, loaded, rank, world)
+    plans, skipped = plan_splits(cfg, corpus, _bos_id(loaded.tokenizer))
+    out: dict[str, Path] = {}
+    with _progress() as progress:
+        for split in SPLITS:
+            plan = plans[split]
+            if not len(plan.sequences):
+                continue
+            directory = split_dir(cfg, split)
+            header = _header(cfg, loaded, corpus.key, split, len(plan.sequences))
+            per = math.ceil(len(plan.sequences) / world)
+            span = range(rank * per, min(len(plan.sequences), (rank + 1) * per))
+            rank_dir = directory / f"rank_{rank}" if world > 1 else directory
+            result = _dump_rank(
+                loaded, cfg, plan, span, rank_dir, header, progress, f"dump {split}"
+            )
+            meta = {
+                **header,
+                "count": result["kept"],
+                "drawn": result["drawn"],
+                "filtered_high_norm": result["drawn"] - result["kept"],
+                "skipped_short_sequences": skipped,
+                "shards": result["shards"],
+                "config": dump_config(cfg),
+            }
+            if world > 1:
+                atomic_write_json(rank_dir / "metadata.json", meta)
+                torch.distributed.barrier()
+                if rank == 0:
+                    _write_global(directory, header, world, skipped, cfg)
+                torch.distributed.barrier()
+            else:
+                atomic_write_json(directory / "metadata.json", meta)
+            out[split] = directory
+    return out
+
+
+def _write_global(directory: Path, header: dict, world: int, skipped: int, cfg: LensConfig) -> None:
+    ranks = [
+        read_json(directory / f"rank_{k}" / "metadata.json", "Rank metadata") for k in range(world)
+    ]
+    atomic_write_json(
+        directory / "metadata.json",
+        {
+            **header,
+            "ranks": [f"rank_{k}" for k in range(world)],
+            "count": sum(r["count"] for r in ranks),
+            "drawn": sum(r["drawn"] for r in ranks),
+            "filtered_high_norm": sum(r["filtered_high_norm"] for r in ranks),
+            "skipped_short_sequences": skipped,
+            "config": dump_config(cfg),
+        },
+    )
+
+
+def _shared_corpus(cfg: LensConfig, loaded: LoadedModel, rank: int, world: int) -> TokenizedCorpus:
+    """Rank 0 tokenizes (or reuses the cache) first; the other ranks then read the cache."""
+    local = cfg.corpus == SOTU or Path(cfg.corpus).exists()
+    cap = None if local else 2 * (cfg.num_samples + cfg.val_samples) * cfg.seq_len
+
+    def build() -> TokenizedCorpus:
+        return tokenized_corpus(
+            cfg.corpus,
+            loaded.tokenizer,
+            cfg.cache_dir,
+            cfg.text_column,
+            cfg.corpus_split,
+            max_tokens=cap,
+        )
+
+    corpus = build() if rank == 0 else None
+    if world > 1:
+        torch.distributed.barrier()
+    return corpus if corpus is not None else build()

@@ -1,0 +1,215 @@
+"""The dump stores exactly block L's output at P, resumes exactly, and refuses bad input clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from consistency_lens.config import config_from_dict
+from consistency_lens.data.collate import CollateFn
+from consistency_lens.data.dataset import ActivationDataset
+from consistency_lens.data.dump import dump_activations, split_dir
+from consistency_lens.errors import LensError
+from consistency_lens.models.loading import load_model
+
+
+def _cfg(tmp_path: Path, model_dir: Path, corpus: Path, **over) -> object:
+    base = {
+        "model": str(model_dir),
+        "corpus": str(corpus),
+        "layer": 1,
+        "seq_len": 32,
+        "p_min": 4,
+        "num_samples": 40,
+        "val_samples": 8,
+        "batch_size": 8,
+        "shard_size": 16,
+        "seed": 3,
+        "dtype": "float32",
+        "model_dtype": "float32",
+        "device": "cpu",
+        "output_dir": str(tmp_path / "acts"),
+        "cache_dir": str(tmp_path / "corpus"),
+    }
+    base.update(over)
+    return config_from_dict(base)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_gpt2_dir"])
+def test_dumped_A_equals_hidden_state_of_full_forward(request, tmp_path, corpus_dir, fixture):
+    model_dir = request.getfixturevalue(fixture)
+    cfg = _cfg(tmp_path, model_dir, corpus_dir)
+    dirs = dump_activations(cfg)
+    assert set(dirs) == {"train", "val"}
+    model = load_model(str(model_dir), device="cpu", dtype="float32").model
+    for split, n in (("train", 40), ("val", 8)):
+        ds = ActivationDataset(dirs[split], seed=0)
+        assert len(ds) == n
+        for i in range(n):
+            ids, act = ds.sample(i)
+            pos = len(ids) - 1
+            assert cfg.p_min <= pos <= cfg.seq_len - 2
+            with torch.no_grad():
+                hidden = model(ids[None], output_hidden_states=True).hidden_states
+            torch.testing.assert_close(act, hidden[cfg.layer + 1][0, pos], rtol=1e-5, atol=1e-5)
+    meta = json.loads((dirs["train"] / "metadata.json").read_text())
+    assert meta["layer"] == 1 and meta["d_model"] == 64 and meta["count"] == 40
+    assert all(len(s["sha256"]) == 64 for s in meta["shards"])
+
+
+def test_train_and_val_use_disjoint_sequences_and_A_prime_is_another_sequence(
+    tmp_path, tiny_llama_dir, corpus_dir
+):
+    dirs = dump_activations(_cfg(tmp_path, tiny_llama_dir, corpus_dir))
+    train, val = ActivationDataset(dirs["train"], seed=1), ActivationDataset(dirs["val"], seed=1)
+    assert not set(train.seq_index) & set(val.seq_index)
+    assert (train.seq_index[train.partner] != train.seq_index).all()
+    item = train[5]
+    j = int(train.partner[5])
+    ids_p, act_p = train.sample(j)
+    assert torch.equal(item["input_ids_A_prime"], ids_p) and torch.equal(item["A_prime"], act_p)
+    again = ActivationDataset(dirs["train"], seed=1)
+    assert (again.partner == train.partner).all()
+    train.set_epoch(1)
+    assert not (again.partner == train.partner).all()
+
+
+def test_resume_after_interruption_equals_uninterrupted(
+    tmp_path, tiny_llama_dir, corpus_dir, monkeypatch
+):
+    full = _cfg(tmp_path / "a", tiny_llama_dir, corpus_dir)
+    dump_activations(full)
+    part = _cfg(tmp_path / "b", tiny_llama_dir, corpus_dir)
+    import consistency_lens.data.dump as dump_mod
+
+    real = dump_mod._write_shard
+    calls = {"n": 0}
+
+    def dying(path, tensors):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # killed while writing the second shard
+        return real(path, tensors)
+
+    monkeypatch.setattr(dump_mod, "_write_shard", dying)
+    with pytest.raises(KeyboardInterrupt):
+        dump_activations(part)
+    monkeypatch.setattr(dump_mod, "_write_shard", real)
+    dump_activations(part)
+    for split in ("train", "val"):
+        a, b = split_dir(full, split), split_dir(part, split)
+        files_a = sorted(p.name for p in a.iterdir())
+        assert files_a == sorted(p.name for p in b.iterdir())
+        for name in files_a:
+            if name.endswith(".safetensors"):
+                ta, tb = load_file(a / name), load_file(b / name)
+                assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_collate_left_pads_so_P_is_last_column(tmp_path, tiny_llama_dir, corpus_dir):
+    dirs = dump_activations(_cfg(tmp_path, tiny_llama_dir, corpus_dir))
+    ds = ActivationDataset(dirs["train"])
+    items = [ds[i] for i in range(6)]
+    batch = CollateFn(pad_id=0)(items)
+    for row, item in enumerate(items):
+        n = len(item["input_ids_A"])
+        assert torch.equal(batch.input_ids_A[row, -n:], item["input_ids_A"])
+        assert batch.attention_mask_A[row, -n:].all() and not batch.attention_mask_A[row, :-n].any()
+        assert batch.attention_mask_A[row, -1] == 1
+        torch.testing.assert_close(batch.A[row], item["A"])
+    assert batch.A.shape == (6, 64)
+
+
+def test_two_process_torchrun_dump_reads_back(tmp_path, tiny_llama_dir, corpus_dir):
+    cfg = _cfg(tmp_path, tiny_llama_dir, corpus_dir)
+    overrides = [
+        f"{k}={v}"
+        for k, v in cfg.model_dump(mode="json").items()
+        if not isinstance(v, dict) and v is not None
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "consistency_lens",
+        "dump",
+        *overrides,
+    ]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    directory = split_dir(cfg, "train")
+    assert (directory / "rank_0").is_dir() and (directory / "rank_1").is_dir()
+    ds = ActivationDataset(directory)
+    assert len(ds) == 40
+    single = _cfg(tmp_path / "single", tiny_llama_dir, corpus_dir)
+    ref = ActivationDataset(dump_activations(single)["train"])
+    for i in range(40):
+        torch.testing.assert_close(ds.sample(i)[1], ref.sample(i)[1], rtol=1e-5, atol=1e-5)
+        assert torch.equal(ds.sample(i)[0], ref.sample(i)[0])
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"layer": 4}, "out of range"),
+        ({"p_min": 40, "seq_len": 32}, None),
+        ({"seq_len": 4000, "num_samples": 5, "val_samples": 0, "p_min": 3000}, "long enough"),
+        ({"num_samples": 100000}, "fewer than num_samples"),
+    ],
+)
+def test_bad_dump_inputs_give_one_clear_sentence(
+    tmp_path, tiny_llama_dir, corpus_dir, over, message
+):
+    cfg = _cfg(tmp_path, tiny_llama_dir, corpus_dir, **over)
+    if message is None:  # p_min above seq_len-2 is clipped, not an error
+        assert cfg.p_min_effective == 30
+        return
+    with pytest.raises(LensError, match=message) as err:
+        dump_activations(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_empty_corpus_and_missing_model_are_named(tmp_path, tiny_llama_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("   \n")
+    with pytest.raises(LensError, match="empty"):
+        dump_activations(_cfg(tmp_path, tiny_llama_dir, empty))
+    binary = tmp_path / "binary"
+    binary.mkdir()
+    (binary / "weights.bin").write_bytes(bytes(range(256)))
+    with pytest.raises(LensError, match="no .txt or .jsonl"):
+        dump_activations(_cfg(tmp_path, tiny_llama_dir, binary))
+    (binary / "notes.txt").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(LensError, match="not UTF-8 text"):
+        dump_activations(_cfg(tmp_path, tiny_llama_dir, binary))
+    with pytest.raises(LensError, match="does not exist"):
+        dump_activations(_cfg(tmp_path, "/nonexistent/model", empty))
+
+
+def test_corrupt_shard_is_named_by_checksum(tmp_path, tiny_llama_dir, corpus_dir):
+    dirs = dump_activations(_cfg(tmp_path, tiny_llama_dir, corpus_dir))
+    shard = dirs["train"] / "shard_00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(LensError, match="shard_00001.safetensors.*checksum"):
+        ActivationDataset(dirs["train"])
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(LensError, match="did you mean 'num_samples'"):
+        config_from_dict({"num_sample": 3})
