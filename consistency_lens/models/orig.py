@@ -1,0 +1,200 @@
+"""The frozen original model M: logits at the last column after replacing block L's output there."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from consistency_lens.data.collate import position_ids
+from consistency_lens.errors import LensError
+from consistency_lens.models.adapter import check_layer, find_parts
+from consistency_lens.models.hooks import replace_last, run_until
+from consistency_lens.models.loading import LoadedModel, resolve_device
+
+
+def load_8bit(
+    name: str,
+    device: str = "cuda",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
+) -> nn.Module:
+    """Load `name` frozen in 8-bit with bitsandbytes (CUDA only)."""
+    torch_device = resolve_device(device)
+    if torch_device.type != "cuda":
+        raise LensError(
+            f"8-bit loading of the original model needs CUDA, but the device is '{torch_device}'; "
+            "set distributed.orig_8bit=false."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise LensError(
+            "distributed.orig_8bit=true needs bitsandbytes; install it with "
+            "`pip install consistency-lens[bitsandbytes]`."
+        ) from None
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        name,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation,
+        quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+        device_map={"": torch_device},
+    )
+    return model.eval().requires_grad_(False)
+
+
+def _expand_cache(cache: DynamicCache, repeats: int) -> DynamicCache:
+    """A new cache holding `repeats` stacked copies of `cache` along the batch.
+
+    Cache layers grow by concatenation (never in place), so sharing the prefix tensors between the
+    original and the new cache is safe: a pass over the new cache leaves the original untouched.
+    """
+    new = copy.copy(cache)
+    new.layers = []
+    for layer in cache.layers:
+        twin = copy.copy(layer)
+        if getattr(layer, "is_initialized", False) and layer.keys is not None:
+            twin.keys = layer.keys.repeat(repeats, 1, 1, 1)
+            twin.values = layer.values.repeat(repeats, 1, 1, 1)
+        new.layers.append(twin)
+    return new
+
+
+def _check_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
+        raise LensError(
+            f"input_ids {tuple(input_ids.shape)} and attention_mask "
+            f"{tuple(attention_mask.shape)} must be matching (B, T) tensors."
+        )
+    if not bool(attention_mask[:, -1].all()):
+        raise LensError(
+            "Every row's last column must be a real token (left padding puts P last); "
+            "collate with consistency_lens.data.collate.left_pad."
+        )
+
+
+class OriginalModelWrapper:
+    """The frozen model M with a replacement of block `layer`'s output at the last column."""
+
+    def __init__(self, loaded: LoadedModel, layer: int, model: nn.Module | None = None):
+        self.loaded = loaded
+        self.model = model if model is not None else loaded.model
+        self.model.eval().requires_grad_(False)
+        self.parts = find_parts(self.model)
+        check_layer(self.parts, layer)
+        self.layer = layer
+        self.block = self.parts.blocks[layer]
+
+    @property
+    def d_model(self) -> int:
+        """Width of M's residual stream (the width of A)."""
+        return self.parts.d_model
+
+    @property
+    def device(self) -> torch.device:
+        """Device of M's input embedding."""
+        return self.parts.embed.weight.device
+
+    def _check_vectors(self, vectors_list: list[torch.Tensor], batch: int) -> None:
+        if not vectors_list:
+            raise LensError("forward_with_replacement needs at least one set of vectors.")
+        for vectors in vectors_list:
+            if vectors.shape != (batch, self.d_model):
+                raise LensError(
+                    f"Replacement vectors have shape {tuple(vectors.shape)} but this model needs "
+                    f"({batch}, {self.d_model}) (batch, d_model)."
+                )
+
+    def forward_with_replacement(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        vectors_list: list[torch.Tensor],
+    ) -> list[torch.Tensor]:
+        """Logits (B, V) at the last column for each set of replacement vectors, sharing the prefix."""
+        _check_batch(input_ids, attention_mask)
+        batch = input_ids.shape[0]
+        self._check_vectors(vectors_list, batch)
+        n = len(vectors_list)
+        positions = position_ids(attention_mask)
+        cache = None
+        if input_ids.shape[1] > 1:
+            # The clean prefix 0..P-1 never depends on the replacement, so it runs once, without grad.
+            with torch.no_grad():
+                cache = DynamicCache(config=self.model.config)
+                self.model(
+                    input_ids=input_ids[:, :-1],
+                    attention_mask=attention_mask[:, :-1],
+                    position_ids=positions[:, :-1],
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            # All replacement sets go through one batched single-token pass (weights read once).
+            cache = _expand_cache(cache, n)
+        vectors = torch.cat(vectors_list, dim=0)
+        with replace_last(self.block, vectors):
+            out = self.model(
+                input_ids=input_ids[:, -1:].repeat(n, 1),
+                attention_mask=attention_mask.repeat(n, 1),
+                position_ids=positions[:, -1:].repeat(n, 1),
+                past_key_values=cache,
+                use_cache=cache is not None,
+                logits_to_keep=1,
+            )
+        return list(out.logits[:, -1].split(batch, dim=0))
+
+    def naive_forward_with_replacement(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        vectors_list: list[torch.Tensor],
+    ) -> list[torch.Tensor]:
+        """Reference: one full forward per sample and per vector set, no padding, no cache."""
+        _check_batch(input_ids, attention_mask)
+        self._check_vectors(vectors_list, input_ids.shape[0])
+        results = []
+        for vectors in vectors_list:
+            rows = []
+            for row in range(input_ids.shape[0]):
+                ids = input_ids[row][attention_mask[row].bool()].unsqueeze(0)
+                with replace_last(self.block, vectors[row : row + 1]):
+                    rows.append(self.model(input_ids=ids).logits[0, -1])
+            results.append(torch.stack(rows))
+        return results
+
+    @torch.no_grad()
+    def clean_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unpatched logits (B, V) at the last column of a left-padded batch."""
+        _check_batch(input_ids, attention_mask)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def activations(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Block L's output (B, d) at the last column of a left-padded batch; later blocks skipped."""
+        _check_batch(input_ids, attention_mask)
+        hidden = run_until(
+            self.model,
+            self.block,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+        )
+        return hidden[:, -1]
+
+    @torch.no_grad()
+    def token_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) of M reading unpadded token ids (the reference of `loss_lm`)."""
+        return self.model(input_ids=input_ids).logits

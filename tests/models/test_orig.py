@@ -1,0 +1,85 @@
+"""The frozen-model wrapper: clean replacement is a no-op, cheap path == naive path, padding-free."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from consistency_lens.data.collate import left_pad
+from consistency_lens.errors import LensError
+from consistency_lens.models.loading import load_model
+from consistency_lens.models.orig import OriginalModelWrapper, load_8bit
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def orig(request, tiny_llama_dir, tiny_gpt2_dir) -> OriginalModelWrapper:
+    path = tiny_llama_dir if request.param == "llama" else tiny_gpt2_dir
+    loaded = load_model(str(path), device="cpu", dtype="float32")
+    return OriginalModelWrapper(loaded, layer=1)
+
+
+def _batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(1, 320, (n,), generator=gen) for n in lengths]
+    return left_pad(seqs, pad_id=0)
+
+
+def test_clean_activation_reproduces_clean_logits(orig):
+    ids, mask = _batch([7, 12, 3, 1])
+    clean = orig.clean_logits(ids, mask)
+    a = orig.activations(ids, mask)
+    (patched,) = orig.forward_with_replacement(ids, mask, [a])
+    torch.testing.assert_close(patched, clean, atol=1e-5, rtol=1e-5)
+    other = orig.forward_with_replacement(ids, mask, [a + torch.randn_like(a)])[0]
+    assert (other - clean).abs().max() > 1e-2
+
+
+def test_cheap_equals_naive(orig):
+    ids, mask = _batch([9, 5, 14])
+    a = orig.activations(ids, mask)
+    vectors = [a + 0.5 * torch.randn_like(a), torch.randn_like(a)]
+    cheap = orig.forward_with_replacement(ids, mask, vectors)
+    naive = orig.naive_forward_with_replacement(ids, mask, vectors)
+    for c, n in zip(cheap, naive, strict=True):
+        torch.testing.assert_close(c, n, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padding_does_not_change_results(orig):
+    ids, mask = _batch([6, 11])
+    alone_ids, alone_mask = ids[:1, -6:], mask[:1, -6:]
+    vec = torch.randn(1, orig.d_model)
+    padded = orig.forward_with_replacement(ids, mask, [torch.cat([vec, vec])])[0][0]
+    alone = orig.forward_with_replacement(alone_ids, alone_mask, [vec])[0][0]
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        orig.activations(ids, mask)[0], orig.activations(alone_ids, alone_mask)[0]
+    )
+
+
+def test_gradients_reach_vectors_not_weights(orig):
+    ids, mask = _batch([8, 4])
+    vec = orig.activations(ids, mask).clone().requires_grad_(True)
+    first, second = orig.forward_with_replacement(ids, mask, [vec, vec * 2])
+    (first.sum() + second.square().sum()).backward()
+    assert vec.grad is not None and vec.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in orig.model.parameters())
+
+
+def test_activation_is_block_output(orig):
+    ids, mask = _batch([10])
+    hidden = orig.model(input_ids=ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(orig.activations(ids, mask)[0], hidden[orig.layer + 1][0, -1])
+
+
+def test_bad_inputs_are_refused(orig):
+    ids, mask = _batch([5, 3])
+    with pytest.raises(LensError, match="shape"):
+        orig.forward_with_replacement(ids, mask, [torch.zeros(2, orig.d_model + 1)])
+    right_padded = mask.flip(-1)
+    with pytest.raises(LensError, match="last column"):
+        orig.forward_with_replacement(ids, right_padded, [torch.zeros(2, orig.d_model)])
+
+
+def test_8bit_needs_cuda():
+    with pytest.raises(LensError, match="CUDA"):
+        load_8bit("whatever", device="cpu")
