@@ -1,0 +1,303 @@
+"""Training checkpoints: atomic directories of safetensors + a weights-only state, with checksums.
+
+Layout: `<run_dir>/checkpoints/step_<N>/` holding `trainable.safetensors` (never the frozen base),
+`ema.safetensors` (when EMA is on), `state.pt` (optimizer, scheduler, RNG, data position,
+counters; loaded only with `torch.load(weights_only=True)`), `config.json`, and `manifest.json`
+(format version and the sha256 of every other file). A directory is written under a temporary
+name and renamed into place, so a checkpoint is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import pickle
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from consistency_lens.errors import LensError
+from consistency_lens.utils.io import sha256_file
+
+FORMAT_VERSION = 1
+"""Bumped whenever the meaning of a checkpoint's files changes."""
+
+TRAINABLE = "trainable.safetensors"
+EMA = "ema.safetensors"
+STATE = "state.pt"
+CONFIG = "config.json"
+MANIFEST = "manifest.json"
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_TMP_PREFIX = ".tmp-"
+log = logging.getLogger("consistency_lens")
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint loaded into memory."""
+
+    path: Path
+    step: int
+    trainable: dict[str, torch.Tensor]
+    state: dict
+    ema: dict[str, torch.Tensor] | None = None
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    """The directory holding a run's `step_<N>` checkpoints."""
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """All `step_<N>` directories of a run, oldest first."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def capture_rng() -> dict:
+    """RNG states of python, numpy and torch as plain containers and tensors (weights_only-safe)."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    """Put back RNG states saved by `capture_rng`."""
+    random.setstate(_as_tuples(state["python"]))
+    saved = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]},
+            "has_gauss": saved["has_gauss"],
+            "gauss": saved["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value: object) -> object:
+    # random.setstate insists on tuples; keep them tuples even if a container became a list.
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuples(v) for v in value)
+    return value
+
+
+def _tensors_for_save(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous storage; a CPU clone is always acceptable.
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_files(
+    tmp: Path,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    state: dict,
+    config: dict,
+    ema: dict[str, torch.Tensor] | None,
+) -> None:
+    save_file(_tensors_for_save(trainable), str(tmp / TRAINABLE))
+    if ema is not None:
+        save_file(_tensors_for_save(ema), str(tmp / EMA))
+    torch.save({**state, "format_version": FORMAT_VERSION, "step": step}, tmp / STATE)
+    (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+    manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    for path in tmp.iterdir():
+        _fsync_path(path)
+    _fsync_path(tmp)
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    # A directory rename cannot replace a non-empty directory, so an existing one (a stale or
+    # corrupt checkpoint of the same step) is moved aside first and deleted after the swap.
+    old = None
+    if final.exists():
+        old = final.with_name(f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_path(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    state: dict,
+    config: dict,
+    ema: dict[str, torch.Tensor] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write `step_<step>` atomically, then keep only the newest `keep` checkpoints up to `step`."""
+    root = checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}step_{step}-", dir=root))
+    final = root / f"step_{step}"
+    try:
+        _write_files(tmp, step, trainable, state, config, ema)
+        _move_into_place(tmp, final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno == errno.ENOSPC:
+            raise LensError(
+                f"No space left on the device while writing checkpoint '{final}'; free disk "
+                "space and rerun with --resume."
+            ) from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prune_checkpoints(run_dir, step, keep)
+    return final
+
+
+def prune_checkpoints(run_dir: Path, current_step: int, keep: int) -> None:
+    """Delete leftovers of interrupted writes, checkpoints beyond `current_step`, and old ones."""
+    root = checkpoints_dir(run_dir)
+    for child in root.glob(f"{_TMP_PREFIX}*"):
+        shutil.rmtree(child, ignore_errors=True)
+    # Checkpoints newer than the one just written belong to an abandoned trajectory (a resume
+    # fell back past them because they were corrupt); keeping them would shadow the new ones.
+    ckpts = list_checkpoints(run_dir)
+    for step, path in ckpts:
+        if step > current_step:
+            shutil.rmtree(path, ignore_errors=True)
+    current = [(s, p) for s, p in ckpts if s <= current_step]
+    for _, path in current[: max(0, len(current) - keep)]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise ValueError("manifest.json is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError("manifest.json is not valid JSON") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise ValueError("manifest.json has no file list")
+    return manifest
+
+
+def _check_version(path: Path, version: object) -> None:
+    if version != FORMAT_VERSION:
+        raise LensError(
+            f"Checkpoint '{path}' has format version {version!r} but this consistency-lens reads "
+            f"version {FORMAT_VERSION}; use the matching consistency-lens version or start a new "
+            "train.run_dir."
+        )
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why the checkpoint at `path` is unusable (missing/changed file), or None when intact.
+
+    Raises LensError when it is intact but written in an incompatible format version.
+    """
+    try:
+        manifest = _read_manifest(path)
+    except ValueError as err:
+        return str(err)
+    _check_version(path, manifest.get("format_version"))
+    files = manifest["files"]
+    for required in (TRAINABLE, STATE, CONFIG):
+        if required not in files:
+            return f"manifest.json does not list {required}"
+    for name, digest in sorted(files.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if sha256_file(file) != digest:
+            return f"{name} does not match its sha256 checksum (truncated or modified)"
+    return None
+
+
+def latest_valid(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose files match their checksums; corrupt ones are named and skipped."""
+    for step, path in reversed(list_checkpoints(run_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        log.warning("Skipping corrupt checkpoint '%s' (step %d): %s.", path, step, problem)
+    return None
+
+
+def load_state(path: Path) -> dict:
+    """Load `state.pt` with `weights_only=True`; anything needing arbitrary code is refused."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise LensError(
+            f"Refusing to load checkpoint state '{path}': it is not a plain tensor/state file "
+            f"loadable with weights_only=True ({first}); delete that checkpoint directory."
+        ) from None
+    if not isinstance(state, dict):
+        raise LensError(f"Checkpoint state '{path}' does not hold a dict; delete that checkpoint.")
+    return state
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise LensError(f"Checkpoint file '{path}' is not valid safetensors ({err}).") from None
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Verify and load a checkpoint directory."""
+    path = Path(path)
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise LensError(f"Checkpoint '{path}' is corrupt: {problem}.")
+    state = load_state(path / STATE)
+    _check_version(path, state.get("format_version"))
+    ema_path = path / EMA
+    return Checkpoint(
+        path=path,
+        step=int(state["step"]),
+        trainable=_load_tensors(path / TRAINABLE),
+        state=state,
+        ema=_load_tensors(ema_path) if ema_path.is_file() else None,
+    )
