@@ -1,0 +1,170 @@
+"""The decoder D: reads an activation through a soft prompt and writes text with Gumbel-Softmax + STE."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache, PreTrainedTokenizerBase
+
+from consistency_lens.errors import LensError
+from consistency_lens.models.adapter import find_parts
+from consistency_lens.models.projection import near_identity
+
+EMBED_SLOT = "<embed>"
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class SoftGeneration:
+    """What `generate_soft` returns; index t is the t-th generated token."""
+
+    token_logits: torch.Tensor
+    """(B, T, V) the logits that produced token t (before Gumbel noise)."""
+    discrete_token_ids: torch.Tensor
+    """(B, T) the sampled tokens."""
+    ste_onehots: torch.Tensor
+    """(B, T, V) hard one-hots whose gradient is the Gumbel-Softmax's (what E consumes)."""
+
+
+def split_prompt(prompt: str) -> tuple[str, str]:
+    """Text before and after the single `<embed>` slot of a decoder prompt."""
+    if prompt.count(EMBED_SLOT) != 1:
+        raise LensError(
+            f"train.prompt must contain '{EMBED_SLOT}' exactly once (got {prompt!r}); it marks "
+            "where the projected activation goes."
+        )
+    left, right = prompt.split(EMBED_SLOT)
+    return left, right
+
+
+def prompt_token_ids(
+    tokenizer: PreTrainedTokenizerBase, prompt: str
+) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt before (with the tokenizer's BOS, if any) and after the slot."""
+    left, right = split_prompt(prompt)
+    left_ids = tokenizer(left, add_special_tokens=True)["input_ids"]
+    right_ids = tokenizer(right, add_special_tokens=False)["input_ids"] if right else []
+    return list(left_ids), list(right_ids)
+
+
+class DecoderModel(nn.Module):
+    """D: `prompt_left + Proj_A_to_D_emb(A) + prompt_right`, then `T_text` generated tokens."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt: str,
+        d_activation: int,
+        proj_scale: float,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.model = model
+        self.parts = find_parts(model)
+        left_ids, right_ids = prompt_token_ids(tokenizer, prompt)
+        device = self.parts.embed.weight.device
+        with torch.no_grad():
+            left = self.parts.embed_ids(torch.tensor([left_ids], device=device)).float()[0]
+            right = self.parts.embed_ids(torch.tensor([right_ids], device=device)).float()[0]
+        self.prompt_left = nn.Parameter(left)
+        self.prompt_right = nn.Parameter(right)
+        self.proj = near_identity(d_activation, self.parts.d_model, proj_scale).to(device)
+        self.gradient_checkpointing = gradient_checkpointing
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.parts.embed.weight.dtype
+
+    def _step(self, embeds: torch.Tensor, kv: KV) -> tuple[torch.Tensor, KV]:
+        """Run `embeds` (B, n, d) after the cached `kv`; return last logits (B, V) and the new kv.
+
+        The step is a pure function of its tensor inputs so that it can be recomputed in backward
+        (gradient checkpointing) and so that gradients flow through the cache to earlier steps.
+        """
+        n = embeds.shape[1]
+
+        def step(embeds: torch.Tensor, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            pairs = list(zip(flat[0::2], flat[1::2], strict=True))
+            cache = DynamicCache(ddp_cache_data=pairs or None, config=self.model.config)
+            out = self.model(
+                inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1
+            )
+            new = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+            return (out.logits[:, -1], *(t[..., -n:, :] for t in new))
+
+        flat = [t for pair in kv for t in pair]
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            outputs = checkpoint(step, embeds, *flat, use_reentrant=False)
+        else:
+            outputs = step(embeds, *flat)
+        logits, new_flat = outputs[0], outputs[1:]
+        if kv:
+            new_flat = [
+                torch.cat([old, new], dim=-2) for old, new in zip(flat, new_flat, strict=True)
+            ]
+        return logits, list(zip(new_flat[0::2], new_flat[1::2], strict=True))
+
+    def _start(self, activations: torch.Tensor) -> tuple[torch.Tensor, KV]:
+        """Run the prompt with the projected activations; return the logits of the first token."""
+        if activations.dim() != 2 or activations.shape[1] != self.proj.in_features:
+            raise LensError(
+                f"Activations have shape {tuple(activations.shape)} but the decoder expects "
+                f"(batch, {self.proj.in_features})."
+            )
+        batch = activations.shape[0]
+        kv: KV = []
+        if self.prompt_left.shape[0]:
+            # The text before the slot is the same for every sample: run it once and broadcast.
+            _, kv = self._step(self.prompt_left.unsqueeze(0).to(self._dtype), [])
+            kv = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv]
+        slot = self.proj(activations.float()).unsqueeze(1)
+        right = self.prompt_right.unsqueeze(0).expand(batch, -1, -1)
+        return self._step(torch.cat([slot, right], dim=1).to(self._dtype), kv)
+
+    def generate_soft(
+        self, activations: torch.Tensor, max_length: int, tau: float
+    ) -> SoftGeneration:
+        """Differentiable generation of `max_length` tokens (Gumbel-Softmax, hard, STE), KV-cached."""
+        logits, kv = self._start(activations)
+        all_logits, all_ids, all_onehots = [], [], []
+        for t in range(max_length):
+            onehot = F.gumbel_softmax(logits.float(), tau=tau, hard=True)
+            all_logits.append(logits)
+            all_ids.append(onehot.argmax(dim=-1))
+            all_onehots.append(onehot)
+            if t + 1 < max_length:
+                embeds = self.parts.embed_rows(onehot).unsqueeze(1)
+                logits, kv = self._step(embeds, kv)
+        return SoftGeneration(
+            token_logits=torch.stack(all_logits, dim=1),
+            discrete_token_ids=torch.stack(all_ids, dim=1),
+            ste_onehots=torch.stack(all_onehots, dim=1),
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        activations: torch.Tensor,
+        max_length: int,
+        greedy: bool = True,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Token ids (B, max_length) for inference: greedy, or sampled at `temperature`."""
+        logits, kv = self._start(activations)
+        ids = []
+        for t in range(max_length):
+            if greedy:
+                next_ids = logits.argmax(dim=-1)
+            else:
+                probs = torch.softmax(logits.float() / temperature, dim=-1)
+                next_ids = torch.multinomial(probs, 1).squeeze(1)
+            ids.append(next_ids)
+            if t + 1 < max_length:
+                logits, kv = self._step(self.parts.embed_ids(next_ids.unsqueeze(1)), kv)
+        return torch.stack(ids, dim=1)

@@ -1,0 +1,83 @@
+"""The encoder E: reads D's text (as STE one-hots) and rebuilds the activation from a block's output."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedTokenizerBase
+
+from consistency_lens.data.collate import position_ids
+from consistency_lens.errors import LensError
+from consistency_lens.models.adapter import check_layer, find_parts
+from consistency_lens.models.hooks import run_until
+from consistency_lens.models.projection import near_identity
+
+
+class EncoderModel(nn.Module):
+    """E: optional soft prompt + text, final-token output of block `layer`, `Proj_E_hidden_to_A`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        layer: int,
+        d_activation: int,
+        proj_scale: float,
+        prompt: str = "",
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.model = model
+        self.parts = find_parts(model)
+        check_layer(self.parts, layer, "train.encoder_layer")
+        self.layer = layer
+        device = self.parts.embed.weight.device
+        self.prompt: nn.Parameter | None = None
+        if prompt:
+            ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            with torch.no_grad():
+                rows = self.parts.embed_ids(torch.tensor([ids], device=device)).float()[0]
+            self.prompt = nn.Parameter(rows)
+        self.proj = near_identity(self.parts.d_model, d_activation, proj_scale).to(device)
+        self.gradient_checkpointing = gradient_checkpointing
+
+    def _read(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        batch = embeds.shape[0]
+        if self.prompt is not None:
+            prompt = self.prompt.unsqueeze(0).expand(batch, -1, -1).to(embeds.dtype)
+            embeds = torch.cat([prompt, embeds], dim=1)
+            if attention_mask is not None:
+                ones = attention_mask.new_ones(batch, prompt.shape[1])
+                attention_mask = torch.cat([ones, attention_mask], dim=1)
+        kwargs: dict = {"use_cache": False}
+        if attention_mask is not None:
+            kwargs.update(attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+        block = self.parts.blocks[self.layer]
+
+        def read(embeds: torch.Tensor) -> torch.Tensor:
+            # run_until stops after `block`: E never computes the blocks above its layer.
+            return run_until(self.model, block, inputs_embeds=embeds, **kwargs)[:, -1]
+
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            hidden = checkpoint(read, embeds, use_reentrant=False)
+        else:
+            hidden = read(embeds)
+        return self.proj(hidden.float())
+
+    def forward(self, onehots: torch.Tensor) -> torch.Tensor:
+        """Â (B, d_A) from (B, T, V) one-hots embedded with E's own table (gradients reach D)."""
+        if onehots.dim() != 3 or onehots.shape[-1] != self.parts.embed.weight.shape[0]:
+            raise LensError(
+                f"Encoder input has shape {tuple(onehots.shape)} but needs (batch, tokens, "
+                f"{self.parts.embed.weight.shape[0]}) one-hots over the vocabulary."
+            )
+        return self._read(self.parts.embed_rows(onehots), None)
+
+    def encode_ids(
+        self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Â (B, d_A) from token ids (B, T), left-padded when `attention_mask` is given."""
+        if ids.dim() != 2:
+            raise LensError(f"Token ids have shape {tuple(ids.shape)} but need (batch, tokens).")
+        return self._read(self.parts.embed_ids(ids), attention_mask)

@@ -1,0 +1,340 @@
+"""The consistency lens: frozen M, decoder D, encoder E, their trainable modes, save and load."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from consistency_lens.config import LensConfig, config_from_dict, dump_config
+from consistency_lens.errors import LensError
+from consistency_lens.models.adapter import check_layer, find_parts
+from consistency_lens.models.decoder import EMBED_SLOT, DecoderModel, split_prompt
+from consistency_lens.models.encoder import EncoderModel
+from consistency_lens.models.loading import LoadedModel, load_model
+from consistency_lens.models.orig import OriginalModelWrapper, load_8bit
+from consistency_lens.models.projection import activation_norm, embedding_norm
+from consistency_lens.utils.io import atomic_write, atomic_write_json, atomic_write_text, read_json
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "lens_config.json"
+WEIGHTS_FILE = "lens.safetensors"
+CARD_FILE = "README.md"
+# Top-level parameter names (inside `decoder.` / `encoder.`) that get the projection learning rate.
+_CALIBRATION_TEXT = "The committee met on Tuesday to discuss the budget, the roads and the schools."
+_HEAD_PARAMS = {"proj", "prompt_left", "prompt_right", "prompt"}
+
+
+def _copy_model(model: nn.Module, keep_blocks: int | None, share_weights: bool) -> nn.Module:
+    """Deep-copy `model`, keeping only its first `keep_blocks` blocks, optionally sharing weights.
+
+    Sharing (for LoRA) maps every parameter and buffer to itself in the deepcopy memo, so the copy
+    has its own module tree (where adapters can be injected) but no second copy of frozen weights.
+    """
+    blocks = find_parts(model).blocks
+    memo: dict[int, object] = {}
+    if keep_blocks is not None:
+        # Blocks that will be dropped are not worth copying.
+        memo.update({id(b): b for b in list(blocks)[keep_blocks:]})
+    if share_weights:
+        memo.update({id(t): t for t in itertools.chain(model.parameters(), model.buffers())})
+    twin = copy.deepcopy(model, memo)
+    if keep_blocks is not None:
+        del find_parts(twin).blocks[keep_blocks:]
+    return twin
+
+
+def _add_lora(model: nn.Module, cfg: LensConfig) -> nn.Module:
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise LensError(
+            "train.mode=lora needs peft; install it with `pip install consistency-lens[peft]`."
+        ) from None
+    lora = LoraConfig(
+        r=cfg.train.lora_r,
+        lora_alpha=cfg.train.lora_alpha,
+        lora_dropout=cfg.train.lora_dropout,
+        target_modules="all-linear",
+    )
+    model = inject_adapter_in_model(lora, model)
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+        if "lora_" in name:
+            # Adapter weights train in fp32 even on a bf16 base.
+            param.data = param.data.float()
+    return model
+
+
+def _compile_blocks(models: list[nn.Module]) -> None:
+    """Compile each block's `forward`; hooks live in `__call__` and stay outside the graph."""
+    seen: set[int] = set()
+    for model in models:
+        for block in find_parts(model).blocks:
+            if id(block) not in seen:
+                seen.add(id(block))
+                block.forward = torch.compile(block.forward)
+
+
+class ConsistencyLens(nn.Module):
+    """Frozen M (`orig`), decoder D and encoder E for one layer of one model."""
+
+    def __init__(self, cfg: LensConfig, loaded: LoadedModel):
+        super().__init__()
+        self.cfg = cfg
+        self.loaded = loaded
+        self.layer = cfg.layer
+        train = cfg.train
+        base = loaded.model
+        parts = loaded.parts
+        check_layer(parts, cfg.layer)
+        enc_layer = cfg.layer if train.encoder_layer is None else train.encoder_layer
+        check_layer(parts, enc_layer, "train.encoder_layer")
+        split_prompt(train.prompt)
+
+        orig_model = None
+        if cfg.distributed.orig_8bit:
+            if train.mode == "frozen_base":
+                raise LensError(
+                    "distributed.orig_8bit=true needs train.mode full or lora, because "
+                    "frozen_base shares M's weights with D and E."
+                )
+            orig_model = load_8bit(
+                cfg.model, cfg.device, cfg.revision, cfg.trust_remote_code, cfg.attn_implementation
+            )
+        # `orig` is a plain attribute, not a submodule: M's weights never appear as lens parameters.
+        self.orig = OriginalModelWrapper(loaded, cfg.layer, model=orig_model)
+
+        if train.mode == "frozen_base":
+            d_model, e_model = base, base
+        elif train.mode == "full":
+            # Trainable copies keep fp32 master weights; autocast decides the compute dtype.
+            d_model = _copy_model(base, None, share_weights=False).float().requires_grad_(True)
+            e_model = _copy_model(base, enc_layer + 1, share_weights=False).float()
+            e_model.requires_grad_(False)
+            e_parts = find_parts(e_model)
+            e_parts.embed.requires_grad_(True)
+            e_parts.blocks.requires_grad_(True)
+        else:
+            d_model = _add_lora(_copy_model(base, None, share_weights=True), cfg)
+            e_model = _add_lora(_copy_model(base, enc_layer + 1, share_weights=True), cfg)
+
+        # Projection scales come from activation norms on a short fixed text (the lesson of §4).
+        text = _CALIBRATION_TEXT + " " + train.prompt.replace(EMBED_SLOT, "")
+        ids = torch.tensor([loaded.tokenizer(text)["input_ids"]], device=parts.embed.weight.device)
+        norm_l = activation_norm(base, parts.blocks[cfg.layer], ids)
+        norm_e = activation_norm(base, parts.blocks[enc_layer], ids)
+        self.decoder = DecoderModel(
+            d_model,
+            loaded.tokenizer,
+            train.prompt,
+            d_activation=parts.d_model,
+            proj_scale=embedding_norm(parts) / norm_l,
+            gradient_checkpointing=train.gradient_checkpointing,
+        )
+        self.encoder = EncoderModel(
+            e_model,
+            loaded.tokenizer,
+            enc_layer,
+            d_activation=parts.d_model,
+            proj_scale=norm_l / norm_e,
+            prompt=train.encoder_prompt,
+            gradient_checkpointing=train.gradient_checkpointing,
+        )
+        if train.compile:
+            _compile_blocks([d_model, e_model])
+        self.train(False)
+
+    @classmethod
+    def build(cls, cfg: LensConfig, loaded: LoadedModel | None = None) -> ConsistencyLens:
+        """A fresh lens for `cfg`, loading the base model unless `loaded` is given."""
+        if loaded is None:
+            loaded = load_model(
+                cfg.model,
+                cfg.device,
+                cfg.model_dtype,
+                cfg.revision,
+                cfg.trust_remote_code,
+                cfg.attn_implementation,
+            )
+        return cls(cfg, loaded)
+
+    def train(self, mode: bool = True) -> ConsistencyLens:
+        """Set the training flag only: the HF models stay in eval mode.
+
+        M may share its modules with D and E (frozen_base), and dropout in M would make the KL
+        target random; the plan has no dropout in D or E either.
+        """
+        self.training = mode
+        return self
+
+    @property
+    def d_model(self) -> int:
+        """Width of the activations this lens reads and rebuilds."""
+        return self.orig.d_model
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the decoder's projection."""
+        return self.decoder.proj.weight.device
+
+    def _trainable(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def param_groups(self) -> list[dict]:
+        """AdamW groups: projections and soft prompts at `train.lr`, blocks/LoRA at `train.lr_blocks`."""
+        head, blocks = [], []
+        for name, param in self._trainable().items():
+            (head if name.split(".")[1] in _HEAD_PARAMS else blocks).append(param)
+        train = self.cfg.train
+        groups = [
+            {"name": "proj", "params": head, "lr": train.lr, "weight_decay": train.weight_decay},
+            {
+                "name": "blocks",
+                "params": blocks,
+                "lr": train.lr_blocks,
+                "weight_decay": train.weight_decay,
+            },
+        ]
+        return [g for g in groups if g["params"]]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Detached CPU copies of the trainable weights only (never the frozen base)."""
+        return {n: p.detach().cpu().clone().contiguous() for n, p in self._trainable().items()}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load weights saved by `trainable_state_dict`; names and shapes must match exactly."""
+        own = self._trainable()
+        missing = sorted(set(own) - set(state))
+        extra = sorted(set(state) - set(own))
+        if missing or extra:
+            what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+            raise LensError(
+                f"Lens weights do not fit this lens ({what}); they were saved for another "
+                "mode, layer or model."
+            )
+        with torch.no_grad():
+            for name, param in own.items():
+                if state[name].shape != param.shape:
+                    raise LensError(
+                        f"Lens weight '{name}' has shape {tuple(state[name].shape)} but this lens "
+                        f"needs {tuple(param.shape)}; it was saved for another model or width."
+                    )
+                param.copy_(state[name])
+
+    @torch.no_grad()
+    def reconstruct(
+        self, activations: torch.Tensor, greedy: bool = True, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Direct reconstruction: D's text ids (B, T_text) for A and E's Â (B, d) from that text."""
+        ids = self.decoder.generate(
+            activations, self.cfg.train.t_text, greedy=greedy, temperature=temperature
+        )
+        return ids, self.encoder.encode_ids(ids)
+
+    @torch.no_grad()
+    def encode_ids(
+        self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """E's Â (B, d) for given (left-padded when masked) token ids."""
+        return self.encoder.encode_ids(ids, attention_mask)
+
+    def _metadata(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "base_model": self.loaded.name,
+            "fingerprint": self.loaded.fingerprint,
+            "layer": self.layer,
+            "encoder_layer": self.encoder.layer,
+            "d_model": self.d_model,
+            "mode": self.cfg.train.mode,
+            "prompt": self.cfg.train.prompt,
+            "t_text": self.cfg.train.t_text,
+            "config": dump_config(self.cfg),
+        }
+
+    def _card(self, extra: str) -> str:
+        lines = [
+            "# Consistency lens",
+            "",
+            f"A decoder/encoder pair that explains layer {self.layer} of `{self.loaded.name}` "
+            f"(width {self.d_model}) in {self.cfg.train.t_text}-token texts.",
+            "",
+            f"- base model: `{self.loaded.name}` (fingerprint `{self.loaded.fingerprint}`)",
+            f"- layer: {self.layer}, encoder layer: {self.encoder.layer}",
+            f"- mode: `{self.cfg.train.mode}`; only trainable weights are in `{WEIGHTS_FILE}`",
+            f"- decoder prompt: `{self.cfg.train.prompt}`",
+            "",
+            "Load it with `ConsistencyLens.from_pretrained(path)`; the base model is loaded from "
+            "its recorded name and must have the recorded fingerprint.",
+        ]
+        text = "\n".join(lines) + "\n"
+        return text + ("\n" + extra.strip() + "\n" if extra.strip() else "")
+
+    def save_pretrained(self, path: str | Path, card: str = "") -> None:
+        """Write `lens_config.json`, `lens.safetensors` (trainable weights) and `README.md`."""
+        path = Path(path)
+        state = self.trainable_state_dict()
+        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
+        atomic_write_json(path / CONFIG_FILE, self._metadata())
+        atomic_write_text(path / CARD_FILE, self._card(card))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | None = None,
+        *,
+        loaded: LoadedModel | None = None,
+        layer: int | None = None,
+    ) -> ConsistencyLens:
+        """Load a saved lens; refuse a base model, layer or width that differs from the recorded one."""
+        path = Path(path)
+        meta = read_json(path / CONFIG_FILE, "Lens config")
+        if meta.get("format_version") != FORMAT_VERSION or "config" not in meta:
+            raise LensError(
+                f"Lens config '{path / CONFIG_FILE}' has format version "
+                f"{meta.get('format_version')!r}, but this version reads {FORMAT_VERSION}."
+            )
+        cfg = config_from_dict(meta["config"])
+        if device is not None:
+            cfg = cfg.model_copy(update={"device": device})
+        if layer is not None and layer != meta["layer"]:
+            raise LensError(
+                f"The lens at '{path}' was trained for layer {meta['layer']}, not layer {layer}."
+            )
+        if loaded is None:
+            loaded = load_model(
+                meta["base_model"],
+                cfg.device,
+                cfg.model_dtype,
+                cfg.revision,
+                cfg.trust_remote_code,
+                cfg.attn_implementation,
+            )
+        if loaded.fingerprint != meta["fingerprint"]:
+            raise LensError(
+                f"The lens at '{path}' was trained on base model '{meta['base_model']}' with "
+                f"fingerprint {meta['fingerprint']}, but the loaded model '{loaded.name}' has "
+                f"{loaded.fingerprint}."
+            )
+        if loaded.parts.d_model != meta["d_model"] or cfg.layer != meta["layer"]:
+            raise LensError(
+                f"The lens at '{path}' expects width {meta['d_model']} at layer {meta['layer']}, "
+                f"but the base model has width {loaded.parts.d_model} (config layer {cfg.layer})."
+            )
+        weights = path / WEIGHTS_FILE
+        try:
+            state = load_file(str(weights))
+        except FileNotFoundError:
+            raise LensError(f"Lens weights '{weights}' do not exist.") from None
+        except (SafetensorError, OSError, ValueError):
+            raise LensError(f"Lens weights '{weights}' are corrupt; save the lens again.") from None
+        lens = cls(cfg, loaded)
+        lens.load_trainable_state_dict({k: v.to(lens.device) for k, v in state.items()})
+        return lens
