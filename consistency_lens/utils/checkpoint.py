@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from consistency_lens.errors import LensError
-from consistency_lens.utils.io import sha256_file
+from consistency_lens.utils.io import read_json, sha256_file
 
 FORMAT_VERSION = 1
 """Bumped whenever the meaning of a checkpoint's files changes."""
@@ -276,6 +276,11 @@ def load_state(path: Path) -> dict:
     if not isinstance(state, dict):
         raise LensError(f"Checkpoint state '{path}' does not hold a dict; delete that checkpoint.")
     return state
+
+
+def read_config(path: Path) -> dict:
+    """The run config stored with a checkpoint."""
+    return read_json(Path(path) / CONFIG, "Checkpoint config")
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

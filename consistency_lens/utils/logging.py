@@ -85,9 +85,9 @@ def _progress(console: Console, disable: bool) -> Progress:
 
 
 class WandbRun:
-    """A wandb run that resumes under the same id when the training run resumes."""
+    """A wandb run that continues under the same id when the training run resumes."""
 
-    def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict):
+    def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict, resume: bool):
         try:
             import wandb
         except ImportError:
@@ -97,7 +97,8 @@ class WandbRun:
             ) from None
         self._wandb = wandb
         id_file = Path(run_dir) / _WANDB_ID
-        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        resumable = resume and id_file.is_file()
+        run_id = id_file.read_text().strip() if resumable else uuid.uuid4().hex[:12]
         atomic_write_text(id_file, run_id + "\n")
         self.run = wandb.init(
             project=cfg.project,
@@ -108,7 +109,7 @@ class WandbRun:
             config=config,
             dir=str(run_dir),
             id=run_id,
-            resume="allow",
+            resume="allow" if resumable else None,
         )
 
     def log(self, step: int, metrics: dict) -> None:
@@ -130,7 +131,7 @@ class RunLogger:
         self,
         run_dir: Path,
         total_steps: int,
-        start_step: int = 0,
+        resume_step: int | None = None,
         wandb_cfg: WandbConfig | None = None,
         config: dict | None = None,
         is_main: bool = True,
@@ -138,7 +139,7 @@ class RunLogger:
     ):
         self.run_dir = Path(run_dir)
         self.total_steps = total_steps
-        self.start_step = start_step
+        self.resume_step = resume_step
         self.is_main = is_main
         self.metrics = MetricsFile(self.run_dir / METRICS)
         self.console = console or Console(stderr=True)
@@ -151,12 +152,14 @@ class RunLogger:
     def __enter__(self) -> RunLogger:
         if not self.is_main:
             return self
-        self.metrics.truncate_after(self.start_step)
+        # A fresh run starts an empty file; a resumed one drops what it is about to redo.
+        self.metrics.truncate_after(-1 if self.resume_step is None else self.resume_step)
         if self._wandb_cfg is not None and self._wandb_cfg.enabled:
-            self._wandb = WandbRun(self._wandb_cfg, self.run_dir, self._config)
+            resume = self.resume_step is not None
+            self._wandb = WandbRun(self._wandb_cfg, self.run_dir, self._config, resume)
         self._progress.start()
         self._task = self._progress.add_task(
-            "train", total=self.total_steps, completed=self.start_step, stats=""
+            "train", total=self.total_steps, completed=self.resume_step or 0, stats=""
         )
         return self
 

@@ -46,11 +46,18 @@ def test_resume_truncates_later_steps_and_torn_line(tmp_path):
         metrics.append({"step": step})
     with open(metrics.path, "a") as handle:
         handle.write('{"step": 5, "lo')  # a crash mid-line
-    with RunLogger(tmp_path, total_steps=6, start_step=2, console=_quiet()) as log:
+    with RunLogger(tmp_path, total_steps=6, resume_step=2, console=_quiet()) as log:
         log.log(3, STATS)
     assert [r["step"] for r in metrics.read()] == [1, 2, 3]
     for line in metrics.path.read_text().splitlines():
         json.loads(line)
+
+
+def test_fresh_run_starts_an_empty_file(tmp_path):
+    MetricsFile(tmp_path / METRICS).append({"step": 0, "kind": "val"})
+    with RunLogger(tmp_path, total_steps=2, console=_quiet()) as log:
+        log.log(0, {"val_kl": 1.0}, kind="val")
+    assert len(MetricsFile(tmp_path / METRICS).read()) == 1
 
 
 def test_non_main_rank_writes_nothing(tmp_path):

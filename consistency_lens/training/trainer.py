@@ -1,0 +1,502 @@
+"""`consistency-lens train`: train a lens on a dump, with validation, checkpoints and exact resume.
+
+Determinism: everything is seeded from `cfg.seed`; the sample order of each epoch is a function of
+(seed, epoch) and the data position is checkpointed, and the global RNG (which drives the Gumbel
+noise) is saved and restored, so a resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from consistency_lens.config import LensConfig, dump_config
+from consistency_lens.data.collate import Batch, CollateFn
+from consistency_lens.data.dataset import ActivationDataset
+from consistency_lens.data.dump import split_dir
+from consistency_lens.errors import LensError
+from consistency_lens.evaluation.metrics import fve, kl_per_sample, mse
+from consistency_lens.models.lens import ConsistencyLens
+from consistency_lens.training.objective import compute_losses
+from consistency_lens.training.optim import Ema, build_optimizer
+from consistency_lens.training.schedules import schedule_value
+from consistency_lens.utils import checkpoint as ckpt
+from consistency_lens.utils.logging import RunLogger
+
+_LOSS_KEYS = ("loss", "loss_kl", "loss_lm", "loss_mse", "entropy")
+# Config keys that a resumed run must share with its checkpoint (the weights' meaning).
+_RESUME_KEYS = ("model", "layer")
+_RESUME_TRAIN_KEYS = ("mode", "t_text", "prompt", "encoder_prompt", "encoder_layer", "lora_r")
+
+
+@dataclass
+class TrainState:
+    """Counters a checkpoint carries besides weights, optimizer and RNG."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    epoch: int = 0
+    """Current pass over the train split."""
+    batch_in_epoch: int = 0
+    """Micro-batches of `epoch` already consumed (the resume position)."""
+    samples: int = 0
+    """Samples that contributed to an optimizer step."""
+    bad_batches: int = 0
+    """Micro-batches skipped because of NaN/inf inputs, loss or gradients."""
+    bad_streak: int = 0
+    """Consecutive skipped micro-batches."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    run_dir: Path
+    steps: int
+    lens_dir: Path
+    bad_batches: int
+    last_val: dict = field(default_factory=dict)
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batches of a permutation seeded by (seed, epoch), starting after `skip` batches."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, skip: int = 0):
+        self.n, self.batch_size, self.seed, self.epoch, self.skip = n, batch_size, seed, epoch, skip
+
+    def num_batches(self) -> int:
+        """Batches per epoch (a remainder smaller than a batch is dropped unless it is all)."""
+        return max(1, self.n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        for b in range(self.skip, self.num_batches()):
+            yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        return max(0, self.num_batches() - self.skip)
+
+
+class BatchStream:
+    """Endless micro-batches over epochs; the position lives in (and resumes from) `state`."""
+
+    def __init__(self, dataset: ActivationDataset, batch_size: int, seed: int, collate: CollateFn):
+        self.dataset, self.batch_size, self.seed, self.collate = dataset, batch_size, seed, collate
+        self._it: Iterator[Batch] | None = None
+
+    def _open(self, state: TrainState) -> None:
+        self.dataset.set_epoch(state.epoch)
+        sampler = EpochBatchSampler(
+            len(self.dataset), self.batch_size, self.seed, state.epoch, state.batch_in_epoch
+        )
+        # A private generator: the default one would draw from the global torch RNG on every
+        # new iterator and shift the Gumbel noise after a resume.
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            collate_fn=self.collate,
+            generator=torch.Generator(),
+        )
+        self._it = iter(loader)
+
+    def next(self, state: TrainState) -> Batch:
+        """The next micro-batch; advances `state.epoch` / `state.batch_in_epoch`."""
+        if self._it is None:
+            self._open(state)
+        batch = next(self._it, None)
+        if batch is None:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            self._open(state)
+            batch = next(self._it)
+        state.batch_in_epoch += 1
+        return batch
+
+
+@dataclass
+class _Run:
+    """Everything the loop needs."""
+
+    cfg: LensConfig
+    lens: ConsistencyLens
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: Ema | None
+    stream: BatchStream
+    val_set: ActivationDataset | None
+    collate: CollateFn
+    device: torch.device
+    state: TrainState
+    logger: RunLogger | None = None
+    last_val: dict = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (or without torch.distributed)."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def wrap_for_strategy(lens: ConsistencyLens, cfg: LensConfig) -> nn.Module:
+    """The module the training step calls; the seam where DDP/FSDP/DeepSpeed will wrap the lens."""
+    if cfg.distributed.strategy != "none":
+        raise LensError(
+            f"distributed.strategy={cfg.distributed.strategy} is not supported by this trainer; "
+            "use distributed.strategy=none."
+        )
+    return lens
+
+
+def _autocast(cfg: LensConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    precision = cfg.train.precision
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+@contextlib.contextmanager
+def sigterm_flag() -> Iterator[threading.Event]:
+    """An event set by SIGTERM (e.g. Slurm preemption); the loop checkpoints and stops on it."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def load_splits(cfg: LensConfig) -> tuple[ActivationDataset, ActivationDataset | None]:
+    """The dump's train split and its val split (None when the dump has no val split)."""
+    train_dir = split_dir(cfg, "train")
+    if not (train_dir / "metadata.json").is_file():
+        raise LensError(
+            f"No activation dump at '{train_dir}'; run `consistency-lens dump` with the same "
+            "config (model, layer, corpus, output_dir) first."
+        )
+    val_dir = split_dir(cfg, "val")
+    val = (
+        ActivationDataset(val_dir, seed=cfg.seed) if (val_dir / "metadata.json").is_file() else None
+    )
+    return ActivationDataset(train_dir, seed=cfg.seed), val
+
+
+def check_dump(dataset: ActivationDataset, lens: ConsistencyLens, cfg: LensConfig) -> None:
+    """Refuse a dump whose width, layer or model differs from the lens's model."""
+    meta, width = dataset.metadata, lens.d_model
+    stored = int(dataset.sample(0)[1].shape[-1])
+    if dataset.d_model != width or stored != width:
+        raise LensError(
+            f"The dump at '{dataset.path}' holds activations of width {stored} but model "
+            f"'{cfg.model}' has width {width}; dump again with `consistency-lens dump` and this config."
+        )
+    if meta.get("layer") != cfg.layer:
+        raise LensError(
+            f"The dump at '{dataset.path}' was made at layer {meta.get('layer')} but the config "
+            f"says layer={cfg.layer}; dump again with `consistency-lens dump` and this config."
+        )
+    fingerprint = lens.loaded.fingerprint
+    if meta.get("fingerprint") != fingerprint:
+        raise LensError(
+            f"The dump at '{dataset.path}' was made with model '{meta.get('model')}' "
+            f"({meta.get('fingerprint')}), not '{cfg.model}' ({fingerprint}); dump again with "
+            "`consistency-lens dump` and this config."
+        )
+
+
+def _bad_inputs(batch: Batch) -> str | None:
+    for name in ("A", "A_prime"):
+        if not bool(torch.isfinite(getattr(batch, name)).all()):
+            return f"NaN/inf in the activations {name}"
+    return None
+
+
+def _skip_bad(run: _Run, cause: str) -> None:
+    state, limit = run.state, run.cfg.train.max_bad_batches
+    state.bad_batches += 1
+    state.bad_streak += 1
+    run.logger.warn(
+        f"step {state.step + 1}: skipped a batch ({cause}); {state.bad_batches} skipped so far."
+    )
+    if state.bad_streak >= limit:
+        raise LensError(
+            f"Training stopped at step {state.step + 1}: {state.bad_streak} consecutive batches "
+            f"were skipped, the last because of {cause}; check the dump for NaN/inf activations "
+            "or lower train.lr."
+        )
+
+
+def _micro_step(run: _Run, batch: Batch, tau: float, alpha: float) -> dict | str:
+    """Forward and backward one micro-batch: its detached losses, or a string naming the skip cause."""
+    bad = _bad_inputs(batch)
+    if bad is not None:
+        return bad
+    with _autocast(run.cfg, run.device):
+        out = compute_losses(run.model, batch.to(run.device), tau, alpha)
+    if not bool(torch.isfinite(out.loss)):
+        return "a NaN/inf loss"
+    (out.loss / run.cfg.train.grad_accum).backward()
+    # Only floats survive the micro-step, so no graph or activation outlives its backward.
+    return {key: float(getattr(out, key).detach()) for key in _LOSS_KEYS} | {"n": len(batch)}
+
+
+def _accumulate(run: _Run, tau: float, alpha: float) -> list[dict]:
+    outs: list[dict] = []
+    while len(outs) < run.cfg.train.grad_accum:
+        out = _micro_step(run, run.stream.next(run.state), tau, alpha)
+        if isinstance(out, str):
+            _skip_bad(run, out)
+            continue
+        run.state.bad_streak = 0
+        outs.append(out)
+    return outs
+
+
+def _trainable_params(run: _Run) -> list[torch.Tensor]:
+    return [p for g in run.optimizer.param_groups for p in g["params"]]
+
+
+def _step_metrics(outs: list[dict], run: _Run, tau: float, alpha: float) -> dict:
+    metrics = {key: sum(o[key] for o in outs) / len(outs) for key in _LOSS_KEYS}
+    lrs = [g["lr"] for g in run.optimizer.param_groups]
+    return {**metrics, "tau": tau, "alpha": alpha, "lr": lrs[0], "lr_min": min(lrs)}
+
+
+def _train_step(run: _Run) -> dict:
+    """One optimizer step (retried on fresh batches when the gradients are not finite)."""
+    tcfg, step = run.cfg.train, run.state.step
+    tau = schedule_value(tcfg.tau, step, tcfg.steps)
+    alpha = schedule_value(tcfg.alpha, step, tcfg.steps)
+    while True:
+        run.optimizer.zero_grad(set_to_none=True)
+        outs = _accumulate(run, tau, alpha)
+        max_norm = tcfg.grad_clip if tcfg.grad_clip is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(_trainable_params(run), max_norm)
+        if bool(torch.isfinite(grad_norm)):
+            break
+        _skip_bad(run, "NaN/inf gradients")
+    metrics = _step_metrics(outs, run, tau, alpha)
+    run.optimizer.step()
+    run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update(run.lens.trainable_state_dict())
+    run.state.step += 1
+    run.state.samples += sum(o["n"] for o in outs)
+    return {**metrics, "grad_norm": float(grad_norm), "bad_batches": run.state.bad_batches}
+
+
+def _val_loader(run: _Run) -> Iterator[Batch]:
+    loader = DataLoader(
+        run.val_set,
+        batch_size=run.cfg.train.batch_size,
+        collate_fn=run.collate,
+        generator=torch.Generator(),
+    )
+    return islice(loader, run.cfg.train.val_batches)
+
+
+@torch.no_grad()
+def _val_pass(run: _Run) -> dict:
+    acts, recons, kls = [], [], []
+    for batch in _val_loader(run):
+        batch = batch.to(run.device)
+        with _autocast(run.cfg, run.device):
+            _, a_hat = run.lens.reconstruct(batch.A)
+            logits_a, logits_hat = run.lens.orig.forward_with_replacement(
+                batch.input_ids_A, batch.attention_mask_A, [batch.A, a_hat.to(batch.A.dtype)]
+            )
+        # Same argument order as loss_kl with the direct target: KL(M(Â) || M(A)).
+        kls.append(kl_per_sample(logits_hat, logits_a).cpu())
+        acts.append(batch.A.float().cpu())
+        recons.append(a_hat.float().cpu())
+    A, A_hat = torch.cat(acts), torch.cat(recons)
+    return {
+        "val_kl": float(torch.cat(kls).mean()),
+        "val_mse": mse(A, A_hat),
+        "val_fve": fve(A, A_hat),
+    }
+
+
+def validate(run: _Run) -> None:
+    """KL of the direct reconstruction, MSE and FVE on the first `val_batches` of the val split."""
+    if run.val_set is None:
+        return
+    was_training = run.lens.training
+    run.lens.eval()
+    devices = [run.device] if run.device.type == "cuda" else []
+    # Validation must not consume the training RNG, or its schedule would change the run.
+    with torch.random.fork_rng(devices=devices, device_type=run.device.type):
+        metrics = _val_pass(run)
+    run.lens.train(was_training)
+    run.last_val = metrics
+    run.logger.log(run.state.step, metrics, kind="val")
+    run.logger.info(
+        f"step {run.state.step}: val KL {metrics['val_kl']:.4f}  MSE {metrics['val_mse']:.4g}  "
+        f"FVE {metrics['val_fve']:.4f}"
+    )
+
+
+def save(run: _Run) -> Path:
+    """Checkpoint the run at its current step."""
+    state = {
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "rng": ckpt.capture_rng(),
+        "train_state": asdict(run.state),
+    }
+    return ckpt.save_checkpoint(
+        run.cfg.train.run_dir,
+        run.state.step,
+        run.lens.trainable_state_dict(),
+        state,
+        dump_config(run.cfg),
+        ema=run.ema.state_dict() if run.ema is not None else None,
+        keep=run.cfg.train.keep_checkpoints,
+    )
+
+
+def _check_resume_config(cfg: LensConfig, path: Path) -> None:
+    saved = ckpt.read_config(path)
+    pairs = [(k, saved.get(k), getattr(cfg, k)) for k in _RESUME_KEYS]
+    pairs += [
+        (f"train.{k}", saved.get("train", {}).get(k), getattr(cfg.train, k))
+        for k in _RESUME_TRAIN_KEYS
+    ]
+    for key, old, new in pairs:
+        if old != new:
+            raise LensError(
+                f"Cannot resume from '{path}': it was trained with {key}={old!r} but the config "
+                f"says {key}={new!r}; use the same config or a new train.run_dir."
+            )
+
+
+def restore(run: _Run, path: Path) -> None:
+    """Load weights, optimizer, scheduler, EMA, counters and RNG from a checkpoint directory."""
+    _check_resume_config(run.cfg, path)
+    loaded = ckpt.load_checkpoint(path)
+    run.lens.load_trainable_state_dict(loaded.trainable)
+    run.optimizer.load_state_dict(loaded.state["optimizer"])
+    run.scheduler.load_state_dict(loaded.state["scheduler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(loaded.ema or run.lens.trainable_state_dict())
+    run.state = TrainState(**loaded.state["train_state"])
+    ckpt.restore_rng(loaded.state["rng"])
+
+
+def _checkpoint_to_resume(run_dir: Path, resume: bool) -> Path | None:
+    existing = ckpt.list_checkpoints(run_dir)
+    if not resume:
+        if existing:
+            raise LensError(
+                f"'{run_dir}' already holds checkpoints; pass --resume to continue that run or "
+                "choose another train.run_dir."
+            )
+        return None
+    return ckpt.latest_valid(run_dir)
+
+
+def _maybe_log(run: _Run, metrics: dict) -> None:
+    step, tcfg = run.state.step, run.cfg.train
+    run.logger.update(step, metrics)
+    if step % tcfg.log_every == 0 or step == tcfg.steps:
+        run.logger.log(step, metrics)
+
+
+def _loop(run: _Run, stop: threading.Event) -> bool:
+    """Train to `train.steps`; False when stopped early by SIGTERM (after checkpointing)."""
+    tcfg = run.cfg.train
+    if run.state.step == 0:
+        validate(run)
+    while run.state.step < tcfg.steps:
+        start = time.perf_counter()
+        metrics = _train_step(run)
+        batch_samples = tcfg.batch_size * tcfg.grad_accum
+        metrics["samples_per_s"] = batch_samples / max(time.perf_counter() - start, 1e-9)
+        _maybe_log(run, metrics)
+        step, last = run.state.step, run.state.step == tcfg.steps
+        if step % tcfg.val_every == 0 or last:
+            validate(run)
+        if step % tcfg.ckpt_every == 0 or last or stop.is_set():
+            path = save(run)
+        if stop.is_set() and not last:
+            run.logger.info(f"SIGTERM: saved checkpoint '{path}'.")
+            return False
+    return True
+
+
+def _build_run(
+    cfg: LensConfig, train_set: ActivationDataset, val_set: ActivationDataset | None
+) -> _Run:
+    seed_everything(cfg.seed)
+    lens = ConsistencyLens.build(cfg)
+    for dataset in (train_set, val_set):
+        if dataset is not None:
+            check_dump(dataset, lens, cfg)
+    model = wrap_for_strategy(lens, cfg)
+    device = lens.device
+    optimizer, scheduler = build_optimizer(lens.param_groups(), cfg.train, device)
+    ema = Ema(lens.trainable_state_dict(), cfg.train.ema_decay) if cfg.train.ema_decay else None
+    collate = CollateFn(pad_id=lens.loaded.tokenizer.pad_token_id or 0)
+    stream = BatchStream(train_set, cfg.train.batch_size, cfg.seed, collate)
+    return _Run(
+        cfg, lens, model, optimizer, scheduler, ema, stream, val_set, collate, device, TrainState()
+    )
+
+
+def _save_final(run: _Run) -> Path:
+    lens_dir = Path(run.cfg.train.run_dir) / "lens"
+    run.lens.save_pretrained(lens_dir)
+    if run.ema is not None:
+        current = {k: v.detach().clone() for k, v in run.lens.trainable_state_dict().items()}
+        run.lens.load_trainable_state_dict(run.ema.state_dict())
+        run.lens.save_pretrained(lens_dir.with_name("lens_ema"))
+        run.lens.load_trainable_state_dict(current)
+    return lens_dir
+
+
+def train(cfg: LensConfig, resume: bool = False) -> TrainResult:
+    """Train a lens on the dump of `cfg`; `resume` continues from the latest valid checkpoint."""
+    run_dir = Path(cfg.train.run_dir)
+    resume_from = _checkpoint_to_resume(run_dir, resume)
+    train_set, val_set = load_splits(cfg)
+    run = _build_run(cfg, train_set, val_set)
+    if resume_from is not None:
+        restore(run, resume_from)
+    main = is_main_process()
+    resume_step = run.state.step if resume_from is not None else None
+    logger = RunLogger(run_dir, cfg.train.steps, resume_step, cfg.wandb, dump_config(cfg), main)
+    with logger, sigterm_flag() as stop:
+        run.logger = logger
+        if resume_from is not None:
+            logger.info(f"Resuming from '{resume_from}' (step {run.state.step}).")
+        elif resume:
+            logger.info(f"No valid checkpoint in '{run_dir}'; starting from step 0.")
+        finished = _loop(run, stop)
+    if not finished:
+        raise LensError(
+            f"Stopped by SIGTERM at step {run.state.step} after saving a checkpoint; run the "
+            "same command with --resume to continue."
+        )
+    lens_dir = _save_final(run) if main else run_dir / "lens"
+    return TrainResult(run_dir, run.state.step, lens_dir, run.state.bad_batches, run.last_val)

@@ -1,0 +1,196 @@
+"""Training end to end on a tiny model: each mode, bad batches, dump checks, exact resume."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from consistency_lens.config import LensConfig, config_from_dict
+from consistency_lens.data.dataset import ActivationDataset
+from consistency_lens.data.dump import dump_activations
+from consistency_lens.errors import LensError
+from consistency_lens.training import trainer
+from consistency_lens.utils import checkpoint as ck
+from consistency_lens.utils.logging import METRICS, MetricsFile
+
+
+def _base(tmp: Path, model_dir: Path, corpus: Path) -> dict:
+    return {
+        "model": str(model_dir),
+        "corpus": str(corpus),
+        "layer": 1,
+        "seq_len": 32,
+        "p_min": 4,
+        "num_samples": 24,
+        "val_samples": 8,
+        "batch_size": 8,
+        "shard_size": 16,
+        "seed": 0,
+        "dtype": "float32",
+        "model_dtype": "float32",
+        "device": "cpu",
+        "output_dir": str(tmp / "acts"),
+        "cache_dir": str(tmp / "corpus"),
+    }
+
+
+@pytest.fixture(scope="module")
+def dumped(tmp_path_factory, tiny_llama_dir, corpus_dir) -> dict:
+    """A tiny train/val dump of the tiny Llama; returns the base config dict."""
+    base = _base(tmp_path_factory.mktemp("dump"), tiny_llama_dir, corpus_dir)
+    dump_activations(config_from_dict(base))
+    return base
+
+
+def _cfg(base: dict, run_dir: Path, **train) -> LensConfig:
+    defaults = {
+        "run_dir": str(run_dir),
+        "mode": "frozen_base",
+        "t_text": 2,
+        "steps": 1,
+        "batch_size": 4,
+        "val_every": 1,
+        "val_batches": 1,
+        "ckpt_every": 1,
+        "log_every": 1,
+        "max_bad_batches": 3,
+        "prompt": "A <embed> is",
+    }
+    return config_from_dict({**base, "train": {**defaults, **train}})
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "lens" / "lens.safetensors"))
+
+
+@pytest.mark.parametrize("mode", ["full", "frozen_base", "lora"])
+def test_one_step_in_each_mode(dumped, tmp_path, mode):
+    run_dir = tmp_path / "run"
+    result = trainer.train(_cfg(dumped, run_dir, mode=mode))
+    assert result.steps == 1 and result.bad_batches == 0
+    assert set(result.last_val) == {"val_kl", "val_mse", "val_fve"}
+    records = MetricsFile(run_dir / METRICS).read()
+    assert [(r["step"], r["kind"]) for r in records] == [(0, "val"), (1, "train"), (1, "val")]
+    assert all(torch.isfinite(torch.tensor(r.get("loss", 0.0))) for r in records)
+    ckpt = ck.load_checkpoint(ck.latest_valid(run_dir))
+    assert ckpt.step == 1
+    saved = _weights(run_dir)
+    assert set(ckpt.trainable) == set(saved)
+    assert all(torch.equal(ckpt.trainable[k], saved[k]) for k in saved)
+    if mode != "full":
+        # Only the small trainable parts are stored, never the frozen base.
+        assert all(("lora_" in k) or ("proj" in k) or ("prompt" in k) for k in saved)
+    with pytest.raises(LensError, match="already holds checkpoints; pass --resume"):
+        trainer.train(_cfg(dumped, run_dir, mode=mode))
+
+
+def _poison(monkeypatch, bad) -> None:
+    original = ActivationDataset.__getitem__
+
+    def getitem(self, i):
+        item = original(self, i)
+        if bad(i):
+            item["A"] = torch.full_like(item["A"], float("nan"))
+        return item
+
+    monkeypatch.setattr(ActivationDataset, "__getitem__", getitem)
+
+
+def test_nan_batch_is_skipped_and_counted(dumped, tmp_path, monkeypatch):
+    _poison(monkeypatch, lambda i: i == 0)
+    run_dir = tmp_path / "run"
+    # 6 micro-batches make one epoch, so the batch holding sample 0 is met.
+    result = trainer.train(_cfg(dumped, run_dir, steps=6, val_every=6, ckpt_every=6))
+    assert result.steps == 6 and result.bad_batches >= 1
+    last = [r for r in MetricsFile(run_dir / METRICS).read() if r["kind"] == "train"][-1]
+    assert last["bad_batches"] == result.bad_batches
+    assert all(torch.isfinite(v).all() for v in _weights(run_dir).values())
+
+
+def test_persistent_nan_stops_with_step_and_cause(dumped, tmp_path, monkeypatch):
+    _poison(monkeypatch, lambda i: True)
+    with pytest.raises(LensError, match=r"stopped at step 1: 3 consecutive .* NaN/inf"):
+        trainer.train(_cfg(dumped, tmp_path / "run"))
+
+
+def test_missing_dump_says_to_run_dump(dumped, tmp_path):
+    base = {**dumped, "output_dir": str(tmp_path / "nothing")}
+    with pytest.raises(LensError, match="run `consistency-lens dump` with the same config"):
+        trainer.train(_cfg(base, tmp_path / "run"))
+
+
+def test_width_mismatch_is_named(dumped, tmp_path, tokenizer_dir):
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from consistency_lens.data.dump import split_dir
+
+    narrow = tmp_path / "narrow"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(narrow)
+    PreTrainedTokenizerFast.from_pretrained(tokenizer_dir).save_pretrained(narrow)
+    wide, thin = (
+        _cfg(dumped, tmp_path / "a"),
+        _cfg({**dumped, "model": str(narrow)}, tmp_path / "b"),
+    )
+    for split in ("train", "val"):
+        shutil.copytree(split_dir(wide, split), split_dir(thin, split))
+    with pytest.raises(LensError, match="activations of width 64 but model .* has width 32"):
+        trainer.train(thin)
+
+
+def _train_records(run_dir: Path) -> list[dict]:
+    drop = {"time", "samples_per_s"}
+    records = MetricsFile(run_dir / METRICS).read()
+    return [{k: v for k, v in r.items() if k not in drop} for r in records]
+
+
+def test_sigterm_then_resume_equals_uninterrupted_run(dumped, tmp_path, monkeypatch):
+    # 4 steps x 2 micro-batches of 4 cross the 6-batch epoch boundary; EMA rides along.
+    over = dict(mode="full", steps=4, grad_accum=2, val_every=2, ckpt_every=2, ema_decay=0.5)
+    straight = tmp_path / "straight"
+    trainer.train(_cfg(dumped, straight, **over))
+
+    resumed = tmp_path / "resumed"
+    step = trainer._train_step
+
+    def step_then_sigterm(run):
+        metrics = step(run)
+        if run.state.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    monkeypatch.setattr(trainer, "_train_step", step_then_sigterm)
+    with pytest.raises(LensError, match="SIGTERM at step 3"):
+        trainer.train(_cfg(dumped, resumed, **over))
+    assert ck.latest_valid(resumed).name == "step_3"
+    assert not (resumed / "lens").exists()
+    monkeypatch.setattr(trainer, "_train_step", step)
+    trainer.train(_cfg(dumped, resumed, **over), resume=True)
+
+    a, b = _weights(straight), _weights(resumed)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ema_a = load_file(str(straight / "lens_ema" / "lens.safetensors"))
+    ema_b = load_file(str(resumed / "lens_ema" / "lens.safetensors"))
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert _train_records(straight) == _train_records(resumed)
+
+
+def test_resume_with_another_mode_is_refused(dumped, tmp_path):
+    run_dir = tmp_path / "run"
+    trainer.train(_cfg(dumped, run_dir))
+    with pytest.raises(LensError, match="train.mode='frozen_base' but the config says"):
+        trainer.train(_cfg(dumped, run_dir, mode="lora", steps=2), resume=True)
