@@ -8,7 +8,7 @@ from pathlib import Path
 
 from consistency_lens.evaluation.html import page, table
 from consistency_lens.evaluation.samples import read_samples, samples_fragment
-from consistency_lens.evaluation.tables import result_tables
+from consistency_lens.evaluation.tables import NOTES, result_tables
 from consistency_lens.utils.io import atomic_write_text, read_json
 
 # (title, metrics.jsonl keys drawn on one plot, log-scale y axis)
@@ -91,9 +91,10 @@ def eval_section(results: dict | None) -> str:
         f"{escape(str(results.get('model', '')))} · layer {results.get('layer')} · "
         f"T_text {results.get('t_text')}</p>"
     ]
-    for title, headers, rows in result_tables(results):
+    for (title, headers, rows), note in zip(result_tables(results), NOTES, strict=True):
         parts.append(f"<h3>{escape(title)}</h3>")
         parts.append(table(headers, rows, "eval"))
+        parts.append(f"<p class='small muted'>{escape(note)}</p>")
     return "".join(parts)
 
 

@@ -134,9 +134,10 @@ def log_samples_wandb(records: list[dict], cfg: LensConfig) -> None:
     """Log the samples as a `wandb.Table` (opens an offline/online run if none is active)."""
     import wandb
 
-    own_run = wandb.run is None
+    run = wandb.run
+    own_run = run is None
     if own_run:
-        wandb.init(
+        run = wandb.init(
             project=cfg.wandb.project,
             entity=cfg.wandb.entity,
             name=cfg.wandb.name or f"{Path(cfg.train.run_dir).name}-eval",
@@ -157,6 +158,6 @@ def log_samples_wandb(records: list[dict], cfg: LensConfig) -> None:
             rec["cosine"],
             " | ".join(rec["sampled"]),
         )
-    wandb.log({"qualitative_samples": table})
+    run.log({"qualitative_samples": table})
     if own_run:
-        wandb.finish()
+        run.finish()

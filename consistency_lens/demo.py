@@ -1,0 +1,66 @@
+"""`consistency-lens demo`: dump, train, eval, explain and report in one go, reusing what exists."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from consistency_lens.config import LensConfig
+
+
+def _stage(name: str) -> float:
+    print(f"\n== {name} ==", flush=True)
+    return time.perf_counter()
+
+
+def run_demo(cfg: LensConfig) -> dict:
+    """Run the whole pipeline on `cfg`; returns the paths written and the eval results."""
+    from consistency_lens.data.dump import dump_activations
+    from consistency_lens.evaluation.evaluate import default_checkpoint, evaluate_command
+    from consistency_lens.evaluation.explain import explain_command
+    from consistency_lens.evaluation.report import write_report
+    from consistency_lens.training.trainer import train
+
+    run_dir = Path(cfg.train.run_dir)
+    lens_dir = default_checkpoint(cfg)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+
+    t = _stage("1/5 dump activations (shards already written are reused)")
+    dump_activations(cfg)
+    timings["dump_s"] = time.perf_counter() - t
+
+    t = _stage("2/5 train the lens")
+    if (lens_dir / "lens_config.json").is_file():
+        print(f"reusing the trained lens at {lens_dir} (delete it to train again)")
+    else:
+        train(cfg)
+    timings["train_s"] = time.perf_counter() - t
+
+    t = _stage("3/5 evaluate against baselines")
+    results = evaluate_command(cfg, lens_dir)
+    timings["eval_s"] = time.perf_counter() - t
+
+    t = _stage("4/5 explain a sentence")
+    explain_page = run_dir / "explain.html"
+    explain_command(cfg, lens_dir, cfg.eval.explain_text, explain_page)
+    timings["explain_s"] = time.perf_counter() - t
+
+    t = _stage("5/5 report")
+    report = write_report(run_dir)
+    timings["report_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - start
+
+    print("\n== done ==")
+    print("  ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    print(f"lens (shareable, with its model card): {lens_dir}")
+    print(f"report:           {report}")
+    print(f"explanations:     {explain_page}")
+    print(f"samples:          {run_dir / 'samples.html'}")
+    return {
+        "results": results,
+        "report": report,
+        "explain": explain_page,
+        "lens": lens_dir,
+        "timings": timings,
+    }

@@ -1,0 +1,50 @@
+"""The shipped config files: complete, valid, and the demo sized as documented."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel
+
+from consistency_lens.config import LensConfig, load_config
+
+CONFIG = Path(__file__).resolve().parents[2] / "config"
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    out = set()
+    for name, field in model.model_fields.items():
+        out.add(prefix + name)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out |= _keys(field.annotation, f"{prefix}{name}.")
+    return out
+
+
+def _yaml_keys(data: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in data.items():
+        out.add(prefix + key)
+        if isinstance(value, dict):
+            out |= _yaml_keys(value, f"{prefix}{key}.")
+    return out
+
+
+def test_lens_yaml_documents_every_key():
+    data = yaml.safe_load((CONFIG / "lens.yaml").read_text())
+    assert _yaml_keys(data) == _keys(LensConfig)
+    load_config([CONFIG / "lens.yaml"])
+
+
+def test_demo_and_wandb_configs_validate():
+    cfg = load_config([CONFIG / "demo.yaml", CONFIG / "wandb.yaml"])
+    assert cfg.model == "smollm2-135m" and cfg.corpus == "sotu"
+    assert cfg.train.mode == "frozen_base" and 4 <= cfg.train.t_text <= 8
+    assert 10 <= cfg.layer <= 25
+    assert cfg.wandb.enabled is False and cfg.wandb.mode == "offline"
+
+
+def test_deepspeed_config_is_zero2_bf16():
+    ds = yaml.safe_load((CONFIG / "ds_stage2.yaml").read_text())
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["bf16"]["enabled"] is True and ds["gradient_clipping"] > 0
