@@ -1,0 +1,112 @@
+"""Decoder D: KV-cached soft generation equals a full forward, STE one-hots, gradients, init."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from consistency_lens.errors import LensError
+from consistency_lens.models.decoder import DecoderModel, prompt_token_ids
+from consistency_lens.models.loading import load_model
+from consistency_lens.models.orig import OriginalModelWrapper
+from consistency_lens.models.projection import embedding_norm
+
+PROMPT = "the nation <embed> law tax"
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def setup(request, tiny_llama_dir, tiny_gpt2_dir):
+    path = tiny_llama_dir if request.param == "llama" else tiny_gpt2_dir
+    loaded = load_model(str(path), device="cpu", dtype="float32")
+    orig = OriginalModelWrapper(loaded, layer=1)
+    ids = torch.randint(1, 320, (3, 9), generator=torch.Generator().manual_seed(0))
+    acts = orig.activations(ids, torch.ones_like(ids))
+    return loaded, acts
+
+
+def _decoder(loaded, scale=1.0, **kw) -> DecoderModel:
+    return DecoderModel(loaded.model, loaded.tokenizer, PROMPT, loaded.parts.d_model, scale, **kw)
+
+
+def _full_forward_logits(dec: DecoderModel, loaded, acts, ids) -> torch.Tensor:
+    """Logits predicting each generated token from one uncached forward over prompt + text."""
+    left, right = prompt_token_ids(loaded.tokenizer, PROMPT)
+    batch = acts.shape[0]
+    embeds = torch.cat(
+        [
+            dec.prompt_left.expand(batch, -1, -1),
+            dec.proj(acts).unsqueeze(1),
+            dec.prompt_right.expand(batch, -1, -1),
+            loaded.parts.embed_ids(ids[:, :-1]),
+        ],
+        dim=1,
+    )
+    logits = loaded.model(inputs_embeds=embeds).logits
+    start = len(left) + 1 + len(right) - 1
+    return logits[:, start : start + ids.shape[1]]
+
+
+def test_soft_generation_matches_uncached_forward(setup):
+    loaded, acts = setup
+    dec = _decoder(loaded)
+    torch.manual_seed(0)
+    gen = dec.generate_soft(acts, max_length=5, tau=1.0)
+    assert gen.token_logits.shape == (3, 5, 320)
+    assert gen.discrete_token_ids.shape == (3, 5)
+    onehot = torch.nn.functional.one_hot(gen.discrete_token_ids, 320).float()
+    torch.testing.assert_close(gen.ste_onehots.detach(), onehot)
+    expected = _full_forward_logits(dec, loaded, acts, gen.discrete_token_ids)
+    torch.testing.assert_close(gen.token_logits.detach(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_generate_is_argmax_of_full_forward(setup):
+    loaded, acts = setup
+    dec = _decoder(loaded)
+    ids = dec.generate(acts, max_length=4)
+    logits = _full_forward_logits(dec, loaded, acts, ids)
+    assert torch.equal(logits.argmax(-1), ids)
+    torch.manual_seed(3)
+    sampled = dec.generate(acts, max_length=4, greedy=False, temperature=2.0)
+    assert sampled.shape == (3, 4)
+
+
+def test_gradient_reaches_projection_through_the_kv_cache(setup):
+    loaded, acts = setup
+    dec = _decoder(loaded)
+    gen = dec.generate_soft(acts, max_length=4, tau=1.0)
+    # Only the last token's one-hot enters the loss: A reaches it only through the cache.
+    weights = torch.randn(320, generator=torch.Generator().manual_seed(1))
+    (gen.ste_onehots[:, -1] @ weights).sum().backward()
+    assert dec.proj.weight.grad.abs().sum() > 0
+    assert dec.prompt_left.grad.abs().sum() > 0
+    assert dec.prompt_right.grad.abs().sum() > 0
+    assert all(p.grad is None for p in loaded.model.parameters())
+
+
+def test_gradient_checkpointing_gives_same_gradients(setup):
+    loaded, acts = setup
+    grads = []
+    for ckpt in (False, True):
+        dec = _decoder(loaded, gradient_checkpointing=ckpt)
+        torch.manual_seed(5)
+        gen = dec.generate_soft(acts, max_length=3, tau=0.7)
+        (gen.token_logits.square().mean() + gen.ste_onehots[:, -1, :7].sum()).backward()
+        grads.append(dec.proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_projection_is_scaled_identity_matching_embedding_norm(setup):
+    loaded, acts = setup
+    scale = embedding_norm(loaded.parts) / float(acts.norm(dim=-1).median())
+    dec = _decoder(loaded, scale=scale)
+    torch.testing.assert_close(dec.proj.weight, torch.eye(loaded.parts.d_model) * scale)
+    projected = dec.proj(acts).detach().norm(dim=-1).median()
+    assert 0.5 < float(projected) / embedding_norm(loaded.parts) < 2.0
+
+
+def test_prompt_needs_one_embed_slot(setup):
+    loaded, _ = setup
+    with pytest.raises(LensError, match="<embed>"):
+        DecoderModel(loaded.model, loaded.tokenizer, "no slot here", 64, 1.0)
+    with pytest.raises(LensError, match="shape"):
+        _decoder(loaded).generate(torch.zeros(2, 65), 3)

@@ -1,0 +1,172 @@
+"""The objective of DESIGN.md section 2: hand-computed KL terms, alignment, gradient paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from consistency_lens.config import LensConfig
+from consistency_lens.data.collate import Batch, left_pad
+from consistency_lens.errors import LensError
+from consistency_lens.models.adapter import find_parts
+from consistency_lens.models.lens import ConsistencyLens
+from consistency_lens.training.objective import compute_losses, kl_at_p, lm_loss
+
+
+def _lens(path, **train) -> ConsistencyLens:
+    train.setdefault("t_text", 3)
+    cfg = LensConfig(model=str(path), device="cpu", model_dtype="float32", layer=1, train=train)
+    return ConsistencyLens.build(cfg)
+
+
+def _batch(lens: ConsistencyLens, lengths=(6, 9, 4)) -> Batch:
+    gen = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(1, 320, (n,), generator=gen) for n in lengths]
+    ids, mask = left_pad(seqs, 0)
+    ids_p, mask_p = left_pad([s.flip(0) for s in seqs], 0)
+    return Batch(
+        ids,
+        mask,
+        lens.orig.activations(ids, mask),
+        ids_p,
+        mask_p,
+        lens.orig.activations(ids_p, mask_p),
+    )
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def model_dir(request, tiny_llama_dir, tiny_gpt2_dir):
+    return tiny_llama_dir if request.param == "llama" else tiny_gpt2_dir
+
+
+def _hand_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) = sum p (log p - log q), averaged over rows."""
+    log_p, log_q = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def test_kl_helpers_against_hand_computation():
+    gen = torch.Generator().manual_seed(0)
+    p, q = torch.randn(4, 11, generator=gen), torch.randn(4, 11, generator=gen)
+    torch.testing.assert_close(kl_at_p(p, q), _hand_kl(p, q))
+    assert not torch.allclose(kl_at_p(p, q), _hand_kl(q, p))
+    # lm_loss pairs D's logits for token t+1 with M's logits at t.
+    orig = torch.randn(2, 5, 11, generator=gen)
+    token = torch.randn(2, 5, 11, generator=gen)
+    expected = _hand_kl(orig[:, :-1].reshape(-1, 11), token[:, 1:].reshape(-1, 11))
+    torch.testing.assert_close(lm_loss(token, orig), expected)
+    shifted = torch.cat([torch.randn(2, 1, 11, generator=gen), orig[:, :-1]], dim=1)
+    assert float(lm_loss(shifted, orig)) < 1e-6
+    assert float(lm_loss(orig, orig)) > 1e-3
+    assert float(lm_loss(token[:, :1], orig[:, :1])) == 0.0
+
+
+def test_losses_match_hand_computation(model_dir, monkeypatch):
+    lens = _lens(model_dir, mse_weight=0.3, entropy_weight=0.05)
+    batch = _batch(lens)
+    seen: dict = {}
+    gen_soft, replace = lens.decoder.generate_soft, lens.orig.forward_with_replacement
+
+    def spy_gen(*args, **kw):
+        seen["gen"] = gen_soft(*args, **kw)
+        return seen["gen"]
+
+    def spy_replace(ids, mask, vectors):
+        seen["vectors"] = vectors
+        seen["logits"] = replace(ids, mask, vectors)
+        return seen["logits"]
+
+    monkeypatch.setattr(lens.decoder, "generate_soft", spy_gen)
+    monkeypatch.setattr(lens.orig, "forward_with_replacement", spy_replace)
+    torch.manual_seed(0)
+    out = compute_losses(lens, batch, tau=1.0, alpha=0.7)
+    n = len(batch)
+    gen = seen["gen"]
+    assert gen.token_logits.shape[0] == 2 * n  # A and A' generated in one batched call
+    a, a_target = seen["vectors"]
+    assert torch.equal(a, batch.A)
+    a_hat_prime = lens.encoder(gen.ste_onehots[n:]).detach()
+    torch.testing.assert_close(a_target.detach(), out.a_hat + batch.A_prime - a_hat_prime)
+    # Patched logits are the plan's M(A) and M(A_target), checked against the naive path.
+    naive = lens.orig.naive_forward_with_replacement(
+        batch.input_ids_A, batch.attention_mask_A, [a, a_target.detach()]
+    )
+    logits_a, logits_target = naive
+    torch.testing.assert_close(seen["logits"][0], logits_a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss_kl, _hand_kl(logits_target, logits_a), atol=1e-6, rtol=1e-5)
+    # loss_lm: M reads D's discrete text; D's logits that produced token t+1 vs M's logits at t.
+    ids = gen.discrete_token_ids[:n]
+    m_logits = lens.orig.model(input_ids=ids).logits
+    d_logits = gen.token_logits[:n]
+    expected_lm = _hand_kl(m_logits[:, :-1].reshape(-1, 320), d_logits[:, 1:].reshape(-1, 320))
+    torch.testing.assert_close(out.loss_lm, expected_lm, atol=1e-6, rtol=1e-5)
+    scale = batch.A.norm(dim=-1).mean()
+    mse = F.mse_loss(out.a_hat / scale, batch.A / scale)
+    torch.testing.assert_close(out.loss_mse.detach(), mse)
+    total = out.loss_lm + 0.7 * out.loss_kl + 0.3 * out.loss_mse - 0.05 * out.entropy
+    torch.testing.assert_close(out.loss, total)
+
+
+def test_loss_lm_is_zero_for_one_token(tiny_llama_dir):
+    lens = _lens(tiny_llama_dir, t_text=1)
+    out = compute_losses(lens, _batch(lens), tau=1.0, alpha=1.0)
+    assert float(out.loss_lm) == 0.0
+    out.loss.backward()
+    assert lens.decoder.proj.weight.grad.abs().sum() > 0
+
+
+def test_kl_gradients_reach_d_e_and_projection_never_m(model_dir):
+    lens = _lens(model_dir, mode="full")
+    out = compute_losses(lens, _batch(lens), tau=1.0, alpha=1.0)
+    out.loss_kl.backward()
+    e_blocks = find_parts(lens.encoder.model).blocks
+    d_blocks = find_parts(lens.decoder.model).blocks
+    assert lens.encoder.proj.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in e_blocks[0].parameters())
+    assert lens.decoder.proj.weight.grad.abs().sum() > 0
+    # D's blocks get gradient through the STE one-hots and the KV cache.
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in d_blocks[0].parameters())
+    assert all(p.grad is None for p in lens.orig.model.parameters())
+
+
+def test_a_prime_residual_carries_no_gradient(tiny_llama_dir, monkeypatch):
+    lens = _lens(tiny_llama_dir)
+    batch = _batch(lens)
+    encode = lens.encoder.forward
+    kept: dict = {}
+
+    def spy(onehots):
+        kept["a_hat_all"] = encode(onehots)
+        kept["a_hat_all"].retain_grad()
+        return kept["a_hat_all"]
+
+    monkeypatch.setattr(lens.encoder, "forward", spy)
+    compute_losses(lens, batch, tau=1.0, alpha=1.0).loss_kl.backward()
+    grad = kept["a_hat_all"].grad
+    n = len(batch)
+    assert grad[:n].abs().sum() > 0
+    assert torch.equal(grad[n:], torch.zeros_like(grad[n:]))
+
+
+def test_direct_target_skips_a_prime(tiny_llama_dir, monkeypatch):
+    lens = _lens(tiny_llama_dir, target="direct")
+    batch = _batch(lens)
+    seen = {}
+    replace = lens.orig.forward_with_replacement
+
+    def spy(ids, mask, vectors):
+        seen["vectors"] = vectors
+        return replace(ids, mask, vectors)
+
+    monkeypatch.setattr(lens.orig, "forward_with_replacement", spy)
+    out = compute_losses(lens, batch, tau=1.0, alpha=1.0)
+    torch.testing.assert_close(seen["vectors"][1].detach(), out.a_hat)
+
+
+def test_width_mismatch_is_refused(tiny_llama_dir):
+    lens = _lens(tiny_llama_dir)
+    batch = _batch(lens)
+    batch.A = torch.zeros(len(batch), 32)
+    with pytest.raises(LensError, match="width 32"):
+        compute_losses(lens, batch, tau=1.0, alpha=1.0)
