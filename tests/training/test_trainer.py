@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +41,16 @@ def _base(tmp: Path, model_dir: Path, corpus: Path) -> dict:
         "output_dir": str(tmp / "acts"),
         "cache_dir": str(tmp / "corpus"),
     }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matrices gain nothing from threads, and spinning OpenMP threads on a busy 2-core
+    # machine make each step many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +207,51 @@ def test_resume_with_another_mode_is_refused(dumped, tmp_path):
     trainer.train(_cfg(dumped, run_dir))
     with pytest.raises(LensError, match="train.mode='frozen_base' but the config says"):
         trainer.train(_cfg(dumped, run_dir, mode="lora", steps=2), resume=True)
+
+
+def _cli(base: dict, run_dir: Path, steps: int, *flags: str) -> list[str]:
+    overrides = [f"{k}={v}" for k, v in base.items()] + [
+        f"train.run_dir={run_dir}",
+        "train.t_text=2",
+        "train.batch_size=4",
+        f"train.steps={steps}",
+        "train.val_every=100000",
+        "train.ckpt_every=100000",
+        "train.log_every=1",
+        "train.prompt=A <embed> is",
+    ]
+    return [sys.executable, "-m", "consistency_lens", "train", *overrides, *flags]
+
+
+_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_cli_sigterm_checkpoints_and_resume_continues(dumped, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cli(dumped, run_dir, 100000),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_ENV,
+    )
+    deadline = time.monotonic() + 120
+    while not [r for r in MetricsFile(run_dir / METRICS).read() if r["kind"] == "train"]:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "SIGTERM" in err and "--resume" in err
+    step = ck.load_checkpoint(ck.latest_valid(run_dir)).step
+    assert step >= 1
+    done = subprocess.run(
+        _cli(dumped, run_dir, step + 1, "--resume"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_ENV,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Resuming from" in done.stderr and f"(step {step})" in done.stderr
+    assert ck.latest_valid(run_dir).name == f"step_{step + 1}"
+    assert (run_dir / "lens" / "lens.safetensors").is_file()
