@@ -65,10 +65,15 @@ class TrainResult:
     """What a finished run produced."""
 
     run_dir: Path
+    """Directory of checkpoints, metrics.jsonl and the saved lens."""
     steps: int
+    """Optimizer steps done."""
     lens_dir: Path
+    """Where `save_pretrained` wrote the final lens."""
     bad_batches: int
+    """Micro-batches skipped for NaN/inf."""
     last_val: dict = field(default_factory=dict)
+    """Metrics of the last validation (empty without a val split)."""
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -273,14 +278,19 @@ def _accumulate(run: _Run, tau: float, alpha: float) -> list[dict]:
     return outs
 
 
+def _live_trainable(lens: ConsistencyLens) -> dict[str, torch.Tensor]:
+    # The parameters themselves (on their device), not the CPU copies of trainable_state_dict.
+    return {n: p for n, p in lens.named_parameters() if p.requires_grad}
+
+
 def _trainable_params(run: _Run) -> list[torch.Tensor]:
     return [p for g in run.optimizer.param_groups for p in g["params"]]
 
 
 def _step_metrics(outs: list[dict], run: _Run, tau: float, alpha: float) -> dict:
     metrics = {key: sum(o[key] for o in outs) / len(outs) for key in _LOSS_KEYS}
-    lrs = [g["lr"] for g in run.optimizer.param_groups]
-    return {**metrics, "tau": tau, "alpha": alpha, "lr": lrs[0], "lr_min": min(lrs)}
+    lrs = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(run.optimizer.param_groups)}
+    return {**metrics, "tau": tau, "alpha": alpha, **lrs}
 
 
 def _train_step(run: _Run) -> dict:
@@ -300,7 +310,7 @@ def _train_step(run: _Run) -> dict:
     run.optimizer.step()
     run.scheduler.step()
     if run.ema is not None:
-        run.ema.update(run.lens.trainable_state_dict())
+        run.ema.update(_live_trainable(run.lens))
     run.state.step += 1
     run.state.samples += sum(o["n"] for o in outs)
     return {**metrics, "grad_norm": float(grad_norm), "bad_batches": run.state.bad_batches}
@@ -399,7 +409,7 @@ def restore(run: _Run, path: Path) -> None:
     run.optimizer.load_state_dict(loaded.state["optimizer"])
     run.scheduler.load_state_dict(loaded.state["scheduler"])
     if run.ema is not None:
-        run.ema.load_state_dict(loaded.ema or run.lens.trainable_state_dict())
+        run.ema.load_state_dict(loaded.ema or _live_trainable(run.lens))
     run.state = TrainState(**loaded.state["train_state"])
     ckpt.restore_rng(loaded.state["rng"])
 
@@ -437,9 +447,11 @@ def _loop(run: _Run, stop: threading.Event) -> bool:
         step, last = run.state.step, run.state.step == tcfg.steps
         if step % tcfg.val_every == 0 or last:
             validate(run)
-        if step % tcfg.ckpt_every == 0 or last or stop.is_set():
+        # Read the flag once: a signal between two reads must not skip the save it asks for.
+        stopping = stop.is_set() and not last
+        if step % tcfg.ckpt_every == 0 or last or stopping:
             path = save(run)
-        if stop.is_set() and not last:
+        if stopping:
             run.logger.info(f"SIGTERM: saved checkpoint '{path}'.")
             return False
     return True
@@ -456,7 +468,8 @@ def _build_run(
     model = wrap_for_strategy(lens, cfg)
     device = lens.device
     optimizer, scheduler = build_optimizer(lens.param_groups(), cfg.train, device)
-    ema = Ema(lens.trainable_state_dict(), cfg.train.ema_decay) if cfg.train.ema_decay else None
+    decay = cfg.train.ema_decay
+    ema = Ema(_live_trainable(lens), decay) if decay is not None else None
     collate = CollateFn(pad_id=lens.loaded.tokenizer.pad_token_id or 0)
     stream = BatchStream(train_set, cfg.train.batch_size, cfg.seed, collate)
     return _Run(
