@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -171,7 +172,7 @@ def _train_records(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in drop} for r in records]
 
 
-def test_sigterm_then_resume_equals_uninterrupted_run(dumped, tmp_path, monkeypatch):
+def test_sigterm_then_resume_equals_uninterrupted_run(dumped, tmp_path, monkeypatch, caplog):
     # 4 steps x 2 micro-batches of 4 cross the 6-batch epoch boundary; EMA rides along.
     over = dict(mode="full", steps=4, grad_accum=2, val_every=2, ckpt_every=2, ema_decay=0.5)
     straight = tmp_path / "straight"
@@ -191,8 +192,18 @@ def test_sigterm_then_resume_equals_uninterrupted_run(dumped, tmp_path, monkeypa
         trainer.train(_cfg(dumped, resumed, **over))
     assert ck.latest_valid(resumed).name == "step_3"
     assert not (resumed / "lens").exists()
+    # A copy whose newest checkpoint is bit-flipped must fall back to step 2 and still agree.
+    fallback = tmp_path / "fallback"
+    shutil.copytree(resumed, fallback)
+    weights = fallback / "checkpoints" / "step_3" / ck.TRAINABLE
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x10
+    weights.write_bytes(bytes(data))
     monkeypatch.setattr(trainer, "_train_step", step)
     trainer.train(_cfg(dumped, resumed, **over), resume=True)
+    with caplog.at_level(logging.WARNING, logger="consistency_lens"):
+        trainer.train(_cfg(dumped, fallback, **over), resume=True)
+    assert "Skipping corrupt checkpoint" in caplog.text and "step_3" in caplog.text
 
     a, b = _weights(straight), _weights(resumed)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -200,6 +211,9 @@ def test_sigterm_then_resume_equals_uninterrupted_run(dumped, tmp_path, monkeypa
     ema_b = load_file(str(resumed / "lens_ema" / "lens.safetensors"))
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
     assert _train_records(straight) == _train_records(resumed)
+    c = _weights(fallback)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    assert _train_records(straight) == _train_records(fallback)
 
 
 def test_resume_with_another_mode_is_refused(dumped, tmp_path):
