@@ -289,8 +289,10 @@ def _trainable_params(run: _Run) -> list[torch.Tensor]:
 
 def _step_metrics(outs: list[dict], run: _Run, tau: float, alpha: float) -> dict:
     metrics = {key: sum(o[key] for o in outs) / len(outs) for key in _LOSS_KEYS}
-    lrs = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(run.optimizer.param_groups)}
-    return {**metrics, "tau": tau, "alpha": alpha, **lrs}
+    groups = run.optimizer.param_groups
+    # `lr` is the first group's (projections/prompts); other groups are named after themselves.
+    lrs = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(groups[1:], start=1)}
+    return {**metrics, "tau": tau, "alpha": alpha, "lr": groups[0]["lr"], **lrs}
 
 
 def _train_step(run: _Run) -> dict:
