@@ -9,7 +9,6 @@ name and renamed into place, so a checkpoint is either complete or absent.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from consistency_lens.errors import LensError
-from consistency_lens.utils.io import read_json, sha256_file
+from consistency_lens.utils.io import is_out_of_space, out_of_space_error, read_json, sha256_file
 
 FORMAT_VERSION = 1
 """Bumped whenever the meaning of a checkpoint's files changes."""
@@ -138,7 +137,9 @@ def _write_files(
     save_file(_tensors_for_save(trainable), str(tmp / TRAINABLE))
     if ema is not None:
         save_file(_tensors_for_save(ema), str(tmp / EMA))
-    torch.save({**state, "format_version": FORMAT_VERSION, "step": step}, tmp / STATE)
+    # Through a Python file, so that a full disk surfaces as an OSError chained to torch's error.
+    with open(tmp / STATE, "wb") as handle:
+        torch.save({**state, "format_version": FORMAT_VERSION, "step": step}, handle)
     (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
     manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
@@ -178,13 +179,10 @@ def save_checkpoint(
     try:
         _write_files(tmp, step, trainable, state, config, ema)
         _move_into_place(tmp, final)
-    except OSError as err:
+    except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno == errno.ENOSPC:
-            raise LensError(
-                f"No space left on the device while writing checkpoint '{final}'; free disk "
-                "space and rerun with --resume."
-            ) from None
+        if is_out_of_space(err):
+            raise out_of_space_error(final, "rerun with --resume") from None
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -21,6 +21,33 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def is_out_of_space(err: BaseException) -> bool:
+    """Whether `err` (or an error it wraps) is ENOSPC.
+
+    Writers in native code hide the OSError: safetensors raises SafetensorError with the text
+    "(os error 28)", and torch.save into a Python file raises RuntimeError chained to the OSError.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return True
+        if "os error 28" in str(current) or "No space left on device" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def out_of_space_error(
+    path: Path, rerun: str = "run the same command again to resume"
+) -> LensError:
+    """The one-sentence error for a full disk while writing `path`."""
+    return LensError(
+        f"No space left on the device while writing '{path}'; free disk space and {rerun}."
+    )
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp_path)`, fsync, then rename over `path`."""
     path = Path(path)
@@ -34,13 +61,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
-    except OSError as err:
+    except Exception as err:
         tmp_path.unlink(missing_ok=True)
-        if err.errno == errno.ENOSPC:
-            raise LensError(
-                f"No space left on the device while writing '{path}'; free disk space "
-                "and run the same command again to resume."
-            ) from None
+        if is_out_of_space(err):
+            raise out_of_space_error(path) from None
         raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
