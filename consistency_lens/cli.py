@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from consistency_lens.config import LensConfig, load_config
@@ -73,7 +73,6 @@ class Demo:
     """The whole pipeline on the embedded default: dump, train, eval, explain, report."""
 
     cfg: LensConfig
-    extra: dict = field(default_factory=dict)
 
     def execute(self) -> None:
         from consistency_lens.demo import run_demo
