@@ -9,6 +9,7 @@ from pathlib import Path
 
 from consistency_lens.config import LensConfig, load_config
 from consistency_lens.errors import LensError
+from consistency_lens.utils.io import is_out_of_space
 
 
 @dataclass
@@ -62,10 +63,19 @@ class Explain:
     def execute(self) -> None:
         from consistency_lens.evaluation.explain import explain_command
 
-        text = self.file.read_text() if self.file is not None else self.text
+        text = _read_text_file(self.file) if self.file is not None else self.text
         if text is None:
             raise LensError('explain needs --text "..." or --file PATH.')
         explain_command(self.cfg, self.checkpoint, text, self.html)
+
+
+def _read_text_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LensError(f"--file '{path}' does not exist; pass an existing text file.") from None
+    except (UnicodeDecodeError, IsADirectoryError):
+        raise LensError(f"--file '{path}' is not a UTF-8 text file; pass a text file.") from None
 
 
 @dataclass
@@ -139,6 +149,17 @@ def main(argv: list[str] | None = None) -> None:
         build_command(sys.argv[1:] if argv is None else argv).execute()
     except LensError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:
+        # A full disk can surface from any writer; it is the user's to fix, not a bug to trace.
+        if not is_out_of_space(err):
+            raise
+        where = f" while writing '{err.filename}'" if getattr(err, "filename", None) else ""
+        print(
+            f"error: No space left on the device{where}; free disk space and run the same "
+            "command again (train: with --resume).",
+            file=sys.stderr,
+        )
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume.", file=sys.stderr)

@@ -261,7 +261,11 @@ def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise LensError(f"Config file '{path}' is not valid YAML ({err}).") from None
+        # PyYAML's message spans several lines; its first line and the position are enough.
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise LensError(f"Config file '{path}' is not valid YAML{where} ({problem}).") from None
     if not isinstance(data, dict):
         raise LensError(f"Config file '{path}' must hold a mapping of keys to values.")
     return data

@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +165,8 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, write)
 
 
-def _build_cache(directory: Path, docs: Iterator[str], tokenizer, max_tokens: int | None) -> None:
+def _build_cache(directory: Path, docs: Iterator[str], tokenizer, max_tokens: int | None) -> int:
+    """Write token shards and meta.json into `directory`; returns the number of tokens."""
     shard, offsets, index, total = [], [0], 0, 0
 
     def flush() -> None:
@@ -199,6 +203,35 @@ def _build_cache(directory: Path, docs: Iterator[str], tokenizer, max_tokens: in
     if offsets[-1] > 0 or index == 0:
         flush()
     atomic_write_json(directory / "meta.json", {"version": _CACHE_VERSION, "num_shards": index})
+    return total
+
+
+def _build_cache_atomically(
+    directory: Path, corpus: str, docs: Iterator[str], tokenizer, max_tokens: int | None
+) -> None:
+    """Build the cache under a temporary name and rename it into place.
+
+    A failed or killed build (unreadable file, empty corpus, full disk) leaves no cache behind, so
+    the corpus is read again once the user has fixed it.
+    """
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        if _build_cache(tmp, docs, tokenizer, max_tokens) == 0:
+            raise LensError(
+                f"Corpus '{corpus}' is empty (no tokens after tokenization); give it text."
+            )
+        # Leftovers of a build by an older version (shards without meta.json) are replaced.
+        if directory.exists() and not (directory / "meta.json").is_file():
+            shutil.rmtree(directory)
+        try:
+            os.replace(tmp, directory)
+        except OSError:
+            if not (directory / "meta.json").is_file():
+                raise
+            # Another process finished the same cache first; theirs is identical.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def tokenized_corpus(
@@ -217,8 +250,9 @@ def tokenized_corpus(
     key = f"{corpus_slug(corpus)}-{split}-{tokenizer_hash(tokenizer)}{cap}"
     directory = Path(cache_dir) / key
     if not (directory / "meta.json").is_file():
-        directory.mkdir(parents=True, exist_ok=True)
-        _build_cache(directory, iter_documents(corpus, text_column, split), tokenizer, max_tokens)
+        _build_cache_atomically(
+            directory, corpus, iter_documents(corpus, text_column, split), tokenizer, max_tokens
+        )
     meta = read_json(directory / "meta.json", "Tokenized corpus metadata")
     if meta.get("version") != _CACHE_VERSION:
         raise LensError(

@@ -28,7 +28,7 @@ from consistency_lens.data.corpus import (
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import check_layer
 from consistency_lens.models.hooks import run_until
-from consistency_lens.models.loading import LoadedModel, load_model, model_slug
+from consistency_lens.models.loading import LoadedModel, load_model, max_positions, model_slug
 from consistency_lens.utils.io import atomic_write, atomic_write_json, read_json, sha256_file
 
 FORMAT_VERSION = 1
@@ -299,6 +299,16 @@ def _header(cfg: LensConfig, loaded: LoadedModel, corpus_key: str, split: str, n
     }
 
 
+def check_seq_len(cfg: LensConfig, loaded: LoadedModel) -> None:
+    """Refuse a `seq_len` longer than the model's context, where positions past it are garbage."""
+    limit = max_positions(loaded.model)
+    if limit is not None and cfg.seq_len > limit:
+        raise LensError(
+            f"seq_len={cfg.seq_len} is longer than model '{cfg.model}' reads ({limit} positions), "
+            f"so P could not reach seq_len-2; use seq_len <= {limit}."
+        )
+
+
 def dump_activations(cfg: LensConfig, loaded: LoadedModel | None = None) -> dict[str, Path]:
     """Dump the train and val splits; returns split name -> split directory."""
     loaded = loaded or load_model(
@@ -310,6 +320,7 @@ def dump_activations(cfg: LensConfig, loaded: LoadedModel | None = None) -> dict
         cfg.attn_implementation,
     )
     check_layer(loaded.parts, cfg.layer)
+    check_seq_len(cfg, loaded)
     rank, world = _dist()
     corpus = _shared_corpus(cfg, loaded, rank, world)
     plans, skipped = plan_splits(cfg, corpus, _bos_id(loaded.tokenizer))

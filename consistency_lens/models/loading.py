@@ -69,6 +69,15 @@ def _fingerprint(model: torch.nn.Module, source: Path | None) -> str:
     return f"weights-sha256:{digest.hexdigest()[:16]}"
 
 
+def max_positions(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings cover, when its config says."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(model.config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def model_slug(name: str) -> str:
     """A directory-safe short name for a model (`org/name` -> `name`)."""
     return Path(name.rstrip("/")).name or name

@@ -166,7 +166,7 @@ def test_two_process_torchrun_dump_reads_back(tmp_path, tiny_llama_dir, corpus_d
     [
         ({"layer": 4}, "out of range"),
         ({"p_min": 40, "seq_len": 32}, None),
-        ({"seq_len": 4000, "num_samples": 5, "val_samples": 0, "p_min": 3000}, "long enough"),
+        ({"seq_len": 4000, "num_samples": 5, "val_samples": 0, "p_min": 3000}, "longer than model"),
         ({"num_samples": 100000}, "fewer than num_samples"),
     ],
 )
