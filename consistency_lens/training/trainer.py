@@ -30,8 +30,9 @@ from consistency_lens.data.dump import split_dir
 from consistency_lens.errors import LensError
 from consistency_lens.evaluation.metrics import fve, kl_per_sample, mse
 from consistency_lens.models.lens import ConsistencyLens
-from consistency_lens.training.objective import compute_losses
-from consistency_lens.training.optim import Ema, build_optimizer
+from consistency_lens.training import distributed
+from consistency_lens.training.distributed import Engine, wrap_for_strategy
+from consistency_lens.training.optim import Ema
 from consistency_lens.training.schedules import schedule_value
 from consistency_lens.utils import checkpoint as ckpt
 from consistency_lens.utils.logging import RunLogger
@@ -77,19 +78,34 @@ class TrainResult:
 
 
 class EpochBatchSampler(Sampler[list[int]]):
-    """Batches of a permutation seeded by (seed, epoch), starting after `skip` batches."""
+    """Batches of a permutation seeded by (seed, epoch), starting after `skip` batches.
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, skip: int = 0):
+    Under torchrun every rank walks the same permutation in global batches of `batch_size * world`
+    and takes its own slice, so a step sees the same samples whatever the number of processes.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        skip: int = 0,
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.n, self.batch_size, self.seed, self.epoch, self.skip = n, batch_size, seed, epoch, skip
+        self.rank, self.world = rank, world
 
     def num_batches(self) -> int:
-        """Batches per epoch (a remainder smaller than a batch is dropped unless it is all)."""
-        return max(1, self.n // self.batch_size)
+        """Global batches per epoch (a remainder smaller than a batch is dropped unless it is all)."""
+        return max(1, self.n // (self.batch_size * self.world))
 
     def __iter__(self) -> Iterator[list[int]]:
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
         for b in range(self.skip, self.num_batches()):
-            yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+            start = (b * self.world + self.rank) * self.batch_size
+            yield order[start : start + self.batch_size].tolist()
 
     def __len__(self) -> int:
         return max(0, self.num_batches() - self.skip)
@@ -98,14 +114,34 @@ class EpochBatchSampler(Sampler[list[int]]):
 class BatchStream:
     """Endless micro-batches over epochs; the position lives in (and resumes from) `state`."""
 
-    def __init__(self, dataset: ActivationDataset, batch_size: int, seed: int, collate: CollateFn):
+    def __init__(
+        self,
+        dataset: ActivationDataset,
+        batch_size: int,
+        seed: int,
+        collate: CollateFn,
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.dataset, self.batch_size, self.seed, self.collate = dataset, batch_size, seed, collate
+        self.rank, self.world = rank, world
+        if world > 1 and len(dataset) < batch_size * world:
+            raise LensError(
+                f"The train split holds {len(dataset)} samples, fewer than one global batch "
+                f"(train.batch_size={batch_size} x {world} ranks); lower train.batch_size."
+            )
         self._it: Iterator[Batch] | None = None
 
     def _open(self, state: TrainState) -> None:
         self.dataset.set_epoch(state.epoch)
         sampler = EpochBatchSampler(
-            len(self.dataset), self.batch_size, self.seed, state.epoch, state.batch_in_epoch
+            len(self.dataset),
+            self.batch_size,
+            self.seed,
+            state.epoch,
+            state.batch_in_epoch,
+            self.rank,
+            self.world,
         )
         # A private generator: the default one would draw from the global torch RNG on every
         # new iterator and shift the Gumbel noise after a resume.
@@ -145,6 +181,7 @@ class _Run:
     collate: CollateFn
     device: torch.device
     state: TrainState
+    engine: Engine
     logger: RunLogger | None = None
     last_val: dict = field(default_factory=dict)
 
@@ -160,16 +197,6 @@ def is_main_process() -> bool:
     """True on rank 0 (or without torch.distributed)."""
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def wrap_for_strategy(lens: ConsistencyLens, cfg: LensConfig) -> nn.Module:
-    """The module the training step calls; the seam where DDP/FSDP/DeepSpeed will wrap the lens."""
-    if cfg.distributed.strategy != "none":
-        raise LensError(
-            f"distributed.strategy={cfg.distributed.strategy} is not supported by this trainer; "
-            "use distributed.strategy=none."
-        )
-    return lens
 
 
 def _autocast(cfg: LensConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -252,16 +279,19 @@ def _skip_bad(run: _Run, cause: str) -> None:
         )
 
 
-def _micro_step(run: _Run, batch: Batch, tau: float, alpha: float) -> dict | str:
+def _micro_step(run: _Run, batch: Batch, tau: float, alpha: float, final: bool) -> dict | str:
     """Forward and backward one micro-batch: its detached losses, or a string naming the skip cause."""
-    bad = _bad_inputs(batch)
+    # Under torchrun all ranks skip together, or the collectives of forward/backward would hang.
+    bad = run.engine.agree(_bad_inputs(batch))
     if bad is not None:
         return bad
-    with _autocast(run.cfg, run.device):
-        out = compute_losses(run.model, batch.to(run.device), tau, alpha)
-    if not bool(torch.isfinite(out.loss)):
-        return "a NaN/inf loss"
-    (out.loss / run.cfg.train.grad_accum).backward()
+    with run.engine.micro_batch(final):
+        with _autocast(run.cfg, run.device):
+            out = run.model(batch.to(run.device), tau, alpha)
+        bad = run.engine.agree(None if bool(torch.isfinite(out.loss)) else "a NaN/inf loss")
+        if bad is not None:
+            return bad
+        run.engine.backward(out.loss)
     # Only floats survive the micro-step, so no graph or activation outlives its backward.
     return {key: float(getattr(out, key).detach()) for key in _LOSS_KEYS} | {"n": len(batch)}
 
@@ -269,7 +299,8 @@ def _micro_step(run: _Run, batch: Batch, tau: float, alpha: float) -> dict | str
 def _accumulate(run: _Run, tau: float, alpha: float) -> list[dict]:
     outs: list[dict] = []
     while len(outs) < run.cfg.train.grad_accum:
-        out = _micro_step(run, run.stream.next(run.state), tau, alpha)
+        final = len(outs) + 1 == run.cfg.train.grad_accum
+        out = _micro_step(run, run.stream.next(run.state), tau, alpha, final)
         if isinstance(out, str):
             _skip_bad(run, out)
             continue
@@ -281,10 +312,6 @@ def _accumulate(run: _Run, tau: float, alpha: float) -> list[dict]:
 def _live_trainable(lens: ConsistencyLens) -> dict[str, torch.Tensor]:
     # The parameters themselves (on their device), not the CPU copies of trainable_state_dict.
     return {n: p for n, p in lens.named_parameters() if p.requires_grad}
-
-
-def _trainable_params(run: _Run) -> list[torch.Tensor]:
-    return [p for g in run.optimizer.param_groups for p in g["params"]]
 
 
 def _step_metrics(outs: list[dict], run: _Run, tau: float, alpha: float) -> dict:
@@ -301,16 +328,15 @@ def _train_step(run: _Run) -> dict:
     tau = schedule_value(tcfg.tau, step, tcfg.steps)
     alpha = schedule_value(tcfg.alpha, step, tcfg.steps)
     while True:
-        run.optimizer.zero_grad(set_to_none=True)
+        run.engine.zero_grad()
         outs = _accumulate(run, tau, alpha)
         max_norm = tcfg.grad_clip if tcfg.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(_trainable_params(run), max_norm)
+        grad_norm = run.engine.clip_grad_norm(max_norm)
         if bool(torch.isfinite(grad_norm)):
             break
         _skip_bad(run, "NaN/inf gradients")
     metrics = _step_metrics(outs, run, tau, alpha)
-    run.optimizer.step()
-    run.scheduler.step()
+    run.engine.step()
     if run.ema is not None:
         run.ema.update(_live_trainable(run.lens))
     run.state.step += 1
@@ -358,7 +384,7 @@ def validate(run: _Run) -> None:
     run.lens.eval()
     devices = [run.device] if run.device.type == "cuda" else []
     # Validation must not consume the training RNG, or its schedule would change the run.
-    with torch.random.fork_rng(devices=devices, device_type=run.device.type):
+    with torch.random.fork_rng(devices=devices, device_type=run.device.type), run.engine.gathered():
         metrics = _val_pass(run)
     run.lens.train(was_training)
     run.last_val = metrics
@@ -370,7 +396,16 @@ def validate(run: _Run) -> None:
 
 
 def save(run: _Run) -> Path:
-    """Checkpoint the run at its current step."""
+    """Checkpoint the run at its current step (collectively under ddp/fsdp/deepspeed)."""
+    if run.engine.sharded:
+        return run.engine.save_checkpoint(
+            run.cfg.train.run_dir,
+            run.state.step,
+            asdict(run.state),
+            dump_config(run.cfg),
+            run.ema,
+            run.cfg.train.keep_checkpoints,
+        )
     state = {
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
@@ -406,6 +441,10 @@ def _check_resume_config(cfg: LensConfig, path: Path) -> None:
 def restore(run: _Run, path: Path) -> None:
     """Load weights, optimizer, scheduler, EMA, counters and RNG from a checkpoint directory."""
     _check_resume_config(run.cfg, path)
+    if run.engine.sharded or ckpt.is_sharded(path):
+        # Either side sharded: the engine maps between world sizes and formats.
+        run.state = TrainState(**run.engine.load_checkpoint(path, run.ema))
+        return
     loaded = ckpt.load_checkpoint(path)
     run.lens.load_trainable_state_dict(loaded.trainable)
     run.optimizer.load_state_dict(loaded.state["optimizer"])
@@ -467,15 +506,27 @@ def _build_run(
     for dataset in (train_set, val_set):
         if dataset is not None:
             check_dump(dataset, lens, cfg)
-    model = wrap_for_strategy(lens, cfg)
-    device = lens.device
-    optimizer, scheduler = build_optimizer(lens.param_groups(), cfg.train, device)
+    engine = wrap_for_strategy(lens, cfg)
+    distributed.seed_ranks(cfg.seed)
     decay = cfg.train.ema_decay
     ema = Ema(_live_trainable(lens), decay) if decay is not None else None
     collate = CollateFn(pad_id=lens.loaded.tokenizer.pad_token_id or 0)
-    stream = BatchStream(train_set, cfg.train.batch_size, cfg.seed, collate)
+    stream = BatchStream(
+        train_set, cfg.train.batch_size, cfg.seed, collate, *distributed.rank_world()
+    )
     return _Run(
-        cfg, lens, model, optimizer, scheduler, ema, stream, val_set, collate, device, TrainState()
+        cfg,
+        lens,
+        engine.model,
+        engine.optimizer,
+        engine.scheduler,
+        ema,
+        stream,
+        val_set,
+        collate,
+        lens.device,
+        TrainState(),
+        engine,
     )
 
 
@@ -492,6 +543,7 @@ def _save_final(run: _Run) -> Path:
 
 def train(cfg: LensConfig, resume: bool = False) -> TrainResult:
     """Train a lens on the dump of `cfg`; `resume` continues from the latest valid checkpoint."""
+    cfg = distributed.setup(cfg)
     run_dir = Path(cfg.train.run_dir)
     resume_from = _checkpoint_to_resume(run_dir, resume)
     train_set, val_set = load_splits(cfg)
@@ -508,10 +560,15 @@ def train(cfg: LensConfig, resume: bool = False) -> TrainResult:
         elif resume:
             logger.info(f"No valid checkpoint in '{run_dir}'; starting from step 0.")
         finished = _loop(run, stop)
+    lens_dir = run_dir / "lens"
+    if finished:
+        with run.engine.gathered(run.ema):
+            lens_dir = _save_final(run) if main else lens_dir
+    result = TrainResult(run_dir, run.state.step, lens_dir, run.state.bad_batches, run.last_val)
+    distributed.teardown(run)
     if not finished:
         raise LensError(
-            f"Stopped by SIGTERM at step {run.state.step} after saving a checkpoint; run the "
+            f"Stopped by SIGTERM at step {result.steps} after saving a checkpoint; run the "
             "same command with --resume to continue."
         )
-    lens_dir = _save_final(run) if main else run_dir / "lens"
-    return TrainResult(run_dir, run.state.step, lens_dir, run.state.bad_batches, run.last_val)
+    return result

@@ -5,6 +5,11 @@ Layout: `<run_dir>/checkpoints/step_<N>/` holding `trainable.safetensors` (never
 counters; loaded only with `torch.load(weights_only=True)`), `config.json`, and `manifest.json`
 (format version and the sha256 of every other file). A directory is written under a temporary
 name and renamed into place, so a checkpoint is either complete or absent.
+
+Multi-process runs (ddp/fsdp/deepspeed) write a *sharded* checkpoint in the same kind of directory:
+the engine's own files (torch.distributed.checkpoint's `.metadata` and `*.distcp`, or DeepSpeed's
+partitions), `state.pt` without weights, one `rng_<rank>.pt` per rank, `config.json`, and a
+manifest with `"kind": "sharded"` over every file.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +42,8 @@ EMA = "ema.safetensors"
 STATE = "state.pt"
 CONFIG = "config.json"
 MANIFEST = "manifest.json"
+SHARDED = "sharded"
+"""Manifest `kind` of a checkpoint written collectively by several ranks."""
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
@@ -239,7 +247,8 @@ def verify_checkpoint(path: Path) -> str | None:
         return str(err)
     _check_version(path, manifest.get("format_version"))
     files = manifest["files"]
-    for required in (TRAINABLE, STATE, CONFIG):
+    sharded = manifest.get("kind") == SHARDED
+    for required in (STATE, CONFIG) if sharded else (TRAINABLE, STATE, CONFIG):
         if required not in files:
             return f"manifest.json does not list {required}"
     for name, digest in sorted(files.items()):
@@ -304,3 +313,80 @@ def load_checkpoint(path: Path) -> Checkpoint:
         state=state,
         ema=_load_tensors(ema_path) if ema_path.is_file() else None,
     )
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether the checkpoint at `path` was written collectively (ddp/fsdp/deepspeed)."""
+    try:
+        return _read_manifest(Path(path)).get("kind") == SHARDED
+    except ValueError:
+        return False
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng_{rank}.pt"
+
+
+def _seal_sharded(tmp: Path, step: int, state: dict, config: dict) -> None:
+    with open(tmp / STATE, "wb") as handle:
+        torch.save({**state, "format_version": FORMAT_VERSION, "step": step}, handle)
+    (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    paths = sorted(p for p in tmp.rglob("*") if p.is_file())
+    files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in paths}
+    manifest = {"format_version": FORMAT_VERSION, "kind": SHARDED, "step": step, "files": files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    for path in [*paths, tmp / MANIFEST]:
+        _fsync_path(path)
+    for directory in sorted({p.parent for p in paths}, reverse=True):
+        _fsync_path(directory)
+
+
+def save_sharded_checkpoint(
+    run_dir: Path,
+    step: int,
+    write: Callable[[Path], None],
+    state: dict,
+    rng: dict,
+    config: dict,
+    keep: int,
+    rank: int,
+    barrier: Callable[[], None],
+) -> Path:
+    """Collective save: every rank runs `write(tmp)` and stores its RNG; rank 0 seals and renames.
+
+    The temporary directory has a fixed name so that all ranks agree on it without a broadcast.
+    """
+    root = checkpoints_dir(run_dir)
+    tmp = root / f"{_TMP_PREFIX}step_{step}-sharded"
+    final = root / f"step_{step}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    try:
+        write(tmp)
+        with open(tmp / _rng_file(rank), "wb") as handle:
+            torch.save(rng, handle)
+        barrier()
+        if rank == 0:
+            _seal_sharded(tmp, step, state, config)
+            _move_into_place(tmp, final)
+            prune_checkpoints(run_dir, step, keep)
+    except Exception as err:
+        if is_out_of_space(err):
+            raise out_of_space_error(final, "rerun with --resume") from None
+        raise
+    barrier()
+    return final
+
+
+def load_sharded_state(path: Path, rank: int) -> tuple[dict, dict | None]:
+    """Verify a sharded checkpoint; its `state.pt` and this rank's RNG (None if it had no such rank)."""
+    path = Path(path)
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise LensError(f"Checkpoint '{path}' is corrupt: {problem}.")
+    state = load_state(path / STATE)
+    _check_version(path, state.get("format_version"))
+    rng_path = path / _rng_file(rank)
+    return state, load_state(rng_path) if rng_path.is_file() else None

@@ -1,0 +1,559 @@
+"""Multi-process training under `torchrun`: process group, per-rank seeds, DDP/FSDP2/DeepSpeed, teardown.
+
+The trainer talks to one `Engine`; `wrap_for_strategy` picks it from `distributed.strategy`:
+
+- `none`: one process, plain autograd and AdamW.
+- `ddp`: DistributedDataParallel over the lens (frozen weights excluded), `no_sync` on all but the
+  last micro-batch of a step, so gradients are all-reduced once per optimizer step.
+- `fsdp`: FSDP2 `fully_shard` on D's and E's blocks, then D, E and the lens; only trainable
+  parameters are sharded (the frozen base stays replicated), bf16 compute with fp32 reduction on CUDA.
+- `deepspeed`: `deepspeed.initialize` with ZeRO stage 1/2/3 from `distributed.deepspeed_config`.
+
+Data: every rank walks the same (seed, epoch) permutation and takes its slice of each global batch,
+so a step sees the same samples whatever the world size. Gumbel noise comes from per-rank seeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+
+from consistency_lens.config import LensConfig
+from consistency_lens.data.collate import Batch
+from consistency_lens.errors import LensError
+from consistency_lens.models.adapter import find_parts
+from consistency_lens.models.lens import ConsistencyLens
+from consistency_lens.models.loading import resolve_device
+from consistency_lens.training.objective import LossOutput, compute_losses
+from consistency_lens.training.optim import Ema, build_optimizer
+from consistency_lens.utils import checkpoint as ckpt
+
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_DS_TAG = "deepspeed"
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_seed(seed: int) -> int:
+    """This rank's seed (`seed + rank`): rank 0 keeps `seed`, so one process matches strategy none."""
+    return seed + rank_world()[0]
+
+
+def seed_all(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def seed_ranks(seed: int) -> None:
+    """Give each rank its own random stream (Gumbel noise); one process keeps its stream untouched."""
+    if rank_world()[1] > 1:
+        seed_all(rank_seed(seed))
+
+
+def setup(cfg: LensConfig) -> LensConfig:
+    """Join the torchrun process group (gloo on CPU, nccl on CUDA); the config with this rank's device."""
+    strategy = cfg.distributed.strategy
+    if strategy == "none":
+        return cfg
+    missing = [k for k in _TORCHRUN_ENV if k not in os.environ]
+    if missing:
+        raise LensError(
+            f"distributed.strategy={strategy} must be launched with torchrun (or scripts/slurm.sh), "
+            f"which sets {', '.join(missing)}; use distributed.strategy=none for one process."
+        )
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return cfg.model_copy(update={"device": str(device)})
+
+
+def teardown(run: object) -> None:
+    """Drop the run's models, then barrier and destroy the process group (DESIGN.md section 6).
+
+    A DDP module that outlives its process group can abort the interpreter at exit.
+    """
+    for name in ("model", "engine", "lens", "optimizer", "scheduler", "ema"):
+        if hasattr(run, name):
+            setattr(run, name, None)
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+class LensStep(nn.Module):
+    """The lens as one module whose forward is the training objective (what the engines wrap)."""
+
+    def __init__(self, lens: ConsistencyLens):
+        super().__init__()
+        self.lens = lens
+
+    def forward(self, batch: Batch, tau: float, alpha: float) -> LossOutput:
+        """All losses of one micro-batch."""
+        return compute_losses(self.lens, batch, tau, alpha)
+
+
+def _skipped_params(module: nn.Module) -> set[nn.Parameter]:
+    # Frozen weights are identical on every rank (loaded from the same files) and empty
+    # parameters (a prompt side with no tokens) never get a gradient; neither needs a collective.
+    return {p for p in module.parameters() if not p.requires_grad or p.numel() == 0}
+
+
+class Engine:
+    """One optimizer step's mechanics for strategy `none`; subclasses add DDP, FSDP2, DeepSpeed."""
+
+    sharded = False
+    """Whether checkpoints are written collectively (torch.distributed.checkpoint / DeepSpeed)."""
+
+    def __init__(self, lens: ConsistencyLens, cfg: LensConfig, model: nn.Module):
+        self.lens, self.cfg, self.model = lens, cfg, model
+        self.optimizer, self.scheduler = build_optimizer(
+            lens.param_groups(), cfg.train, lens.device
+        )
+
+    def params(self) -> list[torch.Tensor]:
+        """The parameters the optimizer updates."""
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def micro_batch(self, final: bool) -> contextlib.AbstractContextManager:
+        """Context of one micro-batch's forward and backward; `final` is the step's last one."""
+        return contextlib.nullcontext()
+
+    def agree(self, cause: str | None) -> str | None:
+        """A skip cause when this rank or any other has one (ranks must skip together)."""
+        return cause
+
+    def zero_grad(self) -> None:
+        """Forget the gradients of the previous step."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss, averaged over the step's micro-batches."""
+        (loss / self.cfg.train.grad_accum).backward()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip the global gradient norm; return the norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(self.params(), max_norm)
+
+    def step(self) -> None:
+        """Apply the accumulated gradients and advance the learning-rate schedule."""
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def gathered(self, ema: Ema | None = None) -> contextlib.AbstractContextManager:
+        """Context in which the lens (and `ema`) hold full, unsharded weights: validation, saving."""
+        return contextlib.nullcontext()
+
+    def save_checkpoint(
+        self, run_dir: Path, step: int, train_state: dict, config: dict, ema: Ema | None, keep: int
+    ) -> Path:
+        """Write a sharded checkpoint collectively (all ranks call this)."""
+        rank, world = rank_world()
+
+        def write(tmp: Path) -> None:
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save(self._dcp_state(ema), checkpoint_id=tmp)
+
+        state = self._extra_state(train_state, world)
+        return ckpt.save_sharded_checkpoint(
+            run_dir, step, write, state, ckpt.capture_rng(), config, keep, rank, _barrier
+        )
+
+    def load_checkpoint(self, path: Path, ema: Ema | None) -> dict:
+        """Load any checkpoint (sharded or single-process) into this engine; the train state dict."""
+        rank, world = rank_world()
+        if ckpt.is_sharded(path):
+            import torch.distributed.checkpoint as dcp
+
+            state, rng = ckpt.load_sharded_state(path, rank)
+            target = self._dcp_state(ema)
+            dcp.load(target, checkpoint_id=path)
+            self._set_dcp_state(target)
+        else:
+            loaded = ckpt.load_checkpoint(path)
+            state, rng = loaded.state, loaded.state["rng"] if rank == 0 else None
+            self._load_full(loaded.trainable, loaded.state["optimizer"])
+            if ema is not None and loaded.ema is not None:
+                _copy_into(ema.shadow, loaded.ema)
+        self.scheduler.load_state_dict(state["scheduler"])
+        _restore_rng(rng, self.cfg.seed, state["step"])
+        return _rescale_position(state, self.cfg.train.batch_size * world)
+
+    def _extra_state(self, train_state: dict, world: int) -> dict:
+        return {
+            "scheduler": self.scheduler.state_dict(),
+            "train_state": train_state,
+            "global_batch": self.cfg.train.batch_size * world,
+            "world_size": world,
+        }
+
+    def _dcp_state(self, ema: Ema | None) -> dict:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(ignore_frozen_params=True)
+        names = {n for n, p in self.lens.named_parameters() if p.requires_grad}
+        model = get_model_state_dict(self.lens, options=options)
+        state = {
+            "model": {k: v for k, v in model.items() if k in names},
+            "optim": get_optimizer_state_dict(self.lens, self.optimizer, options=options),
+        }
+        if ema is not None:
+            state["ema"] = ema.shadow
+        return state
+
+    def _set_dcp_state(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        set_model_state_dict(self.lens, state["model"], options=StateDictOptions(strict=False))
+        set_optimizer_state_dict(self.lens, self.optimizer, state["optim"])
+
+    def _load_full(self, trainable: dict[str, torch.Tensor], optim: dict) -> None:
+        """Full (unsharded) weights and an optimizer state of the single-process format."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(self.lens, trainable, options=full)
+        # The single-process format keys optimizer state by position in the param groups;
+        # the state-dict API wants parameter names. The groups are built in the same order.
+        names = {id(p): n for n, p in self.lens.named_parameters()}
+        order = [names[id(p)] for p in self.params()]
+        groups = [{**g, "params": [order[i] for i in g["params"]]} for g in optim["param_groups"]]
+        by_name = {
+            "state": {order[i]: s for i, s in optim["state"].items()},
+            "param_groups": groups,
+        }
+        set_optimizer_state_dict(self.lens, self.optimizer, by_name, options=full)
+
+
+def _copy_into(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor]) -> None:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        for key, value in target.items():
+            if isinstance(value, DTensor):
+                src = distribute_tensor(
+                    source[key].to(value.dtype), value.device_mesh, value.placements
+                )
+                value.copy_(src)
+            else:
+                value.copy_(source[key])
+
+
+def _restore_rng(rng: dict | None, seed: int, step: int) -> None:
+    # A rank that did not exist when the checkpoint was written gets a fresh stream from
+    # (seed, rank, step); same-size resumes restore every rank's stream exactly.
+    if rng is not None:
+        ckpt.restore_rng(rng)
+    else:
+        seed_all(rank_seed(seed) + 1_000_003 * step)
+
+
+def _rescale_position(state: dict, global_batch: int) -> dict:
+    # The data position counts global batches; keep the number of samples seen when the global
+    # batch (batch_size x world) changed, rounding down to a whole batch.
+    train_state = dict(state["train_state"])
+    saved = int(state.get("global_batch", global_batch))
+    train_state["batch_in_epoch"] = train_state["batch_in_epoch"] * saved // global_batch
+    return train_state
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class _Collective(Engine):
+    """Base of the multi-process engines: ranks agree on skips and write checkpoints together."""
+
+    sharded = True
+
+    def agree(self, cause: str | None) -> str | None:
+        """A skip cause when this rank or any other has one (ranks must skip together)."""
+        flag = torch.tensor([cause is not None], dtype=torch.int32, device=self.lens.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return (cause or "a NaN/inf batch on another rank") if int(flag) else None
+
+
+class DdpEngine(_Collective):
+    """DistributedDataParallel over the trainable parameters of the lens."""
+
+    def __init__(self, lens: ConsistencyLens, cfg: LensConfig):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        step = LensStep(lens)
+        names = {id(p): n for n, p in step.named_parameters()}
+        DDP._set_params_and_buffers_to_ignore_for_model(
+            step, [names[id(p)] for p in _skipped_params(step)]
+        )
+        device = lens.device
+        model = DDP(
+            step,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            # Buffers (rotary tables, masks) are constants; broadcasting them each step is waste.
+            broadcast_buffers=False,
+        )
+        super().__init__(lens, cfg, model)
+
+    def micro_batch(self, final: bool) -> contextlib.AbstractContextManager:
+        """All but the step's last micro-batch accumulate locally without an all-reduce."""
+        return contextlib.nullcontext() if final else self.model.no_sync()
+
+
+class FsdpEngine(_Collective):
+    """FSDP2 `fully_shard` of D's and E's blocks, then D, E and the lens (trainable weights only)."""
+
+    def __init__(self, lens: ConsistencyLens, cfg: LensConfig):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import (
+            MixedPrecisionPolicy,
+            fully_shard,
+            register_fsdp_forward_method,
+        )
+
+        device = lens.device
+        mesh = init_device_mesh(device.type, (rank_world()[1],))
+        # bf16 compute with fp32 gradient reduction on CUDA; CPU keeps fp32 (no bf16 collectives
+        # in gloo, and the tests compare against fp32 single-process training).
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if device.type == "cuda"
+            else MixedPrecisionPolicy()
+        )
+        step = LensStep(lens)
+        ignored = _skipped_params(step)
+
+        def shard(module: nn.Module) -> None:
+            if any(p not in ignored for p in module.parameters()):
+                fully_shard(module, mesh=mesh, mp_policy=mp, ignored_params=ignored)
+
+        seen: set[int] = set()
+        for part in (lens.decoder.model, lens.encoder.model):
+            for block in find_parts(part).blocks:
+                if id(block) not in seen:
+                    seen.add(id(block))
+                    shard(block)
+        shard(lens.decoder)
+        shard(lens.encoder)
+        fully_shard(step, mesh=mesh, mp_policy=mp, ignored_params=ignored)
+        # D generates through `generate_soft`, not `forward`; FSDP must gather around it too.
+        if hasattr(lens.decoder, "unshard"):
+            register_fsdp_forward_method(lens.decoder, "generate_soft")
+        super().__init__(lens, cfg, step)
+
+    def micro_batch(self, final: bool) -> contextlib.AbstractContextManager:
+        """All but the step's last micro-batch accumulate unreduced gradients."""
+        self.model.set_requires_gradient_sync(final)
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip the global gradient norm (over all shards); return the norm before clipping."""
+        from torch.distributed.tensor import DTensor
+
+        norm = torch.nn.utils.clip_grad_norm_(self.params(), max_norm)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+    @contextlib.contextmanager
+    def gathered(self, ema: Ema | None = None) -> Iterator[None]:
+        """All-gather every FSDP unit (and the EMA), so plain (non-forward) calls see full weights."""
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+
+        units = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        for unit in units:
+            unit.unshard()
+        shards = ema.shadow if ema is not None else None
+        if ema is not None:
+            ema.shadow = {
+                k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in shards.items()
+            }
+        try:
+            yield
+        finally:
+            if ema is not None:
+                ema.shadow = shards
+            for unit in units:
+                unit.reshard()
+
+
+class DeepSpeedEngine(_Collective):
+    """`deepspeed.initialize` (ZeRO 1/2/3) with the lens's param groups and learning-rate schedule."""
+
+    def __init__(self, lens: ConsistencyLens, cfg: LensConfig):
+        try:
+            import deepspeed
+        except ImportError:
+            raise LensError(
+                "distributed.strategy=deepspeed needs deepspeed; install it with "
+                "`pip install consistency-lens[deepspeed]`."
+            ) from None
+        ds_config = load_deepspeed_config(cfg, lens.device)
+        self.stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        if self.stage == 3 and cfg.train.ema_decay is not None:
+            raise LensError(
+                "train.ema_decay needs full weights on every rank, which ZeRO stage 3 does not "
+                "keep; use ZeRO stage 1 or 2, or distributed.strategy=fsdp."
+            )
+        self.lens, self.cfg = lens, cfg
+        base, scheduler = build_optimizer(lens.param_groups(), cfg.train, lens.device)
+        optimizer = base
+        if lens.device.type == "cuda":
+            from deepspeed.ops.adam import FusedAdam
+
+            # DeepSpeed's fused Adam in AdamW mode over the same groups and learning rates.
+            optimizer = FusedAdam(base.param_groups, adam_w_mode=True)
+            scheduler = type(scheduler)(optimizer, scheduler.lr_lambdas[0])
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=LensStep(lens), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+        self.model, self.optimizer, self.scheduler = engine, optimizer, scheduler
+
+    def params(self) -> list[torch.Tensor]:
+        """The parameters the optimizer updates."""
+        return [p for p in self.lens.parameters() if p.requires_grad]
+
+    def zero_grad(self) -> None:
+        """DeepSpeed clears gradients itself after each optimizer step."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """DeepSpeed scales by the accumulation steps and reduces only at the step boundary."""
+        self.model.backward(loss)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """DeepSpeed clips inside its step (`gradient_clipping`), so this takes the step.
+
+        Returns the norm DeepSpeed measured; non-finite gradients are DeepSpeed's to skip
+        (loss scaling in fp16), so a finite value is always returned.
+        """
+        self.model.step()
+        norm = self.model.get_global_grad_norm()
+        norm = float(norm) if norm is not None else 0.0
+        return torch.tensor(norm if np.isfinite(norm) else 0.0)
+
+    def step(self) -> None:
+        """Taken in `clip_grad_norm` (DeepSpeed steps optimizer and schedule together)."""
+
+    @contextlib.contextmanager
+    def gathered(self, ema: Ema | None = None) -> Iterator[None]:
+        """Under ZeRO-3, gather the partitioned parameters for plain calls."""
+        if self.stage != 3:
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.lens.parameters()), modifier_rank=None):
+            yield
+
+    def save_checkpoint(
+        self, run_dir: Path, step: int, train_state: dict, config: dict, ema: Ema | None, keep: int
+    ) -> Path:
+        """DeepSpeed's own checkpoint (every rank writes its partition) in a checksummed step dir."""
+        rank, world = rank_world()
+
+        def write(tmp: Path) -> None:
+            self.model.save_checkpoint(str(tmp), tag=_DS_TAG, save_latest=False)
+            if ema is not None and rank == 0:
+                from safetensors.torch import save_file
+
+                save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, tmp / ckpt.EMA)
+
+        state = self._extra_state(train_state, world)
+        return ckpt.save_sharded_checkpoint(
+            run_dir, step, write, state, ckpt.capture_rng(), config, keep, rank, _barrier
+        )
+
+    def load_checkpoint(self, path: Path, ema: Ema | None) -> dict:
+        """Resume a checkpoint written by this strategy with the same world size."""
+        rank, world = rank_world()
+        if not (path / _DS_TAG).is_dir():
+            raise LensError(
+                f"Checkpoint '{path}' was not written with distributed.strategy=deepspeed; resume "
+                "it with the strategy that wrote it."
+            )
+        state, rng = ckpt.load_sharded_state(path, rank)
+        if state.get("world_size") != world:
+            raise LensError(
+                f"Checkpoint '{path}' was written by {state.get('world_size')} DeepSpeed ranks; "
+                f"resume it with {state.get('world_size')} ranks, not {world}."
+            )
+        self.model.load_checkpoint(str(path), tag=_DS_TAG, load_lr_scheduler_states=False)
+        if ema is not None and (path / ckpt.EMA).is_file():
+            from safetensors.torch import load_file
+
+            _copy_into(ema.shadow, load_file(str(path / ckpt.EMA)))
+        self.scheduler.load_state_dict(state["scheduler"])
+        _restore_rng(rng, self.cfg.seed, state["step"])
+        return dict(state["train_state"])
+
+
+def load_deepspeed_config(cfg: LensConfig, device: torch.device) -> dict:
+    """The DeepSpeed YAML as a dict, with batch, accumulation and clipping from the lens config."""
+    path = Path(cfg.distributed.deepspeed_config)
+    try:
+        ds_config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise LensError(f"distributed.deepspeed_config '{path}' cannot be read ({err}).") from None
+    if not isinstance(ds_config, dict):
+        raise LensError(f"distributed.deepspeed_config '{path}' must hold a YAML mapping.")
+    for key in ("optimizer", "scheduler"):
+        if key in ds_config:
+            raise LensError(
+                f"distributed.deepspeed_config '{path}' sets '{key}', but the optimizer and its "
+                "schedule come from train.lr, train.lr_blocks and train.lr_schedule; remove it."
+            )
+    ds_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+    ds_config["gradient_accumulation_steps"] = cfg.train.grad_accum
+    ds_config["gradient_clipping"] = cfg.train.grad_clip or 0.0
+    if device.type != "cuda":
+        # CPU runs train in fp32, like the other strategies there.
+        ds_config["bf16"] = {"enabled": False}
+    return ds_config
+
+
+def wrap_for_strategy(lens: ConsistencyLens, cfg: LensConfig) -> Engine:
+    """The engine for `distributed.strategy` around a freshly built lens (after `setup`)."""
+    strategy = cfg.distributed.strategy
+    if strategy != "none" and not dist.is_initialized():
+        raise LensError(
+            f"distributed.strategy={strategy} needs a process group; launch with torchrun "
+            "(or scripts/slurm.sh)."
+        )
+    if strategy == "ddp":
+        return DdpEngine(lens, cfg)
+    if strategy == "fsdp":
+        return FsdpEngine(lens, cfg)
+    if strategy == "deepspeed":
+        return DeepSpeedEngine(lens, cfg)
+    return Engine(lens, cfg, LensStep(lens))

@@ -1,0 +1,241 @@
+"""Multi-process training on CPU (gloo, 2 ranks under torchrun): DDP, FSDP2, DeepSpeed, resharding.
+
+Every multi-process run is compared with one process on the same global batch. Gumbel noise is left
+out in both (tests/training/dist_entry.py), because each rank draws its own noise by design.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from dist_entry import noiseless_gumbel_softmax
+from safetensors.torch import load_file
+
+from consistency_lens.config import config_from_dict
+from consistency_lens.data.dump import dump_activations
+from consistency_lens.errors import LensError
+from consistency_lens.training import trainer
+from consistency_lens.utils import checkpoint as ck
+from consistency_lens.utils.logging import METRICS, MetricsFile
+
+ENTRY = Path(__file__).with_name("dist_entry.py")
+# Per-rank micro-batch; one process gets RANKS x this so that the global batch is the same.
+BATCH, RANKS = 2, 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dumped(tmp_path_factory, tiny_llama_dir, corpus_dir) -> dict:
+    """A tiny train/val dump of the tiny Llama; returns the base config dict."""
+    tmp = tmp_path_factory.mktemp("dist")
+    base = {
+        "model": str(tiny_llama_dir),
+        "corpus": str(corpus_dir),
+        "layer": 1,
+        "seq_len": 32,
+        "p_min": 4,
+        "num_samples": 24,
+        "val_samples": 4,
+        "batch_size": 8,
+        "shard_size": 16,
+        "seed": 0,
+        "dtype": "float32",
+        "model_dtype": "float32",
+        "device": "cpu",
+        "output_dir": str(tmp / "acts"),
+        "cache_dir": str(tmp / "corpus"),
+    }
+    dump_activations(config_from_dict(base))
+    return base
+
+
+def _train_cfg(run_dir: Path, mode: str, steps: int, batch: int, strategy: str) -> dict:
+    return {
+        "run_dir": str(run_dir),
+        "mode": mode,
+        "t_text": 2,
+        "steps": steps,
+        "batch_size": batch,
+        "grad_accum": 2,
+        "lr": 1e-2,
+        "lr_blocks": 1e-3,
+        "lr_schedule": {"kind": "constant", "start": 1.0},
+        "val_every": 100,
+        "val_batches": 1,
+        "ckpt_every": 1,
+        "log_every": 1,
+        "prompt": "A <embed> is",
+    }
+
+
+def _overrides(base: dict, train: dict, strategy: str) -> list[str]:
+    flat = [f"{k}={v}" for k, v in base.items()]
+    for key, value in train.items():
+        if isinstance(value, dict):
+            flat += [f"train.{key}.{k}={v}" for k, v in value.items()]
+        else:
+            flat.append(f"train.{key}={value}")
+    return [*flat, f"distributed.strategy={strategy}"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _torchrun(
+    base: dict,
+    run_dir: Path,
+    *,
+    strategy: str,
+    mode: str = "full",
+    steps: int = 2,
+    nproc: int = RANKS,
+    resume: bool = False,
+    extra: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess:
+    train = _train_cfg(run_dir, mode, steps, BATCH * RANKS // nproc, strategy)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(ENTRY),
+        "train",
+        *_overrides(base, train, strategy),
+        *extra,
+        *(["--resume"] if resume else []),
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TORCH_EXTENSIONS_DIR": str(run_dir.parent / "torch_extensions"),
+    }
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    # A clean teardown: no abort, no process-group leak warning.
+    assert (
+        "Aborted" not in done.stderr and "destroy_process_group() was not called" not in done.stderr
+    )
+    return done
+
+
+def _single(
+    base: dict, run_dir: Path, monkeypatch, *, mode: str = "full", steps: int = 2, resume=False
+) -> None:
+    monkeypatch.setattr(F, "gumbel_softmax", noiseless_gumbel_softmax)
+    train = _train_cfg(run_dir, mode, steps, BATCH * RANKS, "none")
+    trainer.train(config_from_dict({**base, "train": train}), resume=resume)
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "lens" / "lens.safetensors"))
+
+
+def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], initial: dict) -> None:
+    assert set(a) == set(b)
+    for key in a:
+        # The runs must have moved the weights, and moved them the same way.
+        assert not torch.equal(a[key], initial[key]) or a[key].abs().sum() == 0, key
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.fixture(scope="module")
+def reference(dumped, tmp_path_factory) -> dict[str, Path]:
+    """Single-process runs (global batch, noiseless) of 2 steps per mode, and their step-0 weights."""
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        for mode in ("full", "frozen_base"):
+            run_dir = tmp_path_factory.mktemp(f"ref_{mode}") / "run"
+            _single(dumped, run_dir, mp, mode=mode)
+            out[mode] = run_dir
+        init = tmp_path_factory.mktemp("init") / "run"
+        # lr 0 keeps step-0 weights: what "moved" is measured against.
+        train = {**_train_cfg(init, "full", 1, BATCH * RANKS, "none"), "lr": 1e-12}
+        train["lr_blocks"] = 0.0
+        trainer.train(config_from_dict({**dumped, "train": train}))
+        out["init"] = init
+    return out
+
+
+def test_ddp_two_ranks_match_one_process(dumped, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    _torchrun(dumped, run_dir, strategy="ddp")
+    _assert_close(_weights(run_dir), _weights(reference["full"]), _weights(reference["init"]))
+    # Rank 0 alone logs and writes the lens; the checkpoint is sharded (DCP).
+    assert ck.is_sharded(ck.latest_valid(run_dir))
+    assert not list(run_dir.glob("rank_*"))
+
+
+def test_fsdp_two_ranks_match_one_process(dumped, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    _torchrun(dumped, run_dir, strategy="fsdp")
+    _assert_close(_weights(run_dir), _weights(reference["full"]), _weights(reference["init"]))
+
+
+def test_ddp_checkpoint_resumes_on_one_process(dumped, reference, tmp_path, monkeypatch):
+    # frozen_base: only projections and prompts train, the shared base stays out of DDP.
+    run_dir = tmp_path / "run"
+    _torchrun(dumped, run_dir, strategy="ddp", mode="frozen_base", steps=1)
+    path = ck.latest_valid(run_dir)
+    assert path.name == "step_1" and ck.is_sharded(path)
+    assert {p.name for p in path.glob("rng_*.pt")} == {"rng_0.pt", "rng_1.pt"}
+    (run_dir / "lens").rename(run_dir / "lens_step1")
+    _single(dumped, run_dir, monkeypatch, mode="frozen_base", resume=True)
+    init = load_file(str(run_dir / "lens_step1" / "lens.safetensors"))
+    _assert_close(_weights(run_dir), _weights(reference["frozen_base"]), init)
+
+
+def test_one_process_checkpoint_resumes_on_fsdp_two_ranks(dumped, reference, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    _single(dumped, run_dir, monkeypatch, steps=1)
+    assert not ck.is_sharded(ck.latest_valid(run_dir))
+    _torchrun(dumped, run_dir, strategy="fsdp", resume=True)
+    assert ck.is_sharded(ck.latest_valid(run_dir))
+    _assert_close(_weights(run_dir), _weights(reference["full"]), _weights(reference["init"]))
+
+
+def test_deepspeed_zero2_smoke(dumped, tmp_path):
+    run_dir = tmp_path / "run"
+    config = Path(__file__).parents[2] / "config" / "ds_stage2.yaml"
+    _torchrun(
+        dumped,
+        run_dir,
+        strategy="deepspeed",
+        mode="frozen_base",
+        extra=(f"distributed.deepspeed_config={config}",),
+    )
+    path = ck.latest_valid(run_dir)
+    assert path.name == "step_2" and ck.is_sharded(path) and (path / "deepspeed").is_dir()
+    losses = [r["loss"] for r in MetricsFile(run_dir / METRICS).read() if r["kind"] == "train"]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert (run_dir / "lens" / "lens.safetensors").is_file()
+
+
+def test_strategy_without_torchrun_is_refused(dumped, tmp_path, monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    train = _train_cfg(tmp_path / "run", "frozen_base", 1, 4, "ddp")
+    cfg = config_from_dict({**dumped, "train": train, "distributed": {"strategy": "ddp"}})
+    with pytest.raises(LensError, match="must be launched with torchrun"):
+        trainer.train(cfg)
