@@ -259,9 +259,18 @@ def tokenized_corpus(
             f"Tokenized corpus cache '{directory}' has an old format; delete it and rerun."
         )
     shards, offsets = [], []
-    for i in range(meta["num_shards"]):
-        shards.append(np.load(directory / f"tokens_{i:05d}.npy", mmap_mode="r"))
-        offsets.append(np.load(directory / f"offsets_{i:05d}.npy"))
+    try:
+        for i in range(meta["num_shards"]):
+            # allow_pickle=False: a planted object array must not run code on load.
+            shards.append(
+                np.load(directory / f"tokens_{i:05d}.npy", mmap_mode="r", allow_pickle=False)
+            )
+            offsets.append(np.load(directory / f"offsets_{i:05d}.npy", allow_pickle=False))
+    except (OSError, ValueError):
+        raise LensError(
+            f"Tokenized corpus cache '{directory}' is corrupt or holds non-numeric data; "
+            "delete that directory and rerun."
+        ) from None
     tokenized = TokenizedCorpus(shards=shards, doc_offsets=offsets, key=key)
     if tokenized.num_tokens == 0:
         raise LensError(f"Corpus '{corpus}' is empty (no tokens after tokenization); give it text.")

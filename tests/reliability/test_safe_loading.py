@@ -1,0 +1,164 @@
+"""Nothing the program loads can run code: planted pickles are refused, remote code is opt-in."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from consistency_lens.cli import main
+from consistency_lens.config import config_from_dict
+from consistency_lens.data import corpus as corpus_mod
+from consistency_lens.errors import LensError
+from consistency_lens.models import loading
+from consistency_lens.models.lens import ConsistencyLens
+from consistency_lens.training import trainer
+from consistency_lens.utils import checkpoint as ck
+
+
+class _Evil:
+    """Unpickling this runs `touch <target>`."""
+
+    def __init__(self, target: Path):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_llama_dir, corpus_dir) -> dict:
+    """A tiny dump and a 1-step run (checkpoint + saved lens); returns the config dict."""
+    from consistency_lens.data.dump import dump_activations
+
+    root = tmp_path_factory.mktemp("safe_loading")
+    base = {
+        "model": str(tiny_llama_dir),
+        "corpus": str(corpus_dir),
+        "layer": 1,
+        "seq_len": 24,
+        "p_min": 3,
+        "num_samples": 16,
+        "val_samples": 8,
+        "batch_size": 8,
+        "dtype": "float32",
+        "model_dtype": "float32",
+        "device": "cpu",
+        "output_dir": str(root / "acts"),
+        "cache_dir": str(root / "corpus"),
+        "train": {
+            "run_dir": str(root / "run"),
+            "t_text": 2,
+            "steps": 1,
+            "batch_size": 4,
+            "val_batches": 1,
+            "prompt": "A <embed> is",
+        },
+    }
+    cfg = config_from_dict(base)
+    dump_activations(cfg)
+    trainer.train(cfg)
+    return base
+
+
+def _cli_error(capsys, argv: list[str]) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def _overrides(base: dict, run_dir: Path, steps: int) -> list[str]:
+    flat = {k: v for k, v in base.items() if k != "train"}
+    flat.update({f"train.{k}": v for k, v in base["train"].items()})
+    flat.update({"train.run_dir": run_dir, "train.steps": steps})
+    return [f"{k}={v}" for k, v in flat.items()]
+
+
+def test_pickle_planted_as_checkpoint_state_is_refused_by_resume(trained, tmp_path, capsys):
+    # tests/utils/test_checkpoint.py refuses it in load_checkpoint; this goes through `train --resume`.
+    run_dir = tmp_path / "run"
+    shutil.copytree(Path(trained["train"]["run_dir"]) / "checkpoints", run_dir / "checkpoints")
+    path = ck.latest_valid(run_dir)
+    marker = tmp_path / "pwned"
+    state = ck.load_state(path / ck.STATE)
+    torch.save({**state, "payload": _Evil(marker)}, path / ck.STATE)
+    # The attacker also fixes the checksum, so only weights_only loading stands in the way.
+    manifest = json.loads((path / ck.MANIFEST).read_text())
+    manifest["files"][ck.STATE] = ck.sha256_file(path / ck.STATE)
+    (path / ck.MANIFEST).write_text(json.dumps(manifest))
+    line = _cli_error(capsys, ["train", *_overrides(trained, run_dir, 2), "--resume"])
+    assert "Refusing to load checkpoint state" in line and "weights_only=True" in line
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "explain"])
+def test_pickle_planted_as_lens_weights_is_refused(trained, tmp_path, capsys, command):
+    lens = tmp_path / "lens"
+    shutil.copytree(Path(trained["train"]["run_dir"]) / "lens", lens)
+    marker = tmp_path / "pwned"
+    torch.save({"decoder.proj.weight": _Evil(marker)}, lens / "lens.safetensors")
+    argv = [command, *_overrides(trained, tmp_path / "run", 1), "--checkpoint", str(lens)]
+    line = _cli_error(capsys, argv + (["--text", "the nation"] if command == "explain" else []))
+    assert "lens.safetensors' are corrupt" in line
+    assert not marker.exists()
+    with pytest.raises(LensError, match="are corrupt"):
+        ConsistencyLens.from_pretrained(lens)
+    assert not marker.exists()
+
+
+def test_pickle_planted_in_the_corpus_cache_is_refused(trained, tmp_path, tiny_llama_dir):
+    cache = tmp_path / "cache"
+    shutil.copytree(trained["cache_dir"], cache)
+    (entry,) = [p for p in cache.iterdir() if (p / "meta.json").is_file()]
+    marker = tmp_path / "pwned"
+    with open(entry / "tokens_00000.npy", "wb") as handle:
+        np.save(handle, np.array([_Evil(marker)], dtype=object), allow_pickle=True)
+    tokenizer = loading.load_tokenizer(str(tiny_llama_dir))
+    with pytest.raises(LensError, match="corrupt or holds non-numeric data") as err:
+        corpus_mod.tokenized_corpus(trained["corpus"], tokenizer, cache)
+    assert "\n" not in str(err.value) and not marker.exists()
+
+
+def _spy_remote_code(monkeypatch) -> list[bool]:
+    seen: list[bool] = []
+    for cls in (loading.AutoModelForCausalLM, loading.AutoTokenizer):
+        real = cls.from_pretrained
+
+        def spy(*args, _real=real, **kwargs):
+            seen.append(kwargs["trust_remote_code"])
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", spy)
+    return seen
+
+
+def test_remote_code_is_off_unless_the_config_turns_it_on(trained, monkeypatch):
+    seen = _spy_remote_code(monkeypatch)
+    loading.load_model(trained["model"], device="cpu", dtype="float32")
+    assert seen == [False, False]
+    seen.clear()
+    ConsistencyLens.build(config_from_dict(trained))
+    assert seen == [False, False]
+    seen.clear()
+    lens_dir = Path(trained["train"]["run_dir"]) / "lens"
+    ConsistencyLens.from_pretrained(lens_dir)  # the saved config has the default
+    assert seen == [False, False]
+    seen.clear()
+    ConsistencyLens.build(config_from_dict({**trained, "trust_remote_code": True}))
+    assert seen == [True, True]
