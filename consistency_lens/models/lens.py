@@ -10,6 +10,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from consistency_lens.config import LensConfig, config_from_dict, dump_config
 from consistency_lens.errors import LensError
@@ -61,6 +62,8 @@ def _add_lora(model: nn.Module, cfg: LensConfig) -> nn.Module:
         lora_alpha=cfg.train.lora_alpha,
         lora_dropout=cfg.train.lora_dropout,
         target_modules="all-linear",
+        # GPT-2-style Conv1D layers store their weight transposed.
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),
     )
     model = inject_adapter_in_model(lora, model)
     for name, param in model.named_parameters():

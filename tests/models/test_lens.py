@@ -163,3 +163,15 @@ def test_wrong_mode_weights_are_refused(tiny_llama_dir, tmp_path):
 
     with pytest.raises(LensError, match="another mode"):
         lens.load_trainable_state_dict(load_file(str(tmp_path / "l" / "lens.safetensors")))
+
+
+def test_gradient_checkpointing_matches_plain_backward(tiny_llama_dir):
+    grads = []
+    for ckpt in (False, True):
+        lens = ConsistencyLens.build(_cfg(tiny_llama_dir, mode="full", gradient_checkpointing=ckpt))
+        torch.manual_seed(0)
+        compute_losses(lens, _batch(lens), tau=1.0, alpha=1.0).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in lens.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4)
