@@ -1,0 +1,56 @@
+"""Corpus sources: local .txt/.jsonl, HF datasets (streamed and capped), and the token cache."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+from conftest import make_text
+from transformers import AutoTokenizer
+
+from consistency_lens.data.corpus import iter_documents, tokenized_corpus
+from consistency_lens.errors import LensError
+
+
+def test_hf_dataset_is_streamed_capped_and_cached(tmp_path, tokenizer_dir, monkeypatch):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    calls = []
+    pulled = []
+
+    def fake_load_dataset(name, split, streaming):
+        calls.append((name, split, streaming))
+
+        def stream():
+            for i in range(1000):
+                pulled.append(i)
+                yield {"content": make_text(i, 50)}
+
+        return stream()
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    corpus = tokenized_corpus("org/stories", tok, tmp_path, text_column="content", max_tokens=2000)
+    assert calls == [("org/stories", "train", True)]
+    assert (
+        2000 <= corpus.num_tokens < 2000 + 64 * 200
+    )  # stops within one tokenizer batch of the cap
+    assert len(pulled) < 1000
+    again = tokenized_corpus("org/stories", tok, tmp_path, text_column="content", max_tokens=2000)
+    assert len(calls) == 1 and again.num_tokens == corpus.num_tokens  # reused from the cache
+    first = next(corpus.documents())
+    assert tok.decode(first.tolist()) == make_text(0, 50)
+    with pytest.raises(LensError, match="no column 'text'"):
+        list(iter_documents("org/stories", "text"))
+
+
+def test_jsonl_and_txt_directory(tmp_path):
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "a.txt").write_text("alpha text")
+    (folder / "b.jsonl").write_text(
+        json.dumps({"text": "beta"}) + "\n\n" + json.dumps({"text": "gamma"}) + "\n"
+    )
+    assert list(iter_documents(str(folder))) == ["alpha text", "beta", "gamma"]
+    (folder / "c.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(LensError, match="has no 'text' field"):
+        list(iter_documents(str(folder)))
