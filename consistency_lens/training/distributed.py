@@ -5,8 +5,8 @@ The trainer talks to one `Engine`; `wrap_for_strategy` picks it from `distribute
 - `none`: one process, plain autograd and AdamW.
 - `ddp`: DistributedDataParallel over the lens (frozen weights excluded), `no_sync` on all but the
   last micro-batch of a step, so gradients are all-reduced once per optimizer step.
-- `fsdp`: FSDP2 `fully_shard` on D's and E's blocks, then D, E and the lens; only trainable
-  parameters are sharded (the frozen base stays replicated), bf16 compute with fp32 reduction on CUDA.
+- `fsdp`: FSDP2 `fully_shard` on E's blocks, then D, E and the lens; only trainable parameters are
+  sharded (the frozen base stays replicated), bf16 compute with fp32 reduction on CUDA.
 - `deepspeed`: `deepspeed.initialize` with ZeRO stage 1/2/3 from `distributed.deepspeed_config`.
 
 Data: every rank walks the same (seed, epoch) permutation and takes its slice of each global batch,
@@ -333,7 +333,7 @@ class DdpEngine(_Collective):
 
 
 class FsdpEngine(_Collective):
-    """FSDP2 `fully_shard` of D's and E's blocks, then D, E and the lens (trainable weights only)."""
+    """FSDP2 `fully_shard` of E's blocks, then D, E and the lens (trainable weights only)."""
 
     def __init__(self, lens: ConsistencyLens, cfg: LensConfig):
         from torch.distributed.device_mesh import init_device_mesh
@@ -355,18 +355,25 @@ class FsdpEngine(_Collective):
         step = LensStep(lens)
         ignored = _skipped_params(step)
 
-        def shard(module: nn.Module) -> None:
+        def shard(module: nn.Module, reshard_after_forward: bool) -> None:
             if any(p not in ignored for p in module.parameters()):
-                fully_shard(module, mesh=mesh, mp_policy=mp, ignored_params=ignored)
+                fully_shard(
+                    module,
+                    mesh=mesh,
+                    mp_policy=mp,
+                    ignored_params=ignored,
+                    reshard_after_forward=reshard_after_forward,
+                )
 
-        seen: set[int] = set()
-        for part in (lens.decoder.model, lens.encoder.model):
-            for block in find_parts(part).blocks:
-                if id(block) not in seen:
-                    seen.add(id(block))
-                    shard(block)
-        shard(lens.decoder)
-        shard(lens.encoder)
+        # E: one FSDP unit per block, then E itself. D is one unit: its blocks run once per
+        # generated token and get gradients through the KV cache, outside the block outputs
+        # where FSDP hooks its backward all-gather, so D stays gathered from forward through
+        # backward and is sharded at rest (parameters, gradients and optimizer state).
+        for block in find_parts(lens.encoder.model).blocks:
+            shard(block, reshard_after_forward=True)
+        # `generate_soft` returns a dataclass, whose tensors FSDP cannot hook either.
+        shard(lens.decoder, reshard_after_forward=False)
+        shard(lens.encoder, reshard_after_forward=False)
         fully_shard(step, mesh=mesh, mp_policy=mp, ignored_params=ignored)
         # D generates through `generate_soft`, not `forward`; FSDP must gather around it too.
         if hasattr(lens.decoder, "unshard"):
@@ -388,9 +395,12 @@ class FsdpEngine(_Collective):
     @contextlib.contextmanager
     def gathered(self, ema: Ema | None = None) -> Iterator[None]:
         """All-gather every FSDP unit (and the EMA), so plain (non-forward) calls see full weights."""
-        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp import FSDPModule, fully_shard
         from torch.distributed.tensor import DTensor
 
+        # The lens root must be FSDP's root before any block runs outside its forward, or each
+        # block would initialise itself as a root (validation runs before the first step).
+        fully_shard.state(self.model)._lazy_init()
         units = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
         for unit in units:
             unit.unshard()
