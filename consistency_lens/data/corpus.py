@@ -234,6 +234,20 @@ def _build_cache_atomically(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _local_stamp(corpus: str) -> str:
+    """For a local corpus, a hash of its files' names, sizes and mtimes, so edits rebuild the cache."""
+    path = Path(corpus)
+    if corpus == SOTU or not path.exists():
+        return ""
+    digest = hashlib.sha256()
+    for file in _local_files(path):
+        stat = file.stat()
+        digest.update(
+            f"{file.relative_to(path) if path.is_dir() else file.name}:{stat.st_size}:{stat.st_mtime_ns};".encode()
+        )
+    return f"-{digest.hexdigest()[:8]}"
+
+
 def tokenized_corpus(
     corpus: str,
     tokenizer,
@@ -247,7 +261,7 @@ def tokenized_corpus(
     `max_tokens` caps a streamed (hub) corpus; it is part of the cache key.
     """
     cap = f"-{max_tokens}" if max_tokens is not None else ""
-    key = f"{corpus_slug(corpus)}-{split}-{tokenizer_hash(tokenizer)}{cap}"
+    key = f"{corpus_slug(corpus)}-{split}-{tokenizer_hash(tokenizer)}{_local_stamp(corpus)}{cap}"
     directory = Path(cache_dir) / key
     if not (directory / "meta.json").is_file():
         _build_cache_atomically(

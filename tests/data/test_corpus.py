@@ -54,3 +54,15 @@ def test_jsonl_and_txt_directory(tmp_path):
     (folder / "c.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(LensError, match="has no 'text' field"):
         list(iter_documents(str(folder)))
+
+
+def test_editing_a_local_corpus_rebuilds_its_cache(tmp_path, tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text(make_text(1, 40))
+    before = tokenized_corpus(str(folder), tok, tmp_path / "cache")
+    (folder / "b.txt").write_text(make_text(2, 40))
+    after = tokenized_corpus(str(folder), tok, tmp_path / "cache")
+    assert after.key != before.key and after.num_tokens > before.num_tokens
+    assert tokenized_corpus(str(folder), tok, tmp_path / "cache").key == after.key
