@@ -1,0 +1,58 @@
+"""`run_demo` end to end on a tiny Llama: dump, a 2-step train, eval, explain, report; then reuse."""
+
+from __future__ import annotations
+
+import pytest
+
+import consistency_lens.training.trainer as trainer
+from consistency_lens.config import config_from_dict
+from consistency_lens.demo import run_demo
+
+
+def test_demo_pipeline_then_reuse(tmp_path, tiny_llama_dir, corpus_dir, monkeypatch):
+    cfg = config_from_dict(
+        {
+            "model": str(tiny_llama_dir),
+            "corpus": str(corpus_dir),
+            "layer": 2,
+            "seq_len": 24,
+            "p_min": 4,
+            "num_samples": 32,
+            "val_samples": 16,
+            "model_dtype": "float32",
+            "device": "cpu",
+            "output_dir": str(tmp_path / "acts"),
+            "cache_dir": str(tmp_path / "corpus"),
+            "train": {
+                "run_dir": str(tmp_path / "run"),
+                "t_text": 2,
+                "steps": 2,
+                "batch_size": 4,
+                "val_every": 1,
+                "val_batches": 1,
+                "log_every": 1,
+                "prompt": "thought <embed> is",
+            },
+            "eval": {
+                "num_samples": 8,
+                "batch_size": 8,
+                "bootstrap": 20,
+                "qualitative": 2,
+                "num_sampled": 1,
+                "explain_text": "the nation economy",
+            },
+        }
+    )
+    out = run_demo(cfg)
+    run_dir = tmp_path / "run"
+    assert out["report"] == run_dir / "report.html" and out["report"].is_file()
+    assert "plotly-graph-div" in out["report"].read_text()
+    assert (run_dir / "explain.html").is_file() and (run_dir / "samples.html").is_file()
+    assert "## Evaluation" in (run_dir / "lens" / "README.md").read_text()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the second demo run must reuse the trained lens")
+
+    monkeypatch.setattr(trainer, "train", no_training)
+    again = run_demo(cfg)
+    assert again["results"]["kl"]["mean"] == pytest.approx(out["results"]["kl"]["mean"])
