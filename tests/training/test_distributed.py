@@ -6,6 +6,7 @@ out in both (tests/training/dist_entry.py), because each rank draws its own nois
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -246,3 +247,17 @@ def test_strategy_without_torchrun_is_refused(dumped, tmp_path, monkeypatch):
     cfg = config_from_dict({**dumped, "train": train, "distributed": {"strategy": "ddp"}})
     with pytest.raises(LensError, match="must be launched with torchrun"):
         trainer.train(cfg)
+
+
+def test_gpu_bench_runs_tiny_on_cpu(capsys):
+    import importlib.util
+
+    path = Path(__file__).parents[2] / "bench" / "gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--tiny"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    parts = [json.loads(line)["part"] for line in lines]
+    assert parts == ["dump", "train"]
+    assert all(json.loads(line).get("samples_per_s", 0) > 0 for line in lines)
