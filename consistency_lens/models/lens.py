@@ -20,7 +20,13 @@ from consistency_lens.models.encoder import EncoderModel
 from consistency_lens.models.loading import LoadedModel, load_model
 from consistency_lens.models.orig import OriginalModelWrapper, load_8bit
 from consistency_lens.models.projection import activation_norm, embedding_norm
-from consistency_lens.utils.io import atomic_write, atomic_write_json, atomic_write_text, read_json
+from consistency_lens.utils.io import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    sha256_file,
+)
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "lens_config.json"
@@ -284,7 +290,9 @@ class ConsistencyLens(nn.Module):
         path = Path(path)
         state = self.trainable_state_dict()
         atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
-        atomic_write_json(path / CONFIG_FILE, self._metadata())
+        # The config is written last and names the weights' checksum: a lens is complete only then.
+        meta = {**self._metadata(), "weights_sha256": sha256_file(path / WEIGHTS_FILE)}
+        atomic_write_json(path / CONFIG_FILE, meta)
         atomic_write_text(path / CARD_FILE, self._card(card))
 
     @classmethod
@@ -303,6 +311,13 @@ class ConsistencyLens(nn.Module):
             raise LensError(
                 f"Lens config '{path / CONFIG_FILE}' has format version "
                 f"{meta.get('format_version')!r}, but this version reads {FORMAT_VERSION}."
+            )
+        weights = path / WEIGHTS_FILE
+        if not weights.is_file():
+            raise LensError(f"Lens weights '{weights}' do not exist.")
+        if sha256_file(weights) != meta.get("weights_sha256"):
+            raise LensError(
+                f"Lens weights '{weights}' are corrupt (checksum mismatch); save the lens again."
             )
         cfg = config_from_dict(meta["config"])
         if device is not None:
@@ -331,7 +346,6 @@ class ConsistencyLens(nn.Module):
                 f"The lens at '{path}' expects width {meta['d_model']} at layer {meta['layer']}, "
                 f"but the base model has width {loaded.parts.d_model} (config layer {cfg.layer})."
             )
-        weights = path / WEIGHTS_FILE
         try:
             state = load_file(str(weights))
         except FileNotFoundError:

@@ -145,6 +145,11 @@ def test_load_refuses_mismatch_and_corruption(tiny_llama_dir, tiny_gpt2_dir, tmp
     with pytest.raises(LensError, match="width 128"):
         ConsistencyLens.from_pretrained(out)
     lens.save_pretrained(out)
+    flipped = bytearray((out / "lens.safetensors").read_bytes())
+    flipped[-3] ^= 0x01  # inside the tensor data: still a well-formed safetensors file
+    (out / "lens.safetensors").write_bytes(bytes(flipped))
+    with pytest.raises(LensError, match="lens.safetensors.*checksum"):
+        ConsistencyLens.from_pretrained(out)
     (out / "lens.safetensors").write_bytes(b"garbage")
     with pytest.raises(LensError, match="lens.safetensors"):
         ConsistencyLens.from_pretrained(out)
