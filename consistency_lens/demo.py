@@ -34,7 +34,8 @@ def run_demo(cfg: LensConfig) -> dict:
     if (lens_dir / "lens_config.json").is_file():
         print(f"reusing the trained lens at {lens_dir} (delete it to train again)")
     else:
-        train(cfg)
+        # resume=True: a demo interrupted mid-training continues from its last checkpoint.
+        train(cfg, resume=True)
     timings["train_s"] = time.perf_counter() - t
 
     t = _stage("3/5 evaluate against baselines")
