@@ -165,6 +165,8 @@ class LensConfig(_Strict):
     """Attention kernel for M, D and E."""
     device: str = "auto"
     """`auto`, `cpu`, `cuda`, `cuda:1`, ..."""
+    device_map: str | None = None
+    """Dump only: `auto` spreads a model too large for one GPU over the node's GPUs (one process)."""
     layer: int = Field(15, ge=0)
     """Block L (0-indexed) whose output at position P is the activation A."""
     corpus: str = "sotu"

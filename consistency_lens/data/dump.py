@@ -137,7 +137,7 @@ def _forward_batch(
     for row, seq in enumerate(seqs):
         take = min(len(seq), width)
         ids[row, :take] = torch.from_numpy(seq[:take])
-    device = next(loaded.model.parameters()).device
+    device = loaded.parts.embed.weight.device  # with device_map the blocks may live elsewhere
     with torch.inference_mode():
         hidden = run_until(
             loaded.model, loaded.parts.blocks[layer], input_ids=ids.to(device), use_cache=False
@@ -199,12 +199,20 @@ def _progress() -> Progress:
     )
 
 
-def _dist() -> tuple[int, int]:
+def _join(cfg: LensConfig) -> tuple[int, int, LensConfig]:
+    """Under torchrun: join the process group with this rank's device; else one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+    if world == 1:
+        return 0, 1, cfg
+    if cfg.device_map is not None:
+        raise LensError(
+            "device_map spreads one model over the node's GPUs in one process; "
+            "launch the dump without torchrun, or drop device_map for one model per rank."
+        )
+    from consistency_lens.training.distributed import join_process_group
+
+    cfg = join_process_group(cfg)
+    return torch.distributed.get_rank(), world, cfg
 
 
 def _resume_state(directory: Path, header: dict) -> list[dict]:
@@ -311,6 +319,7 @@ def check_seq_len(cfg: LensConfig, loaded: LoadedModel) -> None:
 
 def dump_activations(cfg: LensConfig, loaded: LoadedModel | None = None) -> dict[str, Path]:
     """Dump the train and val splits; returns split name -> split directory."""
+    rank, world, cfg = _join(cfg)
     loaded = loaded or load_model(
         cfg.model,
         cfg.device,
@@ -318,10 +327,10 @@ def dump_activations(cfg: LensConfig, loaded: LoadedModel | None = None) -> dict
         cfg.revision,
         cfg.trust_remote_code,
         cfg.attn_implementation,
+        device_map=cfg.device_map,
     )
     check_layer(loaded.parts, cfg.layer)
     check_seq_len(cfg, loaded)
-    rank, world = _dist()
     corpus = _shared_corpus(cfg, loaded, rank, world)
     plans, skipped = plan_splits(cfg, corpus, _bos_id(loaded.tokenizer))
     out: dict[str, Path] = {}
@@ -356,6 +365,9 @@ def dump_activations(cfg: LensConfig, loaded: LoadedModel | None = None) -> dict
             else:
                 atomic_write_json(directory / "metadata.json", meta)
             out[split] = directory
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return out
 
 

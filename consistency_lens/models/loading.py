@@ -101,8 +101,9 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
+    device_map: str | None = None,
 ) -> LoadedModel:
-    """Load `name` frozen in eval mode on `device`."""
+    """Load `name` frozen in eval mode on `device`, or spread by `device_map` (e.g. `auto`)."""
     local: Path | None = None
     if name == embedded.ALIAS:
         local = embedded.embedded_model_dir()
@@ -120,12 +121,15 @@ def load_model(
             dtype=torch_dtype,
             trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,
+            device_map=device_map,
         )
     except OSError as err:
         raise LensError(
             f"Could not load model '{name}' ({str(err).splitlines()[0]}); check the name or path."
         ) from None
-    model.to(torch_device).eval().requires_grad_(False)
+    if device_map is None:
+        model.to(torch_device)
+    model.eval().requires_grad_(False)
     tokenizer = load_tokenizer(name, revision, trust_remote_code)
     return LoadedModel(
         model=model,

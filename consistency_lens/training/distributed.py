@@ -78,6 +78,11 @@ def setup(cfg: LensConfig) -> LensConfig:
             f"distributed.strategy={strategy} must be launched with torchrun (or scripts/slurm.sh), "
             f"which sets {', '.join(missing)}; use distributed.strategy=none for one process."
         )
+    return join_process_group(cfg)
+
+
+def join_process_group(cfg: LensConfig) -> LensConfig:
+    """Pin this rank to its local GPU (if any), join the group; the config with that device."""
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))

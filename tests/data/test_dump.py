@@ -213,3 +213,14 @@ def test_corrupt_shard_is_named_by_checksum(tmp_path, tiny_llama_dir, corpus_dir
 def test_unknown_key_suggests_the_right_one():
     with pytest.raises(LensError, match="did you mean 'num_samples'"):
         config_from_dict({"num_sample": 3})
+
+
+def test_device_map_dump_equals_single_device_dump(tmp_path, tiny_llama_dir, corpus_dir):
+    # Only CPU here: this runs the model-parallel loading path (accelerate hooks) end to end.
+    plain = ActivationDataset(
+        dump_activations(_cfg(tmp_path / "a", tiny_llama_dir, corpus_dir))["train"]
+    )
+    mapped_cfg = _cfg(tmp_path / "b", tiny_llama_dir, corpus_dir, device_map="auto")
+    mapped = ActivationDataset(dump_activations(mapped_cfg)["train"])
+    for i in range(len(plain)):
+        torch.testing.assert_close(mapped.sample(i)[1], plain.sample(i)[1])
