@@ -28,6 +28,16 @@ def make_text(seed: int, n_words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n_words)) + "."
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny matrices gain nothing from threads, and spinning OpenMP threads on a busy 2-core
+    machine make each step many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """A byte-level BPE tokenizer trained offline on the fixture vocabulary, saved as an HF dir."""

@@ -28,7 +28,7 @@ from consistency_lens.data.corpus import (
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import check_layer
 from consistency_lens.models.hooks import run_until
-from consistency_lens.models.loading import LoadedModel, load_model, max_positions, model_slug
+from consistency_lens.models.loading import LoadedModel, load_for_config, max_positions, model_slug
 from consistency_lens.utils.io import atomic_write, atomic_write_json, read_json, sha256_file
 
 FORMAT_VERSION = 1
@@ -320,15 +320,7 @@ def check_seq_len(cfg: LensConfig, loaded: LoadedModel) -> None:
 def dump_activations(cfg: LensConfig, loaded: LoadedModel | None = None) -> dict[str, Path]:
     """Dump the train and val splits; returns split name -> split directory."""
     rank, world, cfg = _join(cfg)
-    loaded = loaded or load_model(
-        cfg.model,
-        cfg.device,
-        cfg.model_dtype,
-        cfg.revision,
-        cfg.trust_remote_code,
-        cfg.attn_implementation,
-        device_map=cfg.device_map,
-    )
+    loaded = loaded or load_for_config(cfg)
     check_layer(loaded.parts, cfg.layer)
     check_seq_len(cfg, loaded)
     corpus = _shared_corpus(cfg, loaded, rank, world)

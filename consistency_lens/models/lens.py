@@ -17,7 +17,7 @@ from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import check_layer, find_parts
 from consistency_lens.models.decoder import EMBED_SLOT, DecoderModel, split_prompt
 from consistency_lens.models.encoder import EncoderModel
-from consistency_lens.models.loading import LoadedModel, load_model
+from consistency_lens.models.loading import LoadedModel, load_for_config
 from consistency_lens.models.orig import OriginalModelWrapper, load_8bit
 from consistency_lens.models.projection import activation_norm, embedding_norm
 from consistency_lens.utils.io import (
@@ -162,16 +162,7 @@ class ConsistencyLens(nn.Module):
     @classmethod
     def build(cls, cfg: LensConfig, loaded: LoadedModel | None = None) -> ConsistencyLens:
         """A fresh lens for `cfg`, loading the base model unless `loaded` is given."""
-        if loaded is None:
-            loaded = load_model(
-                cfg.model,
-                cfg.device,
-                cfg.model_dtype,
-                cfg.revision,
-                cfg.trust_remote_code,
-                cfg.attn_implementation,
-            )
-        return cls(cfg, loaded)
+        return cls(cfg, loaded or load_for_config(cfg))
 
     def train(self, mode: bool = True) -> ConsistencyLens:
         """Set the training flag only: the HF models stay in eval mode.
@@ -326,15 +317,7 @@ class ConsistencyLens(nn.Module):
             raise LensError(
                 f"The lens at '{path}' was trained for layer {meta['layer']}, not layer {layer}."
             )
-        if loaded is None:
-            loaded = load_model(
-                meta["base_model"],
-                cfg.device,
-                cfg.model_dtype,
-                cfg.revision,
-                cfg.trust_remote_code,
-                cfg.attn_implementation,
-            )
+        loaded = loaded or load_for_config(cfg, meta["base_model"])
         if loaded.fingerprint != meta["fingerprint"]:
             raise LensError(
                 f"The lens at '{path}' was trained on base model '{meta['base_model']}' with "

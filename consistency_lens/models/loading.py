@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from consistency_lens.config import LensConfig
 from consistency_lens.errors import LensError
 from consistency_lens.models import embedded
 from consistency_lens.models.adapter import ModelParts, find_parts
@@ -137,4 +138,17 @@ def load_model(
         parts=find_parts(model),
         name=name,
         fingerprint=_fingerprint(model, local),
+    )
+
+
+def load_for_config(cfg: LensConfig, name: str | None = None) -> LoadedModel:
+    """Load the model a config names (or `name`) with the config's device, dtype and options."""
+    return load_model(
+        name or cfg.model,
+        cfg.device,
+        cfg.model_dtype,
+        cfg.revision,
+        cfg.trust_remote_code,
+        cfg.attn_implementation,
+        device_map=cfg.device_map,
     )

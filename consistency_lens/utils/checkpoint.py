@@ -297,14 +297,20 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise LensError(f"Checkpoint file '{path}' is not valid safetensors ({err}).") from None
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
-    """Verify and load a checkpoint directory."""
-    path = Path(path)
+def _verified_state(path: Path) -> dict:
+    """`state.pt` of a checkpoint whose checksums and format version check out."""
     problem = verify_checkpoint(path)
     if problem is not None:
         raise LensError(f"Checkpoint '{path}' is corrupt: {problem}.")
     state = load_state(path / STATE)
     _check_version(path, state.get("format_version"))
+    return state
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Verify and load a checkpoint directory."""
+    path = Path(path)
+    state = _verified_state(path)
     ema_path = path / EMA
     return Checkpoint(
         path=path,
@@ -383,10 +389,6 @@ def save_sharded_checkpoint(
 def load_sharded_state(path: Path, rank: int) -> tuple[dict, dict | None]:
     """Verify a sharded checkpoint; its `state.pt` and this rank's RNG (None if it had no such rank)."""
     path = Path(path)
-    problem = verify_checkpoint(path)
-    if problem is not None:
-        raise LensError(f"Checkpoint '{path}' is corrupt: {problem}.")
-    state = load_state(path / STATE)
-    _check_version(path, state.get("format_version"))
+    state = _verified_state(path)
     rng_path = path / _rng_file(rank)
     return state, load_state(rng_path) if rng_path.is_file() else None

@@ -30,15 +30,6 @@ from consistency_lens.utils import io
 from consistency_lens.utils.io import sha256_file
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from threads on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _base(root: Path, model: Path, corpus: Path) -> dict:
     return {
         "model": str(model),

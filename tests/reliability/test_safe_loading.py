@@ -31,14 +31,6 @@ class _Evil:
         return (os.system, (f"touch {self.target}",))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_llama_dir, corpus_dir) -> dict:
     """A tiny dump and a 1-step run (checkpoint + saved lens); returns the config dict."""

@@ -31,14 +31,6 @@ ENTRY = Path(__file__).with_name("dist_entry.py")
 BATCH, RANKS = 2, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dumped(tmp_path_factory, tiny_llama_dir, corpus_dir) -> dict:
     """A tiny train/val dump of the tiny Llama; returns the base config dict."""

@@ -44,16 +44,6 @@ def _base(tmp: Path, model_dir: Path, corpus: Path) -> dict:
     }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices gain nothing from threads, and spinning OpenMP threads on a busy 2-core
-    # machine make each step many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dumped(tmp_path_factory, tiny_llama_dir, corpus_dir) -> dict:
     """A tiny train/val dump of the tiny Llama; returns the base config dict."""
