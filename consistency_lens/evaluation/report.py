@@ -16,6 +16,8 @@ CURVES: list[tuple[str, list[str], bool]] = [
     ("Total loss", ["loss"], True),
     ("KL term (loss_kl)", ["loss_kl"], True),
     ("LM term (loss_lm)", ["loss_lm"], True),
+    ("MSE term (loss_mse)", ["loss_mse"], True),
+    ("Entropy of D's token distributions", ["entropy"], False),
     ("Validation KL of the direct reconstruction", ["val_kl"], True),
     ("Validation FVE", ["val_fve"], False),
     ("Validation MSE", ["val_mse"], True),
