@@ -19,7 +19,7 @@ from consistency_lens.evaluation.samples import (
 from consistency_lens.evaluation.tables import markdown_tables, print_rich
 from consistency_lens.utils.io import atomic_write_json
 
-BASELINES = ("zero", "mean", "context_tokens")
+BASELINES = ("zero", "mean", "context_tokens", "shuffled")
 
 
 def lens_tokenizer(lens):
@@ -128,6 +128,9 @@ def evaluate(lens, dataset, cfg: LensConfig, mean_activation: torch.Tensor | Non
             torch.zeros_like(A),
             mean_activation.to(A.dtype).expand_as(A),
             A_ctx,
+            # Another sample's reconstruction: equal to the lens when D writes the same text for
+            # every activation (mode collapse), so beating it shows the text is specific to A.
+            A_hat.roll(1, dims=0),
         ]
         logits = lens.orig.forward_with_replacement(
             batch.input_ids_A, batch.attention_mask_A, vectors

@@ -10,12 +10,14 @@ BASELINE_NAMES = {
     "zero": "zero ablation",
     "mean": "mean ablation",
     "context_tokens": "context tokens",
+    "shuffled": "lens, shuffled",
 }
 NOTE = (
     "KL(M(A) ‖ M(·)) of M's next-token distribution at P, in nats (lower is better). lens: "
     "Â = E(D(A)) with D's greedy text; zero: A = 0; mean: the per-feature mean of A over the "
     "train split; context tokens: E reads the true last T_text tokens of the context instead of "
-    "D's text. kl_recovered = 1 − KL_lens / KL_baseline (above 0: the lens beats that baseline)."
+    "D's text; lens, shuffled: the lens's Â of another sample (as good as the lens when every "
+    "explanation is the same). kl_recovered = 1 − KL_lens / KL_baseline (above 0: the lens beats that baseline)."
 )
 
 

@@ -53,7 +53,7 @@ def test_eval_writes_results_samples_and_card(run):
     run_dir = run.train.run_dir
     saved = json.loads((run_dir / "eval_results.json").read_text())
     assert saved["num_samples"] == 20 and saved["t_text"] == 3 and saved["layer"] == 1
-    for name in ("zero", "mean", "context_tokens"):
+    for name in ("zero", "mean", "context_tokens", "shuffled"):
         base = saved["baselines"][name]
         assert base["kl"] >= 0
         lo, hi = base["kl_recovered_ci"]
