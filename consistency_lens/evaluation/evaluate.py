@@ -16,6 +16,7 @@ from consistency_lens.evaluation.samples import (
     sample_indices,
     write_samples,
 )
+from consistency_lens.evaluation.tables import BASELINE_NAMES as BASELINE_LABELS
 from consistency_lens.evaluation.tables import markdown_tables, print_rich
 from consistency_lens.utils.io import atomic_write_json
 
@@ -192,15 +193,21 @@ def evaluate(lens, dataset, cfg: LensConfig, mean_activation: torch.Tensor | Non
 def model_card(results: dict) -> str:
     """The model-card section with the eval numbers, in Markdown."""
     beats = [
-        name
+        BASELINE_LABELS.get(name, name)
         for name, base in results["baselines"].items()
-        if base["kl_recovered_ci"] and base["kl_recovered_ci"][0] > 0
+        if name != "shuffled" and base["kl_recovered_ci"] and base["kl_recovered_ci"][0] > 0
     ]
     verdict = (
         "The lens beats " + ", ".join(beats) + " (95% CI of kl_recovered above zero)."
         if beats
         else "The lens does not beat any baseline with a 95% CI above zero."
     )
+    shuffled = results["baselines"].get("shuffled")
+    if shuffled and not (shuffled["kl_recovered_ci"] and shuffled["kl_recovered_ci"][0] > 0):
+        verdict += (
+            " It does not beat its own explanations shuffled across samples, so its texts are not "
+            "specific to their activations (mode collapse): what it gains is a better constant."
+        )
     return (
         "## Evaluation\n\n"
         f"Validation split `{results['split']}`, {results['num_samples']} samples, "
