@@ -189,11 +189,9 @@ class Engine:
         """Load any checkpoint (sharded or single-process) into this engine; the train state dict."""
         rank, world = rank_world()
         if ckpt.is_sharded(path):
-            import torch.distributed.checkpoint as dcp
-
             state, rng = ckpt.load_sharded_state(path, rank)
             target = self._dcp_state(ema)
-            dcp.load(target, checkpoint_id=path)
+            ckpt.dcp_load(target, path)
             self._set_dcp_state(target)
         else:
             loaded = ckpt.load_checkpoint(path)

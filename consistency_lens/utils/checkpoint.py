@@ -386,6 +386,76 @@ def save_sharded_checkpoint(
     return final
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's `.metadata` admitting only DCP's own classes and torch's plain value types."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if module.startswith("torch.distributed.checkpoint.") or (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), _TORCH_VALUE_TYPES):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+
+
+_SAFE_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("torch", "Size"),
+    ("builtins", "set"),
+    ("torch.serialization", "_get_layout"),  # name -> torch.layout lookup, nothing else
+    ("pathlib", "PosixPath"),  # the checkpoint id DCP records; constructing a path runs nothing
+}
+_TORCH_VALUE_TYPES = (torch.dtype, torch.layout, torch.memory_format)
+
+
+def _read_dcp_metadata(handle, path: Path) -> object:
+    try:
+        return _MetadataUnpickler(handle).load()
+    except (pickle.UnpicklingError, AttributeError, EOFError, ValueError) as err:
+        raise LensError(f"Checkpoint '{path}' has unsafe or corrupt metadata ({err}).") from None
+
+
+def _safe_reader(path: Path) -> object:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as handle:
+                metadata = _read_dcp_metadata(handle, path)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(path)
+
+
+def _safe_planner() -> object:
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(
+            self, read_item, value
+        ):  # non-tensor items: weights_only, never plain pickle
+            item = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], item)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = item
+
+    return SafePlanner()
+
+
+def dcp_load(target: dict, path: Path) -> None:
+    """`torch.distributed.checkpoint.load` without plain unpickling of metadata or extra items."""
+    import torch.distributed.checkpoint as dcp
+
+    with open(Path(path) / ".metadata", "rb") as handle:  # fail here with one sentence, not in DCP
+        _read_dcp_metadata(handle, Path(path))
+    dcp.load(target, storage_reader=_safe_reader(path), planner=_safe_planner())
+
+
 def load_sharded_state(path: Path, rank: int) -> tuple[dict, dict | None]:
     """Verify a sharded checkpoint; its `state.pt` and this rank's RNG (None if it had no such rank)."""
     path = Path(path)

@@ -154,3 +154,26 @@ def test_remote_code_is_off_unless_the_config_turns_it_on(trained, monkeypatch):
     seen.clear()
     ConsistencyLens.build(config_from_dict({**trained, "trust_remote_code": True}))
     assert seen == [True, True]
+
+
+def test_planted_dcp_metadata_is_refused_without_running(tmp_path):
+    """Sharded checkpoints: DCP's `.metadata` is a pickle; ours admits only DCP's own classes.
+
+    Worst case: the manifest checksum is forged too, so only the restricted unpickler stands.
+    """
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    good = tmp_path / "good"
+    state = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "step": 3}
+    dcp.save(state, checkpoint_id=good)
+    target = {"model": {"w": torch.zeros(2, 3)}, "step": 0}
+    ck.dcp_load(target, good)  # a real DCP checkpoint still loads through the safe reader/planner
+    assert torch.equal(target["model"]["w"], state["model"]["w"]) and target["step"] == 3
+
+    marker = tmp_path / "pwned"
+    (good / ".metadata").write_bytes(pickle.dumps(_Evil(marker)))
+    with pytest.raises(LensError, match="unsafe or corrupt metadata"):
+        ck.dcp_load({"model": {"w": torch.zeros(2, 3)}}, good)
+    assert not marker.exists()
