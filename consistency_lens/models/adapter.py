@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,12 @@ class ModelParts:
     """The input token embedding."""
     embed_scale: float
     """Factor the embedding module applies to its rows (Gemma 3 scales by sqrt(d) inside it)."""
+    cache_arg: str = "past_key_values"
+    """Name of the forward's KV-cache argument (`cache` from transformers 5.24 on)."""
+
+    def cache_kwargs(self, cache: object) -> dict:
+        """Forward kwargs that pass `cache`, under whichever name this transformers version uses."""
+        return {self.cache_arg: cache}
 
     @property
     def num_blocks(self) -> int:
@@ -75,7 +82,10 @@ def find_parts(model: nn.Module) -> ModelParts:
     blocks = _get(model, _FAMILIES[model_type][0])
     embed = model.get_input_embeddings()
     scale = getattr(embed, "embed_scale", 1.0)
-    return ModelParts(blocks=blocks, embed=embed, embed_scale=float(scale))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrapper
+    params = inspect.signature(base.forward).parameters
+    cache_arg = "cache" if "cache" in params else "past_key_values"
+    return ModelParts(blocks=blocks, embed=embed, embed_scale=float(scale), cache_arg=cache_arg)
 
 
 def check_layer(parts: ModelParts, layer: int, what: str = "layer") -> None:

@@ -93,7 +93,10 @@ class DecoderModel(nn.Module):
             pairs = list(zip(flat[0::2], flat[1::2], strict=True))
             cache = DynamicCache(ddp_cache_data=pairs or None, config=self.model.config)
             out = self.model(
-                inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1
+                inputs_embeds=embeds,
+                use_cache=True,
+                logits_to_keep=1,
+                **self.parts.cache_kwargs(cache),
             )
             new = [t for layer in cache.layers for t in (layer.keys, layer.values)]
             return (out.logits[:, -1], *(t[..., -n:, :] for t in new))

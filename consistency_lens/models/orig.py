@@ -132,8 +132,8 @@ class OriginalModelWrapper:
                     input_ids=input_ids[:, :-1],
                     attention_mask=attention_mask[:, :-1],
                     position_ids=positions[:, :-1],
-                    past_key_values=cache,
                     use_cache=True,
+                    **self.parts.cache_kwargs(cache),
                     logits_to_keep=1,
                 )
             # All replacement sets go through one batched single-token pass (weights read once).
@@ -144,8 +144,8 @@ class OriginalModelWrapper:
                 input_ids=input_ids[:, -1:].repeat(n, 1),
                 attention_mask=attention_mask.repeat(n, 1),
                 position_ids=positions[:, -1:].repeat(n, 1),
-                past_key_values=cache,
                 use_cache=cache is not None,
+                **self.parts.cache_kwargs(cache),
                 logits_to_keep=1,
             )
         return list(out.logits[:, -1].split(batch, dim=0))
