@@ -224,3 +224,34 @@ def test_device_map_dump_equals_single_device_dump(tmp_path, tiny_llama_dir, cor
     mapped = ActivationDataset(dump_activations(mapped_cfg)["train"])
     for i in range(len(plain)):
         torch.testing.assert_close(mapped.sample(i)[1], plain.sample(i)[1])
+
+
+def test_float16_overflow_is_refused_and_float32_stores_it(tmp_path, tiny_llama_dir, corpus_dir):
+    loaded = load_model(str(tiny_llama_dir), device="cpu", dtype="float32")
+    with torch.no_grad():  # the residual stream carries the embedding, so |A| >> 65504
+        loaded.parts.embed.weight.mul_(1e8)
+    with pytest.raises(LensError, match="beyond float16's range; rerun with dtype=bfloat16"):
+        dump_activations(_cfg(tmp_path / "a", tiny_llama_dir, corpus_dir, dtype="float16"), loaded)
+    assert not list((tmp_path / "a" / "acts").rglob("*.safetensors"))
+    dirs = dump_activations(
+        _cfg(tmp_path / "b", tiny_llama_dir, corpus_dir, dtype="float32"), loaded
+    )
+    assert ActivationDataset(dirs["train"]).sample(0)[1].abs().max() > 65504
+
+
+def test_high_norm_filter_drops_outliers_and_counts_them(tmp_path, tiny_llama_dir, corpus_dir):
+    loose = dump_activations(_cfg(tmp_path / "a", tiny_llama_dir, corpus_dir, max_norm_ratio=100.0))
+    strict = dump_activations(_cfg(tmp_path / "b", tiny_llama_dir, corpus_dir, max_norm_ratio=1.0))
+    meta_loose = json.loads((loose["train"] / "metadata.json").read_text())
+    meta = json.loads((strict["train"] / "metadata.json").read_text())
+    assert meta_loose["filtered_high_norm"] == 0 and meta_loose["count"] == 40
+    assert meta["drawn"] == 40 and 0 < meta["filtered_high_norm"] < 40
+    assert meta["count"] == 40 - meta["filtered_high_norm"]
+    kept = ActivationDataset(strict["train"])
+    assert len(kept) == meta["count"]
+    everything = ActivationDataset(loose["train"])
+    norms = {
+        int(everything.seq_index[i]): everything.sample(i)[1].norm() for i in range(len(everything))
+    }
+    dropped = set(norms) - set(kept.seq_index.tolist())
+    assert min(norms[s] for s in dropped) > min(norms[int(s)] for s in kept.seq_index)
