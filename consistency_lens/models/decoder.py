@@ -70,8 +70,11 @@ class DecoderModel(nn.Module):
         left_ids, right_ids = prompt_token_ids(tokenizer, prompt)
         device = self.parts.embed.weight.device
         with torch.no_grad():
-            left = self.parts.embed_ids(torch.tensor([left_ids], device=device)).float()[0]
-            right = self.parts.embed_ids(torch.tensor([right_ids], device=device)).float()[0]
+            # dtype=long: an empty prompt side (no BOS, nothing after <embed>) must stay an index tensor
+            left_t = torch.tensor([left_ids], dtype=torch.long, device=device)
+            right_t = torch.tensor([right_ids], dtype=torch.long, device=device)
+            left = self.parts.embed_ids(left_t).float()[0]
+            right = self.parts.embed_ids(right_t).float()[0]
         self.prompt_left = nn.Parameter(left)
         self.prompt_right = nn.Parameter(right)
         self.proj = near_identity(d_activation, self.parts.d_model, proj_scale).to(device)

@@ -56,7 +56,11 @@ def embedded_model_dir() -> Path:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     atomic_write_text(tmp / "fingerprint.txt", f"gguf-sha256:{sha256_file(gguf)}\n")
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    # Another process (a torchrun rank) may have finished first; a complete target is never replaced.
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "fingerprint.txt").is_file():
+            raise
+        shutil.rmtree(tmp)
     return target

@@ -84,13 +84,16 @@ def atomic_write_json(path: Path, obj: object) -> None:
 def read_json(path: Path, what: str) -> dict:
     """Read a JSON file, or raise a one-sentence error naming it."""
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise LensError(f"{what} '{path}' does not exist.") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise LensError(
             f"{what} '{path}' is corrupt (not valid JSON); delete it and rerun."
         ) from None
+    if not isinstance(data, dict):
+        raise LensError(f"{what} '{path}' is corrupt (not a JSON object); delete it and rerun.")
+    return data
 
 
 def sha256_file(path: Path) -> str:

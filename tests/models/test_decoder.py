@@ -110,3 +110,21 @@ def test_prompt_needs_one_embed_slot(setup):
         DecoderModel(loaded.model, loaded.tokenizer, "no slot here", 64, 1.0)
     with pytest.raises(LensError, match="shape"):
         _decoder(loaded).generate(torch.zeros(2, 65), 3)
+
+
+def test_prompt_with_nothing_around_the_slot_builds_and_generates(tiny_gpt2_dir):
+    """GPT-2 adds no BOS, so `<embed>` alone leaves both prompt sides empty."""
+    from consistency_lens.config import LensConfig
+    from consistency_lens.models.lens import ConsistencyLens
+
+    cfg = LensConfig(
+        model=str(tiny_gpt2_dir),
+        device="cpu",
+        model_dtype="float32",
+        layer=1,
+        train={"t_text": 2, "prompt": "<embed>"},
+    )
+    lens = ConsistencyLens.build(cfg)
+    assert lens.decoder.prompt_left.shape[0] == 0 and lens.decoder.prompt_right.shape[0] == 0
+    ids, a_hat = lens.reconstruct(torch.randn(3, lens.d_model))
+    assert ids.shape == (3, 2) and a_hat.shape == (3, lens.d_model)
