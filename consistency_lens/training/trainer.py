@@ -364,8 +364,8 @@ def _val_pass(run: _Run) -> dict:
             logits_a, logits_hat = run.lens.orig.forward_with_replacement(
                 batch.input_ids_A, batch.attention_mask_A, [batch.A, a_hat.to(batch.A.dtype)]
             )
-        # Same argument order as loss_kl with the direct target: KL(M(Â) || M(A)).
-        kls.append(kl_per_sample(logits_hat, logits_a).cpu())
+        # The eval's direction, KL(M(A) || M(Â)), so curves and eval tables are one metric.
+        kls.append(kl_per_sample(logits_a, logits_hat).cpu())
         acts.append(batch.A.float().cpu())
         recons.append(a_hat.float().cpu())
     A, A_hat = torch.cat(acts), torch.cat(recons)
