@@ -23,16 +23,6 @@ from consistency_lens.utils.io import atomic_write_json
 BASELINES = ("zero", "mean", "context_tokens", "shuffled")
 
 
-def lens_tokenizer(lens):
-    """The tokenizer of the lens's base model."""
-    return lens.loaded.tokenizer
-
-
-def lens_device(lens) -> torch.device:
-    """Where the lens's models run."""
-    return lens.orig.device
-
-
 def default_checkpoint(cfg: LensConfig) -> Path:
     """The lens directory `train` writes: `<train.run_dir>/lens`."""
     return Path(cfg.train.run_dir) / "lens"
@@ -103,8 +93,8 @@ def _bos(tokenizer) -> int:
 @torch.no_grad()
 def evaluate(lens, dataset, cfg: LensConfig, mean_activation: torch.Tensor | None = None) -> dict:
     """KL of the lens and of each baseline, reconstruction metrics, fluency and diversity."""
-    tokenizer = lens_tokenizer(lens)
-    device = lens_device(lens)
+    tokenizer = lens.loaded.tokenizer
+    device = lens.device
     if mean_activation is None:
         mean_activation = train_mean(open_split(cfg, lens, "train"))
     mean_activation = mean_activation.to(device)

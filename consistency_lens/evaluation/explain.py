@@ -11,19 +11,11 @@ from consistency_lens.config import LensConfig
 from consistency_lens.data.collate import left_pad
 from consistency_lens.errors import LensError
 from consistency_lens.evaluation import metrics
-from consistency_lens.evaluation.evaluate import lens_device, lens_tokenizer, load_lens
+from consistency_lens.evaluation.evaluate import load_lens
 from consistency_lens.evaluation.html import fmt, page, table
 from consistency_lens.models.hooks import run_until
+from consistency_lens.models.loading import max_positions
 from consistency_lens.utils.io import atomic_write_text
-
-
-def _max_positions(model) -> int | None:
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def tokenize_text(tokenizer, text: str, max_positions: int | None) -> list[int]:
@@ -42,10 +34,10 @@ def tokenize_text(tokenizer, text: str, max_positions: int | None) -> list[int]:
 @torch.no_grad()
 def explain_text(lens, text: str, batch_size: int = 16) -> list[dict]:
     """For every text token: its explanation, the KL of the reconstruction at it, and the cosine."""
-    tokenizer = lens_tokenizer(lens)
+    tokenizer = lens.loaded.tokenizer
     model = lens.orig.model
-    device = lens_device(lens)
-    ids = tokenize_text(tokenizer, text, _max_positions(model))
+    device = lens.device
+    ids = tokenize_text(tokenizer, text, max_positions(model))
     # One forward through block L gives A at every position at once (later blocks never run).
     hidden = run_until(model, lens.orig.block, input_ids=torch.tensor([ids], device=device))[0]
     # A BOS the tokenizer added is not part of the user's text, so it gets no row.

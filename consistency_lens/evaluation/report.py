@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from html import escape
 from pathlib import Path
 
@@ -10,6 +9,7 @@ from consistency_lens.evaluation.html import page, table
 from consistency_lens.evaluation.samples import read_samples, samples_fragment
 from consistency_lens.evaluation.tables import NOTES, result_tables
 from consistency_lens.utils.io import atomic_write_text, read_json
+from consistency_lens.utils.logging import MetricsFile
 
 # (title, metrics.jsonl keys drawn on one plot, log-scale y axis)
 CURVES: list[tuple[str, list[str], bool]] = [
@@ -25,21 +25,6 @@ CURVES: list[tuple[str, list[str], bool]] = [
     ("KL weight α", ["alpha"], False),
     ("Learning rate", ["lr"], True),
 ]
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """Rows of a metrics.jsonl; a torn last line (a run killed mid-write) is ignored."""
-    rows = []
-    if not Path(path).is_file():
-        return rows
-    for line in Path(path).read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
-    return rows
 
 
 def curve_figures(rows: list[dict]) -> list[str]:
@@ -103,7 +88,11 @@ def eval_section(results: dict | None) -> str:
 def write_report(run_dir: Path) -> Path:
     """Write `<run_dir>/report.html` from metrics.jsonl, eval_results.json and samples.jsonl."""
     run_dir = Path(run_dir)
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = [
+        r
+        for r in MetricsFile(run_dir / "metrics.jsonl").read()
+        if isinstance(r, dict) and "step" in r
+    ]
     results_path = run_dir / "eval_results.json"
     results = read_json(results_path, "Eval results") if results_path.is_file() else None
     samples = read_samples(run_dir / "samples.jsonl")

@@ -27,9 +27,8 @@ def sample_indices(n_total: int, n: int, seed: int) -> list[int]:
 @torch.no_grad()
 def qualitative_samples(lens, dataset, cfg: LensConfig) -> list[dict]:
     """Greedy and sampled explanations, with the KL of each reconstruction, for N fixed samples."""
-    from consistency_lens.evaluation.evaluate import lens_tokenizer
 
-    tokenizer = lens_tokenizer(lens)
+    tokenizer = lens.loaded.tokenizer
     indices = sample_indices(len(dataset), cfg.eval.qualitative, cfg.seed + 1)
     if not indices:
         return []
