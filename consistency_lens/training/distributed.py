@@ -461,22 +461,28 @@ class DeepSpeedEngine(_Collective):
         """DeepSpeed clears gradients itself after each optimizer step."""
 
     def backward(self, loss: torch.Tensor) -> None:
-        """DeepSpeed scales by the accumulation steps and reduces only at the step boundary."""
+        """Backward and DeepSpeed's `step()` of one micro-batch.
+
+        DeepSpeed scales by the accumulation steps and counts micro-batches in `step()`: it
+        reduces gradients and updates (optimizer and schedule) only when
+        `(micro_steps + 1) % gradient_accumulation_steps == 0`, so `step()` must follow every
+        micro-batch's backward, not only the last.
+        """
         self.model.backward(loss)
+        self.model.step()
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """DeepSpeed clips inside its step (`gradient_clipping`), so this takes the step.
+        """DeepSpeed clipped inside the last micro-batch's step (`gradient_clipping`).
 
         Returns the norm DeepSpeed measured; non-finite gradients are DeepSpeed's to skip
         (loss scaling in fp16), so a finite value is always returned.
         """
-        self.model.step()
         norm = self.model.get_global_grad_norm()
         norm = float(norm) if norm is not None else 0.0
         return torch.tensor(norm if np.isfinite(norm) else 0.0)
 
     def step(self) -> None:
-        """Taken in `clip_grad_norm` (DeepSpeed steps optimizer and schedule together)."""
+        """Taken in `backward` at the accumulation boundary (optimizer and schedule together)."""
 
     @contextlib.contextmanager
     def gathered(self, ema: Ema | None = None) -> Iterator[None]:

@@ -215,7 +215,9 @@ def test_one_process_checkpoint_resumes_on_fsdp_two_ranks(dumped, reference, tmp
     _assert_close(_weights(run_dir), _weights(reference["full"]), _weights(reference["init"]))
 
 
-def test_deepspeed_zero2_smoke(dumped, tmp_path):
+def test_deepspeed_zero2_smoke(dumped, reference, tmp_path):
+    # grad_accum=2: DeepSpeed must update at every trainer step (its `step()` after every
+    # micro-batch), so 2 steps on 2 ranks match 2 single-process steps on the global batch.
     run_dir = tmp_path / "run"
     config = Path(__file__).parents[2] / "config" / "ds_stage2.yaml"
     _torchrun(
@@ -230,6 +232,9 @@ def test_deepspeed_zero2_smoke(dumped, tmp_path):
     losses = [r["loss"] for r in MetricsFile(run_dir / METRICS).read() if r["kind"] == "train"]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert (run_dir / "lens" / "lens.safetensors").is_file()
+    _assert_close(
+        _weights(run_dir), _weights(reference["frozen_base"]), _weights(reference["init"])
+    )
 
 
 def test_strategy_without_torchrun_is_refused(dumped, tmp_path, monkeypatch):
