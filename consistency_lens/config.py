@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from consistency_lens.errors import LensError
 
@@ -206,12 +206,6 @@ class LensConfig(_Strict):
     """Multi-process settings."""
     wandb: WandbConfig = WandbConfig()
     """wandb logging."""
-
-    @model_validator(mode="after")
-    def _check_positions(self) -> LensConfig:
-        if self.seq_len < 2:
-            raise ValueError("seq_len must be at least 2 so that P has a next token")
-        return self
 
     @property
     def p_min_effective(self) -> int:

@@ -221,7 +221,7 @@ def evaluate_command(cfg: LensConfig, checkpoint: Path | None) -> dict:
     if cfg.wandb.enabled and records:
         log_samples_wandb(records, cfg)
     # The card travels with the lens directory, so a shared lens carries its own numbers.
-    lens.save_pretrained(path, card=model_card(results))
+    lens.write_card(path, model_card(results))
     atomic_write_json(path / "eval_results.json", results)
     print_rich(results)
     print(f"results: {run_dir / 'eval_results.json'}\nsamples: {html_path} ({jsonl.name})")

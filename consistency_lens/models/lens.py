@@ -183,13 +183,14 @@ class ConsistencyLens(nn.Module):
         """Device of the decoder's projection."""
         return self.decoder.proj.weight.device
 
-    def _trainable(self) -> dict[str, nn.Parameter]:
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable parameters themselves (on their device), by name; never the frozen base."""
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     def param_groups(self) -> list[dict]:
         """AdamW groups: projections and soft prompts at `train.lr`, blocks/LoRA at `train.lr_blocks`."""
         head, blocks = [], []
-        for name, param in self._trainable().items():
+        for name, param in self.trainable_parameters().items():
             (head if name.split(".")[1] in _HEAD_PARAMS else blocks).append(param)
         train = self.cfg.train
         groups = [
@@ -205,11 +206,13 @@ class ConsistencyLens(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Detached CPU copies of the trainable weights only (never the frozen base)."""
-        return {n: p.detach().cpu().clone().contiguous() for n, p in self._trainable().items()}
+        return {
+            n: p.detach().cpu().clone().contiguous() for n, p in self.trainable_parameters().items()
+        }
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load weights saved by `trainable_state_dict`; names and shapes must match exactly."""
-        own = self._trainable()
+        own = self.trainable_parameters()
         missing = sorted(set(own) - set(state))
         extra = sorted(set(state) - set(own))
         if missing or extra:
@@ -284,7 +287,11 @@ class ConsistencyLens(nn.Module):
         # The config is written last and names the weights' checksum: a lens is complete only then.
         meta = {**self._metadata(), "weights_sha256": sha256_file(path / WEIGHTS_FILE)}
         atomic_write_json(path / CONFIG_FILE, meta)
-        atomic_write_text(path / CARD_FILE, self._card(card))
+        self.write_card(path, card)
+
+    def write_card(self, path: str | Path, card: str = "") -> None:
+        """(Re)write the model card `README.md` of a saved lens, with `card` appended."""
+        atomic_write_text(Path(path) / CARD_FILE, self._card(card))
 
     @classmethod
     def from_pretrained(
