@@ -92,17 +92,19 @@ def join_process_group(cfg: LensConfig) -> LensConfig:
     return cfg.model_copy(update={"device": str(device)})
 
 
-def teardown(run: object) -> None:
+def teardown(run: object | None, barrier: bool = True) -> None:
     """Drop the run's models, then barrier and destroy the process group (DESIGN.md section 6).
 
-    A DDP module that outlives its process group can abort the interpreter at exit.
+    A DDP module that outlives its process group can abort the interpreter at exit. `barrier`
+    is False after an error, when another rank may never reach the barrier.
     """
     for name in ("model", "engine", "lens", "optimizer", "scheduler", "ema"):
-        if hasattr(run, name):
+        if run is not None and hasattr(run, name):
             setattr(run, name, None)
     gc.collect()
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

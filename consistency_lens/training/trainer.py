@@ -411,6 +411,8 @@ def save(run: _Run) -> Path:
         "scheduler": run.scheduler.state_dict(),
         "rng": ckpt.capture_rng(),
         "train_state": asdict(run.state),
+        # What `batch_in_epoch` counts in, so a resume with another global batch can rescale it.
+        "global_batch": run.cfg.train.batch_size * distributed.rank_world()[1],
     }
     return ckpt.save_checkpoint(
         run.cfg.train.run_dir,
@@ -489,7 +491,9 @@ def _loop(run: _Run, stop: threading.Event) -> bool:
         if step % tcfg.val_every == 0 or last:
             validate(run)
         # Read the flag once: a signal between two reads must not skip the save it asks for.
-        stopping = stop.is_set() and not last
+        # Ranks may see SIGTERM at different steps; all stop (and save collectively) together.
+        stopping = run.engine.agree("SIGTERM" if stop.is_set() else None) is not None
+        stopping = stopping and not last
         if step % tcfg.ckpt_every == 0 or last or stopping:
             path = save(run)
         if stopping:
@@ -544,28 +548,36 @@ def _save_final(run: _Run) -> Path:
 def train(cfg: LensConfig, resume: bool = False) -> TrainResult:
     """Train a lens on the dump of `cfg`; `resume` continues from the latest valid checkpoint."""
     cfg = distributed.setup(cfg)
-    run_dir = Path(cfg.train.run_dir)
-    resume_from = _checkpoint_to_resume(run_dir, resume)
-    train_set, val_set = load_splits(cfg)
-    run = _build_run(cfg, train_set, val_set)
-    if resume_from is not None:
-        restore(run, resume_from)
-    main = is_main_process()
-    resume_step = run.state.step if resume_from is not None else None
-    logger = RunLogger(run_dir, cfg.train.steps, resume_step, cfg.wandb, dump_config(cfg), main)
-    with logger, sigterm_flag() as stop:
-        run.logger = logger
+    run: _Run | None = None
+    clean = False
+    try:
+        run_dir = Path(cfg.train.run_dir)
+        resume_from = _checkpoint_to_resume(run_dir, resume)
+        train_set, val_set = load_splits(cfg)
+        run = _build_run(cfg, train_set, val_set)
         if resume_from is not None:
-            logger.info(f"Resuming from '{resume_from}' (step {run.state.step}).")
-        elif resume:
-            logger.info(f"No valid checkpoint in '{run_dir}'; starting from step 0.")
-        finished = _loop(run, stop)
-    lens_dir = run_dir / "lens"
-    if finished:
-        with run.engine.gathered(run.ema):
-            lens_dir = _save_final(run) if main else lens_dir
-    result = TrainResult(run_dir, run.state.step, lens_dir, run.state.bad_batches, run.last_val)
-    distributed.teardown(run)
+            restore(run, resume_from)
+        main = distributed.rank_world()[0] == 0
+        resume_step = run.state.step if resume_from is not None else None
+        logger = RunLogger(run_dir, cfg.train.steps, resume_step, cfg.wandb, dump_config(cfg), main)
+        with logger, sigterm_flag() as stop:
+            run.logger = logger
+            if resume_from is not None:
+                logger.info(f"Resuming from '{resume_from}' (step {run.state.step}).")
+            elif resume:
+                logger.info(f"No valid checkpoint in '{run_dir}'; starting from step 0.")
+            finished = _loop(run, stop)
+        lens_dir = run_dir / "lens"
+        if finished:
+            with run.engine.gathered(run.ema):
+                lens_dir = _save_final(run) if main else lens_dir
+        state = run.state
+        result = TrainResult(run_dir, state.step, lens_dir, state.bad_batches, run.last_val)
+        clean = True
+    finally:
+        # Also when the loop raises (e.g. too many bad batches): a DDP module that outlives its
+        # process group aborts the interpreter at exit. No barrier then: a rank may be gone.
+        distributed.teardown(run, barrier=clean)
     if not finished:
         raise LensError(
             f"Stopped by SIGTERM at step {result.steps} after saving a checkpoint; run the "

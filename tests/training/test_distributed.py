@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from consistency_lens.config import config_from_dict
 from consistency_lens.data.dump import dump_activations
 from consistency_lens.errors import LensError
-from consistency_lens.training import trainer
+from consistency_lens.training import distributed, trainer
 from consistency_lens.utils import checkpoint as ck
 from consistency_lens.utils.logging import METRICS, MetricsFile
 
@@ -209,7 +209,14 @@ def test_ddp_checkpoint_resumes_on_one_process(dumped, reference, tmp_path, monk
 def test_one_process_checkpoint_resumes_on_fsdp_two_ranks(dumped, reference, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     _single(dumped, run_dir, monkeypatch, steps=1)
-    assert not ck.is_sharded(ck.latest_valid(run_dir))
+    path = ck.latest_valid(run_dir)
+    assert not ck.is_sharded(path)
+    # The data position counts global batches of this size: a resume on another global batch
+    # (here twice as large) rescales it to the same number of samples seen.
+    state = ck.load_checkpoint(path).state
+    assert state["global_batch"] == BATCH * RANKS
+    assert state["train_state"]["batch_in_epoch"] == 2
+    assert distributed._rescale_position(state, 2 * BATCH * RANKS)["batch_in_epoch"] == 1
     _torchrun(dumped, run_dir, strategy="fsdp", resume=True)
     assert ck.is_sharded(ck.latest_valid(run_dir))
     _assert_close(_weights(run_dir), _weights(reference["full"]), _weights(reference["init"]))
@@ -258,3 +265,57 @@ def test_gpu_bench_runs_tiny_on_cpu(capsys):
     parts = [json.loads(line)["part"] for line in lines]
     assert parts == ["dump", "train"]
     assert all(json.loads(line).get("samples_per_s", 0) > 0 for line in lines)
+
+
+class _AgreeingEngine:
+    """An engine stand-in whose `agree` reports a cause from another rank from step `at` on."""
+
+    sharded = False
+
+    def __init__(self, state, at: int):
+        self.state, self.at, self.seen = state, at, []
+
+    def agree(self, cause):
+        self.seen.append(cause)
+        return cause or ("SIGTERM" if self.state.step >= self.at else None)
+
+
+def test_sigterm_on_another_rank_stops_every_rank(monkeypatch):
+    # Only "another rank" got SIGTERM: this one must still save at the same step and stop, or
+    # one rank would enter the collective save while the other starts the next step.
+    import threading
+    from types import SimpleNamespace
+
+    state = trainer.TrainState()
+    engine = _AgreeingEngine(state, at=2)
+    cfg = SimpleNamespace(train=SimpleNamespace(steps=5, val_every=100, ckpt_every=100))
+    cfg.train.batch_size, cfg.train.grad_accum = 1, 1
+    saved = []
+    run = SimpleNamespace(cfg=cfg, state=state, engine=engine, logger=SimpleNamespace(info=print))
+
+    def fake_step(run):
+        run.state.step += 1
+        return {}
+
+    monkeypatch.setattr(trainer, "_train_step", fake_step)
+    monkeypatch.setattr(trainer, "_maybe_log", lambda run, metrics: None)
+    monkeypatch.setattr(trainer, "validate", lambda run: None)
+    monkeypatch.setattr(trainer, "save", lambda run: saved.append(run.state.step) or Path("x"))
+    assert trainer._loop(run, threading.Event()) is False
+    assert saved == [2] and state.step == 2 and engine.seen == [None, None]
+
+
+def test_teardown_runs_when_training_raises(dumped, tmp_path, monkeypatch):
+    calls = []
+
+    def failing_loop(run, stop):
+        raise LensError("too many bad batches")
+
+    monkeypatch.setattr(trainer, "_loop", failing_loop)
+    monkeypatch.setattr(
+        distributed, "teardown", lambda run, barrier=True: calls.append((run, barrier))
+    )
+    train = _train_cfg(tmp_path / "run", "frozen_base", 1, 4, "none")
+    with pytest.raises(LensError, match="too many bad batches"):
+        trainer.train(config_from_dict({**dumped, "train": train}))
+    assert len(calls) == 1 and calls[0][0] is not None and calls[0][1] is False
