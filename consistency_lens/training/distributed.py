@@ -184,7 +184,16 @@ class Engine:
 
         state = self._extra_state(train_state, world)
         return ckpt.save_sharded_checkpoint(
-            run_dir, step, write, state, ckpt.capture_rng(), config, keep, rank, _barrier
+            run_dir,
+            step,
+            write,
+            state,
+            ckpt.capture_rng(),
+            config,
+            keep,
+            rank,
+            _barrier,
+            self._all_ok,
         )
 
     def load_checkpoint(self, path: Path, ema: Ema | None) -> dict:
@@ -204,6 +213,13 @@ class Engine:
         self.scheduler.load_state_dict(state["scheduler"])
         _restore_rng(rng, self.cfg.seed, state["step"])
         return _rescale_position(state, self.cfg.train.batch_size * world)
+
+    def _all_ok(self, ok: bool) -> bool:
+        """Whether every rank passed True (a collective: all ranks call it)."""
+        flag = torch.tensor([int(ok)], dtype=torch.int32, device=self.lens.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(int(flag))
 
     def _extra_state(self, train_state: dict, world: int) -> dict:
         return {
@@ -512,7 +528,16 @@ class DeepSpeedEngine(_Collective):
 
         state = self._extra_state(train_state, world)
         return ckpt.save_sharded_checkpoint(
-            run_dir, step, write, state, ckpt.capture_rng(), config, keep, rank, _barrier
+            run_dir,
+            step,
+            write,
+            state,
+            ckpt.capture_rng(),
+            config,
+            keep,
+            rank,
+            _barrier,
+            self._all_ok,
         )
 
     def load_checkpoint(self, path: Path, ema: Ema | None) -> dict:

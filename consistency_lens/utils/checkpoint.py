@@ -357,10 +357,14 @@ def save_sharded_checkpoint(
     keep: int,
     rank: int,
     barrier: Callable[[], None],
+    all_ok: Callable[[bool], bool] = lambda ok: ok,
 ) -> Path:
     """Collective save: every rank runs `write(tmp)` and stores its RNG; rank 0 seals and renames.
 
     The temporary directory has a fixed name so that all ranks agree on it without a broadcast.
+    `all_ok(ok)` is a collective (True when every rank passed True): after the writes and after
+    the seal every rank learns whether any rank failed, so none waits forever at a barrier; on
+    a failure rank 0 removes the temporary directory and every rank raises.
     """
     root = checkpoints_dir(run_dir)
     tmp = root / f"{_TMP_PREFIX}step_{step}-sharded"
@@ -369,20 +373,35 @@ def save_sharded_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    try:
+
+    def write_own() -> None:
         write(tmp)
         with open(tmp / _rng_file(rank), "wb") as handle:
             torch.save(rng, handle)
-        barrier()
+
+    def seal() -> None:
         if rank == 0:
             _seal_sharded(tmp, step, state, config)
             _move_into_place(tmp, final)
             prune_checkpoints(run_dir, step, keep)
-    except Exception as err:
-        if is_out_of_space(err):
-            raise out_of_space_error(final, "rerun with --resume") from None
-        raise
-    barrier()
+
+    for part in (write_own, seal):
+        error: Exception | None = None
+        try:
+            part()
+        except Exception as err:
+            error = err
+        if not all_ok(error is None):
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if error is None:
+                raise LensError(
+                    f"Checkpoint '{final}' could not be written: another rank failed while "
+                    "writing its part (see that rank's error); rerun with --resume."
+                )
+            if is_out_of_space(error):
+                raise out_of_space_error(final, "rerun with --resume") from None
+            raise error
     return final
 
 
