@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import signal
 import threading
 import time
@@ -186,19 +185,6 @@ class _Run:
     last_val: dict = field(default_factory=dict)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def is_main_process() -> bool:
-    """True on rank 0 (or without torch.distributed)."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def _autocast(cfg: LensConfig, device: torch.device) -> contextlib.AbstractContextManager:
     precision = cfg.train.precision
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
@@ -309,11 +295,6 @@ def _accumulate(run: _Run, tau: float, alpha: float) -> list[dict]:
     return outs
 
 
-def _live_trainable(lens: ConsistencyLens) -> dict[str, torch.Tensor]:
-    # The parameters themselves (on their device), not the CPU copies of trainable_state_dict.
-    return {n: p for n, p in lens.named_parameters() if p.requires_grad}
-
-
 def _step_metrics(outs: list[dict], run: _Run, tau: float, alpha: float) -> dict:
     metrics = {key: sum(o[key] for o in outs) / len(outs) for key in _LOSS_KEYS}
     groups = run.optimizer.param_groups
@@ -338,7 +319,7 @@ def _train_step(run: _Run) -> dict:
     metrics = _step_metrics(outs, run, tau, alpha)
     run.engine.step()
     if run.ema is not None:
-        run.ema.update(_live_trainable(run.lens))
+        run.ema.update(run.lens.trainable_parameters())
     run.state.step += 1
     run.state.samples += sum(o["n"] for o in outs)
     return {**metrics, "grad_norm": float(grad_norm), "bad_batches": run.state.bad_batches}
@@ -452,7 +433,7 @@ def restore(run: _Run, path: Path) -> None:
     run.optimizer.load_state_dict(loaded.state["optimizer"])
     run.scheduler.load_state_dict(loaded.state["scheduler"])
     if run.ema is not None:
-        run.ema.load_state_dict(loaded.ema or _live_trainable(run.lens))
+        run.ema.load_state_dict(loaded.ema or run.lens.trainable_parameters())
     run.state = TrainState(**loaded.state["train_state"])
     ckpt.restore_rng(loaded.state["rng"])
 
@@ -505,7 +486,7 @@ def _loop(run: _Run, stop: threading.Event) -> bool:
 def _build_run(
     cfg: LensConfig, train_set: ActivationDataset, val_set: ActivationDataset | None
 ) -> _Run:
-    seed_everything(cfg.seed)
+    distributed.seed_all(cfg.seed)
     lens = ConsistencyLens.build(cfg)
     for dataset in (train_set, val_set):
         if dataset is not None:
@@ -513,7 +494,7 @@ def _build_run(
     engine = wrap_for_strategy(lens, cfg)
     distributed.seed_ranks(cfg.seed)
     decay = cfg.train.ema_decay
-    ema = Ema(_live_trainable(lens), decay) if decay is not None else None
+    ema = Ema(lens.trainable_parameters(), decay) if decay is not None else None
     collate = CollateFn(pad_id=lens.loaded.tokenizer.pad_token_id or 0)
     stream = BatchStream(
         train_set, cfg.train.batch_size, cfg.seed, collate, *distributed.rank_world()

@@ -32,7 +32,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from consistency_lens.errors import LensError
-from consistency_lens.utils.io import is_out_of_space, out_of_space_error, read_json, sha256_file
+from consistency_lens.utils.io import (
+    fsync_path,
+    is_out_of_space,
+    out_of_space_error,
+    read_json,
+    sha256_file,
+)
 
 FORMAT_VERSION = 1
 """Bumped whenever the meaning of a checkpoint's files changes."""
@@ -126,14 +132,6 @@ def _tensors_for_save(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_files(
     tmp: Path,
     step: int,
@@ -153,8 +151,8 @@ def _write_files(
     manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     for path in tmp.iterdir():
-        _fsync_path(path)
-    _fsync_path(tmp)
+        fsync_path(path)
+    fsync_path(tmp)
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
@@ -165,7 +163,7 @@ def _move_into_place(tmp: Path, final: Path) -> None:
         old = final.with_name(f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}")
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_path(final.parent)
+    fsync_path(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -342,9 +340,9 @@ def _seal_sharded(tmp: Path, step: int, state: dict, config: dict) -> None:
     manifest = {"format_version": FORMAT_VERSION, "kind": SHARDED, "step": step, "files": files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     for path in [*paths, tmp / MANIFEST]:
-        _fsync_path(path)
+        fsync_path(path)
     for directory in sorted({p.parent for p in paths}, reverse=True):
-        _fsync_path(directory)
+        fsync_path(directory)
 
 
 def save_sharded_checkpoint(

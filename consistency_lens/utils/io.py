@@ -13,7 +13,8 @@ from pathlib import Path
 from consistency_lens.errors import LensError
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes renames in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -60,7 +61,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with open(tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     except Exception as err:
         tmp_path.unlink(missing_ok=True)
         if is_out_of_space(err):
