@@ -40,8 +40,15 @@ def main() -> None:
     loaded = load_model("smollm2-135m", device="cpu")
     layer = int(sys.argv[2]) if len(sys.argv) > 2 else loaded.parts.num_blocks // 2
     work = tempfile.mkdtemp()
-    base = {"layer": layer, "num_samples": n, "val_samples": 0, "seq_len": 128, "batch_size": 16,
-            "cache_dir": "data/corpus", "shard_size": 4096}
+    base = {
+        "layer": layer,
+        "num_samples": n,
+        "val_samples": 0,
+        "seq_len": 128,
+        "batch_size": 16,
+        "cache_dir": "data/corpus",
+        "shard_size": 4096,
+    }
     cfg = config_from_dict({**base, "output_dir": f"{work}/0"})
     corpus = tokenized_corpus(cfg.corpus, loaded.tokenizer, cfg.cache_dir)  # warm the token cache
     plan = plan_splits(cfg, corpus, _bos_id(loaded.tokenizer))[0]["train"]
@@ -55,7 +62,9 @@ def main() -> None:
         with torch.inference_mode():
             tic = time.perf_counter()
             for ids, pos in batches:
-                run_until(loaded.model, block, input_ids=ids, use_cache=False)[torch.arange(len(ids)), pos]
+                run_until(loaded.model, block, input_ids=ids, use_cache=False)[
+                    torch.arange(len(ids)), pos
+                ]
             times["bare"].append(time.perf_counter() - tic)
             tic = time.perf_counter()
             for ids, pos in batches:
@@ -65,8 +74,10 @@ def main() -> None:
     shutil.rmtree(work)
     rate = {k: n / min(v) for k, v in times.items()}
     mean_p = float(plan.positions.mean())
-    print(f"model smollm2-135m ({loaded.parts.num_blocks} blocks, {loaded.model.dtype}), layer {layer}, "
-          f"{n} samples, seq_len 128, mean P {mean_p:.1f}, batch 16, threads {torch.get_num_threads()}")
+    print(
+        f"model smollm2-135m ({loaded.parts.num_blocks} blocks, {loaded.model.dtype}), layer {layer}, "
+        f"{n} samples, seq_len 128, mean P {mean_p:.1f}, batch 16, threads {torch.get_num_threads()}"
+    )
     for key in ("dump", "bare", "naive"):
         print(f"  {key:6s} {rate[key]:8.1f} samples/s   (best of 3: {min(times[key]):.2f} s)")
     print(f"  dump / bare forward through L : {rate['dump'] / rate['bare']:.2f}x  (target >= 0.85)")
