@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -95,10 +96,18 @@ def _chromium() -> str | None:
     for name in ("chromium", "chromium-browser"):
         if shutil.which(name):
             return shutil.which(name)
+    env = {
+        **os.environ,
+        "DEBIAN_FRONTEND": "noninteractive",
+    }  # CI has no terminal to answer prompts
     try:
-        subprocess.run(["apt-get", "update"], check=True, capture_output=True, timeout=600)
+        subprocess.run(["apt-get", "update"], check=True, capture_output=True, timeout=600, env=env)
         subprocess.run(
-            ["apt-get", "install", "-y", "chromium"], check=True, capture_output=True, timeout=900
+            ["apt-get", "install", "-y", "chromium"],
+            check=True,
+            capture_output=True,
+            timeout=900,
+            env=env,
         )
     except (OSError, subprocess.SubprocessError) as err:
         pytest.skip(
