@@ -175,26 +175,13 @@ class Engine:
         self, run_dir: Path, step: int, train_state: dict, config: dict, ema: Ema | None, keep: int
     ) -> Path:
         """Write a sharded checkpoint collectively (all ranks call this)."""
-        rank, world = rank_world()
 
         def write(tmp: Path) -> None:
             import torch.distributed.checkpoint as dcp
 
             dcp.save(self._dcp_state(ema), checkpoint_id=tmp)
 
-        state = self._extra_state(train_state, world)
-        return ckpt.save_sharded_checkpoint(
-            run_dir,
-            step,
-            write,
-            state,
-            ckpt.capture_rng(),
-            config,
-            keep,
-            rank,
-            _barrier,
-            self._all_ok,
-        )
+        return self._save_sharded(run_dir, step, write, train_state, config, keep)
 
     def load_checkpoint(self, path: Path, ema: Ema | None) -> dict:
         """Load any checkpoint (sharded or single-process) into this engine; the train state dict."""
@@ -220,6 +207,25 @@ class Engine:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(int(flag))
+
+    def _save_sharded(
+        self, run_dir: Path, step: int, write, train_state: dict, config: dict, keep: int
+    ) -> Path:
+        """Collective sharded save: each rank's `write(tmp)`, then rank 0 seals the directory."""
+        rank, world = rank_world()
+        state = self._extra_state(train_state, world)
+        return ckpt.save_sharded_checkpoint(
+            run_dir,
+            step,
+            write,
+            state,
+            ckpt.capture_rng(),
+            config,
+            keep,
+            rank,
+            _barrier,
+            self._all_ok,
+        )
 
     def _extra_state(self, train_state: dict, world: int) -> dict:
         return {
@@ -517,7 +523,7 @@ class DeepSpeedEngine(_Collective):
         self, run_dir: Path, step: int, train_state: dict, config: dict, ema: Ema | None, keep: int
     ) -> Path:
         """DeepSpeed's own checkpoint (every rank writes its partition) in a checksummed step dir."""
-        rank, world = rank_world()
+        rank = rank_world()[0]
 
         def write(tmp: Path) -> None:
             self.model.save_checkpoint(str(tmp), tag=_DS_TAG, save_latest=False)
@@ -526,19 +532,7 @@ class DeepSpeedEngine(_Collective):
 
                 save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, tmp / ckpt.EMA)
 
-        state = self._extra_state(train_state, world)
-        return ckpt.save_sharded_checkpoint(
-            run_dir,
-            step,
-            write,
-            state,
-            ckpt.capture_rng(),
-            config,
-            keep,
-            rank,
-            _barrier,
-            self._all_ok,
-        )
+        return self._save_sharded(run_dir, step, write, train_state, config, keep)
 
     def load_checkpoint(self, path: Path, ema: Ema | None) -> dict:
         """Resume a checkpoint written by this strategy with the same world size."""
