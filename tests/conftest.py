@@ -28,6 +28,28 @@ def make_text(seed: int, n_words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n_words)) + "."
 
 
+def tiny_dump_config(root: Path, model: Path, corpus: Path, **over: object) -> dict:
+    """Config dict of a tiny fp32 CPU dump under `root`; a test passes only what it varies."""
+    return {
+        "model": str(model),
+        "corpus": str(corpus),
+        "layer": 1,
+        "seq_len": 32,
+        "p_min": 4,
+        "num_samples": 24,
+        "val_samples": 8,
+        "batch_size": 8,
+        "shard_size": 16,
+        "seed": 0,
+        "dtype": "float32",
+        "model_dtype": "float32",
+        "device": "cpu",
+        "output_dir": str(root / "acts"),
+        "cache_dir": str(root / "corpus"),
+        **over,
+    }
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """Tiny matrices gain nothing from threads, and spinning OpenMP threads on a busy 2-core

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_dump_config
 from safetensors.torch import load_file
 
 from consistency_lens.config import config_from_dict
@@ -21,25 +22,9 @@ from consistency_lens.models.loading import load_model
 
 
 def _cfg(tmp_path: Path, model_dir: Path, corpus: Path, **over) -> object:
-    base = {
-        "model": str(model_dir),
-        "corpus": str(corpus),
-        "layer": 1,
-        "seq_len": 32,
-        "p_min": 4,
-        "num_samples": 40,
-        "val_samples": 8,
-        "batch_size": 8,
-        "shard_size": 16,
-        "seed": 3,
-        "dtype": "float32",
-        "model_dtype": "float32",
-        "device": "cpu",
-        "output_dir": str(tmp_path / "acts"),
-        "cache_dir": str(tmp_path / "corpus"),
-    }
-    base.update(over)
-    return config_from_dict(base)
+    return config_from_dict(
+        tiny_dump_config(tmp_path, model_dir, corpus, **{"num_samples": 40, "seed": 3, **over})
+    )
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_gpt2_dir"])

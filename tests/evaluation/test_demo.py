@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import tiny_dump_config
 
 import consistency_lens.training.trainer as trainer
 from consistency_lens.config import config_from_dict
@@ -11,19 +12,18 @@ from consistency_lens.demo import run_demo
 
 def test_demo_pipeline_then_reuse(tmp_path, tiny_llama_dir, corpus_dir, monkeypatch):
     cfg = config_from_dict(
-        {
-            "model": str(tiny_llama_dir),
-            "corpus": str(corpus_dir),
-            "layer": 2,
-            "seq_len": 24,
-            "p_min": 4,
-            "num_samples": 32,
-            "val_samples": 16,
-            "model_dtype": "float32",
-            "device": "cpu",
-            "output_dir": str(tmp_path / "acts"),
-            "cache_dir": str(tmp_path / "corpus"),
-            "train": {
+        tiny_dump_config(
+            tmp_path,
+            tiny_llama_dir,
+            corpus_dir,
+            layer=2,
+            seq_len=24,
+            num_samples=32,
+            val_samples=16,
+            batch_size=16,
+            shard_size=4096,
+            dtype="float16",  # the demo's storage dtype
+            train={
                 "run_dir": str(tmp_path / "run"),
                 "t_text": 2,
                 "steps": 2,
@@ -33,7 +33,7 @@ def test_demo_pipeline_then_reuse(tmp_path, tiny_llama_dir, corpus_dir, monkeypa
                 "log_every": 1,
                 "prompt": "thought <embed> is",
             },
-            "eval": {
+            eval={
                 "num_samples": 8,
                 "batch_size": 8,
                 "bootstrap": 20,
@@ -41,7 +41,7 @@ def test_demo_pipeline_then_reuse(tmp_path, tiny_llama_dir, corpus_dir, monkeypa
                 "num_sampled": 1,
                 "explain_text": "the nation economy",
             },
-        }
+        )
     )
     out = run_demo(cfg)
     run_dir = tmp_path / "run"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import tiny_dump_config
 
 from consistency_lens.config import config_from_dict
 from consistency_lens.data.dump import dump_activations
@@ -20,28 +21,24 @@ def run(tmp_path_factory, tiny_llama_dir, corpus_dir):
     """A dump (train + val) and a freshly built lens saved where `train` would save it."""
     root = tmp_path_factory.mktemp("evalrun")
     cfg = config_from_dict(
-        {
-            "model": str(tiny_llama_dir),
-            "corpus": str(corpus_dir),
-            "layer": 1,
-            "seq_len": 24,
-            "p_min": 4,
-            "num_samples": 40,
-            "val_samples": 24,
-            "batch_size": 8,
-            "model_dtype": "float32",
-            "device": "cpu",
-            "output_dir": str(root / "acts"),
-            "cache_dir": str(root / "corpus"),
-            "train": {"run_dir": str(root / "run"), "t_text": 3, "prompt": "thought <embed> is"},
-            "eval": {
+        tiny_dump_config(
+            root,
+            tiny_llama_dir,
+            corpus_dir,
+            seq_len=24,
+            num_samples=40,
+            val_samples=24,
+            shard_size=4096,
+            dtype="float16",  # the production storage dtype
+            train={"run_dir": str(root / "run"), "t_text": 3, "prompt": "thought <embed> is"},
+            eval={
                 "num_samples": 20,
                 "batch_size": 8,
                 "bootstrap": 50,
                 "qualitative": 3,
                 "num_sampled": 2,
             },
-        }
+        )
     )
     dump_activations(cfg)
     ConsistencyLens.build(cfg).save_pretrained(root / "run" / "lens")

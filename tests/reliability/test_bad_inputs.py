@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_dump_config
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -31,23 +32,15 @@ from consistency_lens.utils.io import sha256_file
 
 
 def _base(root: Path, model: Path, corpus: Path) -> dict:
-    return {
-        "model": str(model),
-        "corpus": str(corpus),
-        "layer": 1,
-        "seq_len": 24,
-        "p_min": 3,
-        "num_samples": 16,
-        "val_samples": 8,
-        "batch_size": 8,
-        "shard_size": 8,
-        "seed": 0,
-        "dtype": "float32",
-        "model_dtype": "float32",
-        "device": "cpu",
-        "output_dir": str(root / "acts"),
-        "cache_dir": str(root / "corpus"),
-        "train": {
+    return tiny_dump_config(
+        root,
+        model,
+        corpus,
+        seq_len=24,
+        p_min=3,
+        num_samples=16,
+        shard_size=8,
+        train={
             "run_dir": str(root / "run"),
             "t_text": 2,
             "steps": 1,
@@ -57,8 +50,8 @@ def _base(root: Path, model: Path, corpus: Path) -> dict:
             "ckpt_every": 1,
             "prompt": "A <embed> is",
         },
-        "eval": {"num_samples": 8, "batch_size": 8, "bootstrap": 0, "qualitative": 1},
-    }
+        eval={"num_samples": 8, "batch_size": 8, "bootstrap": 0, "qualitative": 1},
+    )
 
 
 def _argv(base: dict, **over: object) -> list[str]:

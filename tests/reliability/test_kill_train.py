@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_dump_config
 from safetensors.torch import load_file
 
 from consistency_lens.config import config_from_dict
@@ -23,34 +24,14 @@ STEPS = 12
 _ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "true"}
 
 
-def _base(tmp: Path, model: Path, corpus: Path) -> dict:
-    return {
-        "model": str(model),
-        "corpus": str(corpus),
-        "layer": 1,
-        "seq_len": 24,
-        "p_min": 3,
-        "num_samples": 24,
-        "val_samples": 8,
-        "batch_size": 8,
-        "shard_size": 8,
-        "seed": 2,
-        "dtype": "float32",
-        "model_dtype": "float32",
-        "device": "cpu",
-        "output_dir": str(tmp / "acts"),
-        "cache_dir": str(tmp / "corpus"),
-    }
-
-
 @pytest.fixture(scope="module")
 def dumped(tmp_path_factory, tiny_llama_dir, corpus_dir) -> dict:
     """A tiny dump made in-process; the trainer subprocesses read it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    base = _base(tmp_path_factory.mktemp("kill_train"), tiny_llama_dir, corpus_dir)
+    root = tmp_path_factory.mktemp("kill_train")
+    base = tiny_dump_config(
+        root, tiny_llama_dir, corpus_dir, seq_len=24, p_min=3, shard_size=8, seed=2
+    )
     dump_activations(config_from_dict(base))
-    torch.set_num_threads(threads)
     return base
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_dump_config
 
 from consistency_lens.cli import main
 from consistency_lens.config import config_from_dict
@@ -37,21 +38,14 @@ def trained(tmp_path_factory, tiny_llama_dir, corpus_dir) -> dict:
     from consistency_lens.data.dump import dump_activations
 
     root = tmp_path_factory.mktemp("safe_loading")
-    base = {
-        "model": str(tiny_llama_dir),
-        "corpus": str(corpus_dir),
-        "layer": 1,
-        "seq_len": 24,
-        "p_min": 3,
-        "num_samples": 16,
-        "val_samples": 8,
-        "batch_size": 8,
-        "dtype": "float32",
-        "model_dtype": "float32",
-        "device": "cpu",
-        "output_dir": str(root / "acts"),
-        "cache_dir": str(root / "corpus"),
-        "train": {
+    base = tiny_dump_config(
+        root,
+        tiny_llama_dir,
+        corpus_dir,
+        seq_len=24,
+        p_min=3,
+        num_samples=16,
+        train={
             "run_dir": str(root / "run"),
             "t_text": 2,
             "steps": 1,
@@ -59,7 +53,7 @@ def trained(tmp_path_factory, tiny_llama_dir, corpus_dir) -> dict:
             "val_batches": 1,
             "prompt": "A <embed> is",
         },
-    }
+    )
     cfg = config_from_dict(base)
     dump_activations(cfg)
     trainer.train(cfg)

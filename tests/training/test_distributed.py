@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_dump_config
 from dist_entry import noiseless_gumbel_softmax
 from safetensors.torch import load_file
 
@@ -35,23 +36,7 @@ BATCH, RANKS = 2, 2
 def dumped(tmp_path_factory, tiny_llama_dir, corpus_dir) -> dict:
     """A tiny train/val dump of the tiny Llama; returns the base config dict."""
     tmp = tmp_path_factory.mktemp("dist")
-    base = {
-        "model": str(tiny_llama_dir),
-        "corpus": str(corpus_dir),
-        "layer": 1,
-        "seq_len": 32,
-        "p_min": 4,
-        "num_samples": 24,
-        "val_samples": 4,
-        "batch_size": 8,
-        "shard_size": 16,
-        "seed": 0,
-        "dtype": "float32",
-        "model_dtype": "float32",
-        "device": "cpu",
-        "output_dir": str(tmp / "acts"),
-        "cache_dir": str(tmp / "corpus"),
-    }
+    base = tiny_dump_config(tmp, tiny_llama_dir, corpus_dir, val_samples=4)
     dump_activations(config_from_dict(base))
     return base
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_dump_config
 from safetensors.torch import load_file
 
 from consistency_lens.config import LensConfig, config_from_dict
@@ -24,30 +25,10 @@ from consistency_lens.utils import checkpoint as ck
 from consistency_lens.utils.logging import METRICS, MetricsFile
 
 
-def _base(tmp: Path, model_dir: Path, corpus: Path) -> dict:
-    return {
-        "model": str(model_dir),
-        "corpus": str(corpus),
-        "layer": 1,
-        "seq_len": 32,
-        "p_min": 4,
-        "num_samples": 24,
-        "val_samples": 8,
-        "batch_size": 8,
-        "shard_size": 16,
-        "seed": 0,
-        "dtype": "float32",
-        "model_dtype": "float32",
-        "device": "cpu",
-        "output_dir": str(tmp / "acts"),
-        "cache_dir": str(tmp / "corpus"),
-    }
-
-
 @pytest.fixture(scope="module")
 def dumped(tmp_path_factory, tiny_llama_dir, corpus_dir) -> dict:
     """A tiny train/val dump of the tiny Llama; returns the base config dict."""
-    base = _base(tmp_path_factory.mktemp("dump"), tiny_llama_dir, corpus_dir)
+    base = tiny_dump_config(tmp_path_factory.mktemp("dump"), tiny_llama_dir, corpus_dir)
     dump_activations(config_from_dict(base))
     return base
 
