@@ -133,7 +133,7 @@ def _forward_batch(
 ) -> torch.Tensor:
     """Activations at each row's P; only blocks 0..L run. Right padding is inert in a causal model."""
     width = int(positions.max()) + 1
-    pad = loaded.tokenizer.pad_token_id or 0
+    pad = loaded.pad_id
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     for row, seq in enumerate(seqs):
         take = min(len(seq), width)

@@ -100,7 +100,7 @@ def evaluate(lens, dataset, cfg: LensConfig, mean_activation: torch.Tensor | Non
     mean_activation = mean_activation.to(device)
     t_text = lens.cfg.train.t_text
     indices = sample_indices(len(dataset), cfg.eval.num_samples, cfg.seed)
-    collate = CollateFn(pad_id=tokenizer.pad_token_id or 0)
+    collate = CollateFn(pad_id=lens.loaded.pad_id)
     kls: dict[str, list[torch.Tensor]] = {k: [] for k in ("lens", *BASELINES)}
     As, A_hats, nlls, texts, id_lists = [], [], [], [], []
     bos = _bos(tokenizer)

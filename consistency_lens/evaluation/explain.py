@@ -43,7 +43,7 @@ def explain_text(lens, text: str, batch_size: int = 16) -> list[dict]:
     # A BOS the tokenizer added is not part of the user's text, so it gets no row.
     first = len(ids) - len(tokenizer(text, add_special_tokens=False).input_ids)
     first = max(0, min(first, len(ids) - 1))
-    pad = tokenizer.pad_token_id or 0
+    pad = lens.loaded.pad_id
     rows = []
     for start in range(first, len(ids), batch_size):
         positions = list(range(start, min(start + batch_size, len(ids))))

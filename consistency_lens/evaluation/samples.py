@@ -27,14 +27,13 @@ def sample_indices(n_total: int, n: int, seed: int) -> list[int]:
 @torch.no_grad()
 def qualitative_samples(lens, dataset, cfg: LensConfig) -> list[dict]:
     """Greedy and sampled explanations, with the KL of each reconstruction, for N fixed samples."""
-
     tokenizer = lens.loaded.tokenizer
     indices = sample_indices(len(dataset), cfg.eval.qualitative, cfg.seed + 1)
     if not indices:
         return []
     k = cfg.eval.num_sampled
     t_text = lens.cfg.train.t_text
-    collate = CollateFn(pad_id=tokenizer.pad_token_id or 0)
+    collate = CollateFn(pad_id=lens.loaded.pad_id)
     # Sampling is seeded so that the page is the same on every run of the same lens.
     torch.manual_seed(cfg.seed)
     records = []

@@ -27,6 +27,11 @@ class LoadedModel:
     fingerprint: str
     """Hub revision or content hash, recorded in dumps and lenses."""
 
+    @property
+    def pad_id(self) -> int:
+        """Id used to pad batches (the tokenizer's pad, which loading sets to EOS when missing)."""
+        return self.tokenizer.pad_token_id or 0
+
 
 def resolve_device(spec: str) -> torch.device:
     """`auto` picks CUDA when present, else CPU."""

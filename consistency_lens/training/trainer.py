@@ -495,7 +495,7 @@ def _build_run(
     distributed.seed_ranks(cfg.seed)
     decay = cfg.train.ema_decay
     ema = Ema(lens.trainable_parameters(), decay) if decay is not None else None
-    collate = CollateFn(pad_id=lens.loaded.tokenizer.pad_token_id or 0)
+    collate = CollateFn(pad_id=lens.loaded.pad_id)
     stream = BatchStream(
         train_set, cfg.train.batch_size, cfg.seed, collate, *distributed.rank_world()
     )
