@@ -143,16 +143,7 @@ def _write_files(
     save_file(_tensors_for_save(trainable), str(tmp / TRAINABLE))
     if ema is not None:
         save_file(_tensors_for_save(ema), str(tmp / EMA))
-    # Through a Python file, so that a full disk surfaces as an OSError chained to torch's error.
-    with open(tmp / STATE, "wb") as handle:
-        torch.save({**state, "format_version": FORMAT_VERSION, "step": step}, handle)
-    (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-    manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    for path in tmp.iterdir():
-        fsync_path(path)
-    fsync_path(tmp)
+    _seal(tmp, step, state, config)
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
@@ -331,13 +322,17 @@ def _rng_file(rank: int) -> str:
     return f"rng_{rank}.pt"
 
 
-def _seal_sharded(tmp: Path, step: int, state: dict, config: dict) -> None:
+def _seal(tmp: Path, step: int, state: dict, config: dict, kind: str | None = None) -> None:
+    """Write state, config and a manifest with the sha256 of every file below `tmp`; fsync all."""
+    # Through a Python file, so that a full disk surfaces as an OSError chained to torch's error.
     with open(tmp / STATE, "wb") as handle:
         torch.save({**state, "format_version": FORMAT_VERSION, "step": step}, handle)
     (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     paths = sorted(p for p in tmp.rglob("*") if p.is_file())
     files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in paths}
-    manifest = {"format_version": FORMAT_VERSION, "kind": SHARDED, "step": step, "files": files}
+    manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
+    if kind is not None:
+        manifest["kind"] = kind
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     for path in [*paths, tmp / MANIFEST]:
         fsync_path(path)
@@ -379,7 +374,7 @@ def save_sharded_checkpoint(
 
     def seal() -> None:
         if rank == 0:
-            _seal_sharded(tmp, step, state, config)
+            _seal(tmp, step, state, config, SHARDED)
             _move_into_place(tmp, final)
             prune_checkpoints(run_dir, step, keep)
 
