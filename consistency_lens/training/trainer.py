@@ -519,7 +519,7 @@ def _save_final(run: _Run) -> Path:
     lens_dir = Path(run.cfg.train.run_dir) / "lens"
     run.lens.save_pretrained(lens_dir)
     if run.ema is not None:
-        current = {k: v.detach().clone() for k, v in run.lens.trainable_state_dict().items()}
+        current = run.lens.trainable_state_dict()  # already detached copies
         run.lens.load_trainable_state_dict(run.ema.state_dict())
         run.lens.save_pretrained(lens_dir.with_name("lens_ema"))
         run.lens.load_trainable_state_dict(current)
