@@ -45,6 +45,11 @@ class TrainConfig(_Strict):
     """Number of tokens the decoder writes per activation."""
     prompt: str = "Here is a hidden thought: <embed>. In words, it is about"
     """Decoder prompt; `<embed>` marks where the projected activation goes."""
+    inject_layer: int | None = None
+    """How D reads A. `None`: the projected A is the input embedding of the `<embed>` slot (the
+    plan). A block index k: the slot holds a placeholder token and the projected A (initialised at
+    identity times the ratio of block k's to block L's median norm) overwrites the slot's state
+    after block k, as Patchscopes/SelfIE write an activation into the model's own hidden state."""
     encoder_prompt: str = ""
     """Optional text whose embeddings initialise a trainable soft prompt before E's input."""
     encoder_layer: int | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -11,10 +12,13 @@ from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from consistency_lens.errors import LensError
-from consistency_lens.models.adapter import find_parts
+from consistency_lens.models.adapter import check_layer, find_parts
+from consistency_lens.models.hooks import replace_at
 from consistency_lens.models.projection import near_identity
 
 EMBED_SLOT = "<embed>"
+# With `inject_layer` set, the slot holds this token and A replaces its state after block k.
+PLACEHOLDER = " X"
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -63,6 +67,7 @@ class DecoderModel(nn.Module):
         d_activation: int,
         proj_scale: float,
         gradient_checkpointing: bool = False,
+        inject_layer: int | None = None,
     ):
         super().__init__()
         self.model = model
@@ -77,6 +82,15 @@ class DecoderModel(nn.Module):
             right = self.parts.embed_ids(right_t).float()[0]
         self.prompt_left = nn.Parameter(left)
         self.prompt_right = nn.Parameter(right)
+        self.inject_layer = inject_layer
+        self.slot: nn.Parameter | None = None
+        if inject_layer is not None:
+            check_layer(self.parts, inject_layer, "train.inject_layer")
+            # The slot's input is an ordinary token (trainable); A overwrites its state after block k.
+            slot_id = tokenizer(PLACEHOLDER, add_special_tokens=False)["input_ids"][:1]
+            with torch.no_grad():
+                slot_t = torch.tensor([slot_id], dtype=torch.long, device=device)
+                self.slot = nn.Parameter(self.parts.embed_ids(slot_t).float()[0])
         self.proj = near_identity(d_activation, self.parts.d_model, proj_scale).to(device)
         self.gradient_checkpointing = gradient_checkpointing
 
@@ -84,31 +98,43 @@ class DecoderModel(nn.Module):
     def _dtype(self) -> torch.dtype:
         return self.parts.embed.weight.dtype
 
-    def _step(self, embeds: torch.Tensor, kv: KV) -> tuple[torch.Tensor, KV]:
-        """Run `embeds` (B, n, d) after the cached `kv`; return last logits (B, V) and the new kv.
+    def _step(
+        self, embeds: torch.Tensor, kv: KV, inject: torch.Tensor | None = None, keep: int = 1
+    ) -> tuple[torch.Tensor, KV]:
+        """Run `embeds` (B, n, d) after the cached `kv`; return the last `keep` logits and the new kv.
 
-        The step is a pure function of its tensor inputs so that it can be recomputed in backward
-        (gradient checkpointing) and so that gradients flow through the cache to earlier steps.
+        `inject` (B, d) overwrites the state of `embeds`' first position after block
+        `inject_layer`. The step is a pure function of its tensor inputs so that it can be
+        recomputed in backward (gradient checkpointing, hook included) and so that gradients flow
+        through the cache to earlier steps. Logits are (B, V) for `keep == 1`, else (B, keep, V).
         """
         n = embeds.shape[1]
 
-        def step(embeds: torch.Tensor, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        def step(embeds: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            flat = rest[1:] if inject is not None else rest
             pairs = list(zip(flat[0::2], flat[1::2], strict=True))
             cache = DynamicCache(ddp_cache_data=pairs or None, config=self.model.config)
-            out = self.model(
-                inputs_embeds=embeds,
-                use_cache=True,
-                logits_to_keep=1,
-                **self.parts.cache_kwargs(cache),
-            )
+            hook = contextlib.nullcontext()
+            if inject is not None:
+                # Block outputs cover only the new positions, so the slot is index 0 of this chunk.
+                hook = replace_at(self.parts.blocks[self.inject_layer], 0, rest[0])
+            with hook:
+                out = self.model(
+                    inputs_embeds=embeds,
+                    use_cache=True,
+                    logits_to_keep=keep,
+                    **self.parts.cache_kwargs(cache),
+                )
             new = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-            return (out.logits[:, -1], *(t[..., -n:, :] for t in new))
+            logits = out.logits[:, -1] if keep == 1 else out.logits[:, -keep:]
+            return (logits, *(t[..., -n:, :] for t in new))
 
         flat = [t for pair in kv for t in pair]
+        inputs = [inject, *flat] if inject is not None else flat
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            outputs = checkpoint(step, embeds, *flat, use_reentrant=False)
+            outputs = checkpoint(step, embeds, *inputs, use_reentrant=False)
         else:
-            outputs = step(embeds, *flat)
+            outputs = step(embeds, *inputs)
         logits, new_flat = outputs[0], outputs[1:]
         if kv:
             new_flat = [
@@ -116,8 +142,11 @@ class DecoderModel(nn.Module):
             ]
         return logits, list(zip(new_flat[0::2], new_flat[1::2], strict=True))
 
-    def _start(self, activations: torch.Tensor) -> tuple[torch.Tensor, KV]:
-        """Run the prompt with the projected activations; return the logits of the first token."""
+    def _start(
+        self, activations: torch.Tensor, extra: torch.Tensor | None = None, keep: int = 1
+    ) -> tuple[torch.Tensor, KV]:
+        """Run the prompt with the activations (and `extra` embeddings after it); return the last
+        `keep` logits (the first is the first generated token's) and the KV cache."""
         if activations.dim() != 2 or activations.shape[1] != self.proj.in_features:
             raise LensError(
                 f"Activations have shape {tuple(activations.shape)} but the decoder expects "
@@ -129,9 +158,24 @@ class DecoderModel(nn.Module):
             # The text before the slot is the same for every sample: run it once and broadcast.
             _, kv = self._step(self.prompt_left.unsqueeze(0).to(self._dtype), [])
             kv = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv]
-        slot = self.proj(activations.float()).unsqueeze(1)
         right = self.prompt_right.unsqueeze(0).expand(batch, -1, -1)
-        return self._step(torch.cat([slot, right], dim=1).to(self._dtype), kv)
+        tail = [right] if extra is None else [right, extra.to(right.dtype)]
+        projected = self.proj(activations.float())
+        if self.slot is None:
+            embeds = torch.cat([projected.unsqueeze(1), *tail], dim=1)
+            return self._step(embeds.to(self._dtype), kv, keep=keep)
+        slot = self.slot.unsqueeze(0).expand(batch, -1, -1)
+        embeds = torch.cat([slot, *tail], dim=1)
+        return self._step(embeds.to(self._dtype), kv, inject=projected, keep=keep)
+
+    def teacher_forced_logits(
+        self, activations: torch.Tensor, target_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits (B, T, V) with which D would write `target_ids` (B, T), in one forward pass."""
+        length = target_ids.shape[1]
+        extra = self.parts.embed_ids(target_ids[:, :-1]) if length > 1 else None
+        logits, _ = self._start(activations, extra, keep=length)
+        return logits if length > 1 else logits.unsqueeze(1)
 
     def generate_soft(
         self, activations: torch.Tensor, max_length: int, tau: float

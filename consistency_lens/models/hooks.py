@@ -44,11 +44,19 @@ def run_until(model: nn.Module, block: nn.Module, **forward_kwargs) -> torch.Ten
 @contextmanager
 def replace_last(block: nn.Module, vectors: torch.Tensor) -> Iterator[None]:
     """Overwrite `block`'s output at the last position with `vectors` (B, d), keeping gradients."""
+    with replace_at(block, -1, vectors):
+        yield
+
+
+@contextmanager
+def replace_at(block: nn.Module, index: int, vectors: torch.Tensor) -> Iterator[None]:
+    """Overwrite `block`'s output at sequence position `index` with `vectors` (B, d), keeping gradients."""
 
     def hook(_module, _inputs, output):
         hidden = _hidden(output)
-        new_last = vectors.to(hidden.dtype).unsqueeze(1)
-        return _rebuild(output, torch.cat([hidden[:, :-1], new_last], dim=1))
+        pos = index % hidden.shape[1]
+        new = vectors.to(hidden.dtype).unsqueeze(1)
+        return _rebuild(output, torch.cat([hidden[:, :pos], new, hidden[:, pos + 1 :]], dim=1))
 
     handle = block.register_forward_hook(hook)
     try:

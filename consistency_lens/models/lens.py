@@ -34,7 +34,7 @@ WEIGHTS_FILE = "lens.safetensors"
 CARD_FILE = "README.md"
 # Top-level parameter names (inside `decoder.` / `encoder.`) that get the projection learning rate.
 _CALIBRATION_TEXT = "The committee met on Tuesday to discuss the budget, the roads and the schools."
-_HEAD_PARAMS = {"proj", "prompt_left", "prompt_right", "prompt"}
+_HEAD_PARAMS = {"proj", "prompt_left", "prompt_right", "prompt", "slot"}
 
 
 def _copy_model(model: nn.Module, keep_blocks: int | None, share_weights: bool) -> nn.Module:
@@ -138,13 +138,19 @@ class ConsistencyLens(nn.Module):
         ids = torch.tensor([loaded.tokenizer(text)["input_ids"]], device=parts.embed.weight.device)
         norm_l = activation_norm(base, parts.blocks[cfg.layer], ids)
         norm_e = activation_norm(base, parts.blocks[enc_layer], ids)
+        if train.inject_layer is None:
+            d_scale = embedding_norm(parts) / norm_l
+        else:
+            check_layer(parts, train.inject_layer, "train.inject_layer")
+            d_scale = activation_norm(base, parts.blocks[train.inject_layer], ids) / norm_l
         self.decoder = DecoderModel(
             d_model,
             loaded.tokenizer,
             train.prompt,
             d_activation=parts.d_model,
-            proj_scale=embedding_norm(parts) / norm_l,
+            proj_scale=d_scale,
             gradient_checkpointing=train.gradient_checkpointing,
+            inject_layer=train.inject_layer,
         )
         self.encoder = EncoderModel(
             e_model,

@@ -128,3 +128,85 @@ def test_prompt_with_nothing_around_the_slot_builds_and_generates(tiny_gpt2_dir)
     assert lens.decoder.prompt_left.shape[0] == 0 and lens.decoder.prompt_right.shape[0] == 0
     ids, a_hat = lens.reconstruct(torch.randn(3, lens.d_model))
     assert ids.shape == (3, 2) and a_hat.shape == (3, lens.d_model)
+
+
+def _injected_full_forward(dec: DecoderModel, loaded, acts, ids) -> torch.Tensor:
+    """Hidden-state injection, uncached: one forward over prompt + slot + text, hook at block k."""
+    from consistency_lens.models.hooks import replace_at
+
+    left, right = prompt_token_ids(loaded.tokenizer, PROMPT)
+    batch = acts.shape[0]
+    embeds = torch.cat(
+        [
+            dec.prompt_left.expand(batch, -1, -1),
+            dec.slot.expand(batch, -1, -1),
+            dec.prompt_right.expand(batch, -1, -1),
+            loaded.parts.embed_ids(ids[:, :-1]),
+        ],
+        dim=1,
+    )
+    with replace_at(loaded.parts.blocks[dec.inject_layer], len(left), dec.proj(acts)):
+        logits = loaded.model(inputs_embeds=embeds).logits
+    start = len(left) + 1 + len(right) - 1
+    return logits[:, start : start + ids.shape[1]]
+
+
+def test_injection_at_layer_l_puts_a_exactly_in_the_slot_state(setup):
+    """Identity projection, k = L: D's state at the placeholder after block L is A, bit for bit."""
+    from consistency_lens.models.hooks import run_until
+
+    loaded, acts = setup
+    dec = _decoder(loaded, inject_layer=1)
+    torch.testing.assert_close(dec.proj.weight, torch.eye(loaded.parts.d_model), rtol=0, atol=0)
+    seen = []
+
+    def read_input(_module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+    # What block L+1 reads is block L's output after the injection hook has run.
+    handle = loaded.parts.blocks[2].register_forward_pre_hook(read_input, with_kwargs=True)
+    try:
+        dec.generate(acts, max_length=1)
+    finally:
+        handle.remove()
+    left, _ = prompt_token_ids(loaded.tokenizer, PROMPT)
+    # seen[0] is the shared left prompt; seen[1] the slot (index 0) and the right prompt.
+    assert len(seen) == 2 and seen[0].shape[1] == len(left)
+    assert torch.equal(seen[1][:, 0], acts)
+    # And block L+1 of D really reads it: a different A changes D's next state.
+    other = run_until(loaded.model, loaded.parts.blocks[1], inputs_embeds=dec.slot[None])[:, -1]
+    assert not torch.equal(other.expand_as(acts), acts)
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_injected_generation_matches_uncached_forward_and_gets_gradients(setup, ckpt):
+    loaded, acts = setup
+    dec = _decoder(loaded, scale=0.7, inject_layer=0, gradient_checkpointing=ckpt)
+    torch.manual_seed(0)
+    gen = dec.generate_soft(acts, max_length=4, tau=1.0)
+    expected = _injected_full_forward(dec, loaded, acts, gen.discrete_token_ids)
+    torch.testing.assert_close(gen.token_logits.detach(), expected.detach(), atol=1e-4, rtol=1e-4)
+    # A is no input embedding here: it reaches the text only through block 0's hook.
+    (
+        gen.ste_onehots[:, -1] @ torch.randn(320, generator=torch.Generator().manual_seed(1))
+    ).sum().backward()
+    assert dec.proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in loaded.model.parameters())
+
+
+@pytest.mark.parametrize("inject_layer", [None, 1])
+def test_teacher_forced_logits_equal_cached_generation(setup, inject_layer):
+    loaded, acts = setup
+    dec = _decoder(loaded, inject_layer=inject_layer)
+    ids = dec.generate(acts, max_length=4)
+    forced = dec.teacher_forced_logits(acts, ids)
+    assert forced.shape == (3, 4, 320)
+    assert torch.equal(forced.argmax(-1), ids)
+    gen_one = dec.teacher_forced_logits(acts, ids[:, :1])
+    torch.testing.assert_close(gen_one, forced[:, :1], atol=1e-5, rtol=1e-5)
+
+
+def test_inject_layer_out_of_range_is_refused(setup):
+    loaded, _ = setup
+    with pytest.raises(LensError, match="inject_layer"):
+        _decoder(loaded, inject_layer=99)
