@@ -399,24 +399,42 @@ def save_sharded_checkpoint(
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's `.metadata` admitting only DCP's own classes and torch's plain value types."""
+    """Unpickles DCP's `.metadata` admitting only the exact (module, name) pairs of `_DCP_GLOBALS`."""
 
     def find_class(self, module: str, name: str) -> object:
-        if module.startswith("torch.distributed.checkpoint.") or (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), _TORCH_VALUE_TYPES):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+        # Exact pairs only: a prefix rule let protocol-4 dotted names (e.g. "os.system" looked up
+        # inside a DCP module that imports os) resolve to arbitrary callables.
+        if (module, name) not in _DCP_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}:{name} from checkpoint metadata"
+            )
+        return super().find_class(module, name)
 
 
-_SAFE_GLOBALS = {
-    ("collections", "OrderedDict"),
-    ("torch", "Size"),
-    ("builtins", "set"),
-    ("torch.serialization", "_get_layout"),  # name -> torch.layout lookup, nothing else
-    ("pathlib", "PosixPath"),  # the checkpoint id DCP records; constructing a path runs nothing
-}
-_TORCH_VALUE_TYPES = (torch.dtype, torch.layout, torch.memory_format)
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_DCP_GLOBALS = frozenset(
+    {
+        # DCP's metadata dataclasses and enum (what `Metadata` and its values are made of).
+        (_DCP_METADATA, "Metadata"),
+        (_DCP_METADATA, "MetadataIndex"),
+        (_DCP_METADATA, "StorageMeta"),
+        (_DCP_METADATA, "TensorProperties"),
+        (_DCP_METADATA, "TensorStorageMetadata"),
+        (_DCP_METADATA, "BytesStorageMetadata"),
+        (_DCP_METADATA, "ChunkStorageMetadata"),
+        (_DCP_METADATA, "_MEM_FORMAT_ENCODING"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        # Plain value types the dataclasses hold.
+        ("collections", "OrderedDict"),
+        ("builtins", "set"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),  # name -> torch.layout lookup, nothing else
+        ("pathlib", "PosixPath"),  # the checkpoint id DCP records; constructing a path runs nothing
+        ("pathlib._local", "PosixPath"),  # the same class on Python >= 3.13
+        # torch's dtype objects by their exact names (torch.float32, torch.bfloat16, ...).
+        *(("torch", n) for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype)),
+    }
+)
 
 
 def _read_dcp_metadata(handle, path: Path) -> object:

@@ -171,3 +171,65 @@ def test_planted_dcp_metadata_is_refused_without_running(tmp_path):
     with pytest.raises(LensError, match="unsafe or corrupt metadata"):
         ck.dcp_load({"model": {"w": torch.zeros(2, 3)}}, good)
     assert not marker.exists()
+
+
+def _global_call_pickle(module: str, name: str, arg: str) -> bytes:
+    """A protocol-4 pickle calling `module:name(arg)`; protocol 4 resolves dotted names."""
+    import pickle
+
+    def text(s: str) -> bytes:
+        data = s.encode()
+        return pickle.SHORT_BINUNICODE + bytes([len(data)]) + data
+
+    return (
+        pickle.PROTO
+        + b"\x04"
+        + text(module)
+        + text(name)
+        + pickle.STACK_GLOBAL
+        + text(arg)
+        + pickle.TUPLE1
+        + pickle.REDUCE
+        + pickle.STOP
+    )
+
+
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        ("torch.distributed.checkpoint.filesystem", "os.system"),  # dotted name in a DCP module
+        ("torch.distributed.checkpoint.metadata", "Metadata.__init__.__globals__"),
+        ("torch", "load"),  # under an admitted module, but not an admitted name
+        ("os", "system"),
+    ],
+)
+def test_dcp_metadata_admits_only_exact_pairs(tmp_path, module, name):
+    import torch.distributed.checkpoint as dcp
+
+    path = tmp_path / "ckpt"
+    dcp.save({"w": torch.ones(2)}, checkpoint_id=path)
+    marker = tmp_path / "pwned"
+    (path / ".metadata").write_bytes(_global_call_pickle(module, name, f"touch {marker}"))
+    with pytest.raises(LensError, match="unsafe or corrupt metadata") as err:
+        ck.dcp_load({"w": torch.zeros(2)}, path)
+    assert f"{module}:{name}" in str(err.value) and "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+def test_dotted_name_dcp_payload_through_train_resume_runs_nothing(trained, tmp_path, capsys):
+    """Single-process `train --resume` loads through DCP when a (forged) manifest says sharded."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(Path(trained["train"]["run_dir"]) / "checkpoints", run_dir / "checkpoints")
+    path = ck.latest_valid(run_dir)
+    marker = tmp_path / "pwned"
+    payload = _global_call_pickle(
+        "torch.distributed.checkpoint.filesystem", "os.system", f"touch {marker}"
+    )
+    (path / ".metadata").write_bytes(payload)
+    manifest = json.loads((path / ck.MANIFEST).read_text())
+    manifest["kind"] = ck.SHARDED
+    manifest["files"][".metadata"] = ck.sha256_file(path / ".metadata")
+    (path / ck.MANIFEST).write_text(json.dumps(manifest))
+    line = _cli_error(capsys, ["train", *_overrides(trained, run_dir, 2), "--resume"])
+    assert "unsafe or corrupt metadata" in line and "os.system" in line
+    assert not marker.exists()
