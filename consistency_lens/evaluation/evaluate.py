@@ -38,7 +38,11 @@ def load_lens(cfg: LensConfig, checkpoint: Path | None):
             f"No saved lens at '{path}' (lens_config.json missing); train one with "
             "`consistency-lens train` or pass --checkpoint DIR."
         )
-    return ConsistencyLens.from_pretrained(path, device=cfg.device), path
+    # The user's config names the base model and decides remote code, never the lens directory.
+    lens = ConsistencyLens.from_pretrained(
+        path, device=cfg.device, model=cfg.model, trust_remote_code=cfg.trust_remote_code
+    )
+    return lens, path
 
 
 def eval_config(cfg: LensConfig, lens) -> LensConfig:

@@ -307,14 +307,30 @@ class ConsistencyLens(nn.Module):
         *,
         loaded: LoadedModel | None = None,
         layer: int | None = None,
+        model: str | None = None,
+        trust_remote_code: bool = False,
     ) -> ConsistencyLens:
-        """Load a saved lens; refuse a base model, layer or width that differs from the recorded one."""
+        """Load a saved lens; refuse a base model, layer or width that differs from the recorded one.
+
+        `model` and `trust_remote_code` are the caller's (the user's config): a lens directory is
+        data someone may hand you, so it never decides to run a model's own code, and its recorded
+        base model is only compared with `model`, never loaded in its place. Without `model` the
+        recorded base model is loaded, still with the caller's `trust_remote_code`.
+        """
         path = Path(path)
-        meta = read_json(path / CONFIG_FILE, "Lens config")
-        if meta.get("format_version") != FORMAT_VERSION or "config" not in meta:
+        meta = _read_lens_config(path)
+        recorded = meta["base_model"]
+        if meta["config"].get("trust_remote_code") is True and not trust_remote_code:
             raise LensError(
-                f"Lens config '{path / CONFIG_FILE}' has format version "
-                f"{meta.get('format_version')!r}, but this version reads {FORMAT_VERSION}."
+                f"The lens at '{path}' was trained on '{recorded}' with trust_remote_code=true, "
+                "which runs that model's own Python code; set trust_remote_code=true in your "
+                "config only if you trust the model's authors."
+            )
+        if model is not None and loaded is None and model != recorded:
+            raise LensError(
+                f"The lens at '{path}' was trained on base model '{recorded}' but the config names "
+                f"model '{model}'; set model={recorded} (if you trust that model) or use a lens "
+                f"trained on '{model}'."
             )
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
@@ -323,14 +339,18 @@ class ConsistencyLens(nn.Module):
             raise LensError(
                 f"Lens weights '{weights}' are corrupt (checksum mismatch); save the lens again."
             )
-        cfg = config_from_dict(meta["config"])
-        if device is not None:
-            cfg = cfg.model_copy(update={"device": device})
+        try:
+            cfg = config_from_dict(meta["config"])
+        except LensError as err:
+            raise LensError(f"Lens config '{path / CONFIG_FILE}' is damaged: {err}") from None
+        # The caller's choices, never the file's: what to load and whether its code may run.
+        update = {"model": model or recorded, "trust_remote_code": trust_remote_code}
+        cfg = cfg.model_copy(update={**update, **({"device": device} if device else {})})
         if layer is not None and layer != meta["layer"]:
             raise LensError(
                 f"The lens at '{path}' was trained for layer {meta['layer']}, not layer {layer}."
             )
-        loaded = loaded or load_for_config(cfg, meta["base_model"])
+        loaded = loaded or load_for_config(cfg)
         if loaded.fingerprint != meta["fingerprint"]:
             raise LensError(
                 f"The lens at '{path}' was trained on base model '{meta['base_model']}' with "
@@ -351,3 +371,36 @@ class ConsistencyLens(nn.Module):
         lens = cls(cfg, loaded)
         lens.load_trainable_state_dict({k: v.to(lens.device) for k, v in state.items()})
         return lens
+
+
+# Keys of `lens_config.json` that loading reads, with their JSON types.
+_LENS_CONFIG_KEYS = {
+    "format_version": int,
+    "base_model": str,
+    "fingerprint": str,
+    "layer": int,
+    "d_model": int,
+    "weights_sha256": str,
+    "config": dict,
+}
+
+
+def _read_lens_config(path: Path) -> dict:
+    """`lens_config.json` of a lens directory, with every key loading reads present and typed."""
+    file = path / CONFIG_FILE
+    meta = read_json(file, "Lens config")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise LensError(
+            f"Lens config '{file}' has format version {meta.get('format_version')!r}, but this "
+            f"version reads {FORMAT_VERSION}; use the matching consistency-lens version."
+        )
+    for key, kind in _LENS_CONFIG_KEYS.items():
+        value = meta.get(key)
+        # bool is an int subclass, but never a valid layer, width or version.
+        if not isinstance(value, kind) or isinstance(value, bool):
+            got = "missing" if key not in meta else f"a {type(value).__name__}"
+            raise LensError(
+                f"Lens config '{file}' key '{key}' must be a {kind.__name__} but is {got}; "
+                "the lens directory is damaged, save the lens again."
+            )
+    return meta

@@ -233,3 +233,57 @@ def test_dotted_name_dcp_payload_through_train_resume_runs_nothing(trained, tmp_
     line = _cli_error(capsys, ["train", *_overrides(trained, run_dir, 2), "--resume"])
     assert "unsafe or corrupt metadata" in line and "os.system" in line
     assert not marker.exists()
+
+
+def _model_with_remote_code(src: Path, out: Path, marker: Path) -> Path:
+    """A copy of `src` whose config.json maps AutoConfig to a module that touches `marker`."""
+    shutil.copytree(src, out)
+    (out / "evil_config.py").write_text(
+        "from pathlib import Path\n"
+        "from transformers import LlamaConfig\n"
+        f"Path({str(marker)!r}).touch()\n"
+        "class EvilConfig(LlamaConfig):\n"
+        "    pass\n"
+    )
+    config = json.loads((out / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil_config.EvilConfig"}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def _edit_lens(trained: dict, out: Path, **meta_or_config) -> Path:
+    shutil.copytree(Path(trained["train"]["run_dir"]) / "lens", out)
+    meta = json.loads((out / "lens_config.json").read_text())
+    for key, value in meta_or_config.items():
+        if key == "trust_remote_code":
+            meta["config"][key] = value
+        else:
+            meta[key] = meta["config"]["model"] = value
+    (out / "lens_config.json").write_text(json.dumps(meta))
+    return out
+
+
+def test_lens_config_never_turns_remote_code_on(trained, tmp_path, tiny_llama_dir, capsys):
+    """A lens saying trust_remote_code=true and naming a model with an auto_map runs nothing."""
+    marker = tmp_path / "pwned"
+    evil = _model_with_remote_code(tiny_llama_dir, tmp_path / "evil_model", marker)
+    lens = _edit_lens(trained, tmp_path / "lens", base_model=str(evil), trust_remote_code=True)
+    over = [*_overrides(trained, tmp_path / "run", 1), "trust_remote_code=false"]
+    argv = ["explain", *over, "--checkpoint", str(lens), "--text", "the nation"]
+    line = _cli_error(capsys, argv)
+    assert "with trust_remote_code=true" in line and str(evil) in line
+    with pytest.raises(LensError, match="with trust_remote_code=true"):
+        ConsistencyLens.from_pretrained(lens)
+    assert not marker.exists()
+
+
+def test_lens_base_model_must_be_the_configs(trained, tmp_path, tiny_llama_dir, capsys):
+    """Even a user who trusts their own model's code never gets the lens's model loaded instead."""
+    marker = tmp_path / "pwned"
+    evil = _model_with_remote_code(tiny_llama_dir, tmp_path / "evil_model", marker)
+    lens = _edit_lens(trained, tmp_path / "lens", base_model=str(evil))
+    over = [*_overrides(trained, tmp_path / "run", 1), "trust_remote_code=true"]
+    line = _cli_error(capsys, ["eval", *over, "--checkpoint", str(lens)])
+    assert f"trained on base model '{evil}'" in line and f"model '{trained['model']}'" in line
+    assert f"set model={evil}" in line
+    assert not marker.exists()
