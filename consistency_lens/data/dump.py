@@ -7,6 +7,8 @@ uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -30,12 +32,17 @@ from consistency_lens.models.adapter import check_layer
 from consistency_lens.models.hooks import run_until
 from consistency_lens.models.loading import LoadedModel, load_for_config, max_positions, model_slug
 from consistency_lens.utils.io import atomic_write, atomic_write_json, read_json, sha256_file
+from consistency_lens.utils.lock import LOCK_FILE, dir_lock
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 _FP16_MAX = 65504.0
-# settings that must match for a rerun to resume an existing dump
+# Settings that must match for a rerun to resume an existing dump: everything that decides which
+# sequences and positions a split holds and how they are stored. `plan_sha256` (a digest of the
+# split's sequences, positions and indices) is last: it catches what the named keys cannot, e.g.
+# a corpus edited without changing its size or mtime.
 _RESUME_KEYS = (
+    "format_version",
     "model",
     "fingerprint",
     "layer",
@@ -44,11 +51,18 @@ _RESUME_KEYS = (
     "p_min",
     "seed",
     "corpus",
+    "corpus_split",
+    "text_column",
+    "corpus_key",
+    "num_samples",
+    "val_samples",
     "num_requested",
     "shard_size",
     "max_norm_ratio",
+    "tokenizer",
     "tokenizer_hash",
     "world_size",
+    "plan_sha256",
 )
 
 
@@ -118,7 +132,21 @@ def plan_splits(
         highs = np.asarray([len(s) - 2 for s in seqs], np.int64)
         positions = rng.integers(p_min, highs + 1) if seqs else np.zeros(0, np.int64)
         plans[split] = SplitPlan(seqs, positions.astype(np.int64), chosen[split].astype(np.int64))
+    # Disjoint by construction (two slices of one permutation); checked, since a leak is silent.
+    if np.intersect1d(plans["train"].seq_index, plans["val"].seq_index).size:
+        raise AssertionError("train and val splits share sequences")
     return plans, skipped
+
+
+def plan_digest(plan: SplitPlan) -> str:
+    """sha256 of a split's sequences, positions and corpus indices: the samples it decides."""
+    digest = hashlib.sha256()
+    digest.update(plan.positions.astype("<i8").tobytes())
+    digest.update(plan.seq_index.astype("<i8").tobytes())
+    for seq in plan.sequences:
+        digest.update(len(seq).to_bytes(8, "little"))
+        digest.update(np.asarray(seq).astype("<i8").tobytes())
+    return digest.hexdigest()
 
 
 def _bos_id(tokenizer) -> int | None:
@@ -217,17 +245,35 @@ def _join(cfg: LensConfig) -> tuple[int, int, LensConfig]:
 
 
 def _resume_state(directory: Path, header: dict) -> list[dict]:
-    """Valid shards already written by an earlier run of the same dump, in order."""
-    for stray in directory.glob(".*.tmp"):
-        stray.unlink()
+    """Valid shards already written by an earlier run of the same dump, in order; reads only.
+
+    Refuses (before anything is written) a directory dumped with any other setting that decides
+    the samples, so a rerun never mixes shards of two corpora, seeds or splits.
+    """
     progress = directory / "progress.json"
     if not progress.is_file():
+        if (directory / "metadata.json").is_file():
+            # A complete dump without its progress file cannot be checked; never mix with it.
+            raise LensError(
+                f"'{directory}' holds a dump without its progress.json, so it cannot be checked "
+                "against this config; delete that directory or use another output_dir."
+            )
         return []
     state = read_json(progress, "Dump progress file")
+    old = state.get("header")
+    if not isinstance(old, dict) or not isinstance(state.get("shards"), list):
+        raise LensError(
+            f"Dump progress file '{progress}' is damaged; delete '{directory}' and dump again."
+        )
     for key in _RESUME_KEYS:
-        if state["header"].get(key) != header.get(key):
+        if old.get(key) != header.get(key):
+            if key == "plan_sha256":
+                raise LensError(
+                    f"'{directory}' holds a dump of other sequences (the corpus content changed "
+                    "since it was made); delete that directory or use another output_dir."
+                )
             raise LensError(
-                f"'{directory}' holds a dump made with {key}={state['header'].get(key)!r}, not "
+                f"'{directory}' holds a dump made with {key}={old.get(key)!r}, not "
                 f"{header.get(key)!r}; use another output_dir or delete that directory."
             )
     done = []
@@ -249,8 +295,10 @@ def _dump_rank(
     progress: Progress,
     label: str,
 ) -> dict:
-    directory.mkdir(parents=True, exist_ok=True)
     shards = _resume_state(directory, header)
+    # Temporary files of a killed run; only now, after the checks and under the lock.
+    for stray in directory.glob(".*.tmp"):
+        stray.unlink()
     dtype = getattr(torch, cfg.dtype)
     n_shards = math.ceil(len(span) / cfg.shard_size)
     task = progress.add_task(label, total=len(span), rate=0.0)
@@ -284,10 +332,16 @@ def _dump_rank(
 
 
 def _header(
-    cfg: LensConfig, loaded: LoadedModel, corpus_key: str, split: str, n: int, world: int
+    cfg: LensConfig, loaded: LoadedModel, corpus_key: str, split: str, plan: SplitPlan, world: int
 ) -> dict:
+    n = len(plan.sequences)
     return {
         "format_version": FORMAT_VERSION,
+        "plan_sha256": plan_digest(plan),
+        "num_samples": cfg.num_samples,
+        "val_samples": cfg.val_samples,
+        "corpus_split": cfg.corpus_split,
+        "text_column": cfg.text_column,
         "world_size": world,
         "model": cfg.model,
         "fingerprint": loaded.fingerprint,
@@ -330,16 +384,27 @@ def dump_activations(cfg: LensConfig, loaded: LoadedModel | None = None) -> dict
     corpus = _shared_corpus(cfg, loaded, rank, world)
     plans, skipped = plan_splits(cfg, corpus, _bos_id(loaded.tokenizer))
     out: dict[str, Path] = {}
-    with _progress() as progress:
+    with contextlib.ExitStack() as locks, _progress() as progress:
+        # Lock and check every split before writing anything: a refused val split must not
+        # leave a rewritten train split behind.
         for split in SPLITS:
-            plan = plans[split]
+            if not len(plans[split].sequences):
+                _refuse_stale_split(split_dir(cfg, split), split)
+        jobs = []
+        for split in SPLITS:
+            plan, directory = plans[split], split_dir(cfg, split)
+            rank_dir = directory / f"rank_{rank}" if world > 1 else directory
             if not len(plan.sequences):
                 continue
-            directory = split_dir(cfg, split)
-            header = _header(cfg, loaded, corpus.key, split, len(plan.sequences), world)
+            header = _header(cfg, loaded, corpus.key, split, plan, world)
+            locks.enter_context(
+                dir_lock(rank_dir, "dump split", "use another output_dir for this dump")
+            )
+            _resume_state(rank_dir, header)
+            jobs.append((split, plan, directory, rank_dir, header))
+        for split, plan, directory, rank_dir, header in jobs:
             per = math.ceil(len(plan.sequences) / world)
             span = range(rank * per, min(len(plan.sequences), (rank + 1) * per))
-            rank_dir = directory / f"rank_{rank}" if world > 1 else directory
             result = _dump_rank(
                 loaded, cfg, plan, span, rank_dir, header, progress, f"dump {split}"
             )
@@ -365,6 +430,15 @@ def dump_activations(cfg: LensConfig, loaded: LoadedModel | None = None) -> dict
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return out
+
+
+def _refuse_stale_split(directory: Path, split: str) -> None:
+    """A split this config draws no samples for must not survive from another config."""
+    if directory.is_dir() and any(p.name != LOCK_FILE for p in directory.iterdir()):
+        raise LensError(
+            f"'{directory}' holds a {split} split of an earlier dump, but this config draws no "
+            f"{split} samples (e.g. val_samples=0); delete that directory or use another output_dir."
+        )
 
 
 def _write_global(directory: Path, header: dict, world: int, skipped: int, cfg: LensConfig) -> None:

@@ -204,8 +204,10 @@ def test_no_space_while_writing_a_shard(capsys, world, tmp_path, monkeypatch):
     base = {**world["base"], "output_dir": tmp_path / "acts", "cache_dir": tmp_path / "cache"}
     line = _one_sentence(capsys, ["dump", *_argv(base)])
     assert "No space left on the device while writing" in line and "shard_00000" in line
-    # The split directory exists, but neither the torn shard nor its temporary file is left.
-    assert list(split_dir(config_from_dict(base), "train").iterdir()) == []
+    # The split directory exists, but neither the torn shard nor its temporary file is left;
+    # only its lock file, released (empty).
+    train = split_dir(config_from_dict(base), "train")
+    assert [p.name for p in train.iterdir()] == [".lock"] and (train / ".lock").read_bytes() == b""
 
 
 def test_no_space_in_atomic_write_leaves_no_file(tmp_path, monkeypatch):
