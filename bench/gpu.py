@@ -29,6 +29,7 @@ from consistency_lens.models.hooks import run_until
 from consistency_lens.models.lens import ConsistencyLens
 from consistency_lens.models.loading import LoadedModel
 from consistency_lens.training.distributed import wrap_for_strategy
+from consistency_lens.training.objectives import build_objective, step_info
 
 # Shapes of the real models (LlamaConfig fields); weights are random.
 SHAPES = {
@@ -204,6 +205,8 @@ def bench_train(
     )
     lens = ConsistencyLens(cfg, loaded)
     engine = wrap_for_strategy(lens, cfg)
+    objective = build_objective(lens, cfg)  # train.objective, as the trainer picks it
+    info = step_info(type(objective), cfg, 0)
     vocab = loaded.model.config.vocab_size
     items = [
         {
@@ -220,7 +223,7 @@ def bench_train(
     def step() -> None:
         engine.zero_grad()
         with autocast:
-            out = engine.model(batch, 1.0, 1.0)
+            out = engine.model(batch, objective, info)
         engine.backward(out.loss)
         engine.clip_grad_norm(1.0)
         engine.step()
@@ -232,6 +235,7 @@ def bench_train(
         "part": "train",
         "shape": shape,
         "mode": "full",
+        "objective": objective.name,
         "batch": args.train_batch,
         "t_text": args.t_text,
         "steps_per_s": 1 / seconds,

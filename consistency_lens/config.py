@@ -33,6 +33,21 @@ class ScheduleConfig(_Strict):
     """Value at step 0 when `warmup_steps > 0`."""
 
 
+class RLConfig(_Strict):
+    """Reinforcement learning on D's sampled text (objective `grpo`)."""
+
+    samples: int = Field(4, ge=2)
+    """Explanations sampled per activation; advantages compare the samples of one activation."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of D."""
+    kl_ref: float = Field(0.05, ge=0)
+    """Weight of the KL of D's token distributions to the reference D (readability)."""
+    mse_reward: float = Field(0.0, ge=0)
+    """Reward is -KL at P minus this times E's normalised squared error."""
+    std_norm: bool = True
+    """Divide each group's advantages by its reward standard deviation."""
+
+
 class TrainConfig(_Strict):
     """How a lens is trained on a dump."""
 
@@ -74,6 +89,13 @@ class TrainConfig(_Strict):
     """Weight of `loss_kl` in `loss = loss_lm + alpha * loss_kl`."""
     lr_schedule: ScheduleConfig = ScheduleConfig(kind="cosine", start=1.0, end=0.1, warmup_steps=20)
     """Factor multiplying both learning rates."""
+    objective: str = "plan"
+    """Registered training objective (`consistency_lens/training/objectives/`); `plan` is the plan's."""
+    init_from: Path | None = None
+    """A saved lens directory whose trainable weights this run starts from (e.g. a warm start);
+    the lens must be of the same model, layer, mode and decoder shape."""
+    rl: RLConfig = RLConfig()
+    """Settings of the `grpo` objective."""
     target: Literal["residual", "direct"] = "residual"
     """`residual`: the plan's `A_target = Â + (A' - Â').detach()`. `direct`: `A_target = Â`."""
     mse_weight: float = Field(0.0, ge=0)
@@ -123,6 +145,10 @@ class EvalConfig(_Strict):
     """Sampled (non-greedy) explanations per qualitative sample."""
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature for the sampled explanations."""
+    context_window: int = Field(16, ge=1)
+    """Specificity: context tokens ending at P that an explanation's words are looked up in."""
+    examples: int = Field(3, ge=0)
+    """Specificity: examples per bucket shown in the samples page."""
     explain_text: str = "The president told Congress that the nation's economy was strong."
     """Sentence explained by `demo`."""
 

@@ -11,28 +11,42 @@ from consistency_lens.evaluation.tables import NOTES, result_tables
 from consistency_lens.utils.io import atomic_write_text, read_json
 from consistency_lens.utils.logging import MetricsFile
 
-# (title, metrics.jsonl keys drawn on one plot, log-scale y axis)
-CURVES: list[tuple[str, list[str], bool]] = [
-    ("Total loss", ["loss"], True),
-    ("KL term (loss_kl)", ["loss_kl"], True),
-    ("LM term (loss_lm)", ["loss_lm"], True),
-    ("MSE term (loss_mse)", ["loss_mse"], True),
-    ("Entropy of D's token distributions", ["entropy"], False),
+# Curves every run has; the objective's own terms and coefficients are added by `curves_for`.
+_VAL_CURVES: list[tuple[str, list[str], bool]] = [
     ("Validation KL of the direct reconstruction", ["val_kl"], True),
     ("Validation FVE", ["val_fve"], False),
     ("Validation MSE", ["val_mse"], True),
-    ("Gumbel temperature τ", ["tau"], False),
-    ("KL weight α", ["alpha"], False),
-    ("Learning rate", ["lr"], True),
 ]
 
 
-def curve_figures(rows: list[dict]) -> list[str]:
-    """One plotly `<div>` (no plotly.js inside) per curve that has data."""
+def curves_for(objective: str = "plan") -> list[tuple[str, list[str], bool]]:
+    """(title, metrics.jsonl keys drawn on one plot, log-scale y) for a run of `objective`."""
+    from consistency_lens.training.objectives import objective_class
+
+    cls = objective_class(objective)
+    titles = cls.term_titles
+    curves = [("Total loss", ["loss"], True)]
+    curves += [(titles.get(t, t), [t], t not in cls.linear_terms) for t in cls.terms]
+    curves += _VAL_CURVES
+    curves += [(titles.get(c, f"coefficient {c}"), [c], False) for c in cls.coefficients]
+    return curves + [("Learning rate", ["lr"], True)]
+
+
+def run_objective(run_dir: Path) -> str:
+    """The objective a run trained with, from its saved lens (`plan` when there is none yet)."""
+    config = Path(run_dir) / "lens" / "lens_config.json"
+    if not config.is_file():
+        return "plan"
+    meta = read_json(config, "Lens config")
+    return str(meta.get("config", {}).get("train", {}).get("objective", "plan"))
+
+
+def curve_figures(rows: list[dict], objective: str = "plan") -> list[str]:
+    """One plotly `<div>` (no plotly.js inside) per curve of `objective`'s run that has data."""
     import plotly.graph_objects as go
 
     divs = []
-    for i, (title, keys, log_y) in enumerate(CURVES):
+    for i, (title, keys, log_y) in enumerate(curves_for(objective)):
         fig = go.Figure()
         for key in keys:
             points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
@@ -96,7 +110,7 @@ def write_report(run_dir: Path) -> Path:
     results_path = run_dir / "eval_results.json"
     results = read_json(results_path, "Eval results") if results_path.is_file() else None
     samples = read_samples(run_dir / "samples.jsonl")
-    figures = curve_figures(rows)
+    figures = curve_figures(rows, run_objective(run_dir))
     curves = (
         f"<div class='grid'>{''.join(figures)}</div>"
         if figures

@@ -34,7 +34,7 @@ from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import find_parts
 from consistency_lens.models.lens import ConsistencyLens
 from consistency_lens.models.loading import resolve_device
-from consistency_lens.training.objective import LossOutput, compute_losses
+from consistency_lens.training.objectives import Objective, ObjectiveOutput, StepInfo
 from consistency_lens.training.optim import Ema, build_optimizer
 from consistency_lens.utils import checkpoint as ckpt
 
@@ -115,9 +115,9 @@ class LensStep(nn.Module):
         super().__init__()
         self.lens = lens
 
-    def forward(self, batch: Batch, tau: float, alpha: float) -> LossOutput:
-        """All losses of one micro-batch."""
-        return compute_losses(self.lens, batch, tau, alpha)
+    def forward(self, batch: Batch, objective: Objective, step: StepInfo) -> ObjectiveOutput:
+        """The objective's loss and terms of one micro-batch (the objective is the trainer's)."""
+        return objective(self.lens, batch, step)
 
 
 def _skipped_params(module: nn.Module) -> set[nn.Parameter]:

@@ -27,16 +27,21 @@ from consistency_lens.data.collate import Batch, CollateFn
 from consistency_lens.data.dataset import ActivationDataset
 from consistency_lens.data.dump import split_dir
 from consistency_lens.errors import LensError
-from consistency_lens.evaluation.metrics import fve, kl_per_sample, mse
+from consistency_lens.evaluation.metrics import fve, mse
 from consistency_lens.models.lens import ConsistencyLens
+from consistency_lens.models.patching import patched_kl
 from consistency_lens.training import distributed
 from consistency_lens.training.distributed import Engine, wrap_for_strategy
+from consistency_lens.training.objectives import (
+    Objective,
+    StepInfo,
+    build_objective,
+    step_info,
+)
 from consistency_lens.training.optim import Ema
-from consistency_lens.training.schedules import schedule_value
 from consistency_lens.utils import checkpoint as ckpt
 from consistency_lens.utils.logging import RunLogger
 
-_LOSS_KEYS = ("loss", "loss_kl", "loss_lm", "loss_mse", "entropy")
 # Config keys that a resumed run must share with its checkpoint (the weights' meaning).
 _RESUME_KEYS = ("model", "layer")
 _RESUME_TRAIN_KEYS = ("mode", "t_text", "prompt", "encoder_prompt", "encoder_layer", "lora_r")
@@ -181,6 +186,7 @@ class _Run:
     device: torch.device
     state: TrainState
     engine: Engine
+    objective: Objective
     logger: RunLogger | None = None
     last_val: dict = field(default_factory=dict)
 
@@ -265,7 +271,7 @@ def _skip_bad(run: _Run, cause: str) -> None:
         )
 
 
-def _micro_step(run: _Run, batch: Batch, tau: float, alpha: float, final: bool) -> dict | str:
+def _micro_step(run: _Run, batch: Batch, info: StepInfo, final: bool) -> dict | str:
     """Forward and backward one micro-batch: its detached losses, or a string naming the skip cause."""
     # Under torchrun all ranks skip together, or the collectives of forward/backward would hang.
     bad = run.engine.agree(_bad_inputs(batch))
@@ -273,20 +279,23 @@ def _micro_step(run: _Run, batch: Batch, tau: float, alpha: float, final: bool) 
         return bad
     with run.engine.micro_batch(final):
         with _autocast(run.cfg, run.device):
-            out = run.model(batch.to(run.device), tau, alpha)
+            out = run.model(batch.to(run.device), run.objective, info)
         bad = run.engine.agree(None if bool(torch.isfinite(out.loss)) else "a NaN/inf loss")
         if bad is not None:
             return bad
         run.engine.backward(out.loss)
     # Only floats survive the micro-step, so no graph or activation outlives its backward.
-    return {key: float(getattr(out, key).detach()) for key in _LOSS_KEYS} | {"n": len(batch)}
+    terms = {"loss": out.loss, **out.terms}
+    return {key: float(terms[key].detach()) for key in run.objective.loss_names()} | {
+        "n": len(batch)
+    }
 
 
-def _accumulate(run: _Run, tau: float, alpha: float) -> list[dict]:
+def _accumulate(run: _Run, info: StepInfo) -> list[dict]:
     outs: list[dict] = []
     while len(outs) < run.cfg.train.grad_accum:
         final = len(outs) + 1 == run.cfg.train.grad_accum
-        out = _micro_step(run, run.stream.next(run.state), tau, alpha, final)
+        out = _micro_step(run, run.stream.next(run.state), info, final)
         if isinstance(out, str):
             _skip_bad(run, out)
             continue
@@ -295,28 +304,28 @@ def _accumulate(run: _Run, tau: float, alpha: float) -> list[dict]:
     return outs
 
 
-def _step_metrics(outs: list[dict], run: _Run, tau: float, alpha: float) -> dict:
-    metrics = {key: sum(o[key] for o in outs) / len(outs) for key in _LOSS_KEYS}
+def _step_metrics(outs: list[dict], run: _Run, coeffs: dict[str, float]) -> dict:
+    names = run.objective.loss_names()
+    metrics = {key: sum(o[key] for o in outs) / len(outs) for key in names}
     groups = run.optimizer.param_groups
     # `lr` is the first group's (projections/prompts); other groups are named after themselves.
     lrs = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(groups[1:], start=1)}
-    return {**metrics, "tau": tau, "alpha": alpha, "lr": groups[0]["lr"], **lrs}
+    return {**metrics, **coeffs, "lr": groups[0]["lr"], **lrs}
 
 
 def _train_step(run: _Run) -> dict:
     """One optimizer step (retried on fresh batches when the gradients are not finite)."""
     tcfg, step = run.cfg.train, run.state.step
-    tau = schedule_value(tcfg.tau, step, tcfg.steps)
-    alpha = schedule_value(tcfg.alpha, step, tcfg.steps)
+    info = step_info(type(run.objective), run.cfg, step)
     while True:
         run.engine.zero_grad()
-        outs = _accumulate(run, tau, alpha)
+        outs = _accumulate(run, info)
         max_norm = tcfg.grad_clip if tcfg.grad_clip is not None else math.inf
         grad_norm = run.engine.clip_grad_norm(max_norm)
         if bool(torch.isfinite(grad_norm)):
             break
         _skip_bad(run, "NaN/inf gradients")
-    metrics = _step_metrics(outs, run, tau, alpha)
+    metrics = _step_metrics(outs, run, info.coeffs)
     run.engine.step()
     if run.ema is not None:
         run.ema.update(run.lens.trainable_parameters())
@@ -342,11 +351,11 @@ def _val_pass(run: _Run) -> dict:
         batch = batch.to(run.device)
         with _autocast(run.cfg, run.device):
             _, a_hat = run.lens.reconstruct(batch.A)
-            logits_a, logits_hat = run.lens.orig.forward_with_replacement(
-                batch.input_ids_A, batch.attention_mask_A, [batch.A, a_hat.to(batch.A.dtype)]
+            # The eval's direction, KL(M(A) || M(Â)), so curves and eval tables are one metric.
+            (kl,) = patched_kl(
+                run.lens.orig, batch.input_ids_A, batch.attention_mask_A, batch.A, [a_hat]
             )
-        # The eval's direction, KL(M(A) || M(Â)), so curves and eval tables are one metric.
-        kls.append(kl_per_sample(logits_a, logits_hat).cpu())
+        kls.append(kl.cpu())
         acts.append(batch.A.float().cpu())
         recons.append(a_hat.float().cpu())
     A, A_hat = torch.cat(acts), torch.cat(recons)
@@ -512,6 +521,7 @@ def _build_run(
         lens.device,
         TrainState(),
         engine,
+        build_objective(lens, cfg),
     )
 
 
@@ -540,7 +550,16 @@ def train(cfg: LensConfig, resume: bool = False) -> TrainResult:
             restore(run, resume_from)
         main = distributed.rank_world()[0] == 0
         resume_step = run.state.step if resume_from is not None else None
-        logger = RunLogger(run_dir, cfg.train.steps, resume_step, cfg.wandb, dump_config(cfg), main)
+        objective = type(run.objective)
+        logger = RunLogger(
+            run_dir,
+            cfg.train.steps,
+            resume_step,
+            cfg.wandb,
+            dump_config(cfg),
+            main,
+            shown=objective.loss_names()[:3] + objective.coefficients,
+        )
         with logger, sigterm_flag() as stop:
             run.logger = logger
             if resume_from is not None:

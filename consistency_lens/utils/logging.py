@@ -61,13 +61,15 @@ class MetricsFile:
             os.fsync(handle.fileno())
 
 
-def _stats_text(m: dict) -> str:
+def _stats_text(m: dict, shown: tuple[str, ...] | None = None) -> str:
     if not m:
         return ""
-    return (
-        f"loss {m['loss']:.4f}  KL {m['loss_kl']:.4f}  LM {m['loss_lm']:.4f}  "
-        f"τ {m['tau']:.2f}  α {m['alpha']:.2f}  {m['samples_per_s']:.1f} samples/s"
-    )
+    # The objective decides what it logs; show its names (default: the loss terms present).
+    names = shown or tuple(k for k in m if k == "loss" or k.startswith("loss_"))
+    parts = [f"{k} {m[k]:.4g}" for k in names if isinstance(m.get(k), (int, float))]
+    if "samples_per_s" in m:
+        parts.append(f"{m['samples_per_s']:.1f} samples/s")
+    return "  ".join(parts)
 
 
 def _progress(console: Console, disable: bool) -> Progress:
@@ -136,8 +138,11 @@ class RunLogger:
         config: dict | None = None,
         is_main: bool = True,
         console: Console | None = None,
+        shown: tuple[str, ...] | None = None,
     ):
         self.run_dir = Path(run_dir)
+        self.shown = shown
+        """Metric names shown beside the progress bar (the objective's loss names and coefficients)."""
         self.total_steps = total_steps
         self.resume_step = resume_step
         self.is_main = is_main
@@ -178,7 +183,9 @@ class RunLogger:
     def update(self, step: int, metrics: dict) -> None:
         """Advance the progress bar to `step` and show the latest training metrics."""
         if self.is_main and self._task is not None:
-            self._progress.update(self._task, completed=step, stats=_stats_text(metrics))
+            self._progress.update(
+                self._task, completed=step, stats=_stats_text(metrics, self.shown)
+            )
 
     def log(self, step: int, metrics: dict, kind: str = "train") -> None:
         """Write one metrics.jsonl line (and a wandb point) for `step`."""

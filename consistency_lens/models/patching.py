@@ -1,0 +1,54 @@
+"""The one helper for "KL of M at P with X patched in", shared by train, validation, eval, samples
+and explain (DESIGN.md sections 2 and 7)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+
+def kl_at_p(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(logits_p) || softmax(logits_q)), batchmean, in float32."""
+    return F.kl_div(
+        F.log_softmax(logits_q.float(), dim=-1),
+        F.softmax(logits_p.float(), dim=-1),
+        reduction="batchmean",
+        log_target=False,
+    )
+
+
+def kl_per_sample(logits_ref: torch.Tensor, logits_other: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(logits_ref) || softmax(logits_other)) for each row of (B, V) logits, in nats."""
+    log_p = F.log_softmax(logits_ref.float(), dim=-1)
+    log_q = F.log_softmax(logits_other.float(), dim=-1)
+    # Clamp tiny negative values that come from float rounding when both rows are equal.
+    return (log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0.0)
+
+
+def patched_kl(
+    orig,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    A: torch.Tensor,
+    patches: list[torch.Tensor],
+    direction: Literal["eval", "plan"] = "eval",
+    return_clean: bool = False,
+):
+    """KL of M's next-token distribution at P (the last column) between A and each X in `patches`.
+
+    `orig` is the lens's `OriginalModelWrapper`; the clean prefix runs once and every vector set
+    (A first) goes through one batched single-token pass. `direction="eval"` gives per-sample
+    KL(M(A) || M(X)) of shape (B,) (the eval's metric, no grad needed); `direction="plan"` gives
+    the plan's training term KL(M(X) || M(A)), batchmean, with the gradient flowing through X.
+    With `return_clean`, also returns M's clean logits (B, V) at P.
+    """
+    vectors = [A, *(x.to(A.dtype) for x in patches)] if direction == "eval" else [A, *patches]
+    logits = orig.forward_with_replacement(input_ids, attention_mask, vectors)
+    clean = logits[0]
+    if direction == "plan":
+        kls = [kl_at_p(other, clean) for other in logits[1:]]
+    else:
+        kls = [kl_per_sample(clean, other) for other in logits[1:]]
+    return (kls, clean) if return_clean else kls

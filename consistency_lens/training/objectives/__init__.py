@@ -1,0 +1,152 @@
+"""Training objectives: what a lens minimises, behind one small protocol and a registry.
+
+An objective is a class registered with `@register("name")` in any module of this package (every
+module here is imported, so adding an objective is one new file plus its test); `train.objective`
+picks it. The protocol, in the spirit of tuned-lens / SAELens training losses:
+
+- `terms`: names of the scalar terms `__call__` returns (besides the total `loss`). The trainer
+  logs, validates and plots exactly these names; no list of loss names lives anywhere else.
+- `coefficients`: names of scheduled coefficients it needs; each must be a `ScheduleConfig` field
+  of `train` (e.g. `tau`, `alpha`). The trainer evaluates them at every step, passes them in
+  `StepInfo.coeffs` and logs them.
+- `needs_next_tokens`: the batch must carry `input_ids_next` (the corpus tokens after P, stored in
+  the dump), e.g. for teacher forcing.
+- `__init__(lens, cfg)`: runs once when the run is built, on the lens's device. Extra state (say, a
+  frozen reference copy of D) lives on the objective, not on the lens: it is never trained,
+  checkpointed or sharded, and is rebuilt identically on resume.
+- `__call__(lens, batch, step) -> ObjectiveOutput`: the loss of one micro-batch (with its graph)
+  and the detached-or-not named scalar terms. It may sample, but only from the global torch RNG,
+  so that a resumed run replays the same noise.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from consistency_lens.config import LensConfig, ScheduleConfig
+from consistency_lens.data.collate import Batch
+from consistency_lens.errors import LensError
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where training is: the optimizer step, the run's length and this step's coefficients."""
+
+    step: int
+    """Optimizer steps done before this one."""
+    total_steps: int
+    """`train.steps`."""
+    coeffs: dict[str, float] = field(default_factory=dict)
+    """Value of every coefficient the objective declared, at `step`."""
+
+    def __getitem__(self, name: str) -> float:
+        return self.coeffs[name]
+
+
+@dataclass
+class ObjectiveOutput:
+    """One micro-batch's loss (carries the graph) and its named scalar terms."""
+
+    loss: torch.Tensor
+    """What backward runs on."""
+    terms: dict[str, torch.Tensor]
+    """Scalar terms by name (the objective's `terms`), logged as floats."""
+
+
+class Objective:
+    """Base class of an objective; see the package docstring for the protocol."""
+
+    name: ClassVar[str] = ""
+    """Registry key, set by `register`."""
+    terms: ClassVar[tuple[str, ...]] = ()
+    """Names of the scalar terms returned besides `loss`."""
+    coefficients: ClassVar[tuple[str, ...]] = ()
+    """Scheduled coefficients (ScheduleConfig fields of `train`) the objective reads."""
+    needs_next_tokens: ClassVar[bool] = False
+    """Whether batches must carry `input_ids_next`."""
+    term_titles: ClassVar[dict[str, str]] = {}
+    """Optional plot titles of terms and coefficients for the report."""
+    linear_terms: ClassVar[tuple[str, ...]] = ()
+    """Terms plotted on a linear axis (the others on a log axis when positive)."""
+
+    def __init__(self, lens, cfg: LensConfig):
+        self.cfg = cfg
+
+    def __call__(self, lens, batch: Batch, step: StepInfo) -> ObjectiveOutput:
+        """Loss and named terms of one micro-batch."""
+        raise NotImplementedError
+
+    @classmethod
+    def loss_names(cls) -> tuple[str, ...]:
+        """`loss` followed by the term names: the keys the trainer logs for this objective."""
+        return ("loss", *cls.terms)
+
+
+_REGISTRY: dict[str, type[Objective]] = {}
+
+
+def register(name: str):
+    """Class decorator: make an `Objective` subclass selectable as `train.objective=name`."""
+
+    def wrap(cls: type[Objective]) -> type[Objective]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"Objective '{name}' is registered twice.")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def _load_all() -> None:
+    # Every module of the package registers its objectives on import; the plan's comes first.
+    importlib.import_module(f"{__name__}.plan")
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+def available() -> list[str]:
+    """Registered objective names, the plan's first."""
+    _load_all()
+    return list(_REGISTRY)
+
+
+def objective_class(name: str) -> type[Objective]:
+    """The class registered as `name`, or a clear error listing the registered ones."""
+    _load_all()
+    if name not in _REGISTRY:
+        raise LensError(
+            f"Unknown train.objective '{name}'; registered objectives: {', '.join(_REGISTRY)}."
+        )
+    return _REGISTRY[name]
+
+
+def check_coefficients(cls: type[Objective], cfg: LensConfig) -> None:
+    """Refuse an objective that asks for a coefficient `train` has no schedule for."""
+    for coeff in cls.coefficients:
+        if not isinstance(getattr(cfg.train, coeff, None), ScheduleConfig):
+            raise LensError(
+                f"Objective '{cls.name}' needs the scheduled coefficient train.{coeff}, which is "
+                "not a schedule of train; add it to TrainConfig as a ScheduleConfig."
+            )
+
+
+def build_objective(lens, cfg: LensConfig) -> Objective:
+    """The objective `cfg.train.objective`, built once for `lens` (its extra state included)."""
+    cls = objective_class(cfg.train.objective)
+    check_coefficients(cls, cfg)
+    return cls(lens, cfg)
+
+
+def step_info(cls: type[Objective], cfg: LensConfig, step: int) -> StepInfo:
+    """The declared coefficients of `cls` at optimizer step `step`."""
+    from consistency_lens.training.schedules import schedule_value
+
+    train = cfg.train
+    coeffs = {c: schedule_value(getattr(train, c), step, train.steps) for c in cls.coefficients}
+    return StepInfo(step=step, total_steps=train.steps, coeffs=coeffs)
