@@ -23,10 +23,19 @@ class Batch:
     """(B, T') mask of A' context."""
     A_prime: torch.Tensor
     """(B, d) activations A'."""
+    input_ids_next: torch.Tensor | None = None
+    """(B, N) right-padded corpus tokens after P (N = the dump's `next_tokens`), when the dump has them."""
+    attention_mask_next: torch.Tensor | None = None
+    """(B, N) 1 on real next tokens, 0 on padding (a sequence may end before N tokens)."""
 
     def to(self, device: torch.device | str) -> Batch:
         """Move every tensor to `device`."""
-        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return Batch(
+            **{
+                f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                for f in fields(self)
+            }
+        )
 
     def __len__(self) -> int:
         return self.A.shape[0]
@@ -35,6 +44,17 @@ class Batch:
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions of a left-padded batch: 0 at each row's first real token."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def right_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D id tensors left-aligned; returns (ids, mask)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    return ids, mask
 
 
 def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,6 +77,10 @@ class CollateFn:
     def __call__(self, items: list[dict]) -> Batch:
         ids_a, mask_a = left_pad([it["input_ids_A"] for it in items], self.pad_id)
         ids_p, mask_p = left_pad([it["input_ids_A_prime"] for it in items], self.pad_id)
+        ids_n = mask_n = None
+        if all("input_ids_next" in it for it in items):
+            # Right-padded: token t of row r is the t-th token after P, for teacher forcing.
+            ids_n, mask_n = right_pad([it["input_ids_next"] for it in items], self.pad_id)
         return Batch(
             input_ids_A=ids_a,
             attention_mask_A=mask_a,
@@ -64,4 +88,6 @@ class CollateFn:
             input_ids_A_prime=ids_p,
             attention_mask_A_prime=mask_p,
             A_prime=torch.stack([it["A_prime"] for it in items]),
+            input_ids_next=ids_n,
+            attention_mask_next=mask_n,
         )

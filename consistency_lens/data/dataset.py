@@ -28,6 +28,8 @@ class _Shard:
             ) from None
         self.acts = self.handle.get_slice("A")
         self.ids = self.handle.get_slice("input_ids")
+        self.next_offsets = self.handle.get_tensor("next_offsets")
+        self.next_ids = self.handle.get_slice("input_ids_next")
 
     def __len__(self) -> int:
         return len(self.seq_index)
@@ -35,6 +37,10 @@ class _Shard:
     def context(self, i: int) -> torch.Tensor:
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
         return self.ids[start:end].long()
+
+    def next_tokens(self, i: int) -> torch.Tensor:
+        start, end = int(self.next_offsets[i]), int(self.next_offsets[i + 1])
+        return self.next_ids[start:end].long()
 
     def activation(self, i: int) -> torch.Tensor:
         return self.acts[i : i + 1][0]
@@ -57,8 +63,9 @@ class ActivationDataset(Dataset):
         self.metadata = read_json(self.path / "metadata.json", "Dump metadata")
         if self.metadata.get("format_version") != FORMAT_VERSION:
             raise LensError(
-                f"Dump '{self.path}' has format version {self.metadata.get('format_version')}, "
-                f"this version reads {FORMAT_VERSION}; re-run the dump."
+                f"Dump '{self.path}' has format version {self.metadata.get('format_version')} but "
+                f"this version reads {FORMAT_VERSION} (which also stores the tokens after P, "
+                "`input_ids_next`); delete that directory and run `consistency-lens dump` again."
             )
         self.shards: list[_Shard] = []
         for directory in _shard_dirs(self.path, self.metadata):
@@ -115,7 +122,18 @@ class ActivationDataset(Dataset):
         shard, j = self._locate(i)
         return shard.context(j), shard.activation(j).float()
 
+    def next_tokens(self, i: int) -> torch.Tensor:
+        """The corpus tokens right after P of sample i (up to the dump's `next_tokens`)."""
+        shard, j = self._locate(i)
+        return shard.next_tokens(j)
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids, act = self.sample(i)
         ids_p, act_p = self.sample(int(self.partner[i]))
-        return {"input_ids_A": ids, "A": act, "input_ids_A_prime": ids_p, "A_prime": act_p}
+        return {
+            "input_ids_A": ids,
+            "A": act,
+            "input_ids_A_prime": ids_p,
+            "A_prime": act_p,
+            "input_ids_next": self.next_tokens(i),
+        }

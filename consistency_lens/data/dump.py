@@ -34,7 +34,8 @@ from consistency_lens.models.loading import LoadedModel, load_for_config, max_po
 from consistency_lens.utils.io import atomic_write, atomic_write_json, read_json, sha256_file
 from consistency_lens.utils.lock import LOCK_FILE, dir_lock
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2 adds `input_ids_next` (the corpus tokens after P); version-1 dumps must be dumped again."""
 SPLITS = ("train", "val")
 _FP16_MAX = 65504.0
 # Settings that must match for a rerun to resume an existing dump: everything that decides which
@@ -63,6 +64,7 @@ _RESUME_KEYS = (
     "tokenizer_hash",
     "world_size",
     "plan_sha256",
+    "next_tokens",
 )
 
 
@@ -201,12 +203,26 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _shard_tensors(
-    plan: SplitPlan, idx: np.ndarray, acts: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype
+    plan: SplitPlan,
+    idx: np.ndarray,
+    acts: torch.Tensor,
+    keep: torch.Tensor,
+    dtype: torch.dtype,
+    next_tokens: int,
 ) -> dict:
     kept = idx[keep.numpy()]
     ctx = [plan.sequences[i][: plan.positions[i] + 1] for i in kept]
     lengths = np.asarray([len(c) for c in ctx], np.int64)
+    # The corpus tokens after P (fewer at the end of a sequence, at least one since P <= len-2).
+    after = [plan.sequences[i][plan.positions[i] + 1 :][:next_tokens] for i in kept]
+    after_lengths = np.asarray([len(c) for c in after], np.int64)
     return {
+        "input_ids_next": torch.from_numpy(
+            np.concatenate(after).astype(np.int32) if after else np.zeros(0, np.int32)
+        ),
+        "next_offsets": torch.from_numpy(
+            np.concatenate([[0], np.cumsum(after_lengths)]).astype(np.int64)
+        ),
         "A": acts[keep].to(dtype).contiguous(),
         "input_ids": torch.from_numpy(
             np.concatenate(ctx).astype(np.int32) if ctx else np.zeros(0, np.int32)
@@ -323,7 +339,8 @@ def _dump_rank(
             )
         acts_t, keep_t = torch.cat(acts), torch.cat(keep)
         name = f"shard_{number:05d}.safetensors"
-        digest = _write_shard(directory / name, _shard_tensors(plan, idx, acts_t, keep_t, dtype))
+        tensors = _shard_tensors(plan, idx, acts_t, keep_t, dtype, header["next_tokens"])
+        digest = _write_shard(directory / name, tensors)
         shards.append(
             {"file": name, "count": int(len(idx)), "kept": int(keep_t.sum()), "sha256": digest}
         )
@@ -362,6 +379,8 @@ def _header(
         "tokenizer": getattr(loaded.tokenizer, "name_or_path", ""),
         "tokenizer_hash": tokenizer_hash(loaded.tokenizer),
         "pad_token_id": loaded.tokenizer.pad_token_id,
+        # Corpus tokens after P stored per sample (`input_ids_next`), e.g. for teacher forcing.
+        "next_tokens": cfg.train.t_text,
     }
 
 
@@ -375,8 +394,10 @@ def check_seq_len(cfg: LensConfig, loaded: LoadedModel) -> None:
         )
 
 
-def dump_activations(cfg: LensConfig, loaded: LoadedModel | None = None) -> dict[str, Path]:
-    """Dump the train and val splits; returns split name -> split directory."""
+def dump_activations(
+    cfg: LensConfig, loaded: LoadedModel | None = None, splits: tuple[str, ...] = SPLITS
+) -> dict[str, Path]:
+    """Dump the train and val splits (or only `splits`); returns split name -> split directory."""
     rank, world, cfg = _join(cfg)
     loaded = loaded or load_for_config(cfg)
     check_layer(loaded.parts, cfg.layer)
@@ -387,11 +408,11 @@ def dump_activations(cfg: LensConfig, loaded: LoadedModel | None = None) -> dict
     with contextlib.ExitStack() as locks, _progress() as progress:
         # Lock and check every split before writing anything: a refused val split must not
         # leave a rewritten train split behind.
-        for split in SPLITS:
+        for split in splits:
             if not len(plans[split].sequences):
                 _refuse_stale_split(split_dir(cfg, split), split)
         jobs = []
-        for split in SPLITS:
+        for split in splits:
             plan, directory = plans[split], split_dir(cfg, split)
             rank_dir = directory / f"rank_{rank}" if world > 1 else directory
             if not len(plan.sequences):

@@ -240,3 +240,43 @@ def test_high_norm_filter_drops_outliers_and_counts_them(tmp_path, tiny_llama_di
     }
     dropped = set(norms) - set(kept.seq_index.tolist())
     assert min(norms[s] for s in dropped) > min(norms[int(s)] for s in kept.seq_index)
+
+
+def test_next_tokens_after_P_are_stored_and_collated(tmp_path, tiny_llama_dir, corpus_dir):
+    from consistency_lens.data.corpus import tokenized_corpus
+    from consistency_lens.data.dump import _bos_id, plan_splits
+
+    cfg = _cfg(tmp_path, tiny_llama_dir, corpus_dir, seq_len=12, p_min=2, train={"t_text": 4})
+    dirs = dump_activations(cfg)
+    loaded = load_model(str(tiny_llama_dir), device="cpu", dtype="float32")
+    corpus = tokenized_corpus(cfg.corpus, loaded.tokenizer, cfg.cache_dir, cfg.text_column)
+    plans, _ = plan_splits(cfg, corpus, _bos_id(loaded.tokenizer))
+    short = 0
+    for split in ("train", "val"):
+        ds, plan = ActivationDataset(dirs[split]), plans[split]
+        assert ds.metadata["next_tokens"] == 4 and ds.metadata["format_version"] == 2
+        for i in range(len(ds)):
+            seq, p = torch.from_numpy(plan.sequences[i]), int(plan.positions[i])
+            assert torch.equal(ds.sample(i)[0], seq[: p + 1])
+            assert torch.equal(ds.next_tokens(i), seq[p + 1 : p + 5])
+            short += len(ds.next_tokens(i)) < 4
+    assert short > 0  # positions near the end of a sequence keep the 1..3 tokens there are
+    ds = ActivationDataset(dirs["train"])
+    batch = CollateFn(pad_id=0)([ds[i] for i in range(len(ds))])
+    for row in range(len(ds)):
+        n = len(ds.next_tokens(row))
+        assert torch.equal(batch.input_ids_next[row, :n], ds.next_tokens(row))
+        assert batch.attention_mask_next[row].tolist() == [1] * n + [0] * (4 - n)
+
+
+def test_old_format_dump_is_named_in_one_sentence(tmp_path, tiny_llama_dir, corpus_dir):
+    dirs = dump_activations(_cfg(tmp_path, tiny_llama_dir, corpus_dir))
+    meta_path = dirs["val"] / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["format_version"] = 1
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(LensError) as err:
+        ActivationDataset(dirs["val"])
+    message = str(err.value)
+    assert "format version 1 but this version reads 2" in message and "input_ids_next" in message
+    assert message.count(". ") == 0 and message.endswith(" again.")
