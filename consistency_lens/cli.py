@@ -43,11 +43,25 @@ class Eval:
 
     cfg: LensConfig
     checkpoint: Path | None = None
+    output: Path | None = None
 
     def execute(self) -> None:
         from consistency_lens.evaluation.evaluate import evaluate_command
 
-        evaluate_command(self.cfg, self.checkpoint)
+        evaluate_command(self.cfg, self.checkpoint, self.output)
+
+
+@dataclass
+class Card:
+    """Write a saved lens's model card (README.md) from an eval results file."""
+
+    lens: Path
+    results: Path
+
+    def execute(self) -> None:
+        from consistency_lens.evaluation.evaluate import card_command
+
+        print(f"model card: {card_command(self.lens, self.results)}")
 
 
 @dataclass
@@ -121,23 +135,37 @@ def _parser() -> argparse.ArgumentParser:
                 type=Path,
                 help="saved lens directory (default: <train.run_dir>/lens)",
             )
+        if name == "eval":
+            sub.add_argument(
+                "--output",
+                type=Path,
+                help="directory for eval_results.json and samples (default: train.run_dir, or "
+                "<run_dir>/eval_<corpus> on another corpus than the lens's); never the lens directory",
+            )
         if name == "explain":
             sub.add_argument("--text", help="text to explain")
             sub.add_argument("--file", type=Path, help="file whose text to explain")
             sub.add_argument("--html", type=Path, help="also write an HTML page here")
+    card = subs.add_parser("card", help=Card.__doc__, description=Card.__doc__)
+    card.add_argument("lens", type=Path, help="saved lens directory")
+    card.add_argument(
+        "--results", type=Path, required=True, help="eval_results.json of this lens (from eval)"
+    )
     return parser
 
 
 def build_command(argv: list[str]) -> object:
     """Parse argv into a subcommand object."""
     args = _parser().parse_args(argv)
+    if args.command == "card":
+        return Card(args.lens, args.results)
     cfg = load_config(args.config, args.overrides)
     if args.command == "dump":
         return Dump(cfg)
     if args.command == "train":
         return Train(cfg, resume=args.resume)
     if args.command == "eval":
-        return Eval(cfg, checkpoint=args.checkpoint)
+        return Eval(cfg, checkpoint=args.checkpoint, output=args.output)
     if args.command == "explain":
         return Explain(cfg, args.checkpoint, args.text, args.file, args.html)
     return Demo(cfg)

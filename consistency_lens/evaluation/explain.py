@@ -11,10 +11,11 @@ from consistency_lens.config import LensConfig
 from consistency_lens.data.collate import left_pad
 from consistency_lens.errors import LensError
 from consistency_lens.evaluation import metrics
-from consistency_lens.evaluation.evaluate import load_lens
+from consistency_lens.evaluation.evaluate import load_lens, refuse_lens_dir
 from consistency_lens.evaluation.html import fmt, page, table
 from consistency_lens.models.hooks import run_until
 from consistency_lens.models.loading import max_positions
+from consistency_lens.models.patching import patched_kl
 from consistency_lens.utils.io import atomic_write_text
 
 
@@ -50,10 +51,7 @@ def explain_text(lens, text: str, batch_size: int = 16) -> list[dict]:
         A = hidden[positions].float()
         expl_ids, A_hat = lens.reconstruct(A, greedy=True)
         prefixes, mask = left_pad([torch.tensor(ids[: p + 1]) for p in positions], pad)
-        clean, patched = lens.orig.forward_with_replacement(
-            prefixes.to(device), mask.to(device), [A, A_hat]
-        )
-        kl = metrics.kl_per_sample(clean, patched)
+        (kl,) = patched_kl(lens.orig, prefixes.to(device), mask.to(device), A, [A_hat])
         cos = metrics.cosine_per_sample(A, A_hat)
         for row, p in enumerate(positions):
             rows.append(
@@ -128,7 +126,9 @@ def explain_command(
     cfg: LensConfig, checkpoint: Path | None, text: str, html: Path | None
 ) -> list[dict]:
     """Explain every position of `text` with a saved lens; print a table, optionally write HTML."""
-    lens, _ = load_lens(cfg, checkpoint)
+    lens, path = load_lens(cfg, checkpoint)
+    if html is not None:
+        refuse_lens_dir(Path(html).parent, path, "Explain page")
     rows = explain_text(lens, text, cfg.eval.batch_size)
     print_explanations(rows)
     if html is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from consistency_lens.evaluation.html import page, table
 from consistency_lens.evaluation.samples import read_samples, samples_fragment
-from consistency_lens.evaluation.tables import NOTES, result_tables
+from consistency_lens.evaluation.tables import result_tables
 from consistency_lens.utils.io import atomic_write_text, read_json
 from consistency_lens.utils.logging import MetricsFile
 
@@ -92,7 +92,7 @@ def eval_section(results: dict | None) -> str:
         f"{escape(str(results.get('model', '')))} · layer {results.get('layer')} · "
         f"T_text {results.get('t_text')}</p>"
     ]
-    for (title, headers, rows), note in zip(result_tables(results), NOTES, strict=True):
+    for title, headers, rows, note in result_tables(results):
         parts.append(f"<h3>{escape(title)}</h3>")
         parts.append(table(headers, rows, "eval"))
         parts.append(f"<p class='small muted'>{escape(note)}</p>")

@@ -12,6 +12,7 @@ from consistency_lens.config import LensConfig
 from consistency_lens.data.collate import CollateFn
 from consistency_lens.evaluation import metrics
 from consistency_lens.evaluation.html import fmt, page
+from consistency_lens.models.patching import patched_kl
 from consistency_lens.utils.io import atomic_write_text
 
 CONTEXT_TOKENS_SHOWN = 48
@@ -42,16 +43,13 @@ def qualitative_samples(lens, dataset, cfg: LensConfig) -> list[dict]:
         batch = collate([dataset[i] for i in chunk]).to(lens.device)
         A = batch.A
         greedy_ids, greedy_hat = lens.reconstruct(A, greedy=True)
-        vectors = [A, greedy_hat]
+        patches = [greedy_hat]
         sampled_ids = []
         for _ in range(k):
             ids = lens.decoder.generate(A, t_text, greedy=False, temperature=cfg.eval.temperature)
             sampled_ids.append(ids)
-            vectors.append(lens.encode_ids(ids))
-        logits = lens.orig.forward_with_replacement(
-            batch.input_ids_A, batch.attention_mask_A, vectors
-        )
-        kls = [metrics.kl_per_sample(logits[0], other) for other in logits[1:]]
+            patches.append(lens.encode_ids(ids))
+        kls = patched_kl(lens.orig, batch.input_ids_A, batch.attention_mask_A, A, patches)
         cos = metrics.cosine_per_sample(A, greedy_hat)
         for row, index in enumerate(chunk):
             context = dataset.sample(index)[0].tolist()
@@ -105,8 +103,39 @@ def samples_fragment(records: list[dict]) -> str:
     return f"<table class='samples'><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
 
 
-def write_samples(records: list[dict], out_dir: Path) -> tuple[Path, Path]:
-    """Write `samples.jsonl` and a self-contained `samples.html` into `out_dir`."""
+def specificity_fragment(spec: dict | None) -> str:
+    """A few examples per specificity bucket: explanations whose words occur in their own sample."""
+    from consistency_lens.evaluation.specificity import BUCKET_NAMES
+
+    if not spec or not spec.get("examples"):
+        return ""
+    parts = [
+        "<h2>Specificity examples</h2><p class='muted'>Samples whose explanation shares content "
+        "words with its own bucket (the matched words are listed); an empty bucket had no hit.</p>"
+    ]
+    for bucket, rows in spec["examples"].items():
+        parts.append(f"<h3>{escape(BUCKET_NAMES.get(bucket, bucket))}</h3>")
+        if not rows:
+            parts.append("<p class='muted small'>No explanation hits this bucket.</p>")
+            continue
+        body = "".join(
+            f"<tr><td class='num'>{r['index']}</td><td class='expl'>{escape(repr(r['explanation']))}</td>"
+            f"<td>{escape(', '.join(r['matched']))}</td><td class='ctx'>{escape(r['context'])}</td>"
+            f"<td class='ctx'>{escape(r['next_tokens'])}</td></tr>"
+            for r in rows
+        )
+        parts.append(
+            "<table class='spec'><thead><tr><th>sample</th><th>explanation</th><th>matched</th>"
+            f"<th>context window ending at P</th><th>next tokens</th></tr></thead><tbody>{body}"
+            "</tbody></table>"
+        )
+    return "".join(parts)
+
+
+def write_samples(
+    records: list[dict], out_dir: Path, specificity: dict | None = None
+) -> tuple[Path, Path]:
+    """Write `samples.jsonl` and a self-contained `samples.html` (with specificity examples)."""
     jsonl = Path(out_dir) / "samples.jsonl"
     html_path = Path(out_dir) / "samples.html"
     atomic_write_text(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
@@ -116,7 +145,11 @@ def write_samples(records: list[dict], out_dir: Path) -> tuple[Path, Path]:
         "explanations with theirs.</p>"
     )
     atomic_write_text(
-        html_path, page("Consistency lens: qualitative samples", note + samples_fragment(records))
+        html_path,
+        page(
+            "Consistency lens: qualitative samples",
+            note + samples_fragment(records) + specificity_fragment(specificity),
+        ),
     )
     return jsonl, html_path
 

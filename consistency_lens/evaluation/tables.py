@@ -16,64 +16,135 @@ NOTE = (
     "KL(M(A) ‖ M(·)) of M's next-token distribution at P, in nats (lower is better). lens: "
     "Â = E(D(A)) with D's greedy text; zero: A = 0; mean: the per-feature mean of A over the "
     "train split; context tokens: E reads the true last T_text tokens of the context instead of "
-    "D's text; lens, shuffled: the lens's Â of another sample (as good as the lens when every "
-    "explanation is the same). kl_recovered = 1 − KL_lens / KL_baseline (above 0: the lens beats that baseline)."
+    "D's text (E was trained on D's texts only, so this is not an ideal decoder); lens, shuffled: "
+    "each sample gets another sample's Â under a seeded derangement of the whole evaluated set "
+    "(as good as the lens when every explanation is the same). kl_recovered = 1 − KL_lens / "
+    "KL_baseline (above 0: the lens beats that baseline)."
 )
-
-
 RECON_NOTE = (
     "normalised MSE = Σ‖A−Â‖² / Σ‖A‖²; FVE = 1 − Σ‖A−Â‖² / Σ‖A−Ā‖² (fraction of variance "
-    "explained); perplexity of D's greedy texts under M after a BOS token; diversity over the "
-    "greedy texts (a low unique fraction means mode collapse)."
+    "explained). constant: the same figure for Â = the train-split mean of A for every sample; "
+    "margin: how much better the lens is than that constant (positive: better; for MSE the "
+    "constant's minus the lens's), with a paired bootstrap CI. A lens with a margin below zero "
+    "reconstructs less than a constant."
+)
+TEXT_NOTE = (
+    "Perplexity of D's greedy texts under M after a BOS token; diversity over the greedy texts "
+    "(a low unique fraction means mode collapse)."
+)
+SPEC_NOTE = (
+    "Specificity: the share of an explanation's content words (each token lower-cased, letters "
+    "and digits only, stop-words dropped) found in its own sample's context window ending at P, "
+    "its next corpus tokens after P, or M's top-5 predictions at P (own), against the same share "
+    "in another sample's under the derangement (deranged). A positive difference with a CI above "
+    "zero means the texts are about their own sample; a collapsed lens scores exactly 0."
 )
 
 
-def _ci(pair: list[float] | None) -> str:
+def ci_text(pair: list[float] | None) -> str:
+    """`[lo, hi]` of a confidence interval, or '' when there is none."""
     if not pair:
         return ""
     return f"[{fmt(pair[0], 3)}, {fmt(pair[1], 3)}]"
 
 
-NOTES = (NOTE, RECON_NOTE)
-
-
-def result_tables(results: dict) -> list[tuple[str, list[str], list[list[Any]]]]:
-    """(title, headers, rows) of the KL/baseline table and the reconstruction/explanation table."""
+def _kl_table(results: dict) -> tuple[str, list[str], list[list[Any]], str]:
     kl = results["kl"]
-    faith = [["lens", kl["mean"], _ci(kl["ci"]), "", ""]]
+    rows = [["lens", kl["mean"], ci_text(kl["ci"]), "", ""]]
     # JSON files are written with sorted keys; show baselines from weakest to strongest.
     order = [k for k in BASELINE_NAMES if k in results["baselines"]]
     order += [k for k in results["baselines"] if k not in BASELINE_NAMES]
+    note = NOTE
     for key in order:
         base = results["baselines"][key]
-        faith.append(
+        label = BASELINE_NAMES.get(key, key)
+        if base.get("kl") is None:
+            rows.append([label, "unavailable", "", "", ""])
+            note += f" {label}: unavailable, {base.get('unavailable', 'not measured')}."
+            continue
+        rows.append(
             [
-                BASELINE_NAMES.get(key, key),
+                label,
                 base["kl"],
-                _ci(base["kl_ci"]),
+                ci_text(base["kl_ci"]),
                 base["kl_recovered"],
-                _ci(base["kl_recovered_ci"]),
+                ci_text(base["kl_recovered_ci"]),
             ]
         )
-    recon = [
-        ["MSE", results["mse"], ""],
-        ["normalised MSE", results["nmse"], ""],
-        ["FVE", results["fve"]["mean"], _ci(results["fve"]["ci"])],
-        ["cosine(A, Â)", results["cosine"]["mean"], _ci(results["cosine"]["ci"])],
-        ["perplexity of explanations under M", results["perplexity"], ""],
-        ["unique explanations (fraction)", results["diversity"]["fraction_unique"], ""],
-        ["distinct-1", results["diversity"]["distinct_1"], ""],
-        ["distinct-2", results["diversity"]["distinct_2"], ""],
-    ]
     n = results["num_samples"]
-    return [
-        (
-            f"KL at P on {n} validation samples",
-            ["method", "KL", "95% CI", "kl_recovered", "95% CI"],
-            faith,
-        ),
-        ("Reconstruction and explanations", ["metric", "value", "95% CI"], recon),
+    headers = ["method", "KL", "95% CI", "kl_recovered", "95% CI"]
+    return (f"KL at P on {n} validation samples", headers, rows, note)
+
+
+def _recon_table(results: dict) -> tuple[str, list[str], list[list[Any]], str]:
+    const = results.get("constant_mean", {})
+    margin = results.get("margin_over_constant", {})
+    lens = {
+        "mse": (results["mse"], None),
+        "nmse": (results["nmse"], None),
+        "fve": (results["fve"]["mean"], results["fve"]["ci"]),
+        "cosine": (results["cosine"]["mean"], results["cosine"]["ci"]),
+    }
+    labels = {"mse": "MSE", "nmse": "normalised MSE", "fve": "FVE", "cosine": "cosine(A, Â)"}
+    rows = []
+    for key, label in labels.items():
+        value, ci = lens[key]
+        m = margin.get(key, {})
+        rows.append(
+            [
+                label,
+                value,
+                ci_text(ci),
+                const.get(key, ""),
+                m.get("value", ""),
+                ci_text(m.get("ci")),
+            ]
+        )
+    headers = ["metric", "lens", "95% CI", "constant Â = train mean", "lens margin", "95% CI"]
+    return ("Reconstruction against a constant", headers, rows, RECON_NOTE)
+
+
+def _text_table(results: dict) -> tuple[str, list[str], list[list[Any]], str]:
+    rows = [
+        ["perplexity of explanations under M", results["perplexity"]],
+        ["unique explanations (fraction)", results["diversity"]["fraction_unique"]],
+        ["distinct-1", results["diversity"]["distinct_1"]],
+        ["distinct-2", results["diversity"]["distinct_2"]],
     ]
+    return ("Explanations", ["metric", "value"], rows, TEXT_NOTE)
+
+
+def _spec_table(spec: dict) -> tuple[str, list[str], list[list[Any]], str]:
+    from consistency_lens.evaluation.specificity import BUCKET_NAMES
+
+    rows = []
+    for key, row in spec["buckets"].items():
+        rows.append(
+            [
+                BUCKET_NAMES.get(key, key),
+                row["own"],
+                row["deranged"],
+                row["difference"],
+                ci_text(row["difference_ci"]),
+            ]
+        )
+    note = (
+        f"{SPEC_NOTE} Context window: {spec.get('context_window')} tokens; "
+        f"{spec['content_words']} content words; explanations without any: "
+        f"{fmt(spec['content_free_fraction'], 3)}."
+    )
+    if spec.get("unavailable"):
+        note += f" Unavailable: {spec['unavailable']}."
+    headers = ["bucket", "own", "deranged", "difference", "95% CI"]
+    return ("Specificity of explanations", headers, rows, note)
+
+
+def result_tables(results: dict) -> list[tuple[str, list[str], list[list[Any]], str]]:
+    """(title, headers, rows, note) of each eval table: KL, reconstruction, texts, specificity."""
+    tables = [_kl_table(results), _recon_table(results), _text_table(results)]
+    if "specificity" in results:
+        tables.append(_spec_table(results["specificity"]))
+    return tables
 
 
 def print_rich(results: dict) -> None:
@@ -82,7 +153,7 @@ def print_rich(results: dict) -> None:
     from rich.table import Table
 
     console = Console()
-    for (title, headers, rows), note in zip(result_tables(results), NOTES, strict=True):
+    for title, headers, rows, note in result_tables(results):
         table = Table(title=title, title_justify="left", caption=note, caption_justify="left")
         for i, header in enumerate(headers):
             table.add_column(header, justify="left" if i == 0 else "right")
@@ -94,7 +165,7 @@ def print_rich(results: dict) -> None:
 def markdown_tables(results: dict) -> str:
     """The eval tables as Markdown (for the model card and BENCHMARKS.md)."""
     out = []
-    for (title, headers, rows), note in zip(result_tables(results), NOTES, strict=True):
+    for title, headers, rows, note in result_tables(results):
         out.append(f"**{title}**\n")
         out.append("| " + " | ".join(headers) + " |")
         out.append("|" + "---|" * len(headers))

@@ -80,6 +80,26 @@ def _add_lora(model: nn.Module, cfg: LensConfig) -> nn.Module:
     return model
 
 
+def card_text(meta: dict, extra: str = "") -> str:
+    """The model card `README.md` of a lens from its `lens_config.json` metadata, `extra` appended."""
+    lines = [
+        "# Consistency lens",
+        "",
+        f"A decoder/encoder pair that explains layer {meta['layer']} of `{meta['base_model']}` "
+        f"(width {meta['d_model']}) in {meta['t_text']}-token texts.",
+        "",
+        f"- base model: `{meta['base_model']}` (fingerprint `{meta['fingerprint']}`)",
+        f"- layer: {meta['layer']}, encoder layer: {meta['encoder_layer']}",
+        f"- mode: `{meta['mode']}`; only trainable weights are in `{WEIGHTS_FILE}`",
+        f"- decoder prompt: `{meta['prompt']}`",
+        "",
+        "Load it with `ConsistencyLens.from_pretrained(path)`; the base model is loaded from "
+        "its recorded name and must have the recorded fingerprint.",
+    ]
+    text = "\n".join(lines) + "\n"
+    return text + ("\n" + extra.strip() + "\n" if extra.strip() else "")
+
+
 def _compile_blocks(models: list[nn.Module]) -> None:
     """Compile each block's `forward`; hooks live in `__call__` and stay outside the graph."""
     seen: set[int] = set()
@@ -268,22 +288,7 @@ class ConsistencyLens(nn.Module):
         }
 
     def _card(self, extra: str) -> str:
-        lines = [
-            "# Consistency lens",
-            "",
-            f"A decoder/encoder pair that explains layer {self.layer} of `{self.loaded.name}` "
-            f"(width {self.d_model}) in {self.cfg.train.t_text}-token texts.",
-            "",
-            f"- base model: `{self.loaded.name}` (fingerprint `{self.loaded.fingerprint}`)",
-            f"- layer: {self.layer}, encoder layer: {self.encoder.layer}",
-            f"- mode: `{self.cfg.train.mode}`; only trainable weights are in `{WEIGHTS_FILE}`",
-            f"- decoder prompt: `{self.cfg.train.prompt}`",
-            "",
-            "Load it with `ConsistencyLens.from_pretrained(path)`; the base model is loaded from "
-            "its recorded name and must have the recorded fingerprint.",
-        ]
-        text = "\n".join(lines) + "\n"
-        return text + ("\n" + extra.strip() + "\n" if extra.strip() else "")
+        return card_text(self._metadata(), extra)
 
     def save_pretrained(self, path: str | Path, card: str = "") -> None:
         """Write `lens_config.json`, `lens.safetensors` (trainable weights) and `README.md`."""

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
-from conftest import tiny_dump_config
+from conftest import make_text, tiny_dump_config
 
+from consistency_lens.cli import main
 from consistency_lens.config import config_from_dict
-from consistency_lens.data.dump import dump_activations
+from consistency_lens.data.dump import dump_activations, split_dir
 from consistency_lens.errors import LensError
-from consistency_lens.evaluation.evaluate import evaluate_command
+from consistency_lens.evaluation.evaluate import card_command, evaluate_command
 from consistency_lens.evaluation.explain import explain_command
 from consistency_lens.evaluation.report import write_report
 from consistency_lens.models.lens import ConsistencyLens
@@ -45,9 +48,21 @@ def run(tmp_path_factory, tiny_llama_dir, corpus_dir):
     return cfg
 
 
-def test_eval_writes_results_samples_and_card(run):
-    results = evaluate_command(run, None)
+def _tree_hashes(directory) -> dict[str, str]:
+    """sha256 of every file under `directory`, by relative path (the bytes, not the mtimes)."""
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_eval_writes_results_and_samples_but_never_the_lens_dir(run):
     run_dir = run.train.run_dir
+    lens_dir = run_dir / "lens"
+    before = _tree_hashes(lens_dir)
+    results = evaluate_command(run, None)
+    assert _tree_hashes(lens_dir) == before  # eval leaves every byte of the lens directory as is
     saved = json.loads((run_dir / "eval_results.json").read_text())
     assert saved["num_samples"] == 20 and saved["t_text"] == 3 and saved["layer"] == 1
     for name in ("zero", "mean", "context_tokens", "shuffled"):
@@ -59,17 +74,69 @@ def test_eval_writes_results_samples_and_card(run):
     assert 0 < saved["diversity"]["fraction_unique"] <= 1
     assert saved["perplexity"] > 1
     assert -1 <= results["cosine"]["mean"] <= 1
+    assert set(saved["constant_mean"]) == {"mse", "nmse", "fve", "cosine"}
+    assert set(saved["specificity"]["buckets"]) == {"context", "next_tokens", "top5", "any"}
     samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 3 and all(len(s["sampled"]) == 2 for s in samples)
     assert "p-token" in (run_dir / "samples.html").read_text()
-    card = (run_dir / "lens" / "README.md").read_text()
+    assert "Specificity examples" in (run_dir / "samples.html").read_text()
+    # The card is written only on request, from the results of this lens.
+    card_command(lens_dir, run_dir / "eval_results.json")
+    card = (lens_dir / "README.md").read_text()
     assert "## Evaluation" in card and "zero ablation" in card
+    assert "Beats its shuffled explanations:** " in card and "constant train mean" in card
+    assert "Reconstruction against a constant" in card and "Specificity" in card
+    assert json.loads((lens_dir / "eval_results.json").read_text()) == saved
     # The lens directory stays loadable after the card is written, and the samples are seeded.
-    again = evaluate_command(run, run_dir / "lens")
+    again = evaluate_command(run, lens_dir)
     assert again["kl"] == results["kl"]
     assert [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()] == samples
     report = write_report(run_dir).read_text()
     assert "context tokens" in report and "class='samples'" in report
+
+
+def test_eval_and_explain_refuse_to_write_into_the_lens_dir(run, tmp_path):
+    lens_dir = run.train.run_dir / "lens"
+    before = _tree_hashes(lens_dir)
+    with pytest.raises(LensError, match="inside the lens directory"):
+        evaluate_command(run, lens_dir, lens_dir)
+    with pytest.raises(LensError, match="inside the lens directory"):
+        explain_command(run, lens_dir, "the nation", lens_dir / "explain.html")
+    assert _tree_hashes(lens_dir) == before
+
+
+def test_card_refuses_results_of_other_weights(run, tmp_path):
+    lens_dir = run.train.run_dir / "lens"
+    fake = tmp_path / "results.json"
+    fake.write_text(json.dumps({"lens_weights_sha256": "0" * 64}))
+    with pytest.raises(LensError, match="were not computed on the weights"):
+        card_command(lens_dir, fake)
+    # The same through the command line: one sentence, exit status 2.
+    with pytest.raises(SystemExit) as stop:
+        main(["card", str(lens_dir), "--results", str(fake)])
+    assert stop.value.code == 2
+
+
+def test_eval_on_another_corpus_dumps_its_val_split_and_leaves_the_lens_alone(
+    run, tmp_path, tiny_llama_dir
+):
+    other = tmp_path / "other"
+    other.mkdir()
+    for i in range(40):
+        (other / f"doc{i}.txt").write_text(make_text(1000 + i, 80))
+    lens_dir = run.train.run_dir / "lens"
+    before = _tree_hashes(lens_dir)
+    cfg = run.model_copy(update={"corpus": str(other)})
+    results = evaluate_command(cfg, lens_dir)
+    assert _tree_hashes(lens_dir) == before
+    out = run.train.run_dir / "eval_other"
+    assert json.loads((out / "eval_results.json").read_text())["kl"] == results["kl"]
+    assert results["split"].endswith("other_val")
+    assert results["mean_split"] == str(split_dir(run, "train"))  # the lens's own training data
+    # The dump it made is the val split alone, for the lens's model and layer.
+    split = results["split"]
+    assert json.loads((Path(split) / "metadata.json").read_text())["count"] == run.val_samples
+    assert not (Path(split).parent / "other_train").exists()
 
 
 def test_explain_every_position_and_html(run, tmp_path):

@@ -1,0 +1,121 @@
+"""Specificity (DESIGN.md section 7): is a sample's explanation about *that* sample?
+
+An explanation's content words (each token decoded alone, lower-cased, letters and digits only,
+stop-words and single letters dropped) are looked up in three buckets of its own sample: the context
+window ending at P, the corpus tokens after P (`input_ids_next`) and M's top-5 predictions at P,
+and in the same buckets of another sample under the eval's derangement. A lens whose texts say
+something about their activation hits its own buckets more often; a collapsed lens (one text for
+every sample) hits both equally, exactly, because a derangement is a bijection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from consistency_lens.evaluation import metrics
+
+BUCKETS = ("context", "next_tokens", "top5", "any")
+BUCKET_NAMES = {
+    "context": "context window ending at P",
+    "next_tokens": "next corpus tokens after P",
+    "top5": "M's top-5 predictions at P",
+    "any": "any of the three",
+}
+
+STOP_WORDS = frozenset(
+    """a about above after again against all am an and any are as at be because been before being
+    below between both but by can could did do does doing down during each few for from further had
+    has have having he her here hers herself him himself his how i if in into is it its itself just
+    me more most my myself no nor not now of off on once only or other our ours ourselves out over
+    own same she should so some such than that the their theirs them themselves then there these
+    they this those through to too under until up very was we were what when where which while who
+    whom why will with would you your yours yourself yourselves s t d ll m re ve also us""".split()
+)
+
+
+def normalise(piece: str) -> str:
+    """Lower-cased letters and digits of a decoded token ('' when nothing is left)."""
+    return "".join(ch for ch in piece.lower() if ch.isalnum())
+
+
+def content_words(tokenizer, ids: Sequence[int]) -> set[str]:
+    """The content words of token ids: each token decoded alone, normalised, stop-words dropped."""
+    words = set()
+    for tid in ids:
+        word = normalise(tokenizer.decode([int(tid)]))
+        if word and word not in STOP_WORDS and (len(word) > 1 or word.isdigit()):
+            words.add(word)
+    return words
+
+
+def _hits(expl: list[set[str]], refs: list[set[str]], order: Sequence[int]) -> torch.Tensor:
+    return torch.tensor(
+        [len(e & refs[j]) for e, j in zip(expl, order, strict=True)], dtype=torch.float64
+    )
+
+
+def _ratio_diff(own: torch.Tensor, other: torch.Tensor, count: torch.Tensor) -> float:
+    total = float(count.sum())
+    return float((own.sum() - other.sum()) / total) if total else float("nan")
+
+
+def specificity(
+    explanations: list[set[str]],
+    buckets: dict[str, list[set[str]]],
+    perm: Sequence[int] | None,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Own and deranged hit rates per bucket, their difference and its paired bootstrap CI.
+
+    A rate is (explanation words found in the bucket) / (explanation words), pooled over samples;
+    `perm[i]` is the sample whose buckets explanation i is compared with under the derangement.
+    """
+    n = len(explanations)
+    count = torch.tensor([len(e) for e in explanations], dtype=torch.float64)
+    refs = dict(buckets)
+    refs["any"] = [set().union(*(buckets[b][i] for b in buckets)) for i in range(n)]
+    total = float(count.sum())
+    out: dict = {
+        "content_words": int(total),
+        "content_free_fraction": float((count == 0).double().mean()) if n else float("nan"),
+        "buckets": {},
+    }
+    if total == 0:
+        out["unavailable"] = "no explanation has a content word (e.g. only punctuation)"
+    elif perm is None:
+        out["unavailable"] = "the derangement needs at least 2 evaluated samples"
+    for name in BUCKETS:
+        own = _hits(explanations, refs[name], range(n))
+        row = {"own": float(own.sum()) / total if total else float("nan")}
+        if perm is not None and total:
+            other = _hits(explanations, refs[name], perm)
+            row["deranged"] = float(other.sum()) / total
+            row["difference"] = row["own"] - row["deranged"]
+            row["difference_ci"] = list(
+                metrics.bootstrap_ci(_ratio_diff, own, other, count, resamples=resamples, seed=seed)
+            )
+        else:
+            row.update(deranged=float("nan"), difference=float("nan"), difference_ci=[])
+        out["buckets"][name] = row
+    return out
+
+
+def bucket_examples(
+    explanations: list[set[str]],
+    buckets: dict[str, list[set[str]]],
+    records: list[dict],
+    per_bucket: int,
+) -> dict[str, list[dict]]:
+    """Up to `per_bucket` samples per bucket whose explanation hits its own bucket, with the words."""
+    out: dict[str, list[dict]] = {}
+    for name in buckets:
+        rows = []
+        for i, words in enumerate(explanations):
+            matched = sorted(words & buckets[name][i])
+            if matched and len(rows) < per_bucket:
+                rows.append({**records[i], "bucket": name, "matched": matched})
+        out[name] = rows
+    return out

@@ -1,0 +1,181 @@
+"""Honest faithfulness metrics: derangement, the constant reference, specificity (DESIGN.md §7)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_dump_config
+
+from consistency_lens.config import config_from_dict
+from consistency_lens.data.dataset import ActivationDataset
+from consistency_lens.data.dump import dump_activations, split_dir
+from consistency_lens.evaluation.evaluate import derangement, evaluate, train_mean
+from consistency_lens.evaluation.samples import sample_indices
+from consistency_lens.evaluation.specificity import content_words, specificity
+from consistency_lens.evaluation.tables import markdown_tables
+from consistency_lens.models.lens import ConsistencyLens
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_derangement_has_no_fixed_point_for_every_size(seed):
+    assert derangement(0, seed) is None and derangement(1, seed) is None
+    for n in range(2, 80):
+        perm = derangement(n, seed)
+        assert sorted(perm) == list(range(n))  # a permutation
+        assert all(perm[i] != i for i in range(n))  # that pairs no sample with itself
+        assert derangement(n, seed) == perm  # seeded
+    # Not always the same shift: a uniform derangement, not a roll.
+    assert len({tuple(derangement(6, s)) for s in range(20)}) > 3
+
+
+class WordTokenizer:
+    """One word per token id, decoded with a leading space like a byte-level BPE."""
+
+    def __init__(self, words):
+        self.words = list(words)
+
+    def decode(self, ids):
+        return "".join(" " + self.words[i] for i in ids)
+
+
+VOCAB = WordTokenizer(
+    [
+        "the",
+        "of",
+        ",",
+        ".",
+        "----",
+        "Taxes",
+        "war",
+        "peace",
+        "trade",
+        "union",
+        "law",
+        "navy",
+        "farm",
+        "gold",
+        "bank",
+        "road",
+        "school",
+        "a",
+        "s",
+        "2024",
+    ]
+)
+
+
+def test_content_words_drop_stop_words_punctuation_and_case():
+    assert (
+        content_words(VOCAB, [0, 1, 2, 3, 4, 17, 18]) == set()
+    )  # stop-words, punctuation, letters
+    assert content_words(VOCAB, [5, 6, 5, 19]) == {"taxes", "war", "2024"}
+
+
+def test_specificity_copying_explanations_beat_their_derangement():
+    contexts = [[5 + i, 0, 1] for i in range(10)]  # each sample has its own content word
+    explanations = [content_words(VOCAB, [5 + i, 3]) for i in range(10)]  # copies it
+    buckets = {
+        "context": [content_words(VOCAB, c) for c in contexts],
+        "next_tokens": [set() for _ in range(10)],
+        "top5": [set() for _ in range(10)],
+    }
+    perm = derangement(10, 0)
+    out = specificity(explanations, buckets, perm, resamples=200, seed=0)
+    ctx, anyb = out["buckets"]["context"], out["buckets"]["any"]
+    assert (ctx["own"], ctx["deranged"], ctx["difference"]) == (1.0, 0.0, 1.0)
+    assert ctx["difference_ci"] == [1.0, 1.0] and anyb["own"] == 1.0
+    assert out["buckets"]["next_tokens"]["own"] == 0.0 and out["content_words"] == 10
+
+
+def test_specificity_of_a_collapsed_lens_is_exactly_zero():
+    # Every explanation is the same word; half the contexts happen to contain it.
+    contexts = [[5 if i % 2 else 6, 7 + i] for i in range(12)]
+    explanations = [content_words(VOCAB, [5, 3]) for _ in range(12)]
+    buckets = {
+        "context": [content_words(VOCAB, c) for c in contexts],
+        "next_tokens": [set() for _ in range(12)],
+        "top5": [set() for _ in range(12)],
+    }
+    out = specificity(explanations, buckets, derangement(12, 3), resamples=200, seed=0)
+    ctx = out["buckets"]["context"]
+    assert ctx["own"] == 0.5 and ctx["deranged"] == 0.5 and ctx["difference"] == 0.0
+    lo, hi = ctx["difference_ci"]
+    assert lo < 0 < hi  # resampled pairs scatter around the exact zero, so the CI spans it
+    # '----' for every sample: no content word at all, so the rates are reported unavailable.
+    dashes = specificity([set()] * 12, buckets, derangement(12, 3))
+    assert "no explanation has a content word" in dashes["unavailable"]
+    assert dashes["content_free_fraction"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_llama_dir, corpus_dir):
+    root = tmp_path_factory.mktemp("faith")
+    cfg = config_from_dict(
+        tiny_dump_config(
+            root,
+            tiny_llama_dir,
+            corpus_dir,
+            seq_len=24,
+            num_samples=30,
+            val_samples=12,
+            train={"run_dir": str(root / "run"), "t_text": 3, "prompt": "thought <embed> is"},
+            eval={"num_samples": 9, "batch_size": 4, "bootstrap": 30, "qualitative": 0},
+        )
+    )
+    dump_activations(cfg)
+    lens = ConsistencyLens.build(cfg)
+    return cfg, lens, ActivationDataset(split_dir(cfg, "val"))
+
+
+def _with_eval(cfg, **update):
+    return cfg.model_copy(update={"eval": cfg.eval.model_copy(update=update)})
+
+
+def test_constant_mean_row_equals_a_hand_computation(setup):
+    cfg, lens, val = setup
+    results = evaluate(lens, val, cfg)
+    train = ActivationDataset(split_dir(cfg, "train"))
+    mean = torch.stack([train.sample(i)[1] for i in range(len(train))]).double().mean(0).float()
+    torch.testing.assert_close(train_mean(train), mean)
+    A = torch.stack([val.sample(i)[1] for i in sample_indices(len(val), 9, cfg.seed)])
+    C = mean.expand_as(A)
+    err = ((A - C) ** 2).sum()
+    hand = {
+        "mse": float(((A - C) ** 2).mean()),
+        "nmse": float(err / (A**2).sum()),
+        "fve": float(1 - err / ((A - A.mean(0)) ** 2).sum()),
+        "cosine": float(torch.nn.functional.cosine_similarity(A, C, dim=-1).mean()),
+    }
+    for key, value in hand.items():
+        assert results["constant_mean"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    margin = results["margin_over_constant"]
+    assert margin["fve"]["value"] == pytest.approx(results["fve"]["mean"] - hand["fve"], abs=1e-6)
+    assert margin["mse"]["value"] == pytest.approx(hand["mse"] - results["mse"], rel=1e-5)
+    lo, hi = margin["fve"]["ci"]
+    assert lo <= margin["fve"]["value"] <= hi
+    table = markdown_tables(results)
+    assert "constant Â = train mean" in table and "Specificity of explanations" in table
+
+
+def test_shuffled_is_a_derangement_of_the_whole_set_whatever_the_batch_size(setup):
+    cfg, lens, val = setup
+    by_one = evaluate(lens, val, _with_eval(cfg, batch_size=1))
+    by_four = evaluate(lens, val, cfg)  # 9 samples: the last batch holds one sample
+    shuffled = by_one["baselines"]["shuffled"]
+    # Rolling inside a batch of one would compare each sample with itself (KL equal to the lens's).
+    assert shuffled["kl"] != pytest.approx(by_one["kl"]["mean"], rel=1e-3)
+    assert shuffled["kl"] == pytest.approx(by_four["baselines"]["shuffled"]["kl"], rel=1e-4)
+    for key in ("content_words", "content_free_fraction"):
+        assert by_one["specificity"][key] == by_four["specificity"][key]
+
+
+def test_one_sample_reports_shuffled_as_unavailable(setup):
+    cfg, lens, val = setup
+    results = evaluate(lens, val, _with_eval(cfg, num_samples=1))
+    shuffled = results["baselines"]["shuffled"]
+    assert shuffled["kl"] is None and "at least 2" in shuffled["unavailable"]
+    assert "at least 2" in results["specificity"].get("unavailable", "") or (
+        "content word" in results["specificity"].get("unavailable", "")
+    )
+    table = markdown_tables(results)
+    assert "| lens, shuffled | unavailable |" in table
