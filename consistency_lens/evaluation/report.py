@@ -25,8 +25,9 @@ def curves_for(objective: str = "plan") -> list[tuple[str, list[str], bool]]:
 
     cls = objective_class(objective)
     titles = cls.term_titles
-    curves = [("Total loss", ["loss"], True)]
-    curves += [(titles.get(t, t), [t], t not in cls.linear_terms) for t in cls.terms]
+    # Each loss name is drawn with its value on validation batches (`val_<name>`) when logged.
+    curves = [("Total loss", ["loss", "val_loss"], True)]
+    curves += [(titles.get(t, t), [t, f"val_{t}"], t not in cls.linear_terms) for t in cls.terms]
     curves += _VAL_CURVES
     curves += [(titles.get(c, f"coefficient {c}"), [c], False) for c in cls.coefficients]
     return curves + [("Learning rate", ["lr"], True)]

@@ -347,9 +347,18 @@ def _val_loader(run: _Run) -> Iterator[Batch]:
 @torch.no_grad()
 def _val_pass(run: _Run) -> dict:
     acts, recons, kls = [], [], []
+    # The objective's own terms on validation batches, under the names it logs in training.
+    info = step_info(type(run.objective), run.cfg, run.state.step)
+    names = run.objective.loss_names()
+    sums, count = dict.fromkeys(names, 0.0), 0
     for batch in _val_loader(run):
         batch = batch.to(run.device)
         with _autocast(run.cfg, run.device):
+            out = run.objective(run.lens, batch, info)
+            terms = {"loss": out.loss, **out.terms}
+            for name in names:
+                sums[name] += float(terms[name]) * len(batch)
+            count += len(batch)
             _, a_hat = run.lens.reconstruct(batch.A)
             # The eval's direction, KL(M(A) || M(Â)), so curves and eval tables are one metric.
             (kl,) = patched_kl(
@@ -363,6 +372,7 @@ def _val_pass(run: _Run) -> dict:
         "val_kl": float(torch.cat(kls).mean()),
         "val_mse": mse(A, A_hat),
         "val_fve": fve(A, A_hat),
+        **{f"val_{name}": total / max(count, 1) for name, total in sums.items()},
     }
 
 

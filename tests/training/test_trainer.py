@@ -59,7 +59,8 @@ def test_one_step_in_each_mode(dumped, tmp_path, mode):
     run_dir = tmp_path / "run"
     result = trainer.train(_cfg(dumped, run_dir, mode=mode))
     assert result.steps == 1 and result.bad_batches == 0
-    assert set(result.last_val) == {"val_kl", "val_mse", "val_fve"}
+    objective_terms = {f"val_{k}" for k in ("loss", "loss_kl", "loss_lm", "loss_mse", "entropy")}
+    assert set(result.last_val) == {"val_kl", "val_mse", "val_fve"} | objective_terms
     records = MetricsFile(run_dir / METRICS).read()
     assert [(r["step"], r["kind"]) for r in records] == [(0, "val"), (1, "train"), (1, "val")]
     assert all(torch.isfinite(torch.tensor(r.get("loss", 0.0))) for r in records)
