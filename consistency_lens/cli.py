@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +31,23 @@ class Train:
 
     cfg: LensConfig
     resume: bool = False
+    argv: list[str] | None = None
+    """The command line, so that a stop by a signal can print the exact command that resumes."""
 
     def execute(self) -> None:
-        from consistency_lens.training.trainer import train
+        from consistency_lens.training.trainer import TrainingStopped, train
 
-        train(self.cfg, resume=self.resume)
+        try:
+            train(self.cfg, resume=self.resume)
+        except TrainingStopped as stopped:
+            command = resume_command(self.argv) if self.argv is not None else None
+            raise TrainingStopped(stopped.signal_name, stopped.step, command) from None
+
+
+def resume_command(argv: list[str]) -> str:
+    """The shell command that reruns `argv` (a `train` command line) with `--resume`."""
+    args = list(argv) if "--resume" in argv else [*argv, "--resume"]
+    return shlex.join(["consistency-lens", *args])
 
 
 @dataclass
@@ -163,7 +176,7 @@ def build_command(argv: list[str]) -> object:
     if args.command == "dump":
         return Dump(cfg)
     if args.command == "train":
-        return Train(cfg, resume=args.resume)
+        return Train(cfg, resume=args.resume, argv=list(argv))
     if args.command == "eval":
         return Eval(cfg, checkpoint=args.checkpoint, output=args.output)
     if args.command == "explain":
@@ -173,8 +186,9 @@ def build_command(argv: list[str]) -> object:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run a subcommand; user errors print one line and exit with status 2."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        build_command(sys.argv[1:] if argv is None else argv).execute()
+        build_command(argv).execute()
     except LensError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -190,5 +204,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume.", file=sys.stderr)
+        # Outside train's loop (which checkpoints on the first Ctrl-C), or a second Ctrl-C.
+        if argv[:1] == ["train"]:
+            hint = f"continue with: {resume_command(argv)}"
+        else:
+            hint = "run the same command again to resume"
+        print(f"interrupted; {hint}.", file=sys.stderr)
         sys.exit(130)

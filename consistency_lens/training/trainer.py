@@ -40,6 +40,7 @@ from consistency_lens.training.objectives import (
 )
 from consistency_lens.training.optim import Ema
 from consistency_lens.utils import checkpoint as ckpt
+from consistency_lens.utils.lock import dir_lock
 from consistency_lens.utils.logging import RunLogger
 
 # Config keys that a resumed run must share with its checkpoint (the weights' meaning).
@@ -197,18 +198,48 @@ def _autocast(cfg: LensConfig, device: torch.device) -> contextlib.AbstractConte
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
+class TrainingStopped(LensError):
+    """Training stopped by a signal after saving a checkpoint; names the command that resumes."""
+
+    def __init__(self, signal_name: str, step: int, resume_command: str | None = None):
+        self.signal_name, self.step = signal_name, step
+        how = (
+            f"continue with: {resume_command}"
+            if resume_command
+            else "run the same command with --resume to continue"
+        )
+        super().__init__(
+            f"Stopped by {signal_name} at step {step} after saving a checkpoint; {how}."
+        )
+
+
 @contextlib.contextmanager
 def sigterm_flag() -> Iterator[threading.Event]:
-    """An event set by SIGTERM (e.g. Slurm preemption); the loop checkpoints and stops on it."""
+    """An event set by SIGTERM (e.g. Slurm preemption) or SIGINT (Ctrl-C); the loop checkpoints
+    and stops on it. `flag.signal_name` says which signal came first.
+
+    A second SIGINT interrupts at once (KeyboardInterrupt); checkpoints are atomic, so that
+    leaves the previous one intact.
+    """
     flag = threading.Event()
+    flag.signal_name = None
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
+
+    def on_signal(signum: int, frame: object) -> None:
+        if flag.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        # The name first: a reader that sees the flag set must also see which signal set it.
+        flag.signal_name = flag.signal_name or signal.Signals(signum).name
+        flag.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def load_splits(cfg: LensConfig) -> tuple[ActivationDataset, ActivationDataset | None]:
@@ -492,12 +523,13 @@ def _loop(run: _Run, stop: threading.Event) -> bool:
             validate(run)
         # Read the flag once: a signal between two reads must not skip the save it asks for.
         # Ranks may see SIGTERM at different steps; all stop (and save collectively) together.
-        stopping = run.engine.agree("SIGTERM" if stop.is_set() else None) is not None
-        stopping = stopping and not last
+        own = (getattr(stop, "signal_name", None) or "SIGTERM") if stop.is_set() else None
+        cause = run.engine.agree(own)
+        stopping = cause is not None and not last
         if step % tcfg.ckpt_every == 0 or last or stopping:
             path = save(run)
         if stopping:
-            run.logger.info(f"SIGTERM: saved checkpoint '{path}'.")
+            run.logger.info(f"{cause}: saved checkpoint '{path}'.")
             return False
     return True
 
@@ -551,8 +583,10 @@ def train(cfg: LensConfig, resume: bool = False) -> TrainResult:
     cfg = distributed.setup(cfg)
     run: _Run | None = None
     clean = False
+    owner = contextlib.ExitStack()
     try:
         run_dir = Path(cfg.train.run_dir)
+        _own_run_dir(run_dir, owner)
         resume_from = _checkpoint_to_resume(run_dir, resume)
         train_set, val_set = load_splits(cfg)
         run = _build_run(cfg, train_set, val_set)
@@ -588,9 +622,25 @@ def train(cfg: LensConfig, resume: bool = False) -> TrainResult:
         # Also when the loop raises (e.g. too many bad batches): a DDP module that outlives its
         # process group aborts the interpreter at exit. No barrier then: a rank may be gone.
         distributed.teardown(run, barrier=clean)
+        owner.close()
     if not finished:
-        raise LensError(
-            f"Stopped by SIGTERM at step {result.steps} after saving a checkpoint; run the "
-            "same command with --resume to continue."
-        )
+        raise TrainingStopped(stop.signal_name or "SIGTERM", result.steps)
     return result
+
+
+def _own_run_dir(run_dir: Path, owner: contextlib.ExitStack) -> None:
+    """Take `run_dir`'s exclusive lock (rank 0, for the whole job) or refuse; all ranks agree."""
+    rank, world = distributed.rank_world()
+    error = None
+    if rank == 0:
+        try:
+            owner.enter_context(dir_lock(run_dir, "run directory", "use another train.run_dir"))
+        except LensError as err:
+            error = str(err)
+    if world > 1:
+        # Every rank raises, or the others would wait forever in the first collective.
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise LensError(error)
