@@ -121,7 +121,7 @@ def mean_split(cfg: LensConfig, lens):
     ]
     for path in candidates:
         if (path / "metadata.json").is_file():
-            dataset = ActivationDataset(path, verify=False)
+            dataset = ActivationDataset(path)
             _check_dump(dataset, lens)
             return dataset
     ecfg = eval_config(cfg, lens).model_copy(update=own)

@@ -6,7 +6,11 @@ from html import escape
 from pathlib import Path
 
 from consistency_lens.evaluation.html import page, table
-from consistency_lens.evaluation.samples import read_samples, samples_fragment
+from consistency_lens.evaluation.samples import (
+    read_samples,
+    samples_fragment,
+    specificity_fragment,
+)
 from consistency_lens.evaluation.tables import result_tables
 from consistency_lens.utils.io import atomic_write_text, read_json
 from consistency_lens.utils.logging import MetricsFile
@@ -129,6 +133,7 @@ def write_report(run_dir: Path) -> Path:
         + eval_section(results)
         + "<h2>Qualitative samples</h2>"
         + samples_fragment(samples)
+        + specificity_fragment((results or {}).get("specificity"))
     )
     out = run_dir / "report.html"
     head = _plotly_js() if figures else ""

@@ -93,6 +93,8 @@ def test_eval_writes_results_and_samples_but_never_the_lens_dir(run):
     assert [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()] == samples
     report = write_report(run_dir).read_text()
     assert "context tokens" in report and "class='samples'" in report
+    assert "Specificity of explanations" in report and "Specificity examples" in report
+    assert "Reconstruction against a constant" in report
 
 
 def test_eval_and_explain_refuse_to_write_into_the_lens_dir(run, tmp_path):
