@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import shlex
 import sys
 from dataclasses import dataclass
@@ -93,6 +94,12 @@ class Explain:
         text = _read_text_file(self.file) if self.file is not None else self.text
         if text is None:
             raise LensError('explain needs --text "..." or --file PATH.')
+        if self.html is not None and (self.html.is_dir() or self.html.name in ("", ".", "..")):
+            # Checked before the model loads, so a typo costs no work and writes nothing.
+            raise LensError(
+                f"--html '{self.html}' is a directory; pass a file path such as "
+                f"'{self.html / 'explain.html'}'."
+            )
         explain_command(self.cfg, self.checkpoint, text, self.html)
 
 
@@ -184,6 +191,29 @@ def build_command(argv: list[str]) -> object:
     return Demo(cfg)
 
 
+# errnos that mean "this path cannot be used as given" (the user's to fix, never a bug).
+_PATH_ERRNOS = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+    errno.EISDIR: "it is a directory",
+    errno.ELOOP: "a symbolic link loops",
+    errno.EEXIST: "a file or dangling link is in the way",
+    errno.ENAMETOOLONG: "the name is too long",
+}
+
+
+def _path_problem(err: BaseException) -> str | None:
+    """One sentence for an OSError about a path the user chose (read-only, a file, a loop)."""
+    if not isinstance(err, OSError) or err.errno not in _PATH_ERRNOS or not err.filename:
+        return None
+    return (
+        f"Cannot use '{err.filename}' ({_PATH_ERRNOS[err.errno]}); choose a writable path "
+        "(output_dir, cache_dir, train.run_dir, --html) that is a directory where one is meant."
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run a subcommand; user errors print one line and exit with status 2."""
     argv = sys.argv[1:] if argv is None else argv
@@ -193,6 +223,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except Exception as err:
+        path_problem = _path_problem(err)
+        if path_problem is not None:
+            print(f"error: {path_problem}", file=sys.stderr)
+            sys.exit(2)
         # A full disk can surface from any writer; it is the user's to fix, not a bug to trace.
         if not is_out_of_space(err):
             raise

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from consistency_lens.errors import LensError
 
@@ -31,6 +31,21 @@ class ScheduleConfig(_Strict):
     """Steps of linear ramp from `warmup_from` to `start`."""
     warmup_from: float = 0.0
     """Value at step 0 when `warmup_steps > 0`."""
+
+    @model_validator(mode="after")
+    def _exponential_needs_one_sign(self) -> ScheduleConfig:
+        end = self.start if self.end is None else self.end
+        if self.kind == "exponential" and self.start * end <= 0:
+            raise ValueError(
+                "an exponential schedule needs start and end non-zero and of the same sign; "
+                "use kind linear or cosine"
+            )
+        return self
+
+    def values(self) -> list[float]:
+        """The values the curve passes through (warmup start only when there is a warmup)."""
+        ends = [self.start, self.start if self.end is None else self.end]
+        return ends + ([self.warmup_from] if self.warmup_steps else [])
 
 
 class RLConfig(_Strict):
@@ -81,7 +96,7 @@ class TrainConfig(_Strict):
     """Learning rate of transformer blocks and LoRA adapters."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = Field(1.0, gt=0)
     """Max global gradient norm; `None` disables clipping."""
     tau: ScheduleConfig = ScheduleConfig(kind="linear", start=2.0, end=0.5)
     """Gumbel-Softmax temperature schedule."""
@@ -122,12 +137,30 @@ class TrainConfig(_Strict):
     """Checkpoint every N optimizer steps (and at the end, and on SIGTERM)."""
     keep_checkpoints: int = Field(2, ge=1)
     """How many recent checkpoints to keep."""
-    ema_decay: float | None = None
+    ema_decay: float | None = Field(None, gt=0, lt=1)
     """Keep an exponential moving average of trainable weights with this decay."""
     log_every: int = Field(10, ge=1)
     """Write a metrics.jsonl line every N optimizer steps."""
     max_bad_batches: int = Field(10, ge=1)
     """Stop after this many consecutive batches with NaN/inf activations or loss."""
+
+    @field_validator("tau")
+    @classmethod
+    def _tau_positive(cls, tau: ScheduleConfig) -> ScheduleConfig:
+        # The Gumbel-Softmax divides by tau: zero or negative gives NaN or inverted samples.
+        if min(tau.values()) <= 0:
+            raise ValueError(
+                "every value of the tau schedule (start, end, warmup_from) must be > 0"
+            )
+        return tau
+
+    @field_validator("alpha", "lr_schedule")
+    @classmethod
+    def _scale_non_negative(cls, schedule: ScheduleConfig) -> ScheduleConfig:
+        # A negative loss weight or learning-rate factor would train against the objective.
+        if min(schedule.values()) < 0:
+            raise ValueError("every value of the schedule (start, end, warmup_from) must be >= 0")
+        return schedule
 
 
 class EvalConfig(_Strict):
@@ -221,13 +254,13 @@ class LensConfig(_Strict):
     """Smallest position P (clipped to `seq_len - 2`); skips attention-sink positions."""
     batch_size: int = Field(16, ge=1)
     """Sequences per forward pass in the dump."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**31)
     """Seed for sequence order, positions, A' pairing and training."""
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     """Storage dtype of activations; float16 is checked for overflow."""
     shard_size: int = Field(4096, ge=1)
     """Samples per safetensors shard (the unit of resume)."""
-    max_norm_ratio: float | None = Field(None, gt=0)
+    max_norm_ratio: float | None = Field(None, ge=1)
     """Drop activations whose norm exceeds this multiple of the batch median (attention sinks)."""
     train: TrainConfig = TrainConfig()
     """Training of the lens."""
@@ -287,7 +320,9 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise LensError(f"Config file '{path}' does not exist; pass an existing YAML file.")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise LensError(f"Config file '{path}' is not UTF-8 text; save it as UTF-8.") from None
     except yaml.YAMLError as err:
         # PyYAML's message spans several lines; its first line and the position are enough.
         mark = getattr(err, "problem_mark", None)

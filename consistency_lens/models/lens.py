@@ -17,7 +17,7 @@ from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import check_layer, find_parts
 from consistency_lens.models.decoder import EMBED_SLOT, DecoderModel, split_prompt
 from consistency_lens.models.encoder import EncoderModel
-from consistency_lens.models.loading import LoadedModel, load_for_config
+from consistency_lens.models.loading import LoadedModel, load_for_config, max_positions
 from consistency_lens.models.orig import OriginalModelWrapper, load_8bit
 from consistency_lens.models.projection import activation_norm, embedding_norm
 from consistency_lens.utils.io import (
@@ -100,6 +100,24 @@ def card_text(meta: dict, extra: str = "") -> str:
     return text + ("\n" + extra.strip() + "\n" if extra.strip() else "")
 
 
+def _check_context(loaded: LoadedModel, cfg: LensConfig) -> None:
+    """Refuse a decoder prompt plus `t_text` (or encoder prompt plus text) beyond M's context."""
+    limit = max_positions(loaded.model)
+    if limit is None:
+        return
+    train, tokenizer = cfg.train, loaded.tokenizer
+    # The prompt's tokens (BOS included when the tokenizer adds one), the slot, the written text.
+    decoder = len(tokenizer(train.prompt.replace(EMBED_SLOT, ""))["input_ids"]) + 1
+    encoder = len(tokenizer(train.encoder_prompt)["input_ids"]) if train.encoder_prompt else 0
+    for what, used in (("decoder prompt", decoder), ("encoder prompt", encoder)):
+        if used + train.t_text > limit:
+            raise LensError(
+                f"train.t_text={train.t_text} plus the {what} ({used} tokens) needs "
+                f"{used + train.t_text} positions but model '{cfg.model}' reads at most {limit}; "
+                f"lower train.t_text or shorten the {what}."
+            )
+
+
 def _compile_blocks(models: list[nn.Module]) -> None:
     """Compile each block's `forward`; hooks live in `__call__` and stay outside the graph."""
     seen: set[int] = set()
@@ -125,6 +143,7 @@ class ConsistencyLens(nn.Module):
         enc_layer = cfg.layer if train.encoder_layer is None else train.encoder_layer
         check_layer(parts, enc_layer, "train.encoder_layer")
         split_prompt(train.prompt)
+        _check_context(loaded, cfg)
 
         orig_model = None
         if cfg.distributed.orig_8bit:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from consistency_lens.config import LensConfig
@@ -41,8 +42,17 @@ def resolve_device(spec: str) -> torch.device:
         device = torch.device(spec)
     except RuntimeError:
         raise LensError(f"device='{spec}' is not a device; use auto, cpu or cuda[:N].") from None
+    if device.type not in ("cpu", "cuda"):
+        raise LensError(f"device='{spec}' is not a device; use auto, cpu or cuda[:N].")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LensError(f"device='{spec}' asks for CUDA but none is available; use device=cpu.")
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise LensError(
+                f"device='{spec}' is out of range: this machine has {count} CUDA device(s); "
+                f"use cuda:0..cuda:{count - 1}."
+            )
     return device
 
 
@@ -92,12 +102,24 @@ def model_slug(name: str) -> str:
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
     """The tokenizer of `name`, with a pad token."""
     source = embedded.embedded_model_dir() if name == embedded.ALIAS else name
-    tok = AutoTokenizer.from_pretrained(
-        str(source), revision=revision, trust_remote_code=trust_remote_code
-    )
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            str(source), revision=revision, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        # transformers raises ValueError/TypeError for a folder without (usable) tokenizer files.
+        raise LensError(
+            f"Could not load the tokenizer of model '{name}' ({_first_line(err)}); the model "
+            "folder needs its tokenizer files (tokenizer.json or the tokenizer's vocab files)."
+        ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def load_model(
@@ -120,6 +142,14 @@ def load_model(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     source = str(local) if local is not None else name
+    if local is not None and local.is_dir() and not any(local.glob("*.safetensors")):
+        if any(local.glob("*.bin")) or any(local.glob("*.pt")) or any(local.glob("*.pth")):
+            # Pickle weights can carry code; only safetensors are read.
+            raise LensError(
+                f"Model folder '{name}' holds only pickle weights (.bin/.pt), which are not "
+                "loaded because a pickle can run code; convert them to safetensors "
+                "(model.save_pretrained(dir, safe_serialization=True)) and use that folder."
+            )
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
@@ -129,9 +159,12 @@ def load_model(
             attn_implementation=attn_implementation,
             device_map=device_map,
         )
-    except OSError as err:
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        # An empty folder or one without a model_type (ValueError), truncated or damaged
+        # weights (SafetensorError/OSError), a missing hub name (OSError).
         raise LensError(
-            f"Could not load model '{name}' ({str(err).splitlines()[0]}); check the name or path."
+            f"Could not load model '{name}' ({_first_line(err)}); check the name or path, "
+            "and that the folder holds a complete model (config.json and safetensors weights)."
         ) from None
     if device_map is None:
         model.to(torch_device)

@@ -167,6 +167,7 @@ def test_positions_impossible_for_short_texts(capsys, world, tmp_path):
         ({"a.bin": bytes(range(256))}, "holds no .txt or .jsonl files"),
         ({"a.txt": b"\xff\xfe\x00binary\x80"}, "is not UTF-8 text"),
         ({"a.jsonl": b'{"body": "x"}\n'}, "has no 'text' field"),
+        ({"a.jsonl": b'{"text": "ok"}\n{"text": "\xff\xfe"}\n'}, "is not UTF-8 text"),
     ],
 )
 def test_empty_or_non_text_corpus(capsys, world, tmp_path, files, expected):
@@ -305,7 +306,9 @@ def test_resume_from_an_incompatible_checkpoint_version(capsys, world, tmp_path)
         capsys, ["train", *_argv(world["base"], **{"train.run_dir": run_dir}), "--resume"]
     )
     assert "format version 99" in line and "start a new train.run_dir" in line
-    assert _files(run_dir) == before
+    # Only the run's lock file, taken (and released, empty) before the checkpoint was read.
+    assert _files(run_dir) == before | {run_dir / ".lock"}
+    assert (run_dir / ".lock").read_bytes() == b""
 
 
 def test_no_space_while_checkpointing(capsys, world, tmp_path, monkeypatch):
@@ -381,3 +384,194 @@ def test_explain_text_too_short_or_too_long(capsys, world, tmp_path, text, expec
 def test_explain_file_that_does_not_exist(capsys, world, tmp_path):
     argv = ["explain", *_argv(world["base"]), "--file", str(tmp_path / "missing.txt")]
     assert "missing.txt' does not exist" in _one_sentence(capsys, argv)
+
+
+# --- issue 12: the remaining bad inputs ------------------------------------------------------
+
+
+def _broken_model(src: Path, out: Path, kind: str) -> Path:
+    if kind == "empty":
+        out.mkdir()
+        return out
+    shutil.copytree(src, out)
+    if kind == "truncated":
+        weights = out / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif kind == "no_tokenizer":
+        for path in out.iterdir():
+            if "token" in path.name or path.name.startswith("special"):
+                path.unlink()
+    elif kind == "pickle_only":
+        torch.save(load_file(str(out / "model.safetensors")), out / "pytorch_model.bin")
+        (out / "model.safetensors").unlink()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("empty", "Should have a `model_type` key"),
+        ("truncated", "Error while deserializing header"),
+        ("no_tokenizer", "Could not load the tokenizer of model"),
+        ("pickle_only", "holds only pickle weights (.bin/.pt), which are not loaded"),
+    ],
+)
+def test_broken_model_folder(capsys, world, tmp_path, tiny_llama_dir, kind, expected):
+    model = _broken_model(tiny_llama_dir, tmp_path / "model", kind)
+    line = _dump_error(capsys, world, tmp_path, model=model)
+    assert expected in line and str(model) in line
+
+
+def test_config_file_not_utf8(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"layer: 1\ncorpus: \xff\xfe\n")
+    line = _one_sentence(capsys, ["train", "--config", str(bad)])
+    assert line == f"error: Config file '{bad}' is not UTF-8 text; save it as UTF-8."
+    assert _files(tmp_path) == {bad}
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("seed=-1", "Config key 'seed': Input should be greater than or equal to 0"),
+        ("seed=2147483648", "Config key 'seed': Input should be less than 2147483648"),
+        ("train.grad_clip=-1", "Config key 'train.grad_clip': Input should be greater than 0"),
+        ("train.ema_decay=1.5", "Config key 'train.ema_decay': Input should be less than 1"),
+        ("train.ema_decay=0", "Config key 'train.ema_decay': Input should be greater than 0"),
+        ("train.alpha.start=-1", "Config key 'train.alpha'"),
+        ("train.alpha.end=-0.5", "Config key 'train.alpha'"),
+        ("train.lr_schedule.end=-1", "Config key 'train.lr_schedule'"),
+        ("train.tau.start=0", "Config key 'train.tau'"),
+        ("train.tau.end=-1", "Config key 'train.tau'"),
+        ("train.tau={kind: exponential, start: 1, end: 0}", "exponential schedule needs"),
+        ("num_samples=0", "Config key 'num_samples'"),
+        ("max_norm_ratio=0.5", "Config key 'max_norm_ratio'"),
+    ],
+)
+def test_nonsense_values_are_refused_at_config_time(
+    capsys, tmp_path, monkeypatch, override, expected
+):
+    monkeypatch.chdir(tmp_path)
+    line = _one_sentence(capsys, ["train", override])
+    assert expected in line
+    assert _files(tmp_path) == set()
+
+
+def test_cuda_device_out_of_range(capsys, world, tmp_path, monkeypatch):
+    from consistency_lens.models import loading
+
+    monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(loading.torch.cuda, "device_count", lambda: 1)
+    line = _dump_error(capsys, world, tmp_path, device="cuda:3")
+    assert "device='cuda:3' is out of range: this machine has 1 CUDA device(s)" in line
+
+
+def _unusable_path(tmp_path: Path, kind: str) -> Path:
+    if kind == "file":
+        (tmp_path / "a_file").write_text("x")
+        return tmp_path / "a_file"
+    if kind == "dangling":
+        (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+        return tmp_path / "dangling"
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    return tmp_path / "loop"
+
+
+@pytest.mark.parametrize("kind", ["file", "dangling", "loop"])
+@pytest.mark.parametrize("key", ["output_dir", "cache_dir"])
+def test_dump_paths_that_are_files_or_bad_links(capsys, world, tmp_path, kind, key):
+    bad = _unusable_path(tmp_path, kind)
+    base = {**world["base"], "output_dir": tmp_path / "acts", "cache_dir": tmp_path / "cache"}
+    line = _one_sentence(capsys, ["dump", *_argv(base, **{key: bad})])
+    assert "Cannot create the" in line and str(bad) in line
+    assert not (tmp_path / "acts").exists() and not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "dangling", "loop"])
+def test_run_dir_that_is_a_file_or_bad_link(capsys, world, tmp_path, kind):
+    bad = _unusable_path(tmp_path, kind)
+    line = _one_sentence(capsys, ["train", *_argv(world["base"], **{"train.run_dir": bad})])
+    assert f"Cannot create the run directory '{bad}'" in line
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_read_only_output_and_run_dirs(capsys, world, tmp_path, monkeypatch):
+    # Root ignores permission bits, so a read-only file system is simulated where it answers.
+    read_only = tmp_path / "ro"
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if str(self).startswith(str(read_only)):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    line = _dump_error(capsys, world, tmp_path, output_dir=read_only / "acts")
+    assert "Cannot create the dump split" in line and "(Read-only file system)" in line
+    line = _train_error(capsys, world, tmp_path, **{"train.run_dir": read_only / "run"})
+    assert f"Cannot create the run directory '{read_only / 'run'}' (Read-only file system)" in line
+
+
+def test_read_only_html_target_is_one_sentence(capsys, world, tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path))
+
+    monkeypatch.setattr(io.tempfile, "mkstemp", read_only)
+    html = tmp_path / "out.html"
+    argv = ["explain", *_argv(world["base"]), "--text", "the nation", "--html", str(html)]
+    line = _one_sentence(capsys, argv)
+    assert f"Cannot use '{tmp_path}' (read-only file system)" in line
+    assert not html.exists()
+
+
+def test_html_path_that_is_a_folder(capsys, world, tmp_path):
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    argv = ["explain", *_argv(world["base"]), "--text", "the nation", "--html", str(folder)]
+    line = _one_sentence(capsys, argv)
+    assert line == (
+        f"error: --html '{folder}' is a directory; pass a file path such as "
+        f"'{folder / 'explain.html'}'."
+    )
+    assert _files(folder) == set()
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda m: m.pop("d_model"), "key 'd_model' must be a int but is missing"),
+        (lambda m: m.pop("base_model"), "key 'base_model' must be a str but is missing"),
+        (lambda m: m.update(layer="1"), "key 'layer' must be a int but is a str"),
+        (lambda m: m.update(layer=True), "key 'layer' must be a int but is a bool"),
+        (lambda m: m.update(config=[]), "key 'config' must be a dict but is a list"),
+        (lambda m: m["config"].update(layer="x"), "is damaged: Config key 'layer'"),
+    ],
+)
+def test_lens_config_missing_keys_or_wrong_types(capsys, world, tmp_path, edit, expected):
+    lens = _lens_copy(world, tmp_path)
+    meta = json.loads((lens / "lens_config.json").read_text())
+    edit(meta)
+    (lens / "lens_config.json").write_text(json.dumps(meta))
+    before = _files(lens)
+    run_dir = tmp_path / "run"
+    argv = ["eval", *_argv(world["base"], **{"train.run_dir": run_dir}), "--checkpoint", str(lens)]
+    line = _one_sentence(capsys, argv)
+    assert expected in line and "lens_config.json" in line
+    assert not run_dir.exists() and _files(lens) == before
+
+
+@pytest.mark.parametrize(
+    ("over", "expected"),
+    [
+        ({"train.t_text": 300}, "train.t_text=300 plus the decoder prompt ("),
+        ({"train.t_text": 256}, "train.t_text=256 plus the decoder prompt ("),
+        (
+            {"train.t_text": 200, "train.encoder_prompt": "the nation " * 30},
+            "train.t_text=200 plus the encoder prompt (",
+        ),
+    ],
+)
+def test_text_plus_prompt_beyond_the_model_context(capsys, world, tmp_path, over, expected):
+    line = _train_error(capsys, world, tmp_path, **over)
+    assert expected in line and "reads at most 256" in line
