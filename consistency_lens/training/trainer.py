@@ -254,7 +254,32 @@ def load_splits(cfg: LensConfig) -> tuple[ActivationDataset, ActivationDataset |
     val = (
         ActivationDataset(val_dir, seed=cfg.seed) if (val_dir / "metadata.json").is_file() else None
     )
-    return ActivationDataset(train_dir, seed=cfg.seed), val
+    train = ActivationDataset(train_dir, seed=cfg.seed)
+    if val is not None:
+        check_same_dump(train, val)
+    return train, val
+
+
+# Header keys that decide which corpus sequences a split drew: train and val must share them.
+_PLAN_KEYS = ("corpus_key", "seed", "num_samples", "val_samples", "seq_len", "fingerprint", "layer")
+
+
+def check_same_dump(train: ActivationDataset, val: ActivationDataset) -> None:
+    """Refuse train and val splits of different dumps, or any sequence in both (a silent leak)."""
+    for key in _PLAN_KEYS:
+        if train.metadata.get(key) != val.metadata.get(key):
+            raise LensError(
+                f"The train split '{train.path}' and the val split '{val.path}' come from "
+                f"different dumps ({key}={train.metadata.get(key)!r} vs "
+                f"{val.metadata.get(key)!r}); delete both and run `consistency-lens dump` again."
+            )
+    shared = np.intersect1d(np.asarray(train.seq_index), np.asarray(val.seq_index))
+    if shared.size:
+        raise LensError(
+            f"The train split '{train.path}' and the val split '{val.path}' share {shared.size} "
+            "corpus sequences, so validation would measure training data; delete both and run "
+            "`consistency-lens dump` again."
+        )
 
 
 def check_dump(dataset: ActivationDataset, lens: ConsistencyLens, cfg: LensConfig) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import tiny_dump_config
 from safetensors.torch import load_file
 
@@ -285,3 +286,51 @@ def test_lock_of_a_killed_owner_is_stale(tmp_path, tiny_llama_dir, corpus_dir, c
     assert (train / ".lock").read_text().strip() == str(holder.pid)  # left behind, but stale
     dump_activations(config_from_dict(base))
     assert len(_seq_index(train)) == 24
+
+
+def _train_cfg(base: dict, run_dir: Path):
+    return config_from_dict({**base, "train": {"run_dir": str(run_dir), "t_text": 2, "steps": 1}})
+
+
+def test_train_refuses_splits_of_two_dumps(tmp_path, tiny_llama_dir, corpus_dir):
+    from consistency_lens.training import trainer
+
+    base = _base(tmp_path / "a", tiny_llama_dir, corpus_dir)
+    other = _base(tmp_path / "b", tiny_llama_dir, corpus_dir, val_samples=4)
+    dump_activations(config_from_dict(base))
+    dump_activations(config_from_dict(other))
+    val = split_dir(config_from_dict(base), "val")
+    shutil.rmtree(val)
+    shutil.copytree(split_dir(config_from_dict(other), "val"), val)
+    with pytest.raises(LensError, match=r"come from different dumps \(val_samples=8 vs 4\)"):
+        trainer.train(_train_cfg(base, tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_train_refuses_a_val_split_sharing_sequences_with_train(
+    tmp_path, tiny_llama_dir, corpus_dir
+):
+    import json
+
+    from safetensors.torch import save_file
+
+    from consistency_lens.training import trainer
+    from consistency_lens.utils.io import sha256_file
+
+    base = _base(tmp_path, tiny_llama_dir, corpus_dir)
+    dump_activations(config_from_dict(base))
+    train, val = (
+        split_dir(config_from_dict(base), "train"),
+        split_dir(config_from_dict(base), "val"),
+    )
+    leaked = _seq_index(train)[:3]
+    shard = val / "shard_00000.safetensors"
+    tensors = load_file(shard)
+    tensors["seq_index"][:3] = torch.tensor(leaked)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    for name in ("metadata.json", "progress.json"):  # checksums fixed: only the overlap is wrong
+        meta = json.loads((val / name).read_text())
+        meta["shards"][0]["sha256"] = sha256_file(shard)
+        (val / name).write_text(json.dumps(meta))
+    with pytest.raises(LensError, match="share 3 corpus sequences"):
+        trainer.train(_train_cfg(base, tmp_path / "run"))
