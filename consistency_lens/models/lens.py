@@ -93,8 +93,9 @@ def card_text(meta: dict, extra: str = "") -> str:
         f"- mode: `{meta['mode']}`; only trainable weights are in `{WEIGHTS_FILE}`",
         f"- decoder prompt: `{meta['prompt']}`",
         "",
-        "Load it with `ConsistencyLens.from_pretrained(path)`; the base model is loaded from "
-        "its recorded name and must have the recorded fingerprint.",
+        f'Load it with `ConsistencyLens.from_pretrained(path, model="{meta["base_model"]}")` '
+        "(or `consistency-lens eval/explain` with that `model`); the base model must have the "
+        "recorded fingerprint, and its own code runs only if you pass trust_remote_code yourself.",
     ]
     text = "\n".join(lines) + "\n"
     return text + ("\n" + extra.strip() + "\n" if extra.strip() else "")
