@@ -36,8 +36,14 @@ def test_exponential_is_geometric():
     assert schedule_value(s, 0, 3) == pytest.approx(1.0)
     assert schedule_value(s, 1, 3) == pytest.approx(0.1)
     assert schedule_value(s, 2, 3) == pytest.approx(0.01)
+    # Refused when the config is built; the runtime guard stays for unvalidated objects.
+    with pytest.raises(ValueError, match="same sign"):
+        ScheduleConfig(kind="exponential", start=1.0, end=0.0)
+    through_zero = ScheduleConfig.model_construct(
+        kind="exponential", start=1.0, end=0.0, warmup_steps=0, warmup_from=0.0
+    )
     with pytest.raises(LensError, match="same sign"):
-        schedule_value(ScheduleConfig(kind="exponential", start=1.0, end=0.0), 1, 3)
+        schedule_value(through_zero, 1, 3)
 
 
 def test_warmup_then_schedule():
