@@ -357,13 +357,7 @@ class ConsistencyLens(nn.Module):
                 f"model '{model}'; set model={recorded} (if you trust that model) or use a lens "
                 f"trained on '{model}'."
             )
-        weights = path / WEIGHTS_FILE
-        if not weights.is_file():
-            raise LensError(f"Lens weights '{weights}' do not exist.")
-        if sha256_file(weights) != meta.get("weights_sha256"):
-            raise LensError(
-                f"Lens weights '{weights}' are corrupt (checksum mismatch); save the lens again."
-            )
+        _check_weights(path, meta)
         try:
             cfg = config_from_dict(meta["config"])
         except LensError as err:
@@ -376,26 +370,61 @@ class ConsistencyLens(nn.Module):
                 f"The lens at '{path}' was trained for layer {meta['layer']}, not layer {layer}."
             )
         loaded = loaded or load_for_config(cfg)
-        if loaded.fingerprint != meta["fingerprint"]:
-            raise LensError(
-                f"The lens at '{path}' was trained on base model '{meta['base_model']}' with "
-                f"fingerprint {meta['fingerprint']}, but the loaded model '{loaded.name}' has "
-                f"{loaded.fingerprint}."
-            )
-        if loaded.parts.d_model != meta["d_model"] or cfg.layer != meta["layer"]:
-            raise LensError(
-                f"The lens at '{path}' expects width {meta['d_model']} at layer {meta['layer']}, "
-                f"but the base model has width {loaded.parts.d_model} (config layer {cfg.layer})."
-            )
-        try:
-            state = load_file(str(weights))
-        except FileNotFoundError:
-            raise LensError(f"Lens weights '{weights}' do not exist.") from None
-        except (SafetensorError, OSError, ValueError):
-            raise LensError(f"Lens weights '{weights}' are corrupt; save the lens again.") from None
+        _check_fits(path, meta, loaded, cfg.layer)
+        state = _load_weights(path)
         lens = cls(cfg, loaded)
         lens.load_trainable_state_dict({k: v.to(lens.device) for k, v in state.items()})
         return lens
+
+    def init_from(self, path: str | Path) -> None:
+        """Start from the trainable weights of the saved lens at `path` (e.g. a warm start).
+
+        The lens there must be of this base model, layer and width; its weights must fit this
+        lens's mode and decoder exactly. Only its weights are read, never its settings.
+        """
+        path = Path(path)
+        meta = _read_lens_config(path)
+        _check_weights(path, meta)
+        _check_fits(path, meta, self.loaded, self.layer)
+        state = _load_weights(path)
+        self.load_trainable_state_dict({k: v.to(self.device) for k, v in state.items()})
+
+
+def _check_weights(path: Path, meta: dict) -> None:
+    """Refuse missing weights, or weights whose checksum is not the one the lens config names."""
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise LensError(f"Lens weights '{weights}' do not exist.")
+    if sha256_file(weights) != meta.get("weights_sha256"):
+        raise LensError(
+            f"Lens weights '{weights}' are corrupt (checksum mismatch); save the lens again."
+        )
+
+
+def _check_fits(path: Path, meta: dict, loaded: LoadedModel, layer: int) -> None:
+    """Refuse a lens recorded for another base model (fingerprint), width or layer."""
+    if loaded.fingerprint != meta["fingerprint"]:
+        raise LensError(
+            f"The lens at '{path}' was trained on base model '{meta['base_model']}' with "
+            f"fingerprint {meta['fingerprint']}, but the loaded model '{loaded.name}' has "
+            f"{loaded.fingerprint}."
+        )
+    if loaded.parts.d_model != meta["d_model"] or layer != meta["layer"]:
+        raise LensError(
+            f"The lens at '{path}' expects width {meta['d_model']} at layer {meta['layer']}, "
+            f"but the base model has width {loaded.parts.d_model} (config layer {layer})."
+        )
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The trainable weights of a lens directory, through safetensors only."""
+    weights = path / WEIGHTS_FILE
+    try:
+        return load_file(str(weights))
+    except FileNotFoundError:
+        raise LensError(f"Lens weights '{weights}' do not exist.") from None
+    except (SafetensorError, OSError, ValueError):
+        raise LensError(f"Lens weights '{weights}' are corrupt; save the lens again.") from None
 
 
 # Keys of `lens_config.json` that loading reads, with their JSON types.

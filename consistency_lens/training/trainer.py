@@ -564,6 +564,10 @@ def _build_run(
 ) -> _Run:
     distributed.seed_all(cfg.seed)
     lens = ConsistencyLens.build(cfg)
+    if cfg.train.init_from is not None:
+        # Before the engine and the objective: both see the starting weights (the objective's
+        # reference D included); a resumed checkpoint replaces them afterwards.
+        lens.init_from(cfg.train.init_from)
     for dataset in (train_set, val_set):
         if dataset is not None:
             check_dump(dataset, lens, cfg)

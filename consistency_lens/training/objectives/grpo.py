@@ -1,0 +1,139 @@
+"""Reinforcement learning on D's sampled text (GRPO-style), E trained by regression on the samples.
+
+For each activation D samples `train.rl.samples` explanations. Each is scored by how well it lets E
+rebuild A: reward = -KL(M(A) || M(E(text))) at P, optionally minus `rl.mse_reward` times E's
+normalised squared error. Advantages are group-relative (each sample against the mean of the other
+samples of its activation, optionally divided by the group's standard deviation), so no value
+network is needed. D's loss is the policy gradient plus `rl.kl_ref` times the KL of D's token
+distributions to a frozen reference D (the lens D started from: the warm-started one when
+`train.init_from` is set), which keeps the text readable. E learns on the same samples by MSE and
+by the KL at P, with the gradient flowing through its reconstruction only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from consistency_lens.config import LensConfig
+from consistency_lens.data.collate import Batch
+from consistency_lens.errors import LensError
+from consistency_lens.models.patching import patched_kl
+from consistency_lens.training.objectives import Objective, ObjectiveOutput, StepInfo, register
+from consistency_lens.training.objectives.warm_start import normalised_mse
+
+
+def group_advantages(rewards: torch.Tensor, std_norm: bool) -> torch.Tensor:
+    """Leave-one-out advantages of (B, K) rewards: r_i - mean_{j != i} r_j (/ group std)."""
+    k = rewards.shape[1]
+    if k < 2:
+        raise LensError("train.rl.samples must be at least 2: advantages compare samples.")
+    others = (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
+    adv = rewards - others
+    if std_norm:
+        adv = adv / (rewards.std(1, keepdim=True) + 1e-6)
+    return adv
+
+
+def sequence_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean log-probability per token of `ids` (N, T) under `logits` (N, T, V), shape (N,)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1).mean(-1)
+
+
+def policy_gradient_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """REINFORCE with fixed advantages: -mean(advantage * log pi(text))."""
+    return -(advantages.detach() * logprobs).mean()
+
+
+def reference_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """KL(pi || pi_ref) over the vocabulary, averaged over samples and token positions."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    logq = F.log_softmax(ref_logits.float(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1).mean()
+
+
+@contextlib.contextmanager
+def swapped(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily give `params` the `values` (no autograd graph may hold them meanwhile)."""
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(values[n])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+
+
+@register("grpo")
+class GRPOObjective(Objective):
+    """`pg + rl.kl_ref * kl_ref + mse_weight * mse_e + alpha * kl_e` on K sampled texts each."""
+
+    terms = ("pg", "kl_ref", "reward", "kl_e", "mse_e", "distinct")
+    coefficients = ("alpha",)
+    term_titles = {
+        "pg": "Policy-gradient loss of D",
+        "kl_ref": "KL of D to its reference",
+        "reward": "Mean reward (-KL at P)",
+        "kl_e": "KL at P with E(sampled text) patched in",
+        "mse_e": "E's normalised MSE",
+        "distinct": "Distinct samples per activation (fraction)",
+        "alpha": "KL weight α",
+    }
+    linear_terms = ("pg", "reward", "distinct")
+
+    def __init__(self, lens, cfg: LensConfig):
+        super().__init__(lens, cfg)
+        # The reference is D as built (after `train.init_from`, before any resumed checkpoint).
+        self.reference = {n: p.detach().clone() for n, p in self._decoder_params(lens).items()}
+
+    @staticmethod
+    def _decoder_params(lens) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in lens.decoder.named_parameters() if p.requires_grad}
+
+    def __call__(self, lens, batch: Batch, step: StepInfo) -> ObjectiveOutput:
+        """Sample, score, and return D's policy loss and E's regression loss."""
+        rl = self.cfg.train.rl
+        t_text, k = self.cfg.train.t_text, rl.samples
+        a = batch.A.float()
+        n = a.shape[0]
+        a_rep = a.repeat_interleave(k, 0)  # row i*k + j is sample j of activation i
+        with torch.no_grad():
+            ids = lens.decoder.generate(a_rep, t_text, greedy=False, temperature=rl.temperature)
+            with swapped(self._decoder_params(lens), self.reference):
+                ref_logits = lens.decoder.teacher_forced_logits(a_rep, ids)
+
+        a_hat = lens.encoder(F.one_hot(ids, lens.encoder.parts.embed.weight.shape[0]).float())
+        sets = list(a_hat.view(n, k, -1).unbind(1))
+        kls = torch.stack(
+            patched_kl(lens.orig, batch.input_ids_A, batch.attention_mask_A, a, sets), 1
+        )  # (n, k), differentiable through Â
+        err = (a_hat.view(n, k, -1) - a.unsqueeze(1)).square().sum(-1) / a.square().sum(-1, True)
+        rewards = -(kls + rl.mse_reward * err).detach()
+        adv = group_advantages(rewards, rl.std_norm)
+
+        logits = lens.decoder.teacher_forced_logits(a_rep, ids)
+        pg = policy_gradient_loss(sequence_logprobs(logits, ids).view(n, k), adv)
+        kl_ref = reference_kl(logits, ref_logits)
+        kl_e = kls.mean()
+        mse_e = normalised_mse(a_hat, a_rep)
+        loss = pg + rl.kl_ref * kl_ref + self.cfg.train.mse_weight * mse_e + step["alpha"] * kl_e
+        distinct = torch.tensor(
+            sum(len(set(map(tuple, g.tolist()))) for g in ids.view(n, k, -1)) / (n * k)
+        )
+        terms = {
+            "pg": pg,
+            "kl_ref": kl_ref,
+            "reward": rewards.mean(),
+            "kl_e": kl_e,
+            "mse_e": mse_e,
+            "distinct": distinct,
+        }
+        return ObjectiveOutput(loss=loss, terms=terms)

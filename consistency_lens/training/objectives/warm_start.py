@@ -1,0 +1,97 @@
+"""Supervised warm start: D learns to write a text tied to A, E learns to rebuild A from that text.
+
+Gumbel-STE on the consistency loss alone finds a few constant codes (DESIGN.md section 8). The
+field's later lens-style systems start instead from supervision: here D is taught, teacher-forced,
+to write the `t_text` corpus tokens ending at P (they are in the batch already) or, with
+`warm_start_next`, the `t_text` tokens after P (`input_ids_next` in the dump); E is taught to
+rebuild A from the *true* text, by MSE and by the KL of M at P with E's reconstruction patched in.
+The consistency objectives (`grpo`, `plan`) then continue from the saved lens (`train.init_from`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from consistency_lens.config import LensConfig
+from consistency_lens.data.collate import Batch
+from consistency_lens.models.patching import patched_kl
+from consistency_lens.training.objectives import Objective, ObjectiveOutput, StepInfo, register
+
+
+def context_targets(batch: Batch, t_text: int) -> torch.Tensor:
+    """The `t_text` context tokens ending at P (B, t_text); shorter contexts repeat their first token."""
+    ids, mask = batch.input_ids_A, batch.attention_mask_A
+    if ids.shape[1] < t_text:
+        pad = ids[:, :1].expand(-1, t_text - ids.shape[1])
+        ids, mask = torch.cat([pad, ids], 1), torch.cat([torch.zeros_like(pad), mask], 1)
+    ids, mask = ids[:, -t_text:], mask[:, -t_text:]
+    # Left padding would teach D to write pad tokens: use the row's first real token instead.
+    first = ids.gather(1, mask.long().argmax(1, keepdim=True))
+    return torch.where(mask.bool(), ids, first)
+
+
+def normalised_mse(a_hat: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """MSE of Â and A per element, both divided by the mean norm of A (as the plan objective's)."""
+    scale = a.norm(dim=-1).mean().clamp_min(1e-8)
+    return F.mse_loss(a_hat / scale, a / scale)
+
+
+def supervised_losses(
+    lens, batch: Batch, target_ids: torch.Tensor, with_kl: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """D's cross-entropy on `target_ids`, E's normalised MSE and KL(M(E(target)) || M(A)) at P.
+
+    Without `with_kl` the KL is 0 and M's patched forward (most of the step's cost on a CPU:
+    it reads the whole context) is skipped.
+    """
+    a = batch.A.float()
+    logits = lens.decoder.teacher_forced_logits(a, target_ids)
+    ce = F.cross_entropy(logits.float().flatten(0, 1), target_ids.flatten())
+    onehots = F.one_hot(target_ids, lens.encoder.parts.embed.weight.shape[0]).float()
+    a_hat = lens.encoder(onehots)
+    mse = normalised_mse(a_hat, a)
+    kl = a.new_zeros(())
+    if with_kl:
+        ids, mask = batch.input_ids_A, batch.attention_mask_A
+        (kl,) = patched_kl(lens.orig, ids, mask, a, [a_hat], "plan")
+    return ce, mse, kl
+
+
+@register("warm_start")
+class WarmStartObjective(Objective):
+    """`ce_d + mse_weight * mse_e + alpha * kl_e` on the context tokens ending at P (kl_e is
+    reported as 0, not computed, while alpha is 0)."""
+
+    terms = ("ce_d", "mse_e", "kl_e")
+    coefficients = ("alpha",)
+    term_titles = {
+        "ce_d": "D's cross-entropy on the target text",
+        "mse_e": "E's normalised MSE from the target text",
+        "kl_e": "KL at P with E(target text) patched in",
+        "alpha": "KL weight α",
+    }
+
+    def __init__(self, lens, cfg: LensConfig):
+        super().__init__(lens, cfg)
+
+    def targets(self, batch: Batch) -> torch.Tensor:
+        """The text D is taught to write for each activation of `batch`."""
+        return context_targets(batch, self.cfg.train.t_text)
+
+    def __call__(self, lens, batch: Batch, step: StepInfo) -> ObjectiveOutput:
+        """Teacher-forced D and E on this batch's target texts."""
+        ce, mse, kl = supervised_losses(lens, batch, self.targets(batch), step["alpha"] > 0)
+        loss = ce + self.cfg.train.mse_weight * mse + step["alpha"] * kl
+        return ObjectiveOutput(loss=loss, terms={"ce_d": ce, "mse_e": mse, "kl_e": kl})
+
+
+@register("warm_start_next")
+class WarmStartNextObjective(WarmStartObjective):
+    """The warm start on the corpus tokens after P (`input_ids_next`) instead of those ending at P."""
+
+    needs_next_tokens = True
+
+    def targets(self, batch: Batch) -> torch.Tensor:
+        """The first `t_text` corpus tokens after P."""
+        return batch.input_ids_next[:, : self.cfg.train.t_text]

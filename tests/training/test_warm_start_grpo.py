@@ -1,0 +1,231 @@
+"""Warm-start and GRPO objectives: hand-computed advantages and losses, KL to the reference, learning."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_dump_config
+from safetensors.torch import load_file
+
+from consistency_lens.config import LensConfig, config_from_dict, load_config
+from consistency_lens.data.collate import CollateFn
+from consistency_lens.data.dump import dump_activations
+from consistency_lens.errors import LensError
+from consistency_lens.models.lens import ConsistencyLens
+from consistency_lens.training import trainer
+from consistency_lens.training.objectives import build_objective, objective_class, step_info
+from consistency_lens.training.objectives.grpo import (
+    group_advantages,
+    policy_gradient_loss,
+    reference_kl,
+    sequence_logprobs,
+)
+from consistency_lens.training.objectives.warm_start import context_targets
+from consistency_lens.utils.logging import METRICS, MetricsFile
+
+
+def _lens(model_dir, **train) -> ConsistencyLens:
+    cfg = LensConfig(
+        model=str(model_dir),
+        device="cpu",
+        model_dtype="float32",
+        layer=1,
+        seed=0,
+        train={"t_text": 3, "prompt": "the nation <embed> law", "mse_weight": 1.0, **train},
+    )
+    torch.manual_seed(0)
+    return ConsistencyLens.build(cfg)
+
+
+def _batch(lens, n=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(n):
+        ids = torch.randint(1, 320, (6 + i,), generator=gen)
+        act = lens.orig.activations(ids[None], torch.ones_like(ids[None]))[0]
+        items.append({"input_ids_A": ids, "A": act, "input_ids_A_prime": ids, "A_prime": act})
+    return CollateFn(pad_id=0)(items)
+
+
+def test_group_advantages_match_hand_computation():
+    rewards = torch.tensor([[1.0, 2.0, 6.0], [0.0, 0.0, 3.0]])
+    # Leave-one-out: r_i - mean of the other two.
+    expected = torch.tensor([[1 - 4.0, 2 - 3.5, 6 - 1.5], [0 - 1.5, 0 - 1.5, 3 - 0.0]])
+    torch.testing.assert_close(group_advantages(rewards, std_norm=False), expected)
+    std = torch.tensor([[(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2) ** 0.5], [3**0.5]])
+    torch.testing.assert_close(group_advantages(rewards, std_norm=True), expected / (std + 1e-6))
+    with pytest.raises(LensError, match="at least 2"):
+        group_advantages(rewards[:, :1], std_norm=False)
+
+
+def test_policy_gradient_loss_and_logprobs_match_hand_computation():
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))  # (1, 2, 3)
+    ids = torch.tensor([[0, 1]])
+    lp = sequence_logprobs(logits, ids)
+    torch.testing.assert_close(lp, torch.log(torch.tensor([0.5 * 0.8])) / 2)
+    logprobs = torch.tensor([[-1.0, -2.0], [-0.5, -4.0]], requires_grad=True)
+    adv = torch.tensor([[1.0, -1.0], [2.0, 0.5]])
+    loss = policy_gradient_loss(logprobs, adv)
+    assert float(loss.detach()) == pytest.approx(
+        -(1 * -1.0 + -1 * -2.0 + 2 * -0.5 + 0.5 * -4.0) / 4
+    )
+    loss.backward()
+    torch.testing.assert_close(logprobs.grad, -adv / 4)
+
+
+def test_reference_kl_is_zero_for_equal_logits_and_positive_otherwise():
+    logits = torch.randn(3, 4, 7, generator=torch.Generator().manual_seed(0))
+    assert float(reference_kl(logits, logits)) == 0.0
+    p, q = torch.tensor([[[0.0, 0.0]]]), torch.log(torch.tensor([[[0.25, 0.75]]]))
+    expected = 0.5 * torch.log(torch.tensor(0.5 / 0.25)) + 0.5 * torch.log(torch.tensor(0.5 / 0.75))
+    torch.testing.assert_close(reference_kl(p, q), expected)
+
+
+def test_context_targets_are_the_tokens_ending_at_p_without_padding():
+    lens_free = CollateFn(pad_id=0)
+    items = [
+        {"input_ids_A": torch.tensor([5, 6, 7, 8]), "A": torch.zeros(2)},
+        {"input_ids_A": torch.tensor([9, 3]), "A": torch.zeros(2)},
+    ]
+    for it in items:
+        it.update(input_ids_A_prime=it["input_ids_A"], A_prime=it["A"])
+    batch = lens_free(items)
+    assert context_targets(batch, 3).tolist() == [[6, 7, 8], [9, 9, 3]]
+    assert context_targets(batch, 6).tolist() == [[5, 5, 5, 6, 7, 8], [9, 9, 9, 9, 9, 3]]
+
+
+@pytest.mark.parametrize("inject_layer", [None, 0])
+def test_warm_start_loss_falls_on_a_fixed_batch(tiny_llama_dir, inject_layer):
+    lens = _lens(tiny_llama_dir, objective="warm_start", inject_layer=inject_layer, lr=0.05)
+    obj = build_objective(lens, lens.cfg)
+    batch = _batch(lens)
+    opt = torch.optim.Adam(lens.param_groups())
+    info = step_info(type(obj), lens.cfg, 0)
+    terms = []
+    for _ in range(30):
+        out = obj(lens, batch, info)
+        assert set(out.terms) == {"ce_d", "mse_e", "kl_e"}
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        terms.append({k: float(v) for k, v in out.terms.items()})
+    # A random tiny model's logits are nearly flat, so D's CE can only fall so far; E's error
+    # from the true text falls several-fold.
+    assert terms[-1]["ce_d"] < terms[0]["ce_d"] - 0.3, terms
+    assert terms[-1]["mse_e"] < 0.3 * terms[0]["mse_e"], terms
+    # The CE term is D's cross-entropy on exactly the context tokens ending at P.
+    targets = context_targets(batch, 3)
+    logits = lens.decoder.teacher_forced_logits(batch.A, targets)
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(obj(lens, batch, info).terms["ce_d"], ce)
+
+
+def test_grpo_reference_kl_is_zero_at_start_and_training_moves_d(tiny_llama_dir):
+    lens = _lens(tiny_llama_dir, objective="grpo", rl={"samples": 3}, lr=0.05)
+    obj = build_objective(lens, lens.cfg)
+    batch = _batch(lens)
+    info = step_info(type(obj), lens.cfg, 0)
+    torch.manual_seed(1)
+    out = obj(lens, batch, info)
+    assert float(out.terms["kl_ref"]) == 0.0  # D equals its reference
+    assert float(out.terms["reward"]) <= 0.0
+    before = {n: p.detach().clone() for n, p in lens.decoder.named_parameters() if p.requires_grad}
+    opt = torch.optim.Adam(lens.param_groups())
+    opt.zero_grad()
+    out.loss.backward()
+    assert lens.decoder.proj.weight.grad.abs().sum() > 0  # the policy gradient reaches D
+    assert lens.encoder.proj.weight.grad.abs().sum() > 0  # E learns by regression
+    opt.step()
+    torch.manual_seed(1)
+    after = obj(lens, batch, info)
+    assert float(after.terms["kl_ref"]) > 0.0  # D moved, the reference did not
+    for name, value in obj.reference.items():
+        assert torch.equal(value, before[name])
+
+
+@pytest.fixture(scope="module")
+def dumped(tmp_path_factory, tiny_llama_dir, corpus_dir) -> dict:
+    """A tiny train/val dump (format 2: with the tokens after P) of the tiny Llama."""
+    base = tiny_dump_config(tmp_path_factory.mktemp("dump"), tiny_llama_dir, corpus_dir)
+    base["train"] = {"t_text": 2}
+    dump_activations(config_from_dict(base))
+    return base
+
+
+def _overrides(base: dict, run_dir: Path, objective: str, steps: int, **extra) -> list[str]:
+    train = {
+        "run_dir": run_dir,
+        "objective": objective,
+        "inject_layer": 0,
+        "t_text": 2,
+        "steps": steps,
+        "batch_size": 4,
+        "val_every": 1,
+        "val_batches": 1,
+        "ckpt_every": 1,
+        "log_every": 1,
+        "lr_schedule.kind": "constant",
+        "lr_schedule.warmup_steps": 0,
+        "rl.samples": 2,
+        "prompt": '"A <embed> is"',
+        **extra,
+    }
+    top = [f"{k}={v}" for k, v in base.items() if k != "train"]
+    return top + [f"train.{k}={v}" for k, v in train.items()]
+
+
+def _train_cli(args: list[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "consistency_lens", "train", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _lens_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "lens" / "lens.safetensors"))
+
+
+@pytest.mark.parametrize("objective", ["warm_start_next", "grpo"])
+def test_objective_trains_through_the_cli_and_resumes_bit_identically(dumped, tmp_path, objective):
+    extra: dict = {}
+    if objective == "grpo":
+        # RL continues from a warm start, as the demo does.
+        warm = tmp_path / "warm"
+        trainer.train(load_config(None, _overrides(dumped, warm, "warm_start", 2)))
+        extra["init_from"] = warm / "lens"
+    straight = tmp_path / "straight"
+    trainer.train(load_config(None, _overrides(dumped, straight, objective, 3, **extra)))
+    resumed = tmp_path / "resumed"
+    _train_cli(_overrides(dumped, resumed, objective, 2, **extra))
+    _train_cli([*_overrides(dumped, resumed, objective, 3, **extra), "--resume"])
+    a, b = _lens_weights(straight), _lens_weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    records = [r for r in MetricsFile(resumed / METRICS).read() if r["kind"] == "train"]
+    assert set(objective_class(objective).terms) <= set(records[-1])
+
+
+def test_init_from_starts_from_the_saved_weights_and_refuses_another_shape(dumped, tmp_path):
+    warm = tmp_path / "warm"
+    trainer.train(load_config(None, _overrides(dumped, warm, "warm_start", 1)))
+    cfg = load_config(
+        None, _overrides(dumped, tmp_path / "next", "grpo", 1, init_from=warm / "lens")
+    )
+    lens = ConsistencyLens.build(cfg)
+    lens.init_from(warm / "lens")
+    saved = _lens_weights(warm)
+    assert all(torch.equal(lens.trainable_state_dict()[k], v) for k, v in saved.items())
+    # A lens whose decoder reads A another way has other weights: refused in one sentence.
+    other = load_config(None, _overrides(dumped, tmp_path / "o", "plan", 1, inject_layer="null"))
+    with pytest.raises(LensError, match="do not fit this lens"):
+        ConsistencyLens.build(other).init_from(warm / "lens")
