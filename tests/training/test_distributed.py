@@ -1,7 +1,9 @@
 """Multi-process training on CPU (gloo, 2 ranks under torchrun): DDP, FSDP2, DeepSpeed, resharding.
 
 Every multi-process run is compared with one process on the same global batch. Gumbel noise is left
-out in both (tests/training/dist_entry.py), because each rank draws its own noise by design.
+out in both (tests/training/dist_entry.py), because each rank draws its own noise by design, and
+both use AdamW with eps=1e-5 (`coarse_eps`): with the default 1e-8 a near-zero gradient entry
+amplifies float reduction-order differences up to lr/eps = 1e6 times into the weights.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_dump_config
-from dist_entry import noiseless_gumbel_softmax
+from dist_entry import coarse_eps, noiseless_gumbel_softmax
 from safetensors.torch import load_file
 
 from consistency_lens.config import config_from_dict
@@ -129,6 +131,9 @@ def _single(
     base: dict, run_dir: Path, monkeypatch, *, mode: str = "full", steps: int = 2, resume=False
 ) -> None:
     monkeypatch.setattr(F, "gumbel_softmax", noiseless_gumbel_softmax)
+    # The same AdamW eps as the torchrun side (dist_entry); wrapping a wrapped builder only sets
+    # eps again, so repeated calls in one monkeypatch context are harmless.
+    monkeypatch.setattr(distributed, "build_optimizer", coarse_eps(distributed.build_optimizer))
     train = _train_cfg(run_dir, mode, steps, BATCH * RANKS, "none")
     trainer.train(config_from_dict({**base, "train": train}), resume=resume)
 
