@@ -63,7 +63,9 @@ class ModelParts:
     def embed_rows(self, weights: torch.Tensor) -> torch.Tensor:
         """`inputs_embeds` for a (..., V) distribution over tokens (one-hot or soft)."""
         table = self.embed.weight
-        return (weights.to(table.dtype) @ table) * self.embed_scale
+        # A 2-D matmul: `(B, T, V) @ (V, d)` would broadcast the table into a batched copy.
+        flat = weights.reshape(-1, weights.shape[-1]).to(table.dtype) @ table
+        return flat.reshape(*weights.shape[:-1], table.shape[1]) * self.embed_scale
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """`inputs_embeds` for token ids, exactly what the model's forward would compute."""
