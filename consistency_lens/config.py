@@ -63,6 +63,16 @@ class RLConfig(_Strict):
     """Divide each group's advantages by its reward standard deviation."""
 
 
+class WarmStartConfig(_Strict):
+    """A supervised warm start that `train` runs first, in `<run_dir>/warm_start`; its lens is
+    where the main objective starts (`init_from`) and, for `grpo`, D's reference."""
+
+    steps: int = Field(0, ge=0)
+    """Optimizer steps of the warm start; 0 means none."""
+    objective: str = "warm_start"
+    """Registered objective of the warm start (`warm_start` or `warm_start_next`)."""
+
+
 class TrainConfig(_Strict):
     """How a lens is trained on a dump."""
 
@@ -111,6 +121,8 @@ class TrainConfig(_Strict):
     the lens must be of the same model, layer, mode and decoder shape."""
     rl: RLConfig = RLConfig()
     """Settings of the `grpo` objective."""
+    warm_start: WarmStartConfig = WarmStartConfig()
+    """A supervised warm start run before `objective` (off unless `warm_start.steps > 0`)."""
     target: Literal["residual", "direct"] = "residual"
     """`residual`: the plan's `A_target = Â + (A' - Â').detach()`. `direct`: `A_target = Â`."""
     mse_weight: float = Field(0.0, ge=0)

@@ -40,6 +40,7 @@ from consistency_lens.training.objectives import (
 )
 from consistency_lens.training.optim import Ema
 from consistency_lens.utils import checkpoint as ckpt
+from consistency_lens.utils.io import read_json
 from consistency_lens.utils.lock import dir_lock
 from consistency_lens.utils.logging import RunLogger
 
@@ -607,8 +608,57 @@ def _save_final(run: _Run) -> Path:
     return lens_dir
 
 
+WARM_START_DIR = "warm_start"
+
+
 def train(cfg: LensConfig, resume: bool = False) -> TrainResult:
-    """Train a lens on the dump of `cfg`; `resume` continues from the latest valid checkpoint."""
+    """Train a lens on the dump of `cfg`; `resume` continues from the latest valid checkpoint.
+
+    With `train.warm_start.steps > 0` the warm start runs first (or resumes, or is reused when
+    finished) in `<run_dir>/warm_start`, and the main objective starts from its lens.
+    """
+    if cfg.train.warm_start.steps:
+        cfg = _after_warm_start(cfg, resume)
+    return _train_phase(cfg, resume)
+
+
+def _after_warm_start(cfg: LensConfig, resume: bool) -> LensConfig:
+    """Run (or reuse) the warm start of `cfg`; return `cfg` starting from its lens."""
+    warm = cfg.train.warm_start
+    if cfg.train.init_from is not None:
+        raise LensError(
+            "train.init_from and train.warm_start.steps both say where training starts; "
+            "set one of them."
+        )
+    warm_dir = Path(cfg.train.run_dir) / WARM_START_DIR
+    update = {
+        "objective": warm.objective,
+        "steps": warm.steps,
+        "run_dir": warm_dir,
+        "warm_start": warm.model_copy(update={"steps": 0}),
+    }
+    warm_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
+    lens_config = warm_dir / "lens" / "lens_config.json"
+    if not lens_config.is_file():
+        _train_phase(warm_cfg, resume)
+    elif _settings(read_json(lens_config, "Lens config").get("config")) != _settings(warm_cfg):
+        raise LensError(
+            f"'{warm_dir}' holds a warm start trained with other settings; delete it or use "
+            "another train.run_dir."
+        )
+    return cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"init_from": warm_dir / "lens"})}
+    )
+
+
+def _settings(cfg: LensConfig | dict | None) -> dict | None:
+    """A config as JSON without `device` (ranks of one job differ only there)."""
+    data = dump_config(cfg) if isinstance(cfg, LensConfig) else cfg
+    return None if data is None else {k: v for k, v in data.items() if k != "device"}
+
+
+def _train_phase(cfg: LensConfig, resume: bool) -> TrainResult:
+    """One training run of `cfg.train.objective` in `cfg.train.run_dir`."""
     cfg = distributed.setup(cfg)
     run: _Run | None = None
     clean = False

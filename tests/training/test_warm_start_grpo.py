@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -229,3 +230,27 @@ def test_init_from_starts_from_the_saved_weights_and_refuses_another_shape(dumpe
     other = load_config(None, _overrides(dumped, tmp_path / "o", "plan", 1, inject_layer="null"))
     with pytest.raises(LensError, match="do not fit this lens"):
         ConsistencyLens.build(other).init_from(warm / "lens")
+
+
+def test_train_runs_the_warm_start_first_then_reuses_it(dumped, tmp_path):
+    run_dir = tmp_path / "run"
+    args = _overrides(dumped, run_dir, "grpo", 2, **{"warm_start.steps": 2})
+    result = trainer.train(load_config(None, args))
+    warm = run_dir / trainer.WARM_START_DIR
+    assert result.steps == 2 and (warm / "lens" / "lens.safetensors").is_file()
+    records = [r for r in MetricsFile(warm / METRICS).read() if r["kind"] == "train"]
+    assert [r["step"] for r in records] == [1, 2] and "ce_d" in records[-1]
+    # The main run started from the warm lens: its recorded config says so.
+    meta = json.loads((run_dir / "lens" / "lens_config.json").read_text())
+    assert meta["config"]["train"]["init_from"] == str(warm / "lens")
+    # A finished warm start is reused as it is ...
+    before = (warm / "lens" / "lens.safetensors").read_bytes()
+    trainer.train(load_config(None, args), resume=True)
+    assert (warm / "lens" / "lens.safetensors").read_bytes() == before
+    # ... but never one trained with other settings.
+    other = _overrides(dumped, run_dir, "grpo", 3, **{"warm_start.steps": 2, "lr": 0.5})
+    with pytest.raises(LensError, match="warm start trained with other settings"):
+        trainer.train(load_config(None, other), resume=True)
+    both = _overrides(dumped, tmp_path / "b", "grpo", 1, init_from=warm / "lens")
+    with pytest.raises(LensError, match="set one of them"):
+        trainer.train(load_config(None, [*both, "train.warm_start.steps=1"]))
