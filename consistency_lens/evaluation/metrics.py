@@ -83,7 +83,9 @@ def bootstrap_ci(
         idx = torch.randint(0, n, (n,), generator=gen)
         values[r] = statistic(*(s[idx] for s in samples))
     tail = (1.0 - level) / 2
-    lo, hi = torch.quantile(values, torch.tensor([tail, 1.0 - tail], dtype=torch.float64))
+    # A resample where the statistic is undefined (e.g. a ratio whose denominator drew only
+    # zeros) is dropped rather than turning the whole interval into NaN.
+    lo, hi = torch.nanquantile(values, torch.tensor([tail, 1.0 - tail], dtype=torch.float64))
     return (float(lo), float(hi))
 
 

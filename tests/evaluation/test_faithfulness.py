@@ -179,3 +179,17 @@ def test_one_sample_reports_shuffled_as_unavailable(setup):
     )
     table = markdown_tables(results)
     assert "| lens, shuffled | unavailable |" in table
+
+
+def test_sparse_content_words_still_get_a_finite_interval():
+    # 1 of 40 explanations has a content word: most resamples draw none and are dropped.
+    explanations = [set() for _ in range(40)]
+    explanations[0] = {"taxes"}
+    buckets = {
+        "context": [{"taxes"} if i in (0, 5) else set() for i in range(40)],
+        "next_tokens": [set() for _ in range(40)],
+        "top5": [set() for _ in range(40)],
+    }
+    out = specificity(explanations, buckets, derangement(40, 0), resamples=300, seed=0)
+    lo, hi = out["buckets"]["context"]["difference_ci"]
+    assert lo == lo and hi == hi and lo <= out["buckets"]["context"]["difference"] <= hi
