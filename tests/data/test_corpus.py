@@ -66,3 +66,20 @@ def test_editing_a_local_corpus_rebuilds_its_cache(tmp_path, tokenizer_dir):
     after = tokenized_corpus(str(folder), tok, tmp_path / "cache")
     assert after.key != before.key and after.num_tokens > before.num_tokens
     assert tokenized_corpus(str(folder), tok, tmp_path / "cache").key == after.key
+
+
+def test_pydoc_corpus_is_the_stdlib_docstrings_read_without_importing():
+    """The built-in second genre: module by module, docstrings only, no module ever imported."""
+    import sys
+
+    from consistency_lens.data.corpus import _local_stamp, corpus_slug, iter_documents
+
+    assert "antigravity" not in sys.modules and "this" not in sys.modules
+    docs = list(iter_documents("pydoc"))
+    assert len(docs) > 200 and all(isinstance(d, str) and len(d) >= 300 for d in docs)
+    assert any("Abstract Base Classes" in d for d in docs[:20])  # abc.py, parsed by ast
+    assert not any("def setUp(self)" in d for d in docs)  # test packages are skipped
+    # Importing `this` prints the Zen of Python, `antigravity` opens a browser: neither ran.
+    assert "antigravity" not in sys.modules and "this" not in sys.modules
+    assert corpus_slug("pydoc") == "pydoc"
+    assert _local_stamp("pydoc") == f"-py{sys.version_info.major}{sys.version_info.minor}"
