@@ -115,10 +115,12 @@ def _text_table(results: dict) -> tuple[str, list[str], list[list[Any]], str]:
 
 
 def _spec_table(spec: dict) -> tuple[str, list[str], list[list[Any]], str]:
-    from consistency_lens.evaluation.specificity import BUCKET_NAMES
+    from consistency_lens.evaluation.specificity import BUCKET_NAMES, BUCKETS
 
     rows = []
-    for key, row in spec["buckets"].items():
+    # JSON files are written with sorted keys; show the buckets in their defined order.
+    for key in [b for b in BUCKETS if b in spec["buckets"]]:
+        row = spec["buckets"][key]
         rows.append(
             [
                 BUCKET_NAMES.get(key, key),
