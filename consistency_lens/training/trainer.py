@@ -343,9 +343,8 @@ def _micro_step(run: _Run, batch: Batch, info: StepInfo, final: bool) -> dict | 
         run.engine.backward(out.loss)
     # Only floats survive the micro-step, so no graph or activation outlives its backward.
     terms = {"loss": out.loss, **out.terms}
-    return {key: float(terms[key].detach()) for key in run.objective.loss_names()} | {
-        "n": len(batch)
-    }
+    # Every term the objective returns is logged, declared or not (declared ones get curves).
+    return {key: float(value.detach()) for key, value in terms.items()} | {"n": len(batch)}
 
 
 def _accumulate(run: _Run, info: StepInfo) -> list[dict]:
@@ -362,8 +361,11 @@ def _accumulate(run: _Run, info: StepInfo) -> list[dict]:
 
 
 def _step_metrics(outs: list[dict], run: _Run, coeffs: dict[str, float]) -> dict:
-    names = run.objective.loss_names()
-    metrics = {key: sum(o[key] for o in outs) / len(outs) for key in names}
+    names = dict.fromkeys(key for o in outs for key in o if key != "n")
+    metrics = {}
+    for key in names:
+        values = [o[key] for o in outs if key in o]
+        metrics[key] = sum(values) / len(values)
     groups = run.optimizer.param_groups
     # `lr` is the first group's (projections/prompts); other groups are named after themselves.
     lrs = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(groups[1:], start=1)}
@@ -406,16 +408,15 @@ def _val_pass(run: _Run) -> dict:
     acts, recons, kls = [], [], []
     # The objective's own terms on validation batches, under the names it logs in training.
     info = step_info(type(run.objective), run.cfg, run.state.step)
-    names = run.objective.loss_names()
-    sums, count = dict.fromkeys(names, 0.0), 0
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
     for batch in _val_loader(run):
         batch = batch.to(run.device)
         with _autocast(run.cfg, run.device):
             out = run.objective(run.lens, batch, info)
-            terms = {"loss": out.loss, **out.terms}
-            for name in names:
-                sums[name] += float(terms[name]) * len(batch)
-            count += len(batch)
+            for name, value in {"loss": out.loss, **out.terms}.items():
+                sums[name] = sums.get(name, 0.0) + float(value) * len(batch)
+                counts[name] = counts.get(name, 0) + len(batch)
             _, a_hat = run.lens.reconstruct(batch.A)
             # The eval's direction, KL(M(A) || M(Â)), so curves and eval tables are one metric.
             (kl,) = patched_kl(
@@ -429,7 +430,7 @@ def _val_pass(run: _Run) -> dict:
         "val_kl": float(torch.cat(kls).mean()),
         "val_mse": mse(A, A_hat),
         "val_fve": fve(A, A_hat),
-        **{f"val_{name}": total / max(count, 1) for name, total in sums.items()},
+        **{f"val_{name}": total / counts[name] for name, total in sums.items()},
     }
 
 

@@ -241,3 +241,27 @@ def test_cli_sigterm_checkpoints_and_resume_continues(dumped, tmp_path):
     assert "Resuming from" in done.stderr and f"(step {step})" in done.stderr
     assert ck.latest_valid(run_dir).name == f"step_{step + 1}"
     assert (run_dir / "lens" / "lens.safetensors").is_file()
+
+
+def test_trainer_logs_every_term_the_objective_returns(dumped, tmp_path):
+    from consistency_lens.training.objectives import _REGISTRY, ObjectiveOutput, register
+    from consistency_lens.training.objectives.plan import PlanObjective
+
+    @register("test_extra_term")
+    class WithExtra(PlanObjective):
+        def __call__(self, lens, batch, step):
+            out = super().__call__(lens, batch, step)
+            extra = out.terms["loss_kl"] * 2  # returned but not declared in `terms`
+            return ObjectiveOutput(out.loss, {**out.terms, "undeclared": extra})
+
+    try:
+        run_dir = tmp_path / "run"
+        result = trainer.train(_cfg(dumped, run_dir, objective="test_extra_term"))
+        assert result.last_val["val_undeclared"] == pytest.approx(
+            2 * result.last_val["val_loss_kl"]
+        )
+        train_rows = [r for r in MetricsFile(run_dir / METRICS).read() if r["kind"] == "train"]
+        assert train_rows[0]["undeclared"] == pytest.approx(2 * train_rows[0]["loss_kl"])
+        assert {"tau", "alpha"} <= set(train_rows[0])  # the declared coefficients
+    finally:
+        _REGISTRY.pop("test_extra_term", None)

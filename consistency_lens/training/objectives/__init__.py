@@ -5,7 +5,9 @@ module here is imported, so adding an objective is one new file plus its test); 
 picks it. The protocol, in the spirit of tuned-lens / SAELens training losses:
 
 - `terms`: names of the scalar terms `__call__` returns (besides the total `loss`). The trainer
-  logs, validates and plots exactly these names; no list of loss names lives anywhere else.
+  logs (training and `val_<name>` on validation batches) whatever names `__call__` returns; the
+  declared ones also get report curves and the progress line, so no list of loss names lives
+  anywhere else.
 - `coefficients`: names of scheduled coefficients it needs; each must be a `ScheduleConfig` field
   of `train` (e.g. `tau`, `alpha`). The trainer evaluates them at every step, passes them in
   `StepInfo.coeffs` and logs them.
