@@ -90,6 +90,23 @@ def find_parts(model: nn.Module) -> ModelParts:
     return ModelParts(blocks=blocks, embed=embed, embed_scale=float(scale), cache_arg=cache_arg)
 
 
+def _contiguous_input(_module: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])
+
+
+def contiguous_head(model: nn.Module) -> None:
+    """Make the vocabulary projection read a contiguous input (once per model).
+
+    HF slices the hidden states before the head (`logits_to_keep`); on a (B, n, d) slice that is
+    not contiguous, torch's CPU matmul falls back to a batched matmul that copies the whole
+    (V, d) weight once per row, which cost most of a training step on the embedded model.
+    """
+    head = model.get_output_embeddings()
+    if head is not None and not getattr(head, "_lens_contiguous", False):
+        head.register_forward_pre_hook(_contiguous_input)
+        head._lens_contiguous = True
+
+
 def check_layer(parts: ModelParts, layer: int, what: str = "layer") -> None:
     """Refuse a block index outside the model."""
     if not 0 <= layer < parts.num_blocks:

@@ -122,9 +122,7 @@ class DecoderModel(nn.Module):
                 out = self.model(
                     inputs_embeds=embeds,
                     use_cache=True,
-                    # All logits when several are kept: a non-contiguous slice of the hidden
-                    # states makes the vocabulary projection a batched copy of its weight.
-                    logits_to_keep=1 if keep == 1 else 0,
+                    logits_to_keep=keep,
                     **self.parts.cache_kwargs(cache),
                 )
             new = [t for layer in cache.layers for t in (layer.keys, layer.values)]

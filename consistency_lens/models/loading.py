@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from consistency_lens.config import LensConfig
 from consistency_lens.errors import LensError
 from consistency_lens.models import embedded
-from consistency_lens.models.adapter import ModelParts, find_parts
+from consistency_lens.models.adapter import ModelParts, contiguous_head, find_parts
 
 
 @dataclass
@@ -169,6 +169,7 @@ def load_model(
     if device_map is None:
         model.to(torch_device)
     model.eval().requires_grad_(False)
+    contiguous_head(model)
     tokenizer = load_tokenizer(name, revision, trust_remote_code)
     return LoadedModel(
         model=model,

@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 from consistency_lens.data.collate import position_ids
 from consistency_lens.errors import LensError
-from consistency_lens.models.adapter import check_layer, find_parts
+from consistency_lens.models.adapter import check_layer, contiguous_head, find_parts
 from consistency_lens.models.hooks import replace_last, run_until
 from consistency_lens.models.loading import LoadedModel, resolve_device
 
@@ -46,7 +46,9 @@ def load_8bit(
         quantization_config=BitsAndBytesConfig(load_in_8bit=True),
         device_map={"": torch_device},
     )
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    contiguous_head(model)
+    return model
 
 
 def _expand_cache(cache: DynamicCache, repeats: int) -> DynamicCache:

@@ -83,3 +83,19 @@ def test_bad_inputs_are_refused(orig):
 def test_8bit_needs_cuda():
     with pytest.raises(LensError, match="CUDA"):
         load_8bit("whatever", device="cpu")
+
+
+def test_head_reads_a_contiguous_input_once_and_logits_are_unchanged(tiny_llama_dir):
+    """The CPU speed fix on the vocabulary projection changes no value and is installed once."""
+    from consistency_lens.models.adapter import contiguous_head
+    from consistency_lens.models.loading import load_model
+
+    loaded = load_model(str(tiny_llama_dir), device="cpu", dtype="float32")
+    head = loaded.model.get_output_embeddings()
+    assert len(head._forward_pre_hooks) == 1
+    contiguous_head(loaded.model)
+    assert len(head._forward_pre_hooks) == 1
+    hidden = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0))[:, -2:]
+    assert not hidden.is_contiguous()
+    expected = hidden.contiguous() @ head.weight.T
+    torch.testing.assert_close(head(hidden), expected, rtol=0, atol=1e-6)
