@@ -71,6 +71,8 @@ class WarmStartConfig(_Strict):
     """Optimizer steps of the warm start; 0 means none."""
     objective: str = "warm_start"
     """Registered objective of the warm start (`warm_start` or `warm_start_next`)."""
+    alpha: float = Field(0.0, ge=0)
+    """Constant KL weight α of the warm start (E's KL at P); 0 skips M's patched forward."""
 
 
 class TrainConfig(_Strict):

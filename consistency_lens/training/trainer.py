@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from consistency_lens.config import LensConfig, dump_config
+from consistency_lens.config import LensConfig, ScheduleConfig, dump_config
 from consistency_lens.data.collate import Batch, CollateFn
 from consistency_lens.data.dataset import ActivationDataset
 from consistency_lens.data.dump import split_dir
@@ -637,6 +637,7 @@ def _after_warm_start(cfg: LensConfig, resume: bool) -> LensConfig:
         "steps": warm.steps,
         "run_dir": warm_dir,
         "warm_start": warm.model_copy(update={"steps": 0}),
+        "alpha": ScheduleConfig(kind="constant", start=warm.alpha),
     }
     warm_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
     lens_config = warm_dir / "lens" / "lens_config.json"

@@ -240,6 +240,8 @@ def test_train_runs_the_warm_start_first_then_reuses_it(dumped, tmp_path):
     assert result.steps == 2 and (warm / "lens" / "lens.safetensors").is_file()
     records = [r for r in MetricsFile(warm / METRICS).read() if r["kind"] == "train"]
     assert [r["step"] for r in records] == [1, 2] and "ce_d" in records[-1]
+    # The warm start runs at its own constant alpha (0: M's patched forward skipped).
+    assert all(r["alpha"] == 0.0 and r["kl_e"] == 0.0 for r in records)
     # The main run started from the warm lens: its recorded config says so.
     meta = json.loads((run_dir / "lens" / "lens_config.json").read_text())
     assert meta["config"]["train"]["init_from"] == str(warm / "lens")
