@@ -39,9 +39,21 @@ def test_lens_yaml_documents_every_key():
 def test_demo_and_wandb_configs_validate():
     cfg = load_config([CONFIG / "demo.yaml", CONFIG / "wandb.yaml"])
     assert cfg.model == "smollm2-135m" and cfg.corpus == "sotu"
-    assert cfg.train.mode == "frozen_base" and 4 <= cfg.train.t_text <= 8
+    assert cfg.train.mode == "lora" and 4 <= cfg.train.t_text <= 8
     assert 10 <= cfg.layer <= 25
+    # The readable-lens recipe: hidden-state injection, warm start, then GRPO.
+    assert cfg.train.inject_layer is not None and cfg.train.objective == "grpo"
+    assert cfg.train.warm_start.steps > 0
     assert cfg.wandb.enabled is False and cfg.wandb.mode == "offline"
+
+
+def test_gpu_config_validates_and_uses_the_same_recipe():
+    demo = load_config([CONFIG / "demo.yaml"])
+    gpu = load_config([CONFIG / "gpu.yaml"])
+    assert gpu.device == "cuda" and gpu.train.precision == "bf16"
+    for key in ("mode", "inject_layer", "prompt", "objective", "t_text"):
+        assert getattr(gpu.train, key) == getattr(demo.train, key)
+    assert gpu.num_samples > demo.num_samples and gpu.train.warm_start.steps > 0
 
 
 def test_deepspeed_config_is_zero2_bf16():
