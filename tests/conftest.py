@@ -28,6 +28,65 @@ def make_text(seed: int, n_words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n_words)) + "."
 
 
+def cli_error(capsys, argv: list[str], *, sole_error_line: bool = False) -> str:
+    """Run the CLI expecting exit 2 and no traceback; return stderr's last line."""
+    from consistency_lens.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]  # after transformers' loading progress bars
+    if sole_error_line:
+        assert line.startswith("error: ") and err.count("error: ") == 1
+    return line
+
+
+def batch_of(lens, seqs: list[torch.Tensor], seqs_prime: list[torch.Tensor]):
+    """A Batch of left-padded `seqs` and `seqs_prime` with M's activations for each."""
+    from consistency_lens.data.collate import Batch, left_pad
+
+    ids, mask = left_pad(seqs, 0)
+    ids_p, mask_p = left_pad(seqs_prime, 0)
+    return Batch(
+        ids,
+        mask,
+        lens.orig.activations(ids, mask),
+        ids_p,
+        mask_p,
+        lens.orig.activations(ids_p, mask_p),
+    )
+
+
+def objective_lens(path: Path, **train: object):
+    """A layer-1 fp32 CPU lens on the model at `path` (t_text 3 unless `train` says otherwise)."""
+    from consistency_lens.config import LensConfig
+    from consistency_lens.models.lens import ConsistencyLens
+
+    train.setdefault("t_text", 3)
+    cfg = LensConfig(model=str(path), device="cpu", model_dtype="float32", layer=1, train=train)
+    return ConsistencyLens.build(cfg)
+
+
+def objective_batch(lens, lengths: tuple[int, ...] = (6, 9, 4)):
+    """The fixed seed-1 batch of the objective tests; the primed sequences are the reversed ones."""
+    gen = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(1, 320, (n,), generator=gen) for n in lengths]
+    return batch_of(lens, seqs, [s.flip(0) for s in seqs])
+
+
+def dumped_eval_config(root: Path, model: Path, corpus: Path, **over: object):
+    """Dump a 24-token config under `root` for a 3-token-text lens run in `root/run`; return it."""
+    from consistency_lens.config import config_from_dict
+    from consistency_lens.data.dump import dump_activations
+
+    train = {"run_dir": str(root / "run"), "t_text": 3, "prompt": "thought <embed> is"}
+    cfg = config_from_dict(tiny_dump_config(root, model, corpus, seq_len=24, train=train, **over))
+    dump_activations(cfg)
+    return cfg
+
+
 def tiny_dump_config(root: Path, model: Path, corpus: Path, **over: object) -> dict:
     """Config dict of a tiny fp32 CPU dump under `root`; a test passes only what it varies."""
     return {

@@ -7,11 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import make_text, tiny_dump_config
+from conftest import dumped_eval_config, make_text
 
 from consistency_lens.cli import main
-from consistency_lens.config import config_from_dict
-from consistency_lens.data.dump import dump_activations, split_dir
+from consistency_lens.data.dump import split_dir
 from consistency_lens.errors import LensError
 from consistency_lens.evaluation.evaluate import card_command, evaluate_command
 from consistency_lens.evaluation.explain import explain_command
@@ -23,27 +22,22 @@ from consistency_lens.models.lens import ConsistencyLens
 def run(tmp_path_factory, tiny_llama_dir, corpus_dir):
     """A dump (train + val) and a freshly built lens saved where `train` would save it."""
     root = tmp_path_factory.mktemp("evalrun")
-    cfg = config_from_dict(
-        tiny_dump_config(
-            root,
-            tiny_llama_dir,
-            corpus_dir,
-            seq_len=24,
-            num_samples=40,
-            val_samples=24,
-            shard_size=4096,
-            dtype="float16",  # the production storage dtype
-            train={"run_dir": str(root / "run"), "t_text": 3, "prompt": "thought <embed> is"},
-            eval={
-                "num_samples": 20,
-                "batch_size": 8,
-                "bootstrap": 50,
-                "qualitative": 3,
-                "num_sampled": 2,
-            },
-        )
+    cfg = dumped_eval_config(
+        root,
+        tiny_llama_dir,
+        corpus_dir,
+        num_samples=40,
+        val_samples=24,
+        shard_size=4096,
+        dtype="float16",  # the production storage dtype
+        eval={
+            "num_samples": 20,
+            "batch_size": 8,
+            "bootstrap": 50,
+            "qualitative": 3,
+            "num_sampled": 2,
+        },
     )
-    dump_activations(cfg)
     ConsistencyLens.build(cfg).save_pretrained(root / "run" / "lens")
     return cfg
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_dump_config
+from conftest import dumped_eval_config
 
-from consistency_lens.config import config_from_dict
 from consistency_lens.data.dataset import ActivationDataset
-from consistency_lens.data.dump import dump_activations, split_dir
+from consistency_lens.data.dump import split_dir
 from consistency_lens.evaluation.evaluate import derangement, evaluate, train_mean
 from consistency_lens.evaluation.samples import sample_indices
 from consistency_lens.evaluation.specificity import content_words, specificity
@@ -110,19 +109,14 @@ def test_specificity_of_a_collapsed_lens_is_exactly_zero():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_llama_dir, corpus_dir):
     root = tmp_path_factory.mktemp("faith")
-    cfg = config_from_dict(
-        tiny_dump_config(
-            root,
-            tiny_llama_dir,
-            corpus_dir,
-            seq_len=24,
-            num_samples=30,
-            val_samples=12,
-            train={"run_dir": str(root / "run"), "t_text": 3, "prompt": "thought <embed> is"},
-            eval={"num_samples": 9, "batch_size": 4, "bootstrap": 30, "qualitative": 0},
-        )
+    cfg = dumped_eval_config(
+        root,
+        tiny_llama_dir,
+        corpus_dir,
+        num_samples=30,
+        val_samples=12,
+        eval={"num_samples": 9, "batch_size": 4, "bootstrap": 30, "qualitative": 0},
     )
-    dump_activations(cfg)
     lens = ConsistencyLens.build(cfg)
     return cfg, lens, ActivationDataset(split_dir(cfg, "val"))
 

@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
+from conftest import batch_of
 
 from consistency_lens.config import LensConfig
-from consistency_lens.data.collate import Batch, left_pad
+from consistency_lens.data.collate import Batch
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import find_parts
 from consistency_lens.models.lens import ConsistencyLens
@@ -24,16 +25,7 @@ def _cfg(path, **train) -> LensConfig:
 def _batch(lens: ConsistencyLens, lengths=(5, 8, 3)) -> Batch:
     gen = torch.Generator().manual_seed(0)
     seqs = [torch.randint(1, 320, (n,), generator=gen) for n in lengths]
-    ids, mask = left_pad(seqs, 0)
-    ids_p, mask_p = left_pad(seqs[::-1], 0)
-    return Batch(
-        ids,
-        mask,
-        lens.orig.activations(ids, mask),
-        ids_p,
-        mask_p,
-        lens.orig.activations(ids_p, mask_p),
-    )
+    return batch_of(lens, seqs, seqs[::-1])
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

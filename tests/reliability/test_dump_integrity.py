@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_dump_config
+from conftest import cli_error, tiny_dump_config
 from safetensors.torch import load_file
 
 import consistency_lens.data.dump as dump_mod
-from consistency_lens.cli import main
 from consistency_lens.config import config_from_dict
 from consistency_lens.data.dump import dump_activations, split_dir
 from consistency_lens.errors import LensError
@@ -95,17 +94,6 @@ def _interrupt_after(monkeypatch, n_shards: int) -> None:
     monkeypatch.setattr(dump_mod, "_write_shard", write)
 
 
-def _cli_error(capsys, argv: list[str]) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exited:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exited.value.code == 2 and "Traceback" not in err
-    line = err.strip().splitlines()[-1]  # after transformers' loading progress bars
-    assert line.startswith("error: ") and err.count("error: ") == 1
-    return line
-
-
 def _interrupted_dump(monkeypatch, base: dict) -> Path:
     """Dump train's first shard, die while writing its second; returns the output root."""
     with monkeypatch.context() as patch:
@@ -134,7 +122,7 @@ def test_resume_with_other_sampling_settings_is_refused_and_writes_nothing(
     base = _base(tmp_path, tiny_llama_dir, corpus_dir)
     root = _interrupted_dump(monkeypatch, base)
     before = _snapshot(root)
-    line = _cli_error(capsys, _argv({**base, **change}))
+    line = cli_error(capsys, _argv({**base, **change}), sole_error_line=True)
     assert f"made with {key}=" in line and "delete that directory" in line
     assert _snapshot(root) == before
 
@@ -151,7 +139,7 @@ def test_resume_after_a_corpus_edit_is_refused(
     before = _snapshot(root)
     # The edit reorders the windows: without the corpus key the rerun would mix both corpora.
     (corpus / "doc_00.txt").write_text("the war " * 200)
-    line = _cli_error(capsys, _argv(base))
+    line = cli_error(capsys, _argv(base), sole_error_line=True)
     assert "made with corpus_key=" in line and "delete that directory" in line
     assert _snapshot(root) == before
 
@@ -162,7 +150,7 @@ def test_interrupted_and_resumed_dump_has_disjoint_splits_equal_to_a_lone_run(
     """The proof of disjointness after a resume: a refused rerun, then the matching one."""
     base = _base(tmp_path / "resumed", tiny_llama_dir, corpus_dir)
     _interrupted_dump(monkeypatch, base)
-    _cli_error(capsys, _argv({**base, "val_samples": 4}))  # refused, as above
+    cli_error(capsys, _argv({**base, "val_samples": 4}), sole_error_line=True)  # refused, as above
     dump_activations(config_from_dict(base))
     lone = _base(tmp_path / "lone", tiny_llama_dir, corpus_dir)
     dump_activations(config_from_dict(lone))
@@ -242,7 +230,7 @@ def test_concurrent_dump_exits_2_and_the_first_equals_a_lone_run(
         assert first_shard.wait(120)
         root = Path(base["output_dir"])
         before = _snapshot(root, locks=True)
-        line = _cli_error(capsys, _argv(base))
+        line = cli_error(capsys, _argv(base), sole_error_line=True)
         train = split_dir(config_from_dict(base), "train")
         assert f"'{train}' is in use by another consistency-lens process (PID {os.getpid()})" in (
             line
@@ -277,7 +265,7 @@ def test_lock_of_a_killed_owner_is_stale(tmp_path, tiny_llama_dir, corpus_dir, c
     )
     try:
         assert holder.stdout.readline().strip() == b"held"
-        line = _cli_error(capsys, _argv(base))
+        line = cli_error(capsys, _argv(base), sole_error_line=True)
         assert f"(PID {holder.pid})" in line and "use another output_dir" in line
         assert not (train / "progress.json").exists()
     finally:

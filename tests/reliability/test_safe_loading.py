@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_dump_config
+from conftest import cli_error, tiny_dump_config
 
-from consistency_lens.cli import main
 from consistency_lens.config import config_from_dict
 from consistency_lens.data import corpus as corpus_mod
 from consistency_lens.errors import LensError
@@ -60,15 +59,6 @@ def trained(tmp_path_factory, tiny_llama_dir, corpus_dir) -> dict:
     return base
 
 
-def _cli_error(capsys, argv: list[str]) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exited:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exited.value.code == 2 and "Traceback" not in err
-    return err.strip().splitlines()[-1]
-
-
 def _overrides(base: dict, run_dir: Path, steps: int) -> list[str]:
     flat = {k: v for k, v in base.items() if k != "train"}
     flat.update({f"train.{k}": v for k, v in base["train"].items()})
@@ -88,7 +78,7 @@ def test_pickle_planted_as_checkpoint_state_is_refused_by_resume(trained, tmp_pa
     manifest = json.loads((path / ck.MANIFEST).read_text())
     manifest["files"][ck.STATE] = ck.sha256_file(path / ck.STATE)
     (path / ck.MANIFEST).write_text(json.dumps(manifest))
-    line = _cli_error(capsys, ["train", *_overrides(trained, run_dir, 2), "--resume"])
+    line = cli_error(capsys, ["train", *_overrides(trained, run_dir, 2), "--resume"])
     assert "Refusing to load checkpoint state" in line and "weights_only=True" in line
     assert not marker.exists()
 
@@ -100,7 +90,7 @@ def test_pickle_planted_as_lens_weights_is_refused(trained, tmp_path, capsys, co
     marker = tmp_path / "pwned"
     torch.save({"decoder.proj.weight": _Evil(marker)}, lens / "lens.safetensors")
     argv = [command, *_overrides(trained, tmp_path / "run", 1), "--checkpoint", str(lens)]
-    line = _cli_error(capsys, argv + (["--text", "the nation"] if command == "explain" else []))
+    line = cli_error(capsys, argv + (["--text", "the nation"] if command == "explain" else []))
     assert "lens.safetensors' are corrupt" in line
     assert not marker.exists()
     with pytest.raises(LensError, match="are corrupt"):
@@ -230,7 +220,7 @@ def test_dotted_name_dcp_payload_through_train_resume_runs_nothing(trained, tmp_
     manifest["kind"] = ck.SHARDED
     manifest["files"][".metadata"] = ck.sha256_file(path / ".metadata")
     (path / ck.MANIFEST).write_text(json.dumps(manifest))
-    line = _cli_error(capsys, ["train", *_overrides(trained, run_dir, 2), "--resume"])
+    line = cli_error(capsys, ["train", *_overrides(trained, run_dir, 2), "--resume"])
     assert "unsafe or corrupt metadata" in line and "os.system" in line
     assert not marker.exists()
 
@@ -270,7 +260,7 @@ def test_lens_config_never_turns_remote_code_on(trained, tmp_path, tiny_llama_di
     lens = _edit_lens(trained, tmp_path / "lens", base_model=str(evil), trust_remote_code=True)
     over = [*_overrides(trained, tmp_path / "run", 1), "trust_remote_code=false"]
     argv = ["explain", *over, "--checkpoint", str(lens), "--text", "the nation"]
-    line = _cli_error(capsys, argv)
+    line = cli_error(capsys, argv)
     assert "with trust_remote_code=true" in line and str(evil) in line
     with pytest.raises(LensError, match="with trust_remote_code=true"):
         ConsistencyLens.from_pretrained(lens)
@@ -283,7 +273,7 @@ def test_lens_base_model_must_be_the_configs(trained, tmp_path, tiny_llama_dir, 
     evil = _model_with_remote_code(tiny_llama_dir, tmp_path / "evil_model", marker)
     lens = _edit_lens(trained, tmp_path / "lens", base_model=str(evil))
     over = [*_overrides(trained, tmp_path / "run", 1), "trust_remote_code=true"]
-    line = _cli_error(capsys, ["eval", *over, "--checkpoint", str(lens)])
+    line = cli_error(capsys, ["eval", *over, "--checkpoint", str(lens)])
     assert f"trained on base model '{evil}'" in line and f"model '{trained['model']}'" in line
     assert f"set model={evil}" in line
     assert not marker.exists()

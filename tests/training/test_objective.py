@@ -5,34 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import objective_batch, objective_lens
 
-from consistency_lens.config import LensConfig
-from consistency_lens.data.collate import Batch, left_pad
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import find_parts
-from consistency_lens.models.lens import ConsistencyLens
 from consistency_lens.training.objective import compute_losses, kl_at_p, lm_loss
-
-
-def _lens(path, **train) -> ConsistencyLens:
-    train.setdefault("t_text", 3)
-    cfg = LensConfig(model=str(path), device="cpu", model_dtype="float32", layer=1, train=train)
-    return ConsistencyLens.build(cfg)
-
-
-def _batch(lens: ConsistencyLens, lengths=(6, 9, 4)) -> Batch:
-    gen = torch.Generator().manual_seed(1)
-    seqs = [torch.randint(1, 320, (n,), generator=gen) for n in lengths]
-    ids, mask = left_pad(seqs, 0)
-    ids_p, mask_p = left_pad([s.flip(0) for s in seqs], 0)
-    return Batch(
-        ids,
-        mask,
-        lens.orig.activations(ids, mask),
-        ids_p,
-        mask_p,
-        lens.orig.activations(ids_p, mask_p),
-    )
 
 
 @pytest.fixture(params=["llama", "gpt2"])
@@ -63,8 +40,8 @@ def test_kl_helpers_against_hand_computation():
 
 
 def test_losses_match_hand_computation(model_dir, monkeypatch):
-    lens = _lens(model_dir, mse_weight=0.3, entropy_weight=0.05)
-    batch = _batch(lens)
+    lens = objective_lens(model_dir, mse_weight=0.3, entropy_weight=0.05)
+    batch = objective_batch(lens)
     seen: dict = {}
     gen_soft, replace = lens.decoder.generate_soft, lens.orig.forward_with_replacement
 
@@ -109,16 +86,16 @@ def test_losses_match_hand_computation(model_dir, monkeypatch):
 
 
 def test_loss_lm_is_zero_for_one_token(tiny_llama_dir):
-    lens = _lens(tiny_llama_dir, t_text=1)
-    out = compute_losses(lens, _batch(lens), tau=1.0, alpha=1.0)
+    lens = objective_lens(tiny_llama_dir, t_text=1)
+    out = compute_losses(lens, objective_batch(lens), tau=1.0, alpha=1.0)
     assert float(out.loss_lm) == 0.0
     out.loss.backward()
     assert lens.decoder.proj.weight.grad.abs().sum() > 0
 
 
 def test_kl_gradients_reach_d_e_and_projection_never_m(model_dir):
-    lens = _lens(model_dir, mode="full")
-    out = compute_losses(lens, _batch(lens), tau=1.0, alpha=1.0)
+    lens = objective_lens(model_dir, mode="full")
+    out = compute_losses(lens, objective_batch(lens), tau=1.0, alpha=1.0)
     out.loss_kl.backward()
     e_blocks = find_parts(lens.encoder.model).blocks
     d_blocks = find_parts(lens.decoder.model).blocks
@@ -131,8 +108,8 @@ def test_kl_gradients_reach_d_e_and_projection_never_m(model_dir):
 
 
 def test_a_prime_residual_carries_no_gradient(tiny_llama_dir, monkeypatch):
-    lens = _lens(tiny_llama_dir)
-    batch = _batch(lens)
+    lens = objective_lens(tiny_llama_dir)
+    batch = objective_batch(lens)
     encode = lens.encoder.forward
     kept: dict = {}
 
@@ -150,8 +127,8 @@ def test_a_prime_residual_carries_no_gradient(tiny_llama_dir, monkeypatch):
 
 
 def test_direct_target_skips_a_prime(tiny_llama_dir, monkeypatch):
-    lens = _lens(tiny_llama_dir, target="direct")
-    batch = _batch(lens)
+    lens = objective_lens(tiny_llama_dir, target="direct")
+    batch = objective_batch(lens)
     seen = {}
     replace = lens.orig.forward_with_replacement
 
@@ -165,8 +142,8 @@ def test_direct_target_skips_a_prime(tiny_llama_dir, monkeypatch):
 
 
 def test_width_mismatch_is_refused(tiny_llama_dir):
-    lens = _lens(tiny_llama_dir)
-    batch = _batch(lens)
+    lens = objective_lens(tiny_llama_dir)
+    batch = objective_batch(lens)
     batch.A = torch.zeros(len(batch), 32)
     with pytest.raises(LensError, match="width 32"):
         compute_losses(lens, batch, tau=1.0, alpha=1.0)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import objective_batch, objective_lens
 
-from consistency_lens.config import LensConfig
-from consistency_lens.data.collate import Batch, left_pad
 from consistency_lens.errors import LensError
-from consistency_lens.models.lens import ConsistencyLens
 from consistency_lens.training.objectives import (
     Objective,
     ObjectiveOutput,
@@ -21,7 +19,7 @@ from consistency_lens.training.objectives import (
 )
 from consistency_lens.training.objectives.plan import PlanObjective, compute_losses
 
-# The plan's losses on the fixed batch below (tiny Llama of conftest, seed 0), as computed by
+# The plan's losses on `conftest.objective_batch` (tiny Llama of conftest, seed 0), as computed by
 # `compute_losses` before the objective moved into `training/objectives/` (commit 3320108).
 # Equal to the last bit on the machine that pinned them; the tolerance only absorbs other CPUs' BLAS.
 PINNED = {
@@ -31,27 +29,6 @@ PINNED = {
     "loss_mse": 0.03627844527363777,
     "entropy": 5.755274772644043,
 }
-
-
-def _lens(path, **train) -> ConsistencyLens:
-    train.setdefault("t_text", 3)
-    cfg = LensConfig(model=str(path), device="cpu", model_dtype="float32", layer=1, train=train)
-    return ConsistencyLens.build(cfg)
-
-
-def _batch(lens: ConsistencyLens, lengths=(6, 9, 4)) -> Batch:
-    gen = torch.Generator().manual_seed(1)
-    seqs = [torch.randint(1, 320, (n,), generator=gen) for n in lengths]
-    ids, mask = left_pad(seqs, 0)
-    ids_p, mask_p = left_pad([s.flip(0) for s in seqs], 0)
-    return Batch(
-        ids,
-        mask,
-        lens.orig.activations(ids, mask),
-        ids_p,
-        mask_p,
-        lens.orig.activations(ids_p, mask_p),
-    )
 
 
 def test_registry_round_trips_and_plan_is_first():
@@ -77,12 +54,12 @@ def test_a_new_objective_registers_and_declares_coefficients(tiny_llama_dir):
             return ObjectiveOutput(loss=mse, terms={"mse": mse})
 
     try:
-        lens = _lens(tiny_llama_dir, objective="test_only_mse", alpha={"start": 0.5})
+        lens = objective_lens(tiny_llama_dir, objective="test_only_mse", alpha={"start": 0.5})
         objective = build_objective(lens, lens.cfg)
         assert isinstance(objective, MseOnly) and objective_class("test_only_mse") is MseOnly
         info = step_info(MseOnly, lens.cfg, 3)
         assert info == StepInfo(step=3, total_steps=lens.cfg.train.steps, coeffs={"alpha": 0.5})
-        out = objective(lens, _batch(lens), info)
+        out = objective(lens, objective_batch(lens), info)
         assert set(out.terms) == {"mse"} and torch.equal(out.loss, out.terms["mse"])
 
         class Bad(MseOnly):
@@ -104,8 +81,8 @@ def test_a_new_objective_registers_and_declares_coefficients(tiny_llama_dir):
 
 
 def test_plan_objective_gives_exactly_the_pinned_losses(tiny_llama_dir):
-    lens = _lens(tiny_llama_dir, mse_weight=0.3, entropy_weight=0.05, alpha={"start": 0.7})
-    batch = _batch(lens)
+    lens = objective_lens(tiny_llama_dir, mse_weight=0.3, entropy_weight=0.05, alpha={"start": 0.7})
+    batch = objective_batch(lens)
     objective = build_objective(lens, lens.cfg)
     info = step_info(PlanObjective, lens.cfg, 0)
     assert info.coeffs == {"tau": 2.0, "alpha": 0.7}  # the default tau schedule starts at 2
