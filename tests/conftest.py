@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -41,6 +42,22 @@ def cli_error(capsys, argv: list[str], *, sole_error_line: bool = False) -> str:
     if sole_error_line:
         assert line.startswith("error: ") and err.count("error: ") == 1
     return line
+
+
+def signal_after_step(monkeypatch, sig: int, step: int = 3):
+    """Make `train` send `sig` to this process right after optimizer step `step`; return the real step."""
+    from consistency_lens.training import trainer
+
+    real = trainer._train_step
+
+    def step_then_signal(run):
+        metrics = real(run)
+        if run.state.step == step:
+            os.kill(os.getpid(), sig)
+        return metrics
+
+    monkeypatch.setattr(trainer, "_train_step", step_then_signal)
+    return real
 
 
 def batch_of(lens, seqs: list[torch.Tensor], seqs_prime: list[torch.Tensor]):

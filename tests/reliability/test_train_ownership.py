@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_dump_config
+from conftest import signal_after_step, tiny_dump_config
 from safetensors.torch import load_file
 
 from consistency_lens.cli import main
@@ -137,15 +137,7 @@ def test_sigint_checkpoints_and_prints_the_exact_resume_command(
 ):
     lone, run_dir = tmp_path / "lone", tmp_path / "run"
     _lone_run(dumped, lone)
-    real = trainer._train_step
-
-    def step_then_ctrl_c(run):
-        metrics = real(run)
-        if run.state.step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return metrics
-
-    monkeypatch.setattr(trainer, "_train_step", step_then_ctrl_c)
+    real = signal_after_step(monkeypatch, signal.SIGINT, step=3)
     argv = _argv(dumped, run_dir)
     code, line = _cli_exit(capsys, argv)
     command = shlex.join(["consistency-lens", *argv, "--resume"])

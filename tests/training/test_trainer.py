@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_dump_config
+from conftest import signal_after_step, tiny_dump_config
 from safetensors.torch import load_file
 
 from consistency_lens.config import LensConfig, config_from_dict
@@ -151,15 +151,7 @@ def test_sigterm_then_resume_equals_uninterrupted_run(dumped, tmp_path, monkeypa
     trainer.train(_cfg(dumped, straight, **over))
 
     resumed = tmp_path / "resumed"
-    step = trainer._train_step
-
-    def step_then_sigterm(run):
-        metrics = step(run)
-        if run.state.step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return metrics
-
-    monkeypatch.setattr(trainer, "_train_step", step_then_sigterm)
+    step = signal_after_step(monkeypatch, signal.SIGTERM, step=3)
     with pytest.raises(LensError, match="SIGTERM at step 3"):
         trainer.train(_cfg(dumped, resumed, **over))
     assert ck.latest_valid(resumed).name == "step_3"
