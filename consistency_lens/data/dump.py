@@ -310,8 +310,10 @@ def _dump_rank(
     header: dict,
     progress: Progress,
     label: str,
+    shards: list[dict],
 ) -> dict:
-    shards = _resume_state(directory, header)
+    # `shards`: the valid ones of an earlier run, from `_resume_state` (checked once, under the lock).
+    shards = list(shards)
     # Temporary files of a killed run; only now, after the checks and under the lock.
     for stray in directory.glob(".*.tmp"):
         stray.unlink()
@@ -421,13 +423,13 @@ def dump_activations(
             locks.enter_context(
                 dir_lock(rank_dir, "dump split", "use another output_dir for this dump")
             )
-            _resume_state(rank_dir, header)
-            jobs.append((split, plan, directory, rank_dir, header))
-        for split, plan, directory, rank_dir, header in jobs:
+            done = _resume_state(rank_dir, header)
+            jobs.append((split, plan, directory, rank_dir, header, done))
+        for split, plan, directory, rank_dir, header, done in jobs:
             per = math.ceil(len(plan.sequences) / world)
             span = range(rank * per, min(len(plan.sequences), (rank + 1) * per))
             result = _dump_rank(
-                loaded, cfg, plan, span, rank_dir, header, progress, f"dump {split}"
+                loaded, cfg, plan, span, rank_dir, header, progress, f"dump {split}", done
             )
             meta = {
                 **header,
