@@ -225,11 +225,13 @@ def evaluate(lens, dataset, cfg: LensConfig, mean_activation: torch.Tensor | Non
     size = cfg.eval.batch_size
     collate = CollateFn(pad_id=lens.loaded.pad_id)
     chunks = [indices[s : s + size] for s in range(0, n, size)]
+    # Read and collated once for both passes; kept on the CPU, one chunk at a time on the device.
+    batches = [collate([dataset[i] for i in chunk]) for chunk in chunks]
 
     # Pass 1: every explanation and Â, so that the shuffled baseline can pair any two samples.
     id_rows, hats = [], []
-    for chunk in chunks:
-        A = collate([dataset[i] for i in chunk]).A.to(device)
+    for cpu_batch in batches:
+        A = cpu_batch.A.to(device)
         ids, A_hat = lens.reconstruct(A, greedy=True)
         id_rows.append(ids.cpu())
         hats.append(A_hat.float())
@@ -243,8 +245,8 @@ def evaluate(lens, dataset, cfg: LensConfig, mean_activation: torch.Tensor | Non
     As, nlls, top5 = [], [], []
     bos = _bos(tokenizer)
     start = 0
-    for chunk, ids in zip(chunks, id_rows, strict=True):
-        batch = collate([dataset[i] for i in chunk]).to(device)
+    for chunk, cpu_batch, ids in zip(chunks, batches, id_rows, strict=True):
+        batch = cpu_batch.to(device)
         A, rows = batch.A, slice(start, start + len(chunk))
         start += len(chunk)
         # Context tokens: E reads the true last T_text tokens ending at P (fewer, masked, when the
