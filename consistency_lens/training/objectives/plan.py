@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from consistency_lens.config import LensConfig
 from consistency_lens.data.collate import Batch
 from consistency_lens.errors import LensError
 from consistency_lens.models.patching import kl_at_p, patched_kl
@@ -121,9 +120,6 @@ class PlanObjective(Objective):
         "alpha": "KL weight α",
     }
     linear_terms = ("entropy",)
-
-    def __init__(self, lens, cfg: LensConfig):
-        super().__init__(lens, cfg)
 
     def __call__(self, lens, batch: Batch, step: StepInfo) -> ObjectiveOutput:
         """`compute_losses` at this step's tau and alpha."""
