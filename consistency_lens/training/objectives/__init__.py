@@ -89,6 +89,12 @@ class Objective:
         return ("loss", *cls.terms)
 
 
+def normalised_mse(a_hat: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """MSE of Â and A per element, both divided by the mean norm of A (scale-free across models)."""
+    scale = a.norm(dim=-1).mean().clamp_min(1e-8)
+    return torch.nn.functional.mse_loss(a_hat / scale, a / scale)
+
+
 _REGISTRY: dict[str, type[Objective]] = {}
 
 

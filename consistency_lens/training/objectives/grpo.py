@@ -23,8 +23,13 @@ from consistency_lens.config import LensConfig
 from consistency_lens.data.collate import Batch
 from consistency_lens.errors import LensError
 from consistency_lens.models.patching import patched_kl
-from consistency_lens.training.objectives import Objective, ObjectiveOutput, StepInfo, register
-from consistency_lens.training.objectives.warm_start import normalised_mse
+from consistency_lens.training.objectives import (
+    Objective,
+    ObjectiveOutput,
+    StepInfo,
+    normalised_mse,
+    register,
+)
 
 
 def group_advantages(rewards: torch.Tensor, std_norm: bool) -> torch.Tensor:
@@ -59,17 +64,15 @@ def reference_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor
 
 @contextlib.contextmanager
 def swapped(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily give `params` the `values` (no autograd graph may hold them meanwhile)."""
-    saved = {n: p.detach().clone() for n, p in params.items()}
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(values[n])
+    """Temporarily let `params` hold `values` (their storage is swapped, nothing is copied)."""
+    saved = {n: p.data for n, p in params.items()}
+    for n, p in params.items():
+        p.data = values[n]
     try:
         yield
     finally:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(saved[n])
+        for n, p in params.items():
+            p.data = saved[n]
 
 
 @register("grpo")

@@ -14,6 +14,7 @@ from consistency_lens.training.objectives import (
     Objective,
     ObjectiveOutput,
     StepInfo,
+    normalised_mse,
     register,
 )
 
@@ -84,8 +85,7 @@ def compute_losses(lens, batch: Batch, tau: float, alpha: float) -> LossOutput:
     else:
         loss_lm = a.new_zeros(())
 
-    scale = a.norm(dim=-1).mean().clamp_min(1e-8)
-    loss_mse = F.mse_loss(a_hat / scale, a / scale)
+    loss_mse = normalised_mse(a_hat, a)
     log_probs = F.log_softmax(gen.token_logits.float(), dim=-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1).mean()
 

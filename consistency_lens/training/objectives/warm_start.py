@@ -16,7 +16,13 @@ import torch.nn.functional as F
 from consistency_lens.config import LensConfig
 from consistency_lens.data.collate import Batch
 from consistency_lens.models.patching import patched_kl
-from consistency_lens.training.objectives import Objective, ObjectiveOutput, StepInfo, register
+from consistency_lens.training.objectives import (
+    Objective,
+    ObjectiveOutput,
+    StepInfo,
+    normalised_mse,
+    register,
+)
 
 
 def context_targets(batch: Batch, t_text: int) -> torch.Tensor:
@@ -29,12 +35,6 @@ def context_targets(batch: Batch, t_text: int) -> torch.Tensor:
     # Left padding would teach D to write pad tokens: use the row's first real token instead.
     first = ids.gather(1, mask.long().argmax(1, keepdim=True))
     return torch.where(mask.bool(), ids, first)
-
-
-def normalised_mse(a_hat: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """MSE of Â and A per element, both divided by the mean norm of A (as the plan objective's)."""
-    scale = a.norm(dim=-1).mean().clamp_min(1e-8)
-    return F.mse_loss(a_hat / scale, a / scale)
 
 
 def supervised_losses(
