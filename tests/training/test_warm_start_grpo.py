@@ -20,7 +20,12 @@ from consistency_lens.data.dump import dump_activations
 from consistency_lens.errors import LensError
 from consistency_lens.models.lens import ConsistencyLens
 from consistency_lens.training import trainer
-from consistency_lens.training.objectives import build_objective, objective_class, step_info
+from consistency_lens.training.objectives import (
+    build_objective,
+    normalised_mse,
+    objective_class,
+    step_info,
+)
 from consistency_lens.training.objectives.grpo import (
     group_advantages,
     policy_gradient_loss,
@@ -256,3 +261,20 @@ def test_train_runs_the_warm_start_first_then_reuses_it(dumped, tmp_path):
     both = _overrides(dumped, tmp_path / "b", "grpo", 1, init_from=warm / "lens")
     with pytest.raises(LensError, match="set one of them"):
         trainer.train(load_config(None, [*both, "train.warm_start.steps=1"]))
+
+
+def test_warm_start_next_never_teaches_padding(tiny_llama_dir):
+    """Right-padded next tokens: D's CE covers only real tokens and E reads each text unpadded."""
+    from consistency_lens.training.objectives.warm_start import supervised_losses
+
+    lens = _lens(tiny_llama_dir, objective="warm_start_next")
+    batch = _batch(lens, n=2)
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    ce, mse, _ = supervised_losses(lens, batch, ids, False, mask)
+    logits = lens.decoder.teacher_forced_logits(batch.A, ids)
+    real = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+    expected = torch.stack([F.cross_entropy(logits[r, t], ids[r, t]) for r, t in real]).mean()
+    torch.testing.assert_close(ce, expected)
+    a_hat = torch.cat([lens.encoder.encode_ids(ids[:1]), lens.encoder.encode_ids(ids[1:, :2])])
+    torch.testing.assert_close(mse, normalised_mse(a_hat, batch.A), rtol=1e-5, atol=1e-7)

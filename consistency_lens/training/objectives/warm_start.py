@@ -38,18 +38,31 @@ def context_targets(batch: Batch, t_text: int) -> torch.Tensor:
 
 
 def supervised_losses(
-    lens, batch: Batch, target_ids: torch.Tensor, with_kl: bool = True
+    lens,
+    batch: Batch,
+    target_ids: torch.Tensor,
+    with_kl: bool = True,
+    target_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """D's cross-entropy on `target_ids`, E's normalised MSE and KL(M(E(target)) || M(A)) at P.
 
-    Without `with_kl` the KL is 0 and M's patched forward (most of the step's cost on a CPU:
-    it reads the whole context) is skipped.
+    `target_mask` (B, T) marks the real tokens of right-padded targets: D is not taught the
+    padding and E reads each text without it. Without `with_kl` the KL is 0 and M's patched
+    forward (most of the step's cost on a CPU: it reads the whole context) is skipped.
     """
     a = batch.A.float()
     logits = lens.decoder.teacher_forced_logits(a, target_ids)
-    ce = F.cross_entropy(logits.float().flatten(0, 1), target_ids.flatten())
-    onehots = F.one_hot(target_ids, lens.encoder.parts.embed.weight.shape[0]).float()
-    a_hat = lens.encoder(onehots)
+    labels = target_ids if target_mask is None else target_ids.masked_fill(target_mask == 0, -100)
+    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+    if target_mask is None:
+        onehots = F.one_hot(target_ids, lens.encoder.parts.embed.weight.shape[0]).float()
+        a_hat = lens.encoder(onehots)
+    else:
+        # E reads left-padded text (its state at the last column is what it projects).
+        shifts = (target_mask == 0).sum(1).tolist()
+        ids = torch.stack([row.roll(k) for row, k in zip(target_ids, shifts, strict=True)])
+        mask = torch.stack([row.roll(k) for row, k in zip(target_mask, shifts, strict=True)])
+        a_hat = lens.encoder.encode_ids(ids, mask)
     mse = normalised_mse(a_hat, a)
     kl = a.new_zeros(())
     if with_kl:
@@ -75,13 +88,14 @@ class WarmStartObjective(Objective):
     def __init__(self, lens, cfg: LensConfig):
         super().__init__(lens, cfg)
 
-    def targets(self, batch: Batch) -> torch.Tensor:
-        """The text D is taught to write for each activation of `batch`."""
-        return context_targets(batch, self.cfg.train.t_text)
+    def targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The text D is taught to write for each activation, and its mask (None: no padding)."""
+        return context_targets(batch, self.cfg.train.t_text), None
 
     def __call__(self, lens, batch: Batch, step: StepInfo) -> ObjectiveOutput:
         """Teacher-forced D and E on this batch's target texts."""
-        ce, mse, kl = supervised_losses(lens, batch, self.targets(batch), step["alpha"] > 0)
+        ids, mask = self.targets(batch)
+        ce, mse, kl = supervised_losses(lens, batch, ids, step["alpha"] > 0, mask)
         loss = ce + self.cfg.train.mse_weight * mse + step["alpha"] * kl
         return ObjectiveOutput(loss=loss, terms={"ce_d": ce, "mse_e": mse, "kl_e": kl})
 
@@ -92,6 +106,7 @@ class WarmStartNextObjective(WarmStartObjective):
 
     needs_next_tokens = True
 
-    def targets(self, batch: Batch) -> torch.Tensor:
-        """The first `t_text` corpus tokens after P."""
-        return batch.input_ids_next[:, : self.cfg.train.t_text]
+    def targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The first `t_text` corpus tokens after P (fewer, right-padded, near a sequence's end)."""
+        t_text = self.cfg.train.t_text
+        return batch.input_ids_next[:, :t_text], batch.attention_mask_next[:, :t_text]
