@@ -410,21 +410,31 @@ def dump_activations(
     with contextlib.ExitStack() as locks, _progress() as progress:
         # Lock and check every split before writing anything: a refused val split must not
         # leave a rewritten train split behind.
-        for split in splits:
-            if not len(plans[split].sequences):
-                _refuse_stale_split(split_dir(cfg, split), split)
-        jobs = []
-        for split in splits:
-            plan, directory = plans[split], split_dir(cfg, split)
-            rank_dir = directory / f"rank_{rank}" if world > 1 else directory
-            if not len(plan.sequences):
-                continue
-            header = _header(cfg, loaded, corpus.key, split, plan, world)
-            locks.enter_context(
-                dir_lock(rank_dir, "dump split", "use another output_dir for this dump")
-            )
-            done = _resume_state(rank_dir, header)
-            jobs.append((split, plan, directory, rank_dir, header, done))
+        jobs, error = [], None
+        try:
+            for split in splits:
+                if not len(plans[split].sequences):
+                    _refuse_stale_split(split_dir(cfg, split), split)
+            for split in splits:
+                plan, directory = plans[split], split_dir(cfg, split)
+                rank_dir = directory / f"rank_{rank}" if world > 1 else directory
+                if not len(plan.sequences):
+                    continue
+                header = _header(cfg, loaded, corpus.key, split, plan, world)
+                locks.enter_context(
+                    dir_lock(rank_dir, "dump split", "use another output_dir for this dump")
+                )
+                done = _resume_state(rank_dir, header)
+                jobs.append((split, plan, directory, rank_dir, header, done))
+        except LensError as err:
+            error = str(err)
+        if world > 1:
+            # Every rank raises if one is refused, or the others would wait forever at a barrier.
+            errors: list[str | None] = [None] * world
+            torch.distributed.all_gather_object(errors, error)
+            error = next((e for e in errors if e is not None), None)
+        if error is not None:
+            raise LensError(error)
         for split, plan, directory, rank_dir, header, done in jobs:
             per = math.ceil(len(plan.sequences) / world)
             span = range(rank * per, min(len(plan.sequences), (rank + 1) * per))

@@ -146,6 +146,31 @@ def test_two_process_torchrun_dump_reads_back(tmp_path, tiny_llama_dir, corpus_d
         assert torch.equal(ds.sample(i)[0], ref.sample(i)[0])
 
 
+def test_torchrun_dump_refused_on_one_rank_exits_on_every_rank(
+    tmp_path, tiny_llama_dir, corpus_dir
+):
+    """Rank 1's split directory is locked by another process: the job ends, nothing written."""
+    from consistency_lens.utils.lock import dir_lock
+
+    cfg = _cfg(tmp_path, tiny_llama_dir, corpus_dir)
+    overrides = [
+        f"{k}={v}"
+        for k, v in cfg.model_dump(mode="json").items()
+        if not isinstance(v, dict) and v is not None
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", "29534", "-m", "consistency_lens", "dump", *overrides]
+    directory = split_dir(cfg, "train")
+    with dir_lock(directory / "rank_1", "dump split", "wait"):
+        # Before ranks agreed on the locks, rank 0 waited forever at a barrier here.
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert f"is in use by another consistency-lens process (PID {os.getpid()})" in result.stderr
+    written = [p.name for p in directory.rglob("*") if p.is_file() and p.name != ".lock"]
+    assert written == []
+
+
 @pytest.mark.parametrize(
     ("over", "message"),
     [
