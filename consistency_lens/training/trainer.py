@@ -594,8 +594,21 @@ def _build_run(
         lens.device,
         TrainState(),
         engine,
-        build_objective(lens, cfg),
+        _objective_for(lens, cfg, train_set),
     )
+
+
+def _objective_for(lens: ConsistencyLens, cfg: LensConfig, train_set: ActivationDataset):
+    """The run's objective; one that teaches the tokens after P needs a dump that stores enough."""
+    objective = build_objective(lens, cfg)
+    stored = int(train_set.metadata.get("next_tokens", 0))
+    if objective.needs_next_tokens and stored < cfg.train.t_text:
+        raise LensError(
+            f"Objective '{objective.name}' teaches the {cfg.train.t_text} corpus tokens after P, "
+            f"but the dump at '{train_set.path}' stores {stored}; dump again with "
+            f"train.t_text={cfg.train.t_text} (into another output_dir)."
+        )
+    return objective
 
 
 def _save_final(run: _Run) -> Path:

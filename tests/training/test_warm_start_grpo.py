@@ -278,3 +278,12 @@ def test_warm_start_next_never_teaches_padding(tiny_llama_dir):
     torch.testing.assert_close(ce, expected)
     a_hat = torch.cat([lens.encoder.encode_ids(ids[:1]), lens.encoder.encode_ids(ids[1:, :2])])
     torch.testing.assert_close(mse, normalised_mse(a_hat, batch.A), rtol=1e-5, atol=1e-7)
+
+
+def test_warm_start_next_refuses_a_dump_with_fewer_next_tokens(dumped, tmp_path):
+    """The fixture's dump stores 2 tokens after P; teaching 3 would silently truncate them."""
+    args = _overrides(dumped, tmp_path / "run", "warm_start_next", 1, t_text=3)
+    with pytest.raises(LensError, match="stores 2; dump again with train.t_text=3"):
+        trainer.train(load_config(None, args))
+    # The context-token warm start needs none of them.
+    trainer.train(load_config(None, _overrides(dumped, tmp_path / "ok", "warm_start", 1, t_text=3)))

@@ -11,8 +11,9 @@ picks it. The protocol, in the spirit of tuned-lens / SAELens training losses:
 - `coefficients`: names of scheduled coefficients it needs; each must be a `ScheduleConfig` field
   of `train` (e.g. `tau`, `alpha`). The trainer evaluates them at every step, passes them in
   `StepInfo.coeffs` and logs them.
-- `needs_next_tokens`: the batch must carry `input_ids_next` (the corpus tokens after P, stored in
-  the dump), e.g. for teacher forcing.
+- `needs_next_tokens`: the objective reads `train.t_text` tokens of `input_ids_next` (the corpus
+  tokens after P, stored in the dump), e.g. for teacher forcing; the trainer refuses a dump that
+  stores fewer.
 - `__init__(lens, cfg)`: runs once when the run is built, on the lens's device. Extra state (say, a
   frozen reference copy of D) lives on the objective, not on the lens: it is never trained,
   checkpointed or sharded, and is rebuilt identically on resume.
