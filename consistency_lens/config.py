@@ -59,6 +59,8 @@ class RLConfig(_Strict):
     """Weight of the KL of D's token distributions to the reference D (readability)."""
     mse_reward: float = Field(0.0, ge=0)
     """Reward is -KL at P minus this times E's normalised squared error."""
+    fluency_reward: float = Field(0.0, ge=0)
+    """Reward also minus this times the text's mean NLL per token under M (read after BOS)."""
     std_norm: bool = True
     """Divide each group's advantages by its reward standard deviation."""
 

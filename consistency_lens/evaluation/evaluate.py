@@ -155,13 +155,6 @@ def derangement(n: int, seed: int) -> list[int] | None:
             return perm.tolist()
 
 
-def _bos(tokenizer) -> int:
-    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id):
-        if tid is not None:
-            return int(tid)
-    return 0
-
-
 def _reconstruction(A: torch.Tensor, A_hat: torch.Tensor) -> dict:
     return {
         "mse": metrics.mse(A, A_hat),
@@ -243,7 +236,6 @@ def evaluate(lens, dataset, cfg: LensConfig, mean_activation: torch.Tensor | Non
     names = ["lens", "zero", "mean", "context_tokens"] + (["shuffled"] if perm else [])
     kls: dict[str, list[torch.Tensor]] = {k: [] for k in names}
     As, nlls, top5 = [], [], []
-    bos = _bos(tokenizer)
     start = 0
     for chunk, cpu_batch, ids in zip(chunks, batches, id_rows, strict=True):
         batch = cpu_batch.to(device)
@@ -269,10 +261,7 @@ def evaluate(lens, dataset, cfg: LensConfig, mean_activation: torch.Tensor | Non
             kls[name].append(kl.cpu())
         top5.append(clean.float().topk(min(5, clean.shape[-1]), dim=-1).indices.cpu())
         # Fluency: M reads the explanation after a BOS token, so every explanation token is scored.
-        ids = ids.to(device)
-        prefixed = torch.cat([torch.full_like(ids[:, :1], bos), ids], dim=1)
-        token_logits = lens.orig.token_logits(prefixed)
-        nlls.append(metrics.token_nll(token_logits[:, :-1], ids).cpu())
+        nlls.append(lens.orig.text_nll(ids.to(device)).cpu())
         As.append(A.float().cpu())
     kl = {name: torch.cat(values) for name, values in kls.items()}
     A_all, A_hat_cpu = torch.cat(As), A_hat_all.cpu()

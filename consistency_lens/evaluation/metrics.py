@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 # Re-exported: the per-sample KL lives beside the patching helper that every KL path goes through.
-from consistency_lens.models.patching import kl_per_sample  # noqa: F401
+from consistency_lens.models.patching import kl_per_sample, token_nll  # noqa: F401
 
 
 def kl_recovered(kl_lens: torch.Tensor, kl_baseline: torch.Tensor) -> float:
@@ -41,13 +41,6 @@ def fve(A: torch.Tensor, A_hat: torch.Tensor) -> float:
 def cosine_per_sample(A: torch.Tensor, A_hat: torch.Tensor) -> torch.Tensor:
     """Cosine similarity between matching rows of (B, d) tensors."""
     return F.cosine_similarity(A.float(), A_hat.float(), dim=-1)
-
-
-def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean negative log-likelihood; `logits[:, t]` must predict `targets[:, t]`."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    picked = logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
-    return -picked.mean(-1)
 
 
 def perplexity(nll_per_sample: torch.Tensor) -> float:

@@ -13,6 +13,7 @@ from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import check_layer, contiguous_head, find_parts
 from consistency_lens.models.hooks import replace_last, run_until
 from consistency_lens.models.loading import LoadedModel, resolve_device
+from consistency_lens.models.patching import token_nll
 
 
 def load_8bit(
@@ -195,6 +196,24 @@ class OriginalModelWrapper:
             position_ids=position_ids(attention_mask),
         )
         return hidden[:, -1]
+
+    @property
+    def bos_id(self) -> int:
+        """The token a text is read after when its fluency is scored (BOS, else EOS, else pad)."""
+        tok = self.loaded.tokenizer
+        for tid in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id):
+            if tid is not None:
+                return int(tid)
+        return 0
+
+    @torch.no_grad()
+    def text_nll(self, ids: torch.Tensor) -> torch.Tensor:
+        """Per-sample mean NLL (nats per token) of texts `ids` (B, T) under M, read after `bos_id`.
+
+        Every token of the text is scored; exp of its mean over samples is the eval's perplexity.
+        """
+        prefixed = torch.cat([torch.full_like(ids[:, :1], self.bos_id), ids], dim=1)
+        return token_nll(self.token_logits(prefixed)[:, :-1], ids)
 
     @torch.no_grad()
     def token_logits(self, input_ids: torch.Tensor) -> torch.Tensor:

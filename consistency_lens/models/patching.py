@@ -9,6 +9,13 @@ import torch
 import torch.nn.functional as F
 
 
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean negative log-likelihood; `logits[:, t]` must predict `targets[:, t]`."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    return -picked.mean(-1)
+
+
 def kl_at_p(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     """KL(softmax(logits_p) || softmax(logits_q)), batchmean, in float32."""
     return F.kl_div(

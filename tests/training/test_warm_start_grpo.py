@@ -287,3 +287,30 @@ def test_warm_start_next_refuses_a_dump_with_fewer_next_tokens(dumped, tmp_path)
         trainer.train(load_config(None, args))
     # The context-token warm start needs none of them.
     trainer.train(load_config(None, _overrides(dumped, tmp_path / "ok", "warm_start", 1, t_text=3)))
+
+
+def test_grpo_fluency_reward_subtracts_the_texts_nll_under_m(tiny_llama_dir):
+    lens = _lens(tiny_llama_dir, objective="grpo", rl={"samples": 2})
+    batch = _batch(lens)
+    rewards = []
+    for weight in (0.0, 1.5):
+        cfg = lens.cfg.model_copy(deep=True)
+        cfg.train.rl.fluency_reward = weight
+        obj = build_objective(lens, cfg)
+        torch.manual_seed(3)
+        rewards.append(float(obj(lens, batch, step_info(type(obj), cfg, 0)).terms["reward"]))
+    torch.manual_seed(3)  # the same samples: generation is the objective's first use of the RNG
+    ids = lens.decoder.generate(batch.A.repeat_interleave(2, 0), 3, greedy=False)
+    nll = lens.orig.text_nll(ids)
+    assert rewards[1] == pytest.approx(rewards[0] - 1.5 * float(nll.mean()), rel=1e-5)
+
+
+def test_text_nll_scores_every_token_after_bos(tiny_llama_dir):
+    from consistency_lens.models.patching import token_nll
+
+    lens = _lens(tiny_llama_dir)
+    ids = torch.tensor([[5, 6, 7], [9, 9, 2]])
+    bos = lens.orig.bos_id
+    assert bos == lens.loaded.tokenizer.eos_token_id  # the fixture tokenizer has no BOS
+    logits = lens.orig.model(input_ids=torch.tensor([[bos, 5, 6, 7], [bos, 9, 9, 2]])).logits
+    torch.testing.assert_close(lens.orig.text_nll(ids), token_nll(logits[:, :-1], ids))

@@ -2,9 +2,9 @@
 
 For each activation D samples `train.rl.samples` explanations. Each is scored by how well it lets E
 rebuild A: reward = -KL(M(A) || M(E(text))) at P, optionally minus `rl.mse_reward` times E's
-normalised squared error. Advantages are group-relative (each sample against the mean of the other
-samples of its activation, optionally divided by the group's standard deviation), so no value
-network is needed. D's loss is the policy gradient plus `rl.kl_ref` times the KL of D's token
+normalised squared error and `rl.fluency_reward` times the text's NLL under M (its fluency).
+Advantages are group-relative (each sample against the mean of the other samples of its
+activation, optionally divided by the group's standard deviation), so no value network is needed. D's loss is the policy gradient plus `rl.kl_ref` times the KL of D's token
 distributions to a frozen reference D (the lens D started from: the warm-started one when
 `train.init_from` is set), which keeps the text readable. E learns on the same samples by MSE and
 by the KL at P, with the gradient flowing through its reconstruction only.
@@ -119,7 +119,10 @@ class GRPOObjective(Objective):
             patched_kl(lens.orig, batch.input_ids_A, batch.attention_mask_A, a, sets), 1
         )  # (n, k), differentiable through Â
         err = (a_hat.view(n, k, -1) - a.unsqueeze(1)).square().sum(-1) / a.square().sum(-1, True)
-        rewards = -(kls + rl.mse_reward * err).detach()
+        penalty = kls + rl.mse_reward * err
+        if rl.fluency_reward:
+            penalty = penalty + rl.fluency_reward * lens.orig.text_nll(ids).view(n, k)
+        rewards = -penalty.detach()
         adv = group_advantages(rewards, rl.std_norm)
 
         logits = lens.decoder.teacher_forced_logits(a_rep, ids)
