@@ -112,28 +112,22 @@ def test_collate_left_pads_so_P_is_last_column(tmp_path, tiny_llama_dir, corpus_
     assert batch.A.shape == (6, 64)
 
 
-def test_two_process_torchrun_dump_reads_back(tmp_path, tiny_llama_dir, corpus_dir):
-    cfg = _cfg(tmp_path, tiny_llama_dir, corpus_dir)
+def _torchrun_dump(cfg, port: int) -> subprocess.CompletedProcess:
+    """`consistency-lens dump` of `cfg`'s top-level keys on two torchrun ranks (gloo, CPU)."""
     overrides = [
         f"{k}={v}"
         for k, v in cfg.model_dump(mode="json").items()
         if not isinstance(v, dict) and v is not None
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29533",
-        "-m",
-        "consistency_lens",
-        "dump",
-        *overrides,
-    ]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(port), "-m", "consistency_lens", "dump", *overrides]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_process_torchrun_dump_reads_back(tmp_path, tiny_llama_dir, corpus_dir):
+    cfg = _cfg(tmp_path, tiny_llama_dir, corpus_dir)
+    result = _torchrun_dump(cfg, 29533)
     assert result.returncode == 0, result.stderr[-3000:]
     directory = split_dir(cfg, "train")
     assert (directory / "rank_0").is_dir() and (directory / "rank_1").is_dir()
@@ -153,18 +147,10 @@ def test_torchrun_dump_refused_on_one_rank_exits_on_every_rank(
     from consistency_lens.utils.lock import dir_lock
 
     cfg = _cfg(tmp_path, tiny_llama_dir, corpus_dir)
-    overrides = [
-        f"{k}={v}"
-        for k, v in cfg.model_dump(mode="json").items()
-        if not isinstance(v, dict) and v is not None
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    cmd += ["--master_port", "29534", "-m", "consistency_lens", "dump", *overrides]
     directory = split_dir(cfg, "train")
     with dir_lock(directory / "rank_1", "dump split", "wait"):
         # Before ranks agreed on the locks, rank 0 waited forever at a barrier here.
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        result = _torchrun_dump(cfg, 29534)
     assert result.returncode != 0
     assert f"is in use by another consistency-lens process (PID {os.getpid()})" in result.stderr
     written = [p.name for p in directory.rglob("*") if p.is_file() and p.name != ".lock"]
