@@ -19,6 +19,7 @@ from consistency_lens.data.collate import CollateFn
 from consistency_lens.data.dump import dump_activations
 from consistency_lens.errors import LensError
 from consistency_lens.models.lens import ConsistencyLens
+from consistency_lens.models.patching import token_nll
 from consistency_lens.training import trainer
 from consistency_lens.training.objectives import (
     build_objective,
@@ -30,7 +31,6 @@ from consistency_lens.training.objectives.grpo import (
     group_advantages,
     policy_gradient_loss,
     reference_kl,
-    sequence_logprobs,
 )
 from consistency_lens.training.objectives.warm_start import context_targets
 from consistency_lens.utils.logging import METRICS, MetricsFile
@@ -73,7 +73,7 @@ def test_group_advantages_match_hand_computation():
 def test_policy_gradient_loss_and_logprobs_match_hand_computation():
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))  # (1, 2, 3)
     ids = torch.tensor([[0, 1]])
-    lp = sequence_logprobs(logits, ids)
+    lp = -token_nll(logits, ids)  # what grpo uses as log pi(text) per token
     torch.testing.assert_close(lp, torch.log(torch.tensor([0.5 * 0.8])) / 2)
     logprobs = torch.tensor([[-1.0, -2.0], [-0.5, -4.0]], requires_grad=True)
     adv = torch.tensor([[1.0, -1.0], [2.0, 0.5]])
@@ -306,8 +306,6 @@ def test_grpo_fluency_reward_subtracts_the_texts_nll_under_m(tiny_llama_dir):
 
 
 def test_text_nll_scores_every_token_after_bos(tiny_llama_dir):
-    from consistency_lens.models.patching import token_nll
-
     lens = _lens(tiny_llama_dir)
     ids = torch.tensor([[5, 6, 7], [9, 9, 2]])
     bos = lens.orig.bos_id

@@ -4,8 +4,9 @@ For each activation D samples `train.rl.samples` explanations. Each is scored by
 rebuild A: reward = -KL(M(A) || M(E(text))) at P, optionally minus `rl.mse_reward` times E's
 normalised squared error and `rl.fluency_reward` times the text's NLL under M (its fluency).
 Advantages are group-relative (each sample against the mean of the other samples of its
-activation, optionally divided by the group's standard deviation), so no value network is needed. D's loss is the policy gradient plus `rl.kl_ref` times the KL of D's token
-distributions to a frozen reference D (the lens D started from: the warm-started one when
+activation, optionally divided by the group's standard deviation), so no value network is needed.
+D's loss is the policy gradient plus `rl.kl_ref` times the KL of D's token distributions to a
+frozen reference D (the lens D started from: the warm-started one when
 `train.init_from` is set), which keeps the text readable. E learns on the same samples by MSE and
 by the KL at P, with the gradient flowing through its reconstruction only.
 """
@@ -22,7 +23,7 @@ from torch import nn
 from consistency_lens.config import LensConfig
 from consistency_lens.data.collate import Batch
 from consistency_lens.errors import LensError
-from consistency_lens.models.patching import patched_kl
+from consistency_lens.models.patching import kl_per_sample, patched_kl, token_nll
 from consistency_lens.training.objectives import (
     Objective,
     ObjectiveOutput,
@@ -44,12 +45,6 @@ def group_advantages(rewards: torch.Tensor, std_norm: bool) -> torch.Tensor:
     return adv
 
 
-def sequence_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean log-probability per token of `ids` (N, T) under `logits` (N, T, V), shape (N,)."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1).mean(-1)
-
-
 def policy_gradient_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
     """REINFORCE with fixed advantages: -mean(advantage * log pi(text))."""
     return -(advantages.detach() * logprobs).mean()
@@ -57,9 +52,7 @@ def policy_gradient_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> to
 
 def reference_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     """KL(pi || pi_ref) over the vocabulary, averaged over samples and token positions."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    logq = F.log_softmax(ref_logits.float(), dim=-1)
-    return (logp.exp() * (logp - logq)).sum(-1).mean()
+    return kl_per_sample(logits, ref_logits).mean()
 
 
 @contextlib.contextmanager
@@ -126,7 +119,8 @@ class GRPOObjective(Objective):
         adv = group_advantages(rewards, rl.std_norm)
 
         logits = lens.decoder.teacher_forced_logits(a_rep, ids)
-        pg = policy_gradient_loss(sequence_logprobs(logits, ids).view(n, k), adv)
+        # Mean log-probability per token of each sampled text under D.
+        pg = policy_gradient_loss(-token_nll(logits, ids).view(n, k), adv)
         kl_ref = reference_kl(logits, ref_logits)
         kl_e = kls.mean()
         mse_e = normalised_mse(a_hat, a_rep)
