@@ -14,6 +14,7 @@ as the texts are short) against `--peak-tflops` (H100 SXM bf16 dense: 989).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -73,7 +74,7 @@ SHAPES = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["dump", "train", "all"], default="all")
+    parser.add_argument("--part", choices=["dump", "train", "profile", "all"], default="all")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on CPU: a smoke test")
     parser.add_argument("--seq", type=int, default=256, help="dump sequence length")
     parser.add_argument("--layer", type=int, default=16, help="dump layer L")
@@ -182,10 +183,10 @@ def _lens_flops(lens: ConsistencyLens, batch: int, prompt: int, t_text: int, con
     return 6 * (n_d * d_tokens + n_e * e_tokens) + 2 * n_m * m_tokens
 
 
-def bench_train(
+def _full_mode_step(
     args: argparse.Namespace, shape: str, device: torch.device, dtype: torch.dtype
-) -> dict:
-    """Optimizer steps/s, samples/s and MFU of the lens in `full` mode."""
+) -> tuple[ConsistencyLens, Callable[[], None], object]:
+    """A `full`-mode lens on random weights, its training step, and the step's phases as hooks."""
     loaded = build_model(shape, device, dtype)
     d = loaded.parts.d_model
     prompt = "Here is a hidden thought: <embed>. In words, it is about"
@@ -220,18 +221,32 @@ def bench_train(
     batch = CollateFn()(items).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
+    def phase(name: str) -> contextlib.AbstractContextManager:
+        return torch.profiler.record_function(f"phase:{name}")
+
     def step() -> None:
         engine.zero_grad()
-        with autocast:
+        with autocast, phase("forward"):
             out = engine.model(batch, objective, info)
-        engine.backward(out.loss)
-        engine.clip_grad_norm(1.0)
-        engine.step()
+        with phase("backward"):
+            engine.backward(out.loss)
+        with phase("optimizer"):
+            engine.clip_grad_norm(1.0)
+            engine.step()
 
+    return lens, step, objective
+
+
+def bench_train(
+    args: argparse.Namespace, shape: str, device: torch.device, dtype: torch.dtype
+) -> dict:
+    """Optimizer steps/s, samples/s and MFU of the lens in `full` mode."""
+    lens, step, objective = _full_mode_step(args, shape, device, dtype)
     seconds = _timed(step, args.iters, device)
-    prompt_tokens = len(loaded.tokenizer(prompt.replace("<embed>", ""))["input_ids"]) + 1
+    prompt = lens.cfg.train.prompt
+    prompt_tokens = len(lens.orig.loaded.tokenizer(prompt.replace("<embed>", ""))["input_ids"]) + 1
     flops = _lens_flops(lens, args.train_batch, prompt_tokens, args.t_text, args.context)
-    result = {
+    return {
         "part": "train",
         "shape": shape,
         "mode": "full",
@@ -243,7 +258,74 @@ def bench_train(
         "tflops": flops / seconds / 1e12,
         "mfu": flops / seconds / (args.peak_tflops * 1e12),
     }
-    return result
+
+
+# Host syncs: the calls that make the CPU wait for the device (or read a device scalar).
+_SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense")
+
+
+def _phase_hooks(lens: ConsistencyLens) -> None:
+    """Label D's generation, E, M's patched forward and M's token logits in profiler traces."""
+    from consistency_lens.training.objectives import plan
+
+    def labelled(name: str, fn: Callable) -> Callable:
+        def run(*a: object, **kw: object) -> object:
+            with torch.profiler.record_function(f"phase:{name}"):
+                return fn(*a, **kw)
+
+        return run
+
+    lens.decoder.generate_soft = labelled("D generate_soft", lens.decoder.generate_soft)
+    lens.encoder.forward = labelled("E encode", lens.encoder.forward)
+    lens.orig.token_logits = labelled("M token logits (loss_lm)", lens.orig.token_logits)
+    plan.patched_kl = labelled("M patched forward (KL)", plan.patched_kl)
+
+
+def profile_train(
+    args: argparse.Namespace, shape: str, device: torch.device, dtype: torch.dtype
+) -> dict:
+    """Where one `full`-mode step's time goes: per-phase times, ops, kernels and host syncs."""
+    lens, step, _ = _full_mode_step(args, shape, device, dtype)
+    _phase_hooks(lens)
+    step()
+    step()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    steps = 3
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / steps
+    events = prof.key_averages()
+    phases, syncs, aten_ops, kernels = {}, {}, 0, 0
+    for evt in events:
+        if evt.key.startswith("phase:"):
+            phases[evt.key[6:]] = {
+                "cpu_ms": evt.cpu_time_total / 1e3 / steps,
+                "device_ms": getattr(evt, "device_time_total", 0.0) / 1e3 / steps,
+            }
+        elif evt.key in _SYNC_OPS:
+            syncs[evt.key] = evt.count / steps
+        if evt.key.startswith("aten::"):
+            aten_ops += evt.count
+        if getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            kernels += evt.count
+    return {
+        "part": "profile",
+        "shape": shape,
+        "batch": args.train_batch,
+        "t_text": args.t_text,
+        "wall_ms_per_step": wall * 1e3,
+        "phases": phases,
+        "aten_ops_per_step": aten_ops / steps,
+        "device_kernels_per_step": kernels / steps,
+        "host_syncs_per_step": syncs,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -263,6 +345,9 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(bench_train(args, shape, device, dtype)), flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    if args.part in ("profile", "all"):
+        shape = "tiny" if args.tiny else "smollm2-135m"
+        print(json.dumps(profile_train(args, shape, device, dtype)), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The readable-lens recipe (config/gpu.yaml) on one GPU within a fixed wall-clock budget: dump,
+# warm start, GRPO, eval on sotu and on pydoc (another genre), and the step profile of
+# bench/gpu.py. Each training phase gets a time budget; when it runs out the trainer is sent
+# SIGTERM (it checkpoints), and the lens is saved from that checkpoint by resuming with
+# train.steps set to the step reached (the learning rate is constant, so nothing else changes).
+#
+#   bash bench/gpu_lens.sh [LOG_DIR] [config overrides...]
+# Budget knobs (seconds): WS_SECONDS (warm start, default 100), RL_SECONDS (GRPO, default 200).
+# With PACK_DIR set, the lens, logs and results end packed there as parts under 15 MB.
+# CPU dry run:  WS_SECONDS=30 RL_SECONDS=30 bash bench/gpu_lens.sh runs/gpu_dry device=cpu \
+#                 num_samples=64 val_samples=32 eval.num_samples=32 ...
+set -u
+out=${1:-runs/gpu_out}
+shift || true
+overrides=("$@")
+mkdir -p "$out"
+t0=$(date +%s)
+log() { echo "[$(($(date +%s) - t0)) s] $*" | tee -a "$out/timeline.txt"; }
+pack() {
+    [ -n "${PACK_DIR:-}" ] || return 0
+    rm -f "$PACK_DIR"/all.tar*
+    tar -cf "$PACK_DIR/all.tar" "$out" "$run/lens" "$run/metrics.jsonl" \
+        "$run/warm_start/metrics.jsonl" "$run/warm_start/lens/lens_config.json" 2>/dev/null
+    split -b 15M "$PACK_DIR/all.tar" "$PACK_DIR/all.tar.part" && rm "$PACK_DIR/all.tar"
+}
+py=${PY:-python3}
+cl=("$py" -m consistency_lens)
+cfg=config/gpu.yaml
+run=$("$py" - "$cfg" "${overrides[@]}" <<'EOF'
+import sys
+from consistency_lens.config import load_config
+from pathlib import Path
+print(load_config([Path(sys.argv[1])], sys.argv[2:]).train.run_dir)
+EOF
+)
+
+# train_for SECONDS RUN_DIR [overrides...]: train within SECONDS, then make sure RUN_DIR/lens exists.
+train_for() {
+    local seconds=$1 dir=$2
+    shift 2
+    timeout -s TERM -k 120 "$seconds" "${cl[@]}" train --config "$cfg" "${overrides[@]}" \
+        train.run_dir="$dir" "$@" >"$out/$(basename "$dir").log" 2>&1
+    local rc=$?
+    if [ ! -f "$dir/lens/lens_config.json" ]; then
+        local step
+        step=$(grep -o 'at step [0-9]*' "$out/$(basename "$dir").log" | tail -1 | grep -o '[0-9]*$')
+        log "$dir: stopped (rc $rc) at step ${step:-?}; saving the lens at that step"
+        [ -n "$step" ] && "${cl[@]}" train --config "$cfg" "${overrides[@]}" train.run_dir="$dir" \
+            "$@" train.steps="$step" --resume >>"$out/$(basename "$dir").log" 2>&1
+    fi
+    tail -3 "$out/$(basename "$dir").log"
+}
+
+log "start: $("$py" -c 'import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")')"
+"${cl[@]}" dump --config "$cfg" "${overrides[@]}" >"$out/dump.log" 2>&1 || { log "dump failed"; tail -20 "$out/dump.log"; pack; exit 1; }
+log "dump done"
+train_for "${WS_SECONDS:-100}" "$run/warm_start" train.objective=warm_start train.steps="${WS_STEPS:-600}" \
+    train.warm_start.steps=0 train.alpha.start=0.0 train.batch_size=64
+log "warm start done"
+train_for "${RL_SECONDS:-200}" "$run" train.warm_start.steps=0 \
+    train.init_from="$run/warm_start/lens"
+log "grpo done"
+pack  # the lens comes back even if a later stage outruns the call's limit
+for corpus in sotu pydoc; do
+    dest=$run/eval_$corpus
+    timeout "${EVAL_SECONDS:-100}" "${cl[@]}" eval --config "$cfg" --checkpoint "$run/lens" --output "$dest" \
+        "${overrides[@]}" corpus=$corpus >"$out/eval_$corpus.log" 2>&1
+    log "eval $corpus rc $?"
+    cp "$dest/eval_results.json" "$out/eval_$corpus.json" 2>/dev/null
+    "$py" - "$out/eval_$corpus.json" <<'PYEOF'
+import json, sys
+try:
+    d = json.load(open(sys.argv[1]))
+except OSError:
+    sys.exit(0)
+recovered = {k: [round(v["kl_recovered"], 3), [round(c, 3) for c in v["kl_recovered_ci"]]]
+             for k, v in d["baselines"].items()}
+print(json.dumps({"fve": d["fve"], "perplexity": d["perplexity"], "diversity": d["diversity"],
+                  "kl_recovered": recovered, "specificity_any": d["specificity"]["buckets"]["any"]}))
+PYEOF
+done
+timeout 60 "$py" bench/gpu.py --part profile ${PROFILE_ARGS:-} >"$out/profile.jsonl" 2>"$out/profile.err"
+log "profile rc $?"
+log "end"
+pack
