@@ -105,9 +105,17 @@ def _windows(
 
 
 def plan_splits(
-    cfg: LensConfig, corpus: TokenizedCorpus, bos_id: int | None
+    cfg: LensConfig,
+    corpus: TokenizedCorpus,
+    bos_id: int | None,
+    splits: tuple[str, ...] = SPLITS,
 ) -> tuple[dict[str, SplitPlan], int]:
-    """Cut the corpus into sequences, shuffle with the seed, and draw P for each sample."""
+    """Cut the corpus into sequences, shuffle with the seed, and draw P for each sample.
+
+    The val split is the permutation's first `val_samples` sequences whatever `num_samples` is,
+    so a val-only plan (eval on another corpus) needs only that many; its train plan is then cut
+    to what the corpus holds and must not be written.
+    """
     bos = [bos_id] if bos_id is not None else []
     p_min = cfg.p_min_effective
     windows, skipped = _windows(corpus, cfg.seq_len - len(bos), p_min + 2, bos)
@@ -117,7 +125,14 @@ def plan_splits(
             f"(each sequence needs at least {p_min + 2} tokens); lower p_min or use longer texts."
         )
     wanted = cfg.val_samples + cfg.num_samples
-    if len(windows) < wanted:
+    if "train" not in splits and len(windows) < wanted:
+        if len(windows) < cfg.val_samples:
+            raise LensError(
+                f"Corpus '{cfg.corpus}' yields {len(windows)} usable sequences of up to "
+                f"{cfg.seq_len} tokens, fewer than val_samples = {cfg.val_samples}; lower it or "
+                "use a bigger corpus."
+            )
+    elif len(windows) < wanted:
         raise LensError(
             f"Corpus '{cfg.corpus}' yields {len(windows)} usable sequences of up to {cfg.seq_len} tokens, "
             f"fewer than num_samples + val_samples = {wanted}; lower them or use a bigger corpus."
@@ -405,7 +420,7 @@ def dump_activations(
     check_layer(loaded.parts, cfg.layer)
     check_seq_len(cfg, loaded)
     corpus = _shared_corpus(cfg, loaded, rank, world)
-    plans, skipped = plan_splits(cfg, corpus, _bos_id(loaded.tokenizer))
+    plans, skipped = plan_splits(cfg, corpus, _bos_id(loaded.tokenizer), splits)
     out: dict[str, Path] = {}
     with contextlib.ExitStack() as locks, _progress() as progress:
         # Lock and check every split before writing anything: a refused val split must not

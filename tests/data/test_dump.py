@@ -178,6 +178,29 @@ def test_bad_dump_inputs_give_one_clear_sentence(
     assert "\n" not in str(err.value)
 
 
+def test_val_only_dump_needs_only_val_samples_and_equals_a_full_dumps_val(
+    tmp_path, tiny_llama_dir, corpus_dir
+):
+    """Eval on another corpus dumps its val split alone: a corpus smaller than num_samples +
+    val_samples still gives exactly the val split a full dump of it would have."""
+    full = dump_activations(_cfg(tmp_path / "full", tiny_llama_dir, corpus_dir))
+    big = _cfg(tmp_path / "val", tiny_llama_dir, corpus_dir, num_samples=100000)
+    with pytest.raises(LensError, match="fewer than num_samples"):
+        dump_activations(big)
+    val_only = dump_activations(big, splits=("val",))
+    assert set(val_only) == {"val"} and not split_dir(big, "train").exists()
+    a, b = ActivationDataset(full["val"]), ActivationDataset(val_only["val"])
+    assert len(a) == len(b) == 8
+    assert a.seq_index.tolist() == b.seq_index.tolist()
+    for i in range(len(a)):
+        assert torch.equal(a.sample(i)[0], b.sample(i)[0])
+        assert torch.equal(a.sample(i)[1], b.sample(i)[1])
+    too_small = _cfg(tmp_path / "small", tiny_llama_dir, corpus_dir, val_samples=100000)
+    with pytest.raises(LensError, match="fewer than val_samples") as err:
+        dump_activations(too_small, splits=("val",))
+    assert "\n" not in str(err.value)
+
+
 def test_empty_corpus_and_missing_model_are_named(tmp_path, tiny_llama_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
