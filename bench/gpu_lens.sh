@@ -6,7 +6,8 @@
 # train.steps set to the step reached (the learning rate is constant, so nothing else changes).
 #
 #   bash bench/gpu_lens.sh [LOG_DIR] [config overrides...]
-# Budget knobs (seconds): WS_SECONDS (warm start, default 100), RL_SECONDS (GRPO, default 200).
+# Budget knobs (seconds): WS_SECONDS (warm start, default 100), RL_SECONDS (GRPO, default 200),
+# EVAL_SECONDS (each eval, default 100); EVAL_CORPORA (default "sotu pydoc"); PROFILE=0 skips it.
 # With PACK_DIR set, the lens, logs and results end packed there as parts under 15 MB.
 # CPU dry run:  WS_SECONDS=30 RL_SECONDS=30 bash bench/gpu_lens.sh runs/gpu_dry device=cpu \
 #                 num_samples=64 val_samples=32 eval.num_samples=32 ...
@@ -62,7 +63,7 @@ train_for "${RL_SECONDS:-200}" "$run" train.warm_start.steps=0 \
     train.init_from="$run/warm_start/lens"
 log "grpo done"
 pack  # the lens comes back even if a later stage outruns the call's limit
-for corpus in sotu pydoc; do
+for corpus in ${EVAL_CORPORA:-sotu pydoc}; do
     dest=$run/eval_$corpus
     timeout "${EVAL_SECONDS:-100}" "${cl[@]}" eval --config "$cfg" --checkpoint "$run/lens" --output "$dest" \
         "${overrides[@]}" corpus=$corpus >"$out/eval_$corpus.log" 2>&1
@@ -80,7 +81,9 @@ print(json.dumps({"fve": d["fve"], "perplexity": d["perplexity"], "diversity": d
                   "kl_recovered": recovered, "specificity_any": d["specificity"]["buckets"]["any"]}))
 PYEOF
 done
-timeout 60 "$py" bench/gpu.py --part profile ${PROFILE_ARGS:-} >"$out/profile.jsonl" 2>"$out/profile.err"
-log "profile rc $?"
+if [ "${PROFILE:-1}" = 1 ]; then
+    timeout 60 "$py" bench/gpu.py --part profile ${PROFILE_ARGS:-} >"$out/profile.jsonl" 2>"$out/profile.err"
+    log "profile rc $?"
+fi
 log "end"
 pack
