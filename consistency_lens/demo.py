@@ -23,6 +23,8 @@ def run_demo(cfg: LensConfig) -> dict:
     )
     from consistency_lens.evaluation.explain import explain_command
     from consistency_lens.evaluation.report import write_report
+    from consistency_lens.evaluation.tables import print_comparison
+    from consistency_lens.lenses import shipped_lens
     from consistency_lens.training.trainer import train
 
     run_dir = Path(cfg.train.run_dir)
@@ -47,6 +49,12 @@ def run_demo(cfg: LensConfig) -> dict:
     # Eval never writes the lens directory; the demo publishes its numbers in the card explicitly.
     card_command(lens_dir, run_dir / "eval_results.json")
     timings["eval_s"] = time.perf_counter() - t
+    shipped, shipped_results = shipped_lens(cfg.model), None
+    if shipped is not None:
+        t = _stage("3b/5 evaluate the lens shipped in the package on the same samples")
+        shipped_results = evaluate_command(cfg, shipped, run_dir / "shipped_lens")
+        print_comparison({"this demo's lens": results, "shipped lens": shipped_results})
+        timings["eval_shipped_s"] = time.perf_counter() - t
 
     t = _stage("4/5 explain a sentence")
     explain_page = run_dir / "explain.html"
@@ -70,4 +78,5 @@ def run_demo(cfg: LensConfig) -> dict:
         "explain": explain_page,
         "lens": lens_dir,
         "timings": timings,
+        "shipped_results": shipped_results,
     }

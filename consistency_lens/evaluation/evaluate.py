@@ -38,10 +38,16 @@ def default_checkpoint(cfg: LensConfig) -> Path:
 
 
 def load_lens(cfg: LensConfig, checkpoint: Path | None):
-    """Load a saved lens directory (default `<train.run_dir>/lens`) on `cfg.device`."""
+    """Load a saved lens directory on `cfg.device`: `checkpoint`, else `<train.run_dir>/lens`,
+    else the lens shipped in the package for `cfg.model` (see `consistency_lens.lenses`)."""
+    from consistency_lens.lenses import shipped_lens
     from consistency_lens.models.lens import ConsistencyLens
 
     path = Path(checkpoint) if checkpoint is not None else default_checkpoint(cfg)
+    shipped = shipped_lens(cfg.model)
+    if checkpoint is None and not (path / "lens_config.json").is_file() and shipped is not None:
+        print(f"No lens at '{path}'; using the lens shipped for {cfg.model}: '{shipped}'.")
+        path = shipped
     if not (path / "lens_config.json").is_file():
         raise LensError(
             f"No saved lens at '{path}' (lens_config.json missing); train one with "

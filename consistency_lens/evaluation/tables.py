@@ -175,3 +175,51 @@ def markdown_tables(results: dict) -> str:
             out.append("| " + " | ".join(fmt(c) for c in row) + " |")
         out.append(f"\n{note}\n")
     return "\n".join(out)
+
+
+# The readable-lens targets (issue 10), each as (label, how to read it from results, target).
+TARGETS = (
+    (
+        "kl_recovered over its shuffled explanations",
+        lambda r: r["baselines"]["shuffled"].get("kl_recovered"),
+        ">= 0.25",
+    ),
+    ("FVE (a constant mean scores ~0)", lambda r: r["fve"]["mean"], ">= 0.2"),
+    ("unique greedy explanations", lambda r: r["diversity"]["fraction_unique"], ">= 0.6"),
+    ("perplexity of the explanations under M", lambda r: r["perplexity"], "<= 150"),
+    (
+        "specificity own / deranged (any bucket)",
+        lambda r: _ratio(r.get("specificity", {}).get("buckets", {}).get("any")),
+        ">= 2",
+    ),
+)
+
+
+def _ratio(bucket: dict | None) -> float | None:
+    if not bucket:
+        return None
+    return bucket["own"] / bucket["deranged"] if bucket["deranged"] else float("inf")
+
+
+def comparison_rows(named: dict[str, dict]) -> tuple[list[str], list[list[Any]]]:
+    """Headers and rows comparing several lenses' eval results on the readable-lens targets."""
+    headers = ["measure", *named, "target"]
+    rows = [
+        [label, *("n/a" if (v := read(r)) is None else v for r in named.values()), target]
+        for label, read, target in TARGETS
+    ]
+    return headers, rows
+
+
+def print_comparison(named: dict[str, dict]) -> None:
+    """Print the readable-lens targets side by side for several lenses evaluated on one set."""
+    from rich.console import Console
+    from rich.table import Table
+
+    headers, rows = comparison_rows(named)
+    table = Table(title="Lenses compared on the same validation samples", title_justify="left")
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*(fmt(c, 3) if not isinstance(c, str) else c for c in row))
+    Console().print(table)

@@ -56,3 +56,39 @@ def test_demo_pipeline_then_reuse(tmp_path, tiny_llama_dir, corpus_dir, monkeypa
     monkeypatch.setattr(trainer, "train", no_training)
     again = run_demo(cfg)
     assert again["results"]["kl"]["mean"] == pytest.approx(out["results"]["kl"]["mean"])
+
+
+def test_demo_compares_its_lens_with_the_shipped_one(
+    tmp_path, tiny_llama_dir, corpus_dir, monkeypatch
+):
+    """With a lens shipped for the model, the demo evaluates it on the same samples and prints
+    the targets side by side; a shipped copy of the demo's own lens scores exactly the same."""
+    import shutil
+
+    import consistency_lens.lenses as lenses
+    from consistency_lens.evaluation.tables import TARGETS, comparison_rows
+
+    cfg = config_from_dict(
+        tiny_dump_config(
+            tmp_path,
+            tiny_llama_dir,
+            corpus_dir,
+            layer=2,
+            seq_len=24,
+            num_samples=32,
+            val_samples=16,
+            train={"run_dir": str(tmp_path / "run"), "t_text": 2, "steps": 1, "batch_size": 4},
+            eval={"num_samples": 8, "batch_size": 8, "bootstrap": 20, "qualitative": 2},
+        )
+    )
+    assert run_demo(cfg)["shipped_results"] is None
+    shutil.copytree(tmp_path / "run" / "lens", tmp_path / "package" / "copy")
+    monkeypatch.setattr(lenses, "_HERE", tmp_path / "package")
+    monkeypatch.setattr(lenses, "SHIPPED", {cfg.model: "copy"})
+    out = run_demo(cfg)
+    assert (tmp_path / "run" / "shipped_lens" / "eval_results.json").is_file()
+    headers, rows = comparison_rows({"own": out["results"], "shipped": out["shipped_results"]})
+    assert headers == ["measure", "own", "shipped", "target"] and len(rows) == len(TARGETS)
+    # nan (no content words in a tiny random lens's texts) is the same result on both sides.
+    assert all(row[1] == row[2] or (row[1] != row[1] and row[2] != row[2]) for row in rows)
+    assert rows[1][1] == out["results"]["fve"]["mean"]

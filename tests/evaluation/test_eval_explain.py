@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,42 @@ def test_explain_rejects_empty_and_too_long_text(run):
 def test_eval_without_lens_is_a_clear_error(run, tmp_path):
     with pytest.raises(LensError, match="No saved lens"):
         evaluate_command(run, tmp_path / "nowhere")
+
+
+def test_explain_without_a_trained_lens_uses_the_one_shipped_for_the_model(
+    run, tmp_path, monkeypatch, capsys
+):
+    """No --checkpoint and nothing at `<run_dir>/lens`: the package's lens for the model is used,
+    and named; a model with no shipped lens still gets the clear error."""
+    import consistency_lens.lenses as lenses
+
+    shipped = tmp_path / "package" / "tiny-lens"
+    shutil.copytree(run.train.run_dir / "lens", shipped)
+    monkeypatch.setattr(lenses, "_HERE", shipped.parent)
+    monkeypatch.setattr(lenses, "SHIPPED", {run.model: "tiny-lens"})
+    empty = run.model_copy(update={"train": run.train.model_copy(update={"run_dir": tmp_path})})
+    before = _tree_hashes(shipped)
+    rows = explain_command(empty, None, "the nation", None)
+    assert f"using the lens shipped for {run.model}: '{shipped}'" in capsys.readouterr().out
+    assert rows == explain_command(run, None, "the nation", None)
+    assert _tree_hashes(shipped) == before
+    monkeypatch.setattr(lenses, "SHIPPED", {})
+    with pytest.raises(LensError, match="No saved lens"):
+        explain_command(empty, None, "the nation", None)
+
+
+def test_the_shipped_lens_is_in_the_package_for_the_embedded_model():
+    """The lens `explain` falls back to is a complete lens directory for the embedded default."""
+    from safetensors import safe_open
+
+    from consistency_lens.lenses import shipped_lens
+    from consistency_lens.models.embedded import ALIAS
+
+    path = shipped_lens(ALIAS)
+    assert path is not None
+    meta = json.loads((path / "lens_config.json").read_text())
+    assert meta["base_model"] == ALIAS and meta["config"]["train"]["mode"] == "lora"
+    with safe_open(path / "lens.safetensors", "pt") as f:
+        assert any(k.startswith("decoder.") for k in f.keys())
+        assert any(k.startswith("encoder.") for k in f.keys())
+    assert "FVE" in (path / "README.md").read_text()

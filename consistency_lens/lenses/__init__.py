@@ -1,0 +1,23 @@
+"""Lenses shipped inside the package, so that `explain` has a trained lens on first use, offline.
+
+Each is a saved lens directory (`lens.safetensors`, `lens_config.json`, its model card
+`README.md`) trained by `bench/gpu_lens.sh` on one GPU; BENCHMARKS.md records the run and its
+numbers. A lens is shipped for a base model only when it beats the CPU demo's own lens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_HERE = Path(__file__).parent
+
+SHIPPED = {"smollm2-135m": "smollm2-135m-sotu-L20"}
+"""Base model alias -> directory (under this package) of the lens shipped for it."""
+
+
+def shipped_lens(model: str) -> Path | None:
+    """The shipped lens directory for base model `model`, or None when none is shipped."""
+    name = SHIPPED.get(model)
+    if name is None or not (_HERE / name / "lens_config.json").is_file():
+        return None
+    return _HERE / name
