@@ -31,6 +31,7 @@ from consistency_lens.training.objectives.grpo import (
     group_advantages,
     policy_gradient_loss,
     reference_kl,
+    swapped,
 )
 from consistency_lens.training.objectives.warm_start import context_targets
 from consistency_lens.utils.logging import METRICS, MetricsFile
@@ -153,6 +154,39 @@ def test_grpo_reference_kl_is_zero_at_start_and_training_moves_d(tiny_llama_dir)
     assert float(after.terms["kl_ref"]) > 0.0  # D moved, the reference did not
     for name, value in obj.reference.items():
         assert torch.equal(value, before[name])
+
+
+def test_swapped_weights_are_the_ones_used_under_bf16_autocast():
+    """Autocast caches each parameter's bf16 copy by identity, which a swap of `.data` keeps;
+    the swap must still run on the swapped-in weights, and on the own ones afterwards."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    other = {n: torch.randn_like(p) for n, p in lin.named_parameters()}
+    x = torch.randn(2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        own = lin(x)  # fills the cache with the own weights' bf16 copies
+        with swapped(dict(lin.named_parameters()), other):
+            inside = lin(x)
+        after = lin(x)
+        expected = F.linear(x, other["weight"], other["bias"])
+    assert torch.equal(inside, expected) and not torch.equal(inside, own)
+    assert torch.equal(after, own)
+
+
+def test_grpo_reference_kl_under_bf16_autocast_is_d_against_its_reference(tiny_llama_dir):
+    """Under bf16 autocast (`train.precision: bf16`, the GPU default) the reference KL of a D
+    that moved is the KL to the frozen reference, not D against itself (it read exactly 0)."""
+    lens = _lens(tiny_llama_dir, objective="grpo", rl={"samples": 3}, mode="lora")
+    obj = build_objective(lens, lens.cfg)
+    with torch.no_grad():  # move only weights that autocast casts (and caches): the LoRA matrices
+        for name, p in lens.decoder.named_parameters():
+            if "lora_" in name:
+                p.add_(0.5 * torch.randn_like(p))
+    info = step_info(type(obj), lens.cfg, 0)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = obj(lens, _batch(lens), info)
+    assert float(out.terms["kl_ref"]) > 0.01
 
 
 @pytest.fixture(scope="module")

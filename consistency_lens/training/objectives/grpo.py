@@ -57,13 +57,20 @@ def reference_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor
 
 @contextlib.contextmanager
 def swapped(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily let `params` hold `values` (their storage is swapped, nothing is copied)."""
+    """Temporarily let `params` hold `values` (their storage is swapped, nothing is copied).
+
+    Autocast caches its low-precision copy of each parameter by tensor identity, which a swap
+    keeps: without clearing that cache on the way in and out, a forward under bf16 autocast
+    would run on whichever weights were cast first (the reference KL was then D against itself).
+    """
     saved = {n: p.data for n, p in params.items()}
+    torch.clear_autocast_cache()
     for n, p in params.items():
         p.data = values[n]
     try:
         yield
     finally:
+        torch.clear_autocast_cache()
         for n, p in params.items():
             p.data = saved[n]
 
