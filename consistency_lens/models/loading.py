@@ -122,13 +122,19 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(err).__name__
 
 
+def hf_attention(attn_implementation: str) -> str | None:
+    """The `attn_implementation` to hand transformers: `auto` is None, its own choice (sdpa where
+    the model class supports it, eager otherwise; Gemma 2 has no sdpa path)."""
+    return None if attn_implementation == "auto" else attn_implementation
+
+
 def load_model(
     name: str,
     device: str = "auto",
     dtype: str = "auto",
     revision: str | None = None,
     trust_remote_code: bool = False,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
     device_map: str | None = None,
 ) -> LoadedModel:
     """Load `name` frozen in eval mode on `device`, or spread by `device_map` (e.g. `auto`)."""
@@ -156,7 +162,7 @@ def load_model(
             revision=revision,
             dtype=torch_dtype,
             trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation,
+            attn_implementation=hf_attention(attn_implementation),
             device_map=device_map,
         )
     except (OSError, ValueError, KeyError, SafetensorError) as err:
