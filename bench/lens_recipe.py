@@ -19,7 +19,7 @@ import torch
 from consistency_lens.config import load_config
 from consistency_lens.data.collate import CollateFn
 from consistency_lens.data.dataset import ActivationDataset
-from consistency_lens.data.dump import split_dir
+from consistency_lens.data.layout import split_dir
 from consistency_lens.models.lens import ConsistencyLens
 from consistency_lens.models.loading import load_for_config
 from consistency_lens.models.patching import kl_per_sample

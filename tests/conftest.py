@@ -62,7 +62,8 @@ def signal_after_step(monkeypatch, sig: int, step: int = 3):
 
 def batch_of(lens, seqs: list[torch.Tensor], seqs_prime: list[torch.Tensor]):
     """A Batch of left-padded `seqs` and `seqs_prime` with M's activations for each."""
-    from consistency_lens.data.collate import Batch, left_pad
+    from consistency_lens.data.collate import Batch
+    from consistency_lens.models.inputs import left_pad
 
     ids, mask = left_pad(seqs, 0)
     ids_p, mask_p = left_pad(seqs_prime, 0)

@@ -16,9 +16,6 @@ so a step sees the same samples whatever the world size. Gumbel noise comes from
 from __future__ import annotations
 
 import contextlib
-import gc
-import os
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,79 +30,12 @@ from consistency_lens.data.collate import Batch
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import find_parts
 from consistency_lens.models.lens import ConsistencyLens
-from consistency_lens.models.loading import resolve_device
 from consistency_lens.training.objectives import Objective, ObjectiveOutput, StepInfo
 from consistency_lens.training.optim import Ema, build_optimizer
 from consistency_lens.utils import checkpoint as ckpt
+from consistency_lens.utils.dist import barrier, rank_seed, rank_world, seed_all
 
-_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _DS_TAG = "deepspeed"
-
-
-def rank_world() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) without a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def rank_seed(seed: int) -> int:
-    """This rank's seed (`seed + rank`): rank 0 keeps `seed`, so one process matches strategy none."""
-    return seed + rank_world()[0]
-
-
-def seed_all(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def seed_ranks(seed: int) -> None:
-    """Give each rank its own random stream (Gumbel noise); one process keeps its stream untouched."""
-    if rank_world()[1] > 1:
-        seed_all(rank_seed(seed))
-
-
-def setup(cfg: LensConfig) -> LensConfig:
-    """Join the torchrun process group (gloo on CPU, nccl on CUDA); the config with this rank's device."""
-    strategy = cfg.distributed.strategy
-    if strategy == "none":
-        return cfg
-    missing = [k for k in _TORCHRUN_ENV if k not in os.environ]
-    if missing:
-        raise LensError(
-            f"distributed.strategy={strategy} must be launched with torchrun (or scripts/slurm.sh), "
-            f"which sets {', '.join(missing)}; use distributed.strategy=none for one process."
-        )
-    return join_process_group(cfg)
-
-
-def join_process_group(cfg: LensConfig) -> LensConfig:
-    """Pin this rank to its local GPU (if any), join the group; the config with that device."""
-    device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return cfg.model_copy(update={"device": str(device)})
-
-
-def teardown(run: object | None, barrier: bool = True) -> None:
-    """Drop the run's models, then barrier and destroy the process group (DESIGN.md section 6).
-
-    A DDP module that outlives its process group can abort the interpreter at exit. `barrier`
-    is False after an error, when another rank may never reach the barrier.
-    """
-    for name in ("model", "engine", "lens", "optimizer", "scheduler", "ema"):
-        if run is not None and hasattr(run, name):
-            setattr(run, name, None)
-    gc.collect()
-    if dist.is_available() and dist.is_initialized():
-        if barrier:
-            dist.barrier()
-        dist.destroy_process_group()
 
 
 class LensStep(nn.Module):
@@ -223,7 +153,7 @@ class Engine:
             config,
             keep,
             rank,
-            _barrier,
+            barrier,
             self._all_ok,
         )
 
@@ -315,11 +245,6 @@ def _rescale_position(state: dict, global_batch: int) -> dict:
     saved = int(state.get("global_batch", global_batch))
     train_state["batch_in_epoch"] = train_state["batch_in_epoch"] * saved // global_batch
     return train_state
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 class _Collective(Engine):

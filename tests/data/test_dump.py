@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from consistency_lens.config import config_from_dict
 from consistency_lens.data.collate import CollateFn
 from consistency_lens.data.dataset import ActivationDataset
-from consistency_lens.data.dump import dump_activations, split_dir
+from consistency_lens.data.dump import dump_activations
+from consistency_lens.data.layout import split_dir
 from consistency_lens.errors import LensError
 from consistency_lens.models.loading import load_model
 

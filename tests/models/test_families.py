@@ -24,12 +24,13 @@ from conftest import (
 from safetensors.torch import load_file
 
 from consistency_lens.config import config_from_dict
-from consistency_lens.data.collate import left_pad
-from consistency_lens.data.dump import dump_activations, split_dir
+from consistency_lens.data.dump import dump_activations
+from consistency_lens.data.layout import split_dir
 from consistency_lens.errors import LensError
 from consistency_lens.evaluation.explain import explain_command
 from consistency_lens.models.adapter import FAMILIES, find_parts
 from consistency_lens.models.decoder import DecoderModel
+from consistency_lens.models.inputs import left_pad
 from consistency_lens.models.lens import ConsistencyLens
 from consistency_lens.models.loading import load_model
 from consistency_lens.models.orig import OriginalModelWrapper

@@ -27,6 +27,7 @@ from consistency_lens.data.dump import dump_activations
 from consistency_lens.errors import LensError
 from consistency_lens.training import distributed, trainer
 from consistency_lens.utils import checkpoint as ck
+from consistency_lens.utils import dist
 from consistency_lens.utils.logging import METRICS, MetricsFile
 
 ENTRY = Path(__file__).with_name("dist_entry.py")
@@ -302,9 +303,7 @@ def test_teardown_runs_when_training_raises(dumped, tmp_path, monkeypatch):
         raise LensError("too many bad batches")
 
     monkeypatch.setattr(trainer, "_loop", failing_loop)
-    monkeypatch.setattr(
-        distributed, "teardown", lambda run, barrier=True: calls.append((run, barrier))
-    )
+    monkeypatch.setattr(dist, "teardown", lambda run, barrier=True: calls.append((run, barrier)))
     train = _train_cfg(tmp_path / "run", "frozen_base", 1, 4, "none")
     with pytest.raises(LensError, match="too many bad batches"):
         trainer.train(config_from_dict({**dumped, "train": train}))

@@ -114,7 +114,7 @@ def test_missing_dump_says_to_run_dump(dumped, tmp_path):
 def test_width_mismatch_is_named(dumped, tmp_path, tokenizer_dir):
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from consistency_lens.data.dump import split_dir
+    from consistency_lens.data.layout import split_dir
 
     narrow = tmp_path / "narrow"
     torch.manual_seed(0)
