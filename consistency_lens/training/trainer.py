@@ -30,6 +30,7 @@ from consistency_lens.errors import LensError
 from consistency_lens.evaluation.metrics import fve, mse
 from consistency_lens.models.lens import ConsistencyLens
 from consistency_lens.models.patching import patched_kl
+from consistency_lens.training import checkpoint as ckpt
 from consistency_lens.training.distributed import Engine, wrap_for_strategy
 from consistency_lens.training.objectives import (
     Objective,
@@ -38,15 +39,10 @@ from consistency_lens.training.objectives import (
     step_info,
 )
 from consistency_lens.training.optim import Ema
-from consistency_lens.utils import checkpoint as ckpt
 from consistency_lens.utils import dist
 from consistency_lens.utils.io import read_json
 from consistency_lens.utils.lock import dir_lock
 from consistency_lens.utils.logging import RunLogger
-
-# Config keys that a resumed run must share with its checkpoint (the weights' meaning).
-_RESUME_KEYS = ("model", "layer")
-_RESUME_TRAIN_KEYS = ("mode", "t_text", "prompt", "encoder_prompt", "encoder_layer", "lora_r")
 
 
 @dataclass
@@ -319,76 +315,12 @@ def validate(run: _Run) -> None:
 
 def save(run: _Run) -> Path:
     """Checkpoint the run at its current step (collectively under ddp/fsdp/deepspeed)."""
-    if run.engine.sharded:
-        return run.engine.save_checkpoint(
-            run.cfg.train.run_dir,
-            run.state.step,
-            asdict(run.state),
-            dump_config(run.cfg),
-            run.ema,
-            run.cfg.train.keep_checkpoints,
-        )
-    state = {
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "rng": ckpt.capture_rng(),
-        "train_state": asdict(run.state),
-        # What `batch_in_epoch` counts in, so a resume with another global batch can rescale it.
-        "global_batch": run.cfg.train.batch_size * dist.rank_world()[1],
-    }
-    return ckpt.save_checkpoint(
-        run.cfg.train.run_dir,
-        run.state.step,
-        run.lens.trainable_state_dict(),
-        state,
-        dump_config(run.cfg),
-        ema=run.ema.state_dict() if run.ema is not None else None,
-        keep=run.cfg.train.keep_checkpoints,
-    )
-
-
-def _check_resume_config(cfg: LensConfig, path: Path) -> None:
-    saved = ckpt.read_config(path)
-    pairs = [(k, saved.get(k), getattr(cfg, k)) for k in _RESUME_KEYS]
-    pairs += [
-        (f"train.{k}", saved.get("train", {}).get(k), getattr(cfg.train, k))
-        for k in _RESUME_TRAIN_KEYS
-    ]
-    for key, old, new in pairs:
-        if old != new:
-            raise LensError(
-                f"Cannot resume from '{path}': it was trained with {key}={old!r} but the config "
-                f"says {key}={new!r}; use the same config or a new train.run_dir."
-            )
+    return ckpt.save_run(run.engine, run.cfg, run.state.step, asdict(run.state), run.ema)
 
 
 def restore(run: _Run, path: Path) -> None:
     """Load weights, optimizer, scheduler, EMA, counters and RNG from a checkpoint directory."""
-    _check_resume_config(run.cfg, path)
-    if run.engine.sharded or ckpt.is_sharded(path):
-        # Either side sharded: the engine maps between world sizes and formats.
-        run.state = TrainState(**run.engine.load_checkpoint(path, run.ema))
-        return
-    loaded = ckpt.load_checkpoint(path)
-    run.lens.load_trainable_state_dict(loaded.trainable)
-    run.optimizer.load_state_dict(loaded.state["optimizer"])
-    run.scheduler.load_state_dict(loaded.state["scheduler"])
-    if run.ema is not None:
-        run.ema.load_state_dict(loaded.ema or run.lens.trainable_parameters())
-    run.state = TrainState(**loaded.state["train_state"])
-    ckpt.restore_rng(loaded.state["rng"])
-
-
-def _checkpoint_to_resume(run_dir: Path, resume: bool) -> Path | None:
-    existing = ckpt.list_checkpoints(run_dir)
-    if not resume:
-        if existing:
-            raise LensError(
-                f"'{run_dir}' already holds checkpoints; pass --resume to continue that run or "
-                "choose another train.run_dir."
-            )
-        return None
-    return ckpt.latest_valid(run_dir)
+    run.state = TrainState(**ckpt.restore_run(run.engine, run.cfg, run.ema, path))
 
 
 def _maybe_log(run: _Run, metrics: dict) -> None:
@@ -543,7 +475,7 @@ def _train_phase(cfg: LensConfig, resume: bool) -> TrainResult:
     try:
         run_dir = Path(cfg.train.run_dir)
         _own_run_dir(run_dir, owner)
-        resume_from = _checkpoint_to_resume(run_dir, resume)
+        resume_from = ckpt.checkpoint_to_resume(run_dir, resume)
         train_set, val_set = load_splits(cfg)
         run = _build_run(cfg, train_set, val_set)
         if resume_from is not None:

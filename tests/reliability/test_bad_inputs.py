@@ -26,8 +26,8 @@ from consistency_lens.config import config_from_dict
 from consistency_lens.data.dump import dump_activations
 from consistency_lens.data.layout import split_dir
 from consistency_lens.errors import LensError
+from consistency_lens.training import checkpoint as ck
 from consistency_lens.training import trainer
-from consistency_lens.utils import checkpoint as ck
 from consistency_lens.utils import io
 from consistency_lens.utils.io import sha256_file
 

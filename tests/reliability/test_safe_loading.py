@@ -17,8 +17,8 @@ from consistency_lens.data import corpus as corpus_mod
 from consistency_lens.errors import LensError
 from consistency_lens.models import loading
 from consistency_lens.models.lens import ConsistencyLens
+from consistency_lens.training import checkpoint as ck
 from consistency_lens.training import trainer
-from consistency_lens.utils import checkpoint as ck
 
 
 class _Evil:

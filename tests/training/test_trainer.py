@@ -20,8 +20,8 @@ from consistency_lens.config import LensConfig, config_from_dict
 from consistency_lens.data.dataset import ActivationDataset
 from consistency_lens.data.dump import dump_activations
 from consistency_lens.errors import LensError
+from consistency_lens.training import checkpoint as ck
 from consistency_lens.training import trainer
-from consistency_lens.utils import checkpoint as ck
 from consistency_lens.utils.logging import METRICS, MetricsFile
 
 
