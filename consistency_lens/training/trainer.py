@@ -27,9 +27,8 @@ from consistency_lens.data.dataset import ActivationDataset
 from consistency_lens.data.layout import METADATA, check_matches, check_same_dump, split_dir
 from consistency_lens.data.stream import BatchStream
 from consistency_lens.errors import LensError
-from consistency_lens.evaluation.metrics import fve, mse
 from consistency_lens.models.lens import ConsistencyLens
-from consistency_lens.models.patching import patched_kl
+from consistency_lens.models.patching import fve, mse, patched_kl
 from consistency_lens.training import checkpoint as ckpt
 from consistency_lens.training.distributed import Engine, wrap_for_strategy
 from consistency_lens.training.objectives import (
