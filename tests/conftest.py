@@ -127,6 +127,23 @@ def tiny_dump_config(root: Path, model: Path, corpus: Path, **over: object) -> d
     }
 
 
+def tiny_train_config(run_dir: Path, **over: object) -> dict:
+    """`train` section of a tiny run in `run_dir`: one step of 4 samples writing 2-token texts,
+    validating, checkpointing and logging every step; a test passes only what it varies."""
+    return {
+        "run_dir": str(run_dir),
+        "t_text": 2,
+        "steps": 1,
+        "batch_size": 4,
+        "val_every": 1,
+        "val_batches": 1,
+        "ckpt_every": 1,
+        "log_every": 1,
+        "prompt": "A <embed> is",
+        **over,
+    }
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """Tiny matrices gain nothing from threads, and spinning OpenMP threads on a busy 2-core
@@ -182,6 +199,23 @@ def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
     )
     return save_with_tokenizer(
         LlamaForCausalLM(cfg), tokenizer_dir, tmp_path_factory.mktemp("llama")
+    )
+
+
+@pytest.fixture(scope="session")
+def narrow_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A 2-block random Llama of width 32 (half the other fixtures'), for width mismatches."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return save_with_tokenizer(
+        LlamaForCausalLM(cfg), tokenizer_dir, tmp_path_factory.mktemp("narrow_llama")
     )
 
 

@@ -20,6 +20,7 @@ from conftest import (
     save_with_tokenizer,
     signal_after_step,
     tiny_dump_config,
+    tiny_train_config,
 )
 from safetensors.torch import load_file
 
@@ -166,21 +167,9 @@ def test_embedding_rows_equal_the_models_own_embedding(loaded, dtype):
     assert torch.equal(plain, via_embeds)
 
 
-def _train_cfg(family: dict, run: str, **train):
-    over = {
-        "run_dir": str(family["root"] / run),
-        "mode": "full",
-        "t_text": 3,
-        "steps": 2,
-        "batch_size": 4,
-        "val_every": 1,
-        "val_batches": 1,
-        "ckpt_every": 1,
-        "log_every": 1,
-        "prompt": "A <embed> is",
-        **train,
-    }
-    return config_from_dict({**family["base"], "train": over})
+def _train_cfg(family: dict, run: str):
+    train = tiny_train_config(family["root"] / run, mode="full", t_text=3, steps=2)
+    return config_from_dict({**family["base"], "train": train})
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_dump_config
+from conftest import tiny_dump_config, tiny_train_config
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -41,16 +41,7 @@ def _base(root: Path, model: Path, corpus: Path) -> dict:
         p_min=3,
         num_samples=16,
         shard_size=8,
-        train={
-            "run_dir": str(root / "run"),
-            "t_text": 2,
-            "steps": 1,
-            "batch_size": 4,
-            "val_batches": 1,
-            "log_every": 1,
-            "ckpt_every": 1,
-            "prompt": "A <embed> is",
-        },
+        train=tiny_train_config(root / "run"),
         eval={"num_samples": 8, "batch_size": 8, "bootstrap": 0, "qualitative": 1},
     )
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_dump_config
+from conftest import tiny_dump_config, tiny_train_config
 from dist_entry import coarse_eps, noiseless_gumbel_softmax
 from safetensors.torch import load_file
 
@@ -45,22 +45,17 @@ def dumped(tmp_path_factory, tiny_llama_dir, corpus_dir) -> dict:
 
 
 def _train_cfg(run_dir: Path, mode: str, steps: int, batch: int, strategy: str) -> dict:
-    return {
-        "run_dir": str(run_dir),
-        "mode": mode,
-        "t_text": 2,
-        "steps": steps,
-        "batch_size": batch,
-        "grad_accum": 2,
-        "lr": 1e-2,
-        "lr_blocks": 1e-3,
-        "lr_schedule": {"kind": "constant", "start": 1.0},
-        "val_every": 100,
-        "val_batches": 1,
-        "ckpt_every": 1,
-        "log_every": 1,
-        "prompt": "A <embed> is",
-    }
+    return tiny_train_config(
+        run_dir,
+        mode=mode,
+        steps=steps,
+        batch_size=batch,
+        grad_accum=2,
+        lr=1e-2,
+        lr_blocks=1e-3,
+        lr_schedule={"kind": "constant", "start": 1.0},
+        val_every=100,
+    )
 
 
 def _overrides(base: dict, train: dict, strategy: str) -> list[str]:
