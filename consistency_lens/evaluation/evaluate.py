@@ -1,5 +1,5 @@
 """`consistency-lens eval`: how faithful a lens is, against zero, mean, context-token and shuffled
-baselines, a constant reconstruction and a specificity check (DESIGN.md section 7).
+baselines, a constant reconstruction and a specificity check (docs/design.md section 5).
 
 Eval never writes into the lens directory: results go to the run directory or `--output DIR`;
 `consistency-lens card LENS --results FILE` is the one command that puts them in a lens's card."""

@@ -1,4 +1,4 @@
-"""Honest faithfulness metrics: derangement, the constant reference, specificity (DESIGN.md §7)."""
+"""Honest faithfulness metrics: derangement, the constant reference, specificity (docs/design.md section 5)."""
 
 from __future__ import annotations
 
