@@ -2,7 +2,7 @@
 
 usage: .venv/bin/python bench/lens_recipe.py NAME STEPS key=value ...  (overrides on config/demo.yaml;
 THREADS=n sets torch threads, default 1). Saves the lens to runs/recipes/NAME and appends the metrics
-to runs/recipes/results.jsonl. The metrics are DESIGN.md section 7's with two simplifications
+to runs/recipes/results.jsonl. The metrics are docs/design.md section 5's with two simplifications
 (shuffled = the next sample's Â; specificity over the last 16 context tokens and M's top-5 with a
 short stop-word list); the CLI's `eval` is the one that counts (BENCHMARKS.md).
 """
@@ -19,7 +19,7 @@ import torch
 from consistency_lens.config import load_config
 from consistency_lens.data.collate import CollateFn
 from consistency_lens.data.dataset import ActivationDataset
-from consistency_lens.data.dump import split_dir
+from consistency_lens.data.layout import split_dir
 from consistency_lens.models.lens import ConsistencyLens
 from consistency_lens.models.loading import load_for_config
 from consistency_lens.models.patching import kl_per_sample

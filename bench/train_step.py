@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from consistency_lens.config import LensConfig
-from consistency_lens.data.collate import Batch, left_pad, position_ids
+from consistency_lens.data.collate import Batch
 from consistency_lens.models.decoder import SoftGeneration
 from consistency_lens.models.hooks import replace_last
+from consistency_lens.models.inputs import left_pad, position_ids
 from consistency_lens.models.lens import ConsistencyLens
 from consistency_lens.models.loading import load_model
 from consistency_lens.training.objective import compute_losses, kl_at_p, lm_loss

@@ -1,4 +1,5 @@
-"""`consistency-lens` command line: thin subcommands, each a dataclass with one `execute`."""
+"""`consistency-lens` command line: thin subcommands, each a dataclass that declares its arguments,
+is built from them and has one `execute`."""
 
 from __future__ import annotations
 
@@ -14,11 +15,44 @@ from consistency_lens.errors import LensError
 from consistency_lens.utils.io import is_out_of_space
 
 
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        action="append",
+        type=Path,
+        default=[],
+        help="YAML config (repeatable, merged in order)",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. layer=12 train.t_text=8"
+    )
+
+
+def _checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint", type=Path, help="saved lens directory (default: <train.run_dir>/lens)"
+    )
+
+
+def _config(args: argparse.Namespace) -> LensConfig:
+    return load_config(args.config, args.overrides)
+
+
 @dataclass
 class Dump:
     """Dump activations (A at block `layer`, position P) of `model` over `corpus`."""
 
     cfg: LensConfig
+
+    @staticmethod
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        """Add this command's arguments to its subparser."""
+        _config_arguments(parser)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, argv: list[str]) -> Dump:
+        """The command for parsed `args` (`argv` is the whole command line)."""
+        return cls(_config(args))
 
     def execute(self) -> None:
         from consistency_lens.data.dump import dump_activations
@@ -34,6 +68,19 @@ class Train:
     resume: bool = False
     argv: list[str] | None = None
     """The command line, so that a stop by a signal can print the exact command that resumes."""
+
+    @staticmethod
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        """Add this command's arguments to its subparser."""
+        _config_arguments(parser)
+        parser.add_argument(
+            "--resume", action="store_true", help="continue from the latest valid checkpoint"
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, argv: list[str]) -> Train:
+        """The command for parsed `args` (`argv` is the whole command line)."""
+        return cls(_config(args), resume=args.resume, argv=list(argv))
 
     def execute(self) -> None:
         from consistency_lens.training.trainer import TrainingStopped, train
@@ -59,6 +106,23 @@ class Eval:
     checkpoint: Path | None = None
     output: Path | None = None
 
+    @staticmethod
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        """Add this command's arguments to its subparser."""
+        _config_arguments(parser)
+        _checkpoint_argument(parser)
+        parser.add_argument(
+            "--output",
+            type=Path,
+            help="directory for eval_results.json and samples (default: train.run_dir, or "
+            "<run_dir>/eval_<corpus> on another corpus than the lens's); never the lens directory",
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, argv: list[str]) -> Eval:
+        """The command for parsed `args` (`argv` is the whole command line)."""
+        return cls(_config(args), checkpoint=args.checkpoint, output=args.output)
+
     def execute(self) -> None:
         from consistency_lens.evaluation.evaluate import evaluate_command
 
@@ -71,6 +135,19 @@ class Card:
 
     lens: Path
     results: Path
+
+    @staticmethod
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        """Add this command's arguments to its subparser."""
+        parser.add_argument("lens", type=Path, help="saved lens directory")
+        parser.add_argument(
+            "--results", type=Path, required=True, help="eval_results.json of this lens (from eval)"
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, argv: list[str]) -> Card:
+        """The command for parsed `args` (`argv` is the whole command line)."""
+        return cls(args.lens, args.results)
 
     def execute(self) -> None:
         from consistency_lens.evaluation.evaluate import card_command
@@ -87,6 +164,20 @@ class Explain:
     text: str | None = None
     file: Path | None = None
     html: Path | None = None
+
+    @staticmethod
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        """Add this command's arguments to its subparser."""
+        _config_arguments(parser)
+        _checkpoint_argument(parser)
+        parser.add_argument("--text", help="text to explain")
+        parser.add_argument("--file", type=Path, help="file whose text to explain")
+        parser.add_argument("--html", type=Path, help="also write an HTML page here")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, argv: list[str]) -> Explain:
+        """The command for parsed `args` (`argv` is the whole command line)."""
+        return cls(_config(args), args.checkpoint, args.text, args.file, args.html)
 
     def execute(self) -> None:
         from consistency_lens.evaluation.explain import explain_command
@@ -118,77 +209,45 @@ class Demo:
 
     cfg: LensConfig
 
+    @staticmethod
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        """Add this command's arguments to its subparser."""
+        _config_arguments(parser)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, argv: list[str]) -> Demo:
+        """The command for parsed `args` (`argv` is the whole command line)."""
+        return cls(_config(args))
+
     def execute(self) -> None:
         from consistency_lens.demo import run_demo
 
         run_demo(self.cfg)
 
 
+# Every subcommand, in the order `--help` lists them: the one list the parser is built from.
+COMMANDS = {
+    "dump": Dump,
+    "train": Train,
+    "eval": Eval,
+    "explain": Explain,
+    "demo": Demo,
+    "card": Card,
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="consistency-lens", description=__doc__)
     subs = parser.add_subparsers(dest="command", required=True)
-    for name, cls in [
-        ("dump", Dump),
-        ("train", Train),
-        ("eval", Eval),
-        ("explain", Explain),
-        ("demo", Demo),
-    ]:
-        sub = subs.add_parser(name, help=cls.__doc__, description=cls.__doc__)
-        sub.add_argument(
-            "--config",
-            action="append",
-            type=Path,
-            default=[],
-            help="YAML config (repeatable, merged in order)",
-        )
-        sub.add_argument(
-            "overrides", nargs="*", help="key=value overrides, e.g. layer=12 train.t_text=8"
-        )
-        if name == "train":
-            sub.add_argument(
-                "--resume", action="store_true", help="continue from the latest valid checkpoint"
-            )
-        if name in ("eval", "explain"):
-            sub.add_argument(
-                "--checkpoint",
-                type=Path,
-                help="saved lens directory (default: <train.run_dir>/lens)",
-            )
-        if name == "eval":
-            sub.add_argument(
-                "--output",
-                type=Path,
-                help="directory for eval_results.json and samples (default: train.run_dir, or "
-                "<run_dir>/eval_<corpus> on another corpus than the lens's); never the lens directory",
-            )
-        if name == "explain":
-            sub.add_argument("--text", help="text to explain")
-            sub.add_argument("--file", type=Path, help="file whose text to explain")
-            sub.add_argument("--html", type=Path, help="also write an HTML page here")
-    card = subs.add_parser("card", help=Card.__doc__, description=Card.__doc__)
-    card.add_argument("lens", type=Path, help="saved lens directory")
-    card.add_argument(
-        "--results", type=Path, required=True, help="eval_results.json of this lens (from eval)"
-    )
+    for name, cls in COMMANDS.items():
+        cls.arguments(subs.add_parser(name, help=cls.__doc__, description=cls.__doc__))
     return parser
 
 
 def build_command(argv: list[str]) -> object:
     """Parse argv into a subcommand object."""
     args = _parser().parse_args(argv)
-    if args.command == "card":
-        return Card(args.lens, args.results)
-    cfg = load_config(args.config, args.overrides)
-    if args.command == "dump":
-        return Dump(cfg)
-    if args.command == "train":
-        return Train(cfg, resume=args.resume, argv=list(argv))
-    if args.command == "eval":
-        return Eval(cfg, checkpoint=args.checkpoint, output=args.output)
-    if args.command == "explain":
-        return Explain(cfg, args.checkpoint, args.text, args.file, args.html)
-    return Demo(cfg)
+    return COMMANDS[args.command].from_args(args, argv)
 
 
 # errnos that mean "this path cannot be used as given" (the user's to fix, never a bug).

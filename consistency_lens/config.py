@@ -241,8 +241,8 @@ class LensConfig(_Strict):
     """Allow a hub model's own Python code to run. Off unless you trust the model's authors."""
     model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Compute dtype of the frozen model: `auto` is bf16 where the hardware supports it."""
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """Attention kernel for M, D and E."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """Attention kernel for M, D and E: `auto` is sdpa where the family supports it, else eager."""
     device: str = "auto"
     """`auto`, `cpu`, `cuda`, `cuda:1`, ..."""
     device_map: str | None = None

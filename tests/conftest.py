@@ -62,7 +62,8 @@ def signal_after_step(monkeypatch, sig: int, step: int = 3):
 
 def batch_of(lens, seqs: list[torch.Tensor], seqs_prime: list[torch.Tensor]):
     """A Batch of left-padded `seqs` and `seqs_prime` with M's activations for each."""
-    from consistency_lens.data.collate import Batch, left_pad
+    from consistency_lens.data.collate import Batch
+    from consistency_lens.models.inputs import left_pad
 
     ids, mask = left_pad(seqs, 0)
     ids_p, mask_p = left_pad(seqs_prime, 0)
@@ -126,6 +127,23 @@ def tiny_dump_config(root: Path, model: Path, corpus: Path, **over: object) -> d
     }
 
 
+def tiny_train_config(run_dir: Path, **over: object) -> dict:
+    """`train` section of a tiny run in `run_dir`: one step of 4 samples writing 2-token texts,
+    validating, checkpointing and logging every step; a test passes only what it varies."""
+    return {
+        "run_dir": str(run_dir),
+        "t_text": 2,
+        "steps": 1,
+        "batch_size": 4,
+        "val_every": 1,
+        "val_batches": 1,
+        "ckpt_every": 1,
+        "log_every": 1,
+        "prompt": "A <embed> is",
+        **over,
+    }
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """Tiny matrices gain nothing from threads, and spinning OpenMP threads on a busy 2-core
@@ -156,7 +174,8 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-def _save(model: torch.nn.Module, tokenizer_dir: Path, out: Path) -> Path:
+def save_with_tokenizer(model: torch.nn.Module, tokenizer_dir: Path, out: Path) -> Path:
+    """Save `model` and the fixture tokenizer as one HF model directory `out`."""
     model.save_pretrained(out)
     PreTrainedTokenizerFast.from_pretrained(tokenizer_dir).save_pretrained(out)
     return out
@@ -178,7 +197,26 @@ def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
         eos_token_id=0,
         pad_token_id=0,
     )
-    return _save(LlamaForCausalLM(cfg), tokenizer_dir, tmp_path_factory.mktemp("llama"))
+    return save_with_tokenizer(
+        LlamaForCausalLM(cfg), tokenizer_dir, tmp_path_factory.mktemp("llama")
+    )
+
+
+@pytest.fixture(scope="session")
+def narrow_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A 2-block random Llama of width 32 (half the other fixtures'), for width mismatches."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return save_with_tokenizer(
+        LlamaForCausalLM(cfg), tokenizer_dir, tmp_path_factory.mktemp("narrow_llama")
+    )
 
 
 @pytest.fixture(scope="session")
@@ -194,7 +232,7 @@ def tiny_gpt2_dir(tmp_path_factory, tokenizer_dir) -> Path:
         bos_token_id=0,
         eos_token_id=0,
     )
-    return _save(GPT2LMHeadModel(cfg), tokenizer_dir, tmp_path_factory.mktemp("gpt2"))
+    return save_with_tokenizer(GPT2LMHeadModel(cfg), tokenizer_dir, tmp_path_factory.mktemp("gpt2"))
 
 
 @pytest.fixture(scope="session")
@@ -204,3 +242,54 @@ def corpus_dir(tmp_path_factory) -> Path:
     for i in range(12):
         (out / f"doc_{i:02d}.txt").write_text(make_text(100 + i, 120))
     return out
+
+
+def decoder_full_forward(dec, loaded, prompt: str, acts: torch.Tensor, ids: torch.Tensor):
+    """Logits with which D wrote each of `ids` (B, T), from one uncached forward over prompt + text.
+
+    Without `inject_layer` the projected A is the slot's input embedding; with it the slot reads
+    D's placeholder embedding and A overwrites its state after block k (a hook, no cache).
+    """
+    import contextlib
+
+    from consistency_lens.models.decoder import prompt_token_ids
+    from consistency_lens.models.hooks import replace_at
+
+    left, right = prompt_token_ids(loaded.tokenizer, prompt)
+    batch = acts.shape[0]
+    projected = dec.proj(acts)
+    slot = projected.unsqueeze(1) if dec.slot is None else dec.slot.expand(batch, -1, -1)
+    embeds = torch.cat(
+        [
+            dec.prompt_left.expand(batch, -1, -1),
+            slot,
+            dec.prompt_right.expand(batch, -1, -1),
+            loaded.parts.embed_ids(ids[:, :-1]),
+        ],
+        dim=1,
+    )
+    hook = contextlib.nullcontext()
+    if dec.slot is not None:
+        hook = replace_at(loaded.parts.blocks[dec.inject_layer], len(left), projected)
+    with hook:
+        logits = loaded.model(inputs_embeds=embeds).logits
+    start = len(left) + 1 + len(right) - 1
+    return logits[:, start : start + ids.shape[1]]
+
+
+def assert_dump_is_block_output(model_dir: Path, cfg, split: Path) -> int:
+    """Check every sample of a dumped `split`: A is `hidden_states[L + 1][P]` of a plain full
+    forward over its context, and P lies in the configured range; return the sample count."""
+    from consistency_lens.data.dataset import ActivationDataset
+    from consistency_lens.models.loading import load_model
+
+    model = load_model(str(model_dir), device="cpu", dtype="float32").model
+    ds = ActivationDataset(split, seed=0)
+    for i in range(len(ds)):
+        ids, act = ds.sample(i)
+        pos = len(ids) - 1
+        assert cfg.p_min <= pos <= cfg.seq_len - 2
+        with torch.no_grad():
+            hidden = model(ids[None], output_hidden_states=True).hidden_states
+        torch.testing.assert_close(act, hidden[cfg.layer + 1][0, pos], rtol=1e-5, atol=1e-5)
+    return len(ds)

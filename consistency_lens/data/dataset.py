@@ -9,7 +9,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
-from consistency_lens.data.dump import FORMAT_VERSION
+from consistency_lens.data.layout import FORMAT_VERSION, METADATA
 from consistency_lens.errors import LensError
 from consistency_lens.utils.io import read_json, sha256_file
 
@@ -55,7 +55,7 @@ class ActivationDataset(Dataset):
 
     def __init__(self, path: Path | str, seed: int = 0, verify: bool = True):
         self.path = Path(path)
-        if not (self.path / "metadata.json").is_file():
+        if not (self.path / METADATA).is_file():
             raise LensError(
                 f"No activation dump at '{self.path}' (metadata.json missing); "
                 "run `consistency-lens dump` with the same config first."
@@ -72,7 +72,7 @@ class ActivationDataset(Dataset):
             meta = (
                 self.metadata
                 if directory == self.path
-                else read_json(directory / "metadata.json", "Rank metadata")
+                else read_json(directory / METADATA, "Rank metadata")
             )
             for entry in meta["shards"]:
                 shard_path = directory / entry["file"]

@@ -20,62 +20,24 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import save_file
 
 from consistency_lens.config import LensConfig, dump_config
-from consistency_lens.data.corpus import (
-    SOTU,
-    TokenizedCorpus,
-    corpus_slug,
-    tokenized_corpus,
-    tokenizer_hash,
+from consistency_lens.data.corpus import SOTU, TokenizedCorpus, tokenized_corpus
+from consistency_lens.data.layout import (
+    METADATA,
+    PROGRESS,
+    RESUME_KEYS,
+    SPLITS,
+    split_dir,
+    split_header,
 )
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import check_layer
 from consistency_lens.models.hooks import run_until
-from consistency_lens.models.loading import LoadedModel, load_for_config, max_positions, model_slug
+from consistency_lens.models.loading import LoadedModel, load_for_config, max_positions
+from consistency_lens.utils.dist import join_process_group
 from consistency_lens.utils.io import atomic_write, atomic_write_json, read_json, sha256_file
 from consistency_lens.utils.lock import LOCK_FILE, dir_lock
 
-FORMAT_VERSION = 2
-"""2 adds `input_ids_next` (the corpus tokens after P); version-1 dumps must be dumped again."""
-SPLITS = ("train", "val")
 _FP16_MAX = 65504.0
-# Settings that must match for a rerun to resume an existing dump: everything that decides which
-# sequences and positions a split holds and how they are stored. `plan_sha256` (a digest of the
-# split's sequences, positions and indices) is last: it catches what the named keys cannot, e.g.
-# a corpus edited without changing its size or mtime.
-_RESUME_KEYS = (
-    "format_version",
-    "model",
-    "fingerprint",
-    "layer",
-    "dtype",
-    "seq_len",
-    "p_min",
-    "seed",
-    "corpus",
-    "corpus_split",
-    "text_column",
-    "corpus_key",
-    "num_samples",
-    "val_samples",
-    "num_requested",
-    "shard_size",
-    "max_norm_ratio",
-    "tokenizer",
-    "tokenizer_hash",
-    "world_size",
-    "plan_sha256",
-    "next_tokens",
-)
-
-
-def split_dir(cfg: LensConfig, split: str) -> Path:
-    """`<output_dir>/<model>/layer_<L>/<corpus>_<split>/`."""
-    return (
-        Path(cfg.output_dir)
-        / model_slug(cfg.model)
-        / f"layer_{cfg.layer}"
-        / f"{corpus_slug(cfg.corpus)}_{split}"
-    )
 
 
 @dataclass
@@ -269,8 +231,6 @@ def _join(cfg: LensConfig) -> tuple[int, int, LensConfig]:
             "device_map spreads one model over the node's GPUs in one process; "
             "launch the dump without torchrun, or drop device_map for one model per rank."
         )
-    from consistency_lens.training.distributed import join_process_group
-
     cfg = join_process_group(cfg)
     return torch.distributed.get_rank(), world, cfg
 
@@ -281,9 +241,9 @@ def _resume_state(directory: Path, header: dict) -> list[dict]:
     Refuses (before anything is written) a directory dumped with any other setting that decides
     the samples, so a rerun never mixes shards of two corpora, seeds or splits.
     """
-    progress = directory / "progress.json"
+    progress = directory / PROGRESS
     if not progress.is_file():
-        if (directory / "metadata.json").is_file():
+        if (directory / METADATA).is_file():
             # A complete dump without its progress file cannot be checked; never mix with it.
             raise LensError(
                 f"'{directory}' holds a dump without its progress.json, so it cannot be checked "
@@ -296,7 +256,7 @@ def _resume_state(directory: Path, header: dict) -> list[dict]:
         raise LensError(
             f"Dump progress file '{progress}' is damaged; delete '{directory}' and dump again."
         )
-    for key in _RESUME_KEYS:
+    for key in RESUME_KEYS:
         if old.get(key) != header.get(key):
             if key == "plan_sha256":
                 raise LensError(
@@ -361,44 +321,8 @@ def _dump_rank(
         shards.append(
             {"file": name, "count": int(len(idx)), "kept": int(keep_t.sum()), "sha256": digest}
         )
-        atomic_write_json(directory / "progress.json", {"header": header, "shards": shards})
+        atomic_write_json(directory / PROGRESS, {"header": header, "shards": shards})
     return {"shards": shards, "kept": sum(s["kept"] for s in shards), "drawn": len(span)}
-
-
-def _header(
-    cfg: LensConfig, loaded: LoadedModel, corpus_key: str, split: str, plan: SplitPlan, world: int
-) -> dict:
-    n = len(plan.sequences)
-    return {
-        "format_version": FORMAT_VERSION,
-        "plan_sha256": plan_digest(plan),
-        "num_samples": cfg.num_samples,
-        "val_samples": cfg.val_samples,
-        "corpus_split": cfg.corpus_split,
-        "text_column": cfg.text_column,
-        "world_size": world,
-        "model": cfg.model,
-        "fingerprint": loaded.fingerprint,
-        "layer": cfg.layer,
-        "num_blocks": loaded.parts.num_blocks,
-        "d_model": loaded.parts.d_model,
-        "dtype": cfg.dtype,
-        "seq_len": cfg.seq_len,
-        "p_min": cfg.p_min_effective,
-        "p_max": cfg.seq_len - 2,
-        "seed": cfg.seed,
-        "corpus": cfg.corpus,
-        "corpus_key": corpus_key,
-        "split": split,
-        "num_requested": n,
-        "shard_size": cfg.shard_size,
-        "max_norm_ratio": cfg.max_norm_ratio,
-        "tokenizer": getattr(loaded.tokenizer, "name_or_path", ""),
-        "tokenizer_hash": tokenizer_hash(loaded.tokenizer),
-        "pad_token_id": loaded.tokenizer.pad_token_id,
-        # Corpus tokens after P stored per sample (`input_ids_next`), e.g. for teacher forcing.
-        "next_tokens": cfg.train.t_text,
-    }
 
 
 def check_seq_len(cfg: LensConfig, loaded: LoadedModel) -> None:
@@ -435,7 +359,9 @@ def dump_activations(
                 rank_dir = directory / f"rank_{rank}" if world > 1 else directory
                 if not len(plan.sequences):
                     continue
-                header = _header(cfg, loaded, corpus.key, split, plan, world)
+                header = split_header(
+                    cfg, loaded, corpus.key, split, len(plan.sequences), plan_digest(plan), world
+                )
                 locks.enter_context(
                     dir_lock(rank_dir, "dump split", "use another output_dir for this dump")
                 )
@@ -466,13 +392,13 @@ def dump_activations(
                 "config": dump_config(cfg),
             }
             if world > 1:
-                atomic_write_json(rank_dir / "metadata.json", meta)
+                atomic_write_json(rank_dir / METADATA, meta)
                 torch.distributed.barrier()
                 if rank == 0:
                     _write_global(directory, header, world, skipped, cfg)
                 torch.distributed.barrier()
             else:
-                atomic_write_json(directory / "metadata.json", meta)
+                atomic_write_json(directory / METADATA, meta)
             out[split] = directory
     if world > 1:
         torch.distributed.barrier()
@@ -490,11 +416,9 @@ def _refuse_stale_split(directory: Path, split: str) -> None:
 
 
 def _write_global(directory: Path, header: dict, world: int, skipped: int, cfg: LensConfig) -> None:
-    ranks = [
-        read_json(directory / f"rank_{k}" / "metadata.json", "Rank metadata") for k in range(world)
-    ]
+    ranks = [read_json(directory / f"rank_{k}" / METADATA, "Rank metadata") for k in range(world)]
     atomic_write_json(
-        directory / "metadata.json",
+        directory / METADATA,
         {
             **header,
             "ranks": [f"rank_{k}" for k in range(world)],

@@ -1,5 +1,5 @@
 """`consistency-lens eval`: how faithful a lens is, against zero, mean, context-token and shuffled
-baselines, a constant reconstruction and a specificity check (DESIGN.md section 7).
+baselines, a constant reconstruction and a specificity check (docs/design.md section 5).
 
 Eval never writes into the lens directory: results go to the run directory or `--output DIR`;
 `consistency-lens card LENS --results FILE` is the one command that puts them in a lens's card."""
@@ -13,6 +13,7 @@ import torch
 
 from consistency_lens.config import LensConfig
 from consistency_lens.data.collate import CollateFn
+from consistency_lens.data.layout import METADATA, check_matches, split_dir
 from consistency_lens.errors import LensError
 from consistency_lens.evaluation import metrics
 from consistency_lens.evaluation.html import fmt
@@ -67,20 +68,6 @@ def eval_config(cfg: LensConfig, lens) -> LensConfig:
     return cfg.model_copy(update={"model": lens.cfg.model, "layer": lens.layer, "train": train})
 
 
-def _check_dump(dataset, lens) -> None:
-    meta = dataset.metadata
-    if (
-        dataset.d_model != lens.d_model
-        or meta.get("layer") != lens.layer
-        or meta.get("fingerprint") != lens.loaded.fingerprint
-    ):
-        raise LensError(
-            f"Dump '{dataset.path}' (layer {meta.get('layer')}, width {dataset.d_model}, model "
-            f"{meta.get('fingerprint')}) does not match the lens (layer {lens.layer}, width "
-            f"{lens.d_model}, model {lens.loaded.fingerprint}); dump with the lens's model."
-        )
-
-
 def _dump_command(cfg: LensConfig) -> str:
     return (
         f"consistency-lens dump model={cfg.model} layer={cfg.layer} corpus={cfg.corpus} "
@@ -95,11 +82,11 @@ def open_split(cfg: LensConfig, lens, split: str, seed: int = 0, dump_missing: b
     is checked on text of another genre in one command; otherwise a missing split is a clear error.
     """
     from consistency_lens.data.dataset import ActivationDataset
-    from consistency_lens.data.dump import dump_activations, split_dir
+    from consistency_lens.data.dump import dump_activations
 
     ecfg = eval_config(cfg, lens)
     path = split_dir(ecfg, split)
-    if not (path / "metadata.json").is_file():
+    if not (path / METADATA).is_file():
         if not (dump_missing and split == "val" and ecfg.val_samples > 0):
             raise LensError(
                 f"No {split} split at '{path}' for model '{lens.cfg.model}' layer {lens.layer}; "
@@ -111,14 +98,13 @@ def open_split(cfg: LensConfig, lens, split: str, seed: int = 0, dump_missing: b
         )
         dump_activations(ecfg, loaded=lens.loaded, splits=("val",))
     dataset = ActivationDataset(path, seed=seed)
-    _check_dump(dataset, lens)
+    check_matches(dataset, lens)
     return dataset
 
 
 def mean_split(cfg: LensConfig, lens):
     """The train split the lens was trained on (its corpus, under `cfg.output_dir` or its own)."""
     from consistency_lens.data.dataset import ActivationDataset
-    from consistency_lens.data.dump import split_dir
 
     own = {"corpus": lens.cfg.corpus, "corpus_split": lens.cfg.corpus_split}
     candidates = [
@@ -126,9 +112,9 @@ def mean_split(cfg: LensConfig, lens):
         split_dir(lens.cfg, "train"),
     ]
     for path in candidates:
-        if (path / "metadata.json").is_file():
+        if (path / METADATA).is_file():
             dataset = ActivationDataset(path)
-            _check_dump(dataset, lens)
+            check_matches(dataset, lens)
             return dataset
     ecfg = eval_config(cfg, lens).model_copy(update=own)
     raise LensError(

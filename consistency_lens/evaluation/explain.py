@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 
 from consistency_lens.config import LensConfig
-from consistency_lens.data.collate import left_pad
 from consistency_lens.errors import LensError
 from consistency_lens.evaluation import metrics
 from consistency_lens.evaluation.evaluate import load_lens, refuse_lens_dir
 from consistency_lens.evaluation.html import fmt, page, table
 from consistency_lens.models.hooks import run_until
+from consistency_lens.models.inputs import left_pad
 from consistency_lens.models.loading import max_positions
 from consistency_lens.models.patching import patched_kl
 from consistency_lens.utils.io import atomic_write_text

@@ -7,8 +7,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-# Re-exported: the per-sample KL lives beside the patching helper that every KL path goes through.
-from consistency_lens.models.patching import kl_per_sample, token_nll  # noqa: F401
+# Re-exported: the per-sample KL and the reconstruction errors that training validates with live
+# beside the patching helper that every KL path goes through.
+from consistency_lens.models.patching import fve, kl_per_sample, mse, token_nll  # noqa: F401
 
 
 def kl_recovered(kl_lens: torch.Tensor, kl_baseline: torch.Tensor) -> float:
@@ -19,23 +20,10 @@ def kl_recovered(kl_lens: torch.Tensor, kl_baseline: torch.Tensor) -> float:
     return float(1.0 - kl_lens.float().mean() / denom)
 
 
-def mse(A: torch.Tensor, A_hat: torch.Tensor) -> float:
-    """Mean squared error over all elements."""
-    return float(((A.float() - A_hat.float()) ** 2).mean())
-
-
 def normalized_mse(A: torch.Tensor, A_hat: torch.Tensor) -> float:
     """`sum ||A - Â||² / sum ||A||²`: error relative to the activations' own energy."""
     A = A.float()
     return float(((A - A_hat.float()) ** 2).sum() / (A**2).sum().clamp(min=1e-12))
-
-
-def fve(A: torch.Tensor, A_hat: torch.Tensor) -> float:
-    """Fraction of variance explained: `1 - sum ||A - Â||² / sum ||A - mean(A)||²`."""
-    A = A.float()
-    residual = ((A - A_hat.float()) ** 2).sum()
-    total = ((A - A.mean(0, keepdim=True)) ** 2).sum().clamp(min=1e-12)
-    return float(1.0 - residual / total)
 
 
 def cosine_per_sample(A: torch.Tensor, A_hat: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Specificity (DESIGN.md section 7): is a sample's explanation about *that* sample?
+"""Specificity (docs/design.md section 5): is a sample's explanation about *that* sample?
 
 An explanation's content words (each token decoded alone, lower-cased, letters and digits only,
 stop-words and single letters dropped) are looked up in three buckets of its own sample: the context

@@ -11,7 +11,7 @@ from torch import nn
 from consistency_lens.errors import LensError
 
 # model_type -> (attribute path of the block list, attribute path of the base model)
-_FAMILIES: dict[str, tuple[str, str]] = {
+FAMILIES: dict[str, tuple[str, str]] = {
     "gpt2": ("transformer.h", "transformer"),
     "llama": ("model.layers", "model"),
     "qwen2": ("model.layers", "model"),
@@ -42,7 +42,7 @@ class ModelParts:
     embed: nn.Embedding
     """The input token embedding."""
     embed_scale: float
-    """Factor the embedding module applies to its rows (Gemma 3 scales by sqrt(d) inside it)."""
+    """Factor the embedding module applies to its rows (Gemma 1/2/3 scale by sqrt(d) inside it)."""
     cache_arg: str = "past_key_values"
     """Name of the forward's KV-cache argument (`cache` from transformers 5.24 on)."""
 
@@ -75,13 +75,13 @@ class ModelParts:
 def find_parts(model: nn.Module) -> ModelParts:
     """Locate blocks and embeddings of a supported HF causal LM, or say which families work."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in _FAMILIES:
-        supported = ", ".join(sorted(_FAMILIES))
+    if model_type not in FAMILIES:
+        supported = ", ".join(sorted(FAMILIES))
         raise LensError(
             f"Model type '{model_type}' is not supported by the block adapter; "
             f"supported families: {supported}."
         )
-    blocks = _get(model, _FAMILIES[model_type][0])
+    blocks = _get(model, FAMILIES[model_type][0])
     embed = model.get_input_embeddings()
     scale = getattr(embed, "embed_scale", 1.0)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrapper

@@ -113,7 +113,11 @@ class DecoderModel(nn.Module):
         def step(embeds: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
             flat = rest[1:] if inject is not None else rest
             pairs = list(zip(flat[0::2], flat[1::2], strict=True))
-            cache = DynamicCache(ddp_cache_data=pairs or None, config=self.model.config)
+            # No config: every layer is a plain DynamicLayer that keeps all its states. A
+            # sliding-window layer would crop what it stores to the window, and the chunk's new
+            # states read back below would be lost; the model still applies each layer's window
+            # through its attention mask.
+            cache = DynamicCache(ddp_cache_data=pairs or None)
             hook = contextlib.nullcontext()
             if inject is not None:
                 # Block outputs cover only the new positions, so the slot is index 0 of this chunk.

@@ -7,10 +7,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedTokenizerBase
 
-from consistency_lens.data.collate import position_ids
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import check_layer, find_parts
 from consistency_lens.models.hooks import run_until
+from consistency_lens.models.inputs import position_ids
 from consistency_lens.models.projection import near_identity
 
 

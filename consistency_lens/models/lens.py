@@ -173,7 +173,7 @@ class ConsistencyLens(nn.Module):
             d_model = _add_lora(_copy_model(base, None, share_weights=True), cfg)
             e_model = _add_lora(_copy_model(base, enc_layer + 1, share_weights=True), cfg)
 
-        # Projection scales come from activation norms on a short fixed text (the lesson of §4).
+        # Projection scales come from activation norms on a short fixed text (docs/design.md section 4).
         text = _CALIBRATION_TEXT + " " + train.prompt.replace(EMBED_SLOT, "")
         ids = torch.tensor([loaded.tokenizer(text)["input_ids"]], device=parts.embed.weight.device)
         norm_l = activation_norm(base, parts.blocks[cfg.layer], ids)

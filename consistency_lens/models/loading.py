@@ -14,6 +14,7 @@ from consistency_lens.config import LensConfig
 from consistency_lens.errors import LensError
 from consistency_lens.models import embedded
 from consistency_lens.models.adapter import ModelParts, contiguous_head, find_parts
+from consistency_lens.utils.dist import resolve_device
 
 
 @dataclass
@@ -32,28 +33,6 @@ class LoadedModel:
     def pad_id(self) -> int:
         """Id used to pad batches (the tokenizer's pad, which loading sets to EOS when missing)."""
         return self.tokenizer.pad_token_id or 0
-
-
-def resolve_device(spec: str) -> torch.device:
-    """`auto` picks CUDA when present, else CPU."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise LensError(f"device='{spec}' is not a device; use auto, cpu or cuda[:N].") from None
-    if device.type not in ("cpu", "cuda"):
-        raise LensError(f"device='{spec}' is not a device; use auto, cpu or cuda[:N].")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LensError(f"device='{spec}' asks for CUDA but none is available; use device=cpu.")
-    if device.type == "cuda" and device.index is not None:
-        count = torch.cuda.device_count()
-        if device.index >= count:
-            raise LensError(
-                f"device='{spec}' is out of range: this machine has {count} CUDA device(s); "
-                f"use cuda:0..cuda:{count - 1}."
-            )
-    return device
 
 
 def _cpu_has_bf16() -> bool:
@@ -122,13 +101,19 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(err).__name__
 
 
+def hf_attention(attn_implementation: str) -> str | None:
+    """The `attn_implementation` to hand transformers: `auto` is None, its own choice (sdpa where
+    the model class supports it, eager otherwise; Gemma 2 has no sdpa path)."""
+    return None if attn_implementation == "auto" else attn_implementation
+
+
 def load_model(
     name: str,
     device: str = "auto",
     dtype: str = "auto",
     revision: str | None = None,
     trust_remote_code: bool = False,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
     device_map: str | None = None,
 ) -> LoadedModel:
     """Load `name` frozen in eval mode on `device`, or spread by `device_map` (e.g. `auto`)."""
@@ -156,7 +141,7 @@ def load_model(
             revision=revision,
             dtype=torch_dtype,
             trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation,
+            attn_implementation=hf_attention(attn_implementation),
             device_map=device_map,
         )
     except (OSError, ValueError, KeyError, SafetensorError) as err:

@@ -8,12 +8,13 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from consistency_lens.data.collate import position_ids
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import check_layer, contiguous_head, find_parts
 from consistency_lens.models.hooks import replace_last, run_until
-from consistency_lens.models.loading import LoadedModel, resolve_device
+from consistency_lens.models.inputs import position_ids
+from consistency_lens.models.loading import LoadedModel, hf_attention
 from consistency_lens.models.patching import token_nll
+from consistency_lens.utils.dist import resolve_device
 
 
 def load_8bit(
@@ -21,7 +22,7 @@ def load_8bit(
     device: str = "cuda",
     revision: str | None = None,
     trust_remote_code: bool = False,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
 ) -> nn.Module:
     """Load `name` frozen in 8-bit with bitsandbytes (CUDA only)."""
     torch_device = resolve_device(device)
@@ -43,7 +44,7 @@ def load_8bit(
         name,
         revision=revision,
         trust_remote_code=trust_remote_code,
-        attn_implementation=attn_implementation,
+        attn_implementation=hf_attention(attn_implementation),
         quantization_config=BitsAndBytesConfig(load_in_8bit=True),
         device_map={"": torch_device},
     )
@@ -78,7 +79,7 @@ def _check_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
     if not bool(attention_mask[:, -1].all()):
         raise LensError(
             "Every row's last column must be a real token (left padding puts P last); "
-            "collate with consistency_lens.data.collate.left_pad."
+            "pad with consistency_lens.models.inputs.left_pad."
         )
 
 

@@ -1,5 +1,5 @@
-"""The one helper for "KL of M at P with X patched in", shared by train, validation, eval, samples
-and explain (DESIGN.md sections 2 and 7)."""
+"""The scores training and evaluation share: the one helper for "KL of M at P with X patched in"
+(train, validation, eval, samples and explain), per-token NLL, and the reconstruction errors."""
 
 from __future__ import annotations
 
@@ -14,6 +14,19 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logp = F.log_softmax(logits.float(), dim=-1)
     picked = logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     return -picked.mean(-1)
+
+
+def mse(A: torch.Tensor, A_hat: torch.Tensor) -> float:
+    """Mean squared error over all elements."""
+    return float(((A.float() - A_hat.float()) ** 2).mean())
+
+
+def fve(A: torch.Tensor, A_hat: torch.Tensor) -> float:
+    """Fraction of variance explained: `1 - sum ||A - Â||² / sum ||A - mean(A)||²`."""
+    A = A.float()
+    residual = ((A - A_hat.float()) ** 2).sum()
+    total = ((A - A.mean(0, keepdim=True)) ** 2).sum().clamp(min=1e-12)
+    return float(1.0 - residual / total)
 
 
 def kl_at_p(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Multi-process training under `torchrun`: process group, per-rank seeds, DDP/FSDP2/DeepSpeed, teardown.
+"""Multi-process training engines under `torchrun`: DDP, FSDP2 and DeepSpeed behind one `Engine`.
 
 The trainer talks to one `Engine`; `wrap_for_strategy` picks it from `distributed.strategy`:
 
@@ -16,9 +16,6 @@ so a step sees the same samples whatever the world size. Gumbel noise comes from
 from __future__ import annotations
 
 import contextlib
-import gc
-import os
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,79 +30,9 @@ from consistency_lens.data.collate import Batch
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import find_parts
 from consistency_lens.models.lens import ConsistencyLens
-from consistency_lens.models.loading import resolve_device
 from consistency_lens.training.objectives import Objective, ObjectiveOutput, StepInfo
 from consistency_lens.training.optim import Ema, build_optimizer
-from consistency_lens.utils import checkpoint as ckpt
-
-_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-_DS_TAG = "deepspeed"
-
-
-def rank_world() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) without a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def rank_seed(seed: int) -> int:
-    """This rank's seed (`seed + rank`): rank 0 keeps `seed`, so one process matches strategy none."""
-    return seed + rank_world()[0]
-
-
-def seed_all(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def seed_ranks(seed: int) -> None:
-    """Give each rank its own random stream (Gumbel noise); one process keeps its stream untouched."""
-    if rank_world()[1] > 1:
-        seed_all(rank_seed(seed))
-
-
-def setup(cfg: LensConfig) -> LensConfig:
-    """Join the torchrun process group (gloo on CPU, nccl on CUDA); the config with this rank's device."""
-    strategy = cfg.distributed.strategy
-    if strategy == "none":
-        return cfg
-    missing = [k for k in _TORCHRUN_ENV if k not in os.environ]
-    if missing:
-        raise LensError(
-            f"distributed.strategy={strategy} must be launched with torchrun (or scripts/slurm.sh), "
-            f"which sets {', '.join(missing)}; use distributed.strategy=none for one process."
-        )
-    return join_process_group(cfg)
-
-
-def join_process_group(cfg: LensConfig) -> LensConfig:
-    """Pin this rank to its local GPU (if any), join the group; the config with that device."""
-    device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return cfg.model_copy(update={"device": str(device)})
-
-
-def teardown(run: object | None, barrier: bool = True) -> None:
-    """Drop the run's models, then barrier and destroy the process group (DESIGN.md section 6).
-
-    A DDP module that outlives its process group can abort the interpreter at exit. `barrier`
-    is False after an error, when another rank may never reach the barrier.
-    """
-    for name in ("model", "engine", "lens", "optimizer", "scheduler", "ema"):
-        if run is not None and hasattr(run, name):
-            setattr(run, name, None)
-    gc.collect()
-    if dist.is_available() and dist.is_initialized():
-        if barrier:
-            dist.barrier()
-        dist.destroy_process_group()
+from consistency_lens.utils.dist import rank_world
 
 
 class LensStep(nn.Module):
@@ -131,6 +58,8 @@ class Engine:
 
     sharded = False
     """Whether checkpoints are written collectively (torch.distributed.checkpoint / DeepSpeed)."""
+    own_format: str | None = None
+    """Name of the engine's own checkpoint files (DeepSpeed's), written by `write_own`."""
 
     def __init__(self, lens: ConsistencyLens, cfg: LensConfig, model: nn.Module):
         self.lens, self.cfg, self.model = lens, cfg, model
@@ -171,71 +100,15 @@ class Engine:
         """Context in which the lens (and `ema`) hold full, unsharded weights: validation, saving."""
         return contextlib.nullcontext()
 
-    def save_checkpoint(
-        self, run_dir: Path, step: int, train_state: dict, config: dict, ema: Ema | None, keep: int
-    ) -> Path:
-        """Write a sharded checkpoint collectively (all ranks call this)."""
-
-        def write(tmp: Path) -> None:
-            import torch.distributed.checkpoint as dcp
-
-            dcp.save(self._dcp_state(ema), checkpoint_id=tmp)
-
-        return self._save_sharded(run_dir, step, write, train_state, config, keep)
-
-    def load_checkpoint(self, path: Path, ema: Ema | None) -> dict:
-        """Load any checkpoint (sharded or single-process) into this engine; the train state dict."""
-        rank, world = rank_world()
-        if ckpt.is_sharded(path):
-            state, rng = ckpt.load_sharded_state(path, rank)
-            target = self._dcp_state(ema)
-            ckpt.dcp_load(target, path)
-            self._set_dcp_state(target)
-        else:
-            loaded = ckpt.load_checkpoint(path)
-            state, rng = loaded.state, loaded.state["rng"] if rank == 0 else None
-            self._load_full(loaded.trainable, loaded.state["optimizer"])
-            if ema is not None and loaded.ema is not None:
-                _copy_into(ema.shadow, loaded.ema)
-        self.scheduler.load_state_dict(state["scheduler"])
-        _restore_rng(rng, self.cfg.seed, state["step"])
-        return _rescale_position(state, self.cfg.train.batch_size * world)
-
-    def _all_ok(self, ok: bool) -> bool:
+    def all_ok(self, ok: bool) -> bool:
         """Whether every rank passed True (a collective: all ranks call it)."""
         flag = torch.tensor([int(ok)], dtype=torch.int32, device=self.lens.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(int(flag))
 
-    def _save_sharded(
-        self, run_dir: Path, step: int, write, train_state: dict, config: dict, keep: int
-    ) -> Path:
-        """Collective sharded save: each rank's `write(tmp)`, then rank 0 seals the directory."""
-        rank, world = rank_world()
-        state = self._extra_state(train_state, world)
-        return ckpt.save_sharded_checkpoint(
-            run_dir,
-            step,
-            write,
-            state,
-            ckpt.capture_rng(),
-            config,
-            keep,
-            rank,
-            _barrier,
-            self._all_ok,
-        )
-
-    def _extra_state(self, train_state: dict, world: int) -> dict:
-        return {
-            "scheduler": self.scheduler.state_dict(),
-            "train_state": train_state,
-            "global_batch": self.cfg.train.batch_size * world,
-            "world_size": world,
-        }
-
-    def _dcp_state(self, ema: Ema | None) -> dict:
+    def sharded_state(self, ema: Ema | None) -> dict:
+        """The trainable weights, optimizer state and EMA as torch.distributed.checkpoint state."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -253,7 +126,8 @@ class Engine:
             state["ema"] = ema.shadow
         return state
 
-    def _set_dcp_state(self, state: dict) -> None:
+    def set_sharded_state(self, state: dict) -> None:
+        """Load what `sharded_state` returned (after torch.distributed.checkpoint filled it)."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
@@ -263,7 +137,7 @@ class Engine:
         set_model_state_dict(self.lens, state["model"], options=StateDictOptions(strict=False))
         set_optimizer_state_dict(self.lens, self.optimizer, state["optim"])
 
-    def _load_full(self, trainable: dict[str, torch.Tensor], optim: dict) -> None:
+    def load_full(self, trainable: dict[str, torch.Tensor], optim: dict) -> None:
         """Full (unsharded) weights and an optimizer state of the single-process format."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -283,43 +157,6 @@ class Engine:
             "param_groups": groups,
         }
         set_optimizer_state_dict(self.lens, self.optimizer, by_name, options=full)
-
-
-def _copy_into(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor]) -> None:
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    with torch.no_grad():
-        for key, value in target.items():
-            if isinstance(value, DTensor):
-                src = distribute_tensor(
-                    source[key].to(value.dtype), value.device_mesh, value.placements
-                )
-                value.copy_(src)
-            else:
-                value.copy_(source[key])
-
-
-def _restore_rng(rng: dict | None, seed: int, step: int) -> None:
-    # A rank that did not exist when the checkpoint was written gets a fresh stream from
-    # (seed, rank, step); same-size resumes restore every rank's stream exactly.
-    if rng is not None:
-        ckpt.restore_rng(rng)
-    else:
-        seed_all(rank_seed(seed) + 1_000_003 * step)
-
-
-def _rescale_position(state: dict, global_batch: int) -> dict:
-    # The data position counts global batches; keep the number of samples seen when the global
-    # batch (batch_size x world) changed, rounding down to a whole batch.
-    train_state = dict(state["train_state"])
-    saved = int(state.get("global_batch", global_batch))
-    train_state["batch_in_epoch"] = train_state["batch_in_epoch"] * saved // global_batch
-    return train_state
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 class _Collective(Engine):
@@ -448,6 +285,8 @@ class FsdpEngine(_Collective):
 class DeepSpeedEngine(_Collective):
     """`deepspeed.initialize` (ZeRO 1/2/3) with the lens's param groups and learning-rate schedule."""
 
+    own_format = "deepspeed"
+
     def __init__(self, lens: ConsistencyLens, cfg: LensConfig):
         try:
             import deepspeed
@@ -519,43 +358,15 @@ class DeepSpeedEngine(_Collective):
         with deepspeed.zero.GatheredParameters(list(self.lens.parameters()), modifier_rank=None):
             yield
 
-    def save_checkpoint(
-        self, run_dir: Path, step: int, train_state: dict, config: dict, ema: Ema | None, keep: int
-    ) -> Path:
-        """DeepSpeed's own checkpoint (every rank writes its partition) in a checksummed step dir."""
-        rank = rank_world()[0]
+    def write_own(self, directory: Path) -> None:
+        """DeepSpeed's own checkpoint files (every rank its partition) under `directory`."""
+        self.model.save_checkpoint(str(directory), tag=self.own_format, save_latest=False)
 
-        def write(tmp: Path) -> None:
-            self.model.save_checkpoint(str(tmp), tag=_DS_TAG, save_latest=False)
-            if ema is not None and rank == 0:
-                from safetensors.torch import save_file
-
-                save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, tmp / ckpt.EMA)
-
-        return self._save_sharded(run_dir, step, write, train_state, config, keep)
-
-    def load_checkpoint(self, path: Path, ema: Ema | None) -> dict:
-        """Resume a checkpoint written by this strategy with the same world size."""
-        rank, world = rank_world()
-        if not (path / _DS_TAG).is_dir():
-            raise LensError(
-                f"Checkpoint '{path}' was not written with distributed.strategy=deepspeed; resume "
-                "it with the strategy that wrote it."
-            )
-        state, rng = ckpt.load_sharded_state(path, rank)
-        if state.get("world_size") != world:
-            raise LensError(
-                f"Checkpoint '{path}' was written by {state.get('world_size')} DeepSpeed ranks; "
-                f"resume it with {state.get('world_size')} ranks, not {world}."
-            )
-        self.model.load_checkpoint(str(path), tag=_DS_TAG, load_lr_scheduler_states=False)
-        if ema is not None and (path / ckpt.EMA).is_file():
-            from safetensors.torch import load_file
-
-            _copy_into(ema.shadow, load_file(str(path / ckpt.EMA)))
-        self.scheduler.load_state_dict(state["scheduler"])
-        _restore_rng(rng, self.cfg.seed, state["step"])
-        return dict(state["train_state"])
+    def read_own(self, directory: Path) -> None:
+        """Load what `write_own` wrote (the schedule comes from the lens's own state)."""
+        self.model.load_checkpoint(
+            str(directory), tag=self.own_format, load_lr_scheduler_states=False
+        )
 
 
 def load_deepspeed_config(cfg: LensConfig, device: torch.device) -> dict:

@@ -17,20 +17,19 @@ from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from consistency_lens.config import LensConfig, ScheduleConfig, dump_config
 from consistency_lens.data.collate import Batch, CollateFn
 from consistency_lens.data.dataset import ActivationDataset
-from consistency_lens.data.dump import split_dir
+from consistency_lens.data.layout import METADATA, check_matches, check_same_dump, split_dir
+from consistency_lens.data.stream import BatchStream
 from consistency_lens.errors import LensError
-from consistency_lens.evaluation.metrics import fve, mse
 from consistency_lens.models.lens import ConsistencyLens
-from consistency_lens.models.patching import patched_kl
-from consistency_lens.training import distributed
+from consistency_lens.models.patching import fve, mse, patched_kl
+from consistency_lens.training import checkpoint as ckpt
 from consistency_lens.training.distributed import Engine, wrap_for_strategy
 from consistency_lens.training.objectives import (
     Objective,
@@ -39,14 +38,10 @@ from consistency_lens.training.objectives import (
     step_info,
 )
 from consistency_lens.training.optim import Ema
-from consistency_lens.utils import checkpoint as ckpt
+from consistency_lens.utils import dist
 from consistency_lens.utils.io import read_json
 from consistency_lens.utils.lock import dir_lock
 from consistency_lens.utils.logging import RunLogger
-
-# Config keys that a resumed run must share with its checkpoint (the weights' meaning).
-_RESUME_KEYS = ("model", "layer")
-_RESUME_TRAIN_KEYS = ("mode", "t_text", "prompt", "encoder_prompt", "encoder_layer", "lora_r")
 
 
 @dataclass
@@ -81,95 +76,6 @@ class TrainResult:
     """Micro-batches skipped for NaN/inf."""
     last_val: dict = field(default_factory=dict)
     """Metrics of the last validation (empty without a val split)."""
-
-
-class EpochBatchSampler(Sampler[list[int]]):
-    """Batches of a permutation seeded by (seed, epoch), starting after `skip` batches.
-
-    Under torchrun every rank walks the same permutation in global batches of `batch_size * world`
-    and takes its own slice, so a step sees the same samples whatever the number of processes.
-    """
-
-    def __init__(
-        self,
-        n: int,
-        batch_size: int,
-        seed: int,
-        epoch: int,
-        skip: int = 0,
-        rank: int = 0,
-        world: int = 1,
-    ):
-        self.n, self.batch_size, self.seed, self.epoch, self.skip = n, batch_size, seed, epoch, skip
-        self.rank, self.world = rank, world
-
-    def num_batches(self) -> int:
-        """Global batches per epoch (a remainder smaller than a batch is dropped unless it is all)."""
-        return max(1, self.n // (self.batch_size * self.world))
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-        for b in range(self.skip, self.num_batches()):
-            start = (b * self.world + self.rank) * self.batch_size
-            yield order[start : start + self.batch_size].tolist()
-
-    def __len__(self) -> int:
-        return max(0, self.num_batches() - self.skip)
-
-
-class BatchStream:
-    """Endless micro-batches over epochs; the position lives in (and resumes from) `state`."""
-
-    def __init__(
-        self,
-        dataset: ActivationDataset,
-        batch_size: int,
-        seed: int,
-        collate: CollateFn,
-        rank: int = 0,
-        world: int = 1,
-    ):
-        self.dataset, self.batch_size, self.seed, self.collate = dataset, batch_size, seed, collate
-        self.rank, self.world = rank, world
-        if world > 1 and len(dataset) < batch_size * world:
-            raise LensError(
-                f"The train split holds {len(dataset)} samples, fewer than one global batch "
-                f"(train.batch_size={batch_size} x {world} ranks); lower train.batch_size."
-            )
-        self._it: Iterator[Batch] | None = None
-
-    def _open(self, state: TrainState) -> None:
-        self.dataset.set_epoch(state.epoch)
-        sampler = EpochBatchSampler(
-            len(self.dataset),
-            self.batch_size,
-            self.seed,
-            state.epoch,
-            state.batch_in_epoch,
-            self.rank,
-            self.world,
-        )
-        # A private generator: the default one would draw from the global torch RNG on every
-        # new iterator and shift the Gumbel noise after a resume.
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=sampler,
-            collate_fn=self.collate,
-            generator=torch.Generator(),
-        )
-        self._it = iter(loader)
-
-    def next(self, state: TrainState) -> Batch:
-        """The next micro-batch; advances `state.epoch` / `state.batch_in_epoch`."""
-        if self._it is None:
-            self._open(state)
-        batch = next(self._it, None)
-        if batch is None:
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            self._open(state)
-            batch = next(self._it)
-        state.batch_in_epoch += 1
-        return batch
 
 
 @dataclass
@@ -246,64 +152,17 @@ def sigterm_flag() -> Iterator[threading.Event]:
 def load_splits(cfg: LensConfig) -> tuple[ActivationDataset, ActivationDataset | None]:
     """The dump's train split and its val split (None when the dump has no val split)."""
     train_dir = split_dir(cfg, "train")
-    if not (train_dir / "metadata.json").is_file():
+    if not (train_dir / METADATA).is_file():
         raise LensError(
             f"No activation dump at '{train_dir}'; run `consistency-lens dump` with the same "
             "config (model, layer, corpus, output_dir) first."
         )
     val_dir = split_dir(cfg, "val")
-    val = (
-        ActivationDataset(val_dir, seed=cfg.seed) if (val_dir / "metadata.json").is_file() else None
-    )
+    val = ActivationDataset(val_dir, seed=cfg.seed) if (val_dir / METADATA).is_file() else None
     train = ActivationDataset(train_dir, seed=cfg.seed)
     if val is not None:
         check_same_dump(train, val)
     return train, val
-
-
-# Header keys that decide which corpus sequences a split drew: train and val must share them.
-_PLAN_KEYS = ("corpus_key", "seed", "num_samples", "val_samples", "seq_len", "fingerprint", "layer")
-
-
-def check_same_dump(train: ActivationDataset, val: ActivationDataset) -> None:
-    """Refuse train and val splits of different dumps, or any sequence in both (a silent leak)."""
-    for key in _PLAN_KEYS:
-        if train.metadata.get(key) != val.metadata.get(key):
-            raise LensError(
-                f"The train split '{train.path}' and the val split '{val.path}' come from "
-                f"different dumps ({key}={train.metadata.get(key)!r} vs "
-                f"{val.metadata.get(key)!r}); delete both and run `consistency-lens dump` again."
-            )
-    shared = np.intersect1d(np.asarray(train.seq_index), np.asarray(val.seq_index))
-    if shared.size:
-        raise LensError(
-            f"The train split '{train.path}' and the val split '{val.path}' share {shared.size} "
-            "corpus sequences, so validation would measure training data; delete both and run "
-            "`consistency-lens dump` again."
-        )
-
-
-def check_dump(dataset: ActivationDataset, lens: ConsistencyLens, cfg: LensConfig) -> None:
-    """Refuse a dump whose width, layer or model differs from the lens's model."""
-    meta, width = dataset.metadata, lens.d_model
-    stored = int(dataset.sample(0)[1].shape[-1])
-    if dataset.d_model != width or stored != width:
-        raise LensError(
-            f"The dump at '{dataset.path}' holds activations of width {stored} but model "
-            f"'{cfg.model}' has width {width}; dump again with `consistency-lens dump` and this config."
-        )
-    if meta.get("layer") != cfg.layer:
-        raise LensError(
-            f"The dump at '{dataset.path}' was made at layer {meta.get('layer')} but the config "
-            f"says layer={cfg.layer}; dump again with `consistency-lens dump` and this config."
-        )
-    fingerprint = lens.loaded.fingerprint
-    if meta.get("fingerprint") != fingerprint:
-        raise LensError(
-            f"The dump at '{dataset.path}' was made with model '{meta.get('model')}' "
-            f"({meta.get('fingerprint')}), not '{cfg.model}' ({fingerprint}); dump again with "
-            "`consistency-lens dump` and this config."
-        )
 
 
 def _bad_inputs(batch: Batch) -> str | None:
@@ -455,76 +314,12 @@ def validate(run: _Run) -> None:
 
 def save(run: _Run) -> Path:
     """Checkpoint the run at its current step (collectively under ddp/fsdp/deepspeed)."""
-    if run.engine.sharded:
-        return run.engine.save_checkpoint(
-            run.cfg.train.run_dir,
-            run.state.step,
-            asdict(run.state),
-            dump_config(run.cfg),
-            run.ema,
-            run.cfg.train.keep_checkpoints,
-        )
-    state = {
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "rng": ckpt.capture_rng(),
-        "train_state": asdict(run.state),
-        # What `batch_in_epoch` counts in, so a resume with another global batch can rescale it.
-        "global_batch": run.cfg.train.batch_size * distributed.rank_world()[1],
-    }
-    return ckpt.save_checkpoint(
-        run.cfg.train.run_dir,
-        run.state.step,
-        run.lens.trainable_state_dict(),
-        state,
-        dump_config(run.cfg),
-        ema=run.ema.state_dict() if run.ema is not None else None,
-        keep=run.cfg.train.keep_checkpoints,
-    )
-
-
-def _check_resume_config(cfg: LensConfig, path: Path) -> None:
-    saved = ckpt.read_config(path)
-    pairs = [(k, saved.get(k), getattr(cfg, k)) for k in _RESUME_KEYS]
-    pairs += [
-        (f"train.{k}", saved.get("train", {}).get(k), getattr(cfg.train, k))
-        for k in _RESUME_TRAIN_KEYS
-    ]
-    for key, old, new in pairs:
-        if old != new:
-            raise LensError(
-                f"Cannot resume from '{path}': it was trained with {key}={old!r} but the config "
-                f"says {key}={new!r}; use the same config or a new train.run_dir."
-            )
+    return ckpt.save_run(run.engine, run.cfg, run.state.step, asdict(run.state), run.ema)
 
 
 def restore(run: _Run, path: Path) -> None:
     """Load weights, optimizer, scheduler, EMA, counters and RNG from a checkpoint directory."""
-    _check_resume_config(run.cfg, path)
-    if run.engine.sharded or ckpt.is_sharded(path):
-        # Either side sharded: the engine maps between world sizes and formats.
-        run.state = TrainState(**run.engine.load_checkpoint(path, run.ema))
-        return
-    loaded = ckpt.load_checkpoint(path)
-    run.lens.load_trainable_state_dict(loaded.trainable)
-    run.optimizer.load_state_dict(loaded.state["optimizer"])
-    run.scheduler.load_state_dict(loaded.state["scheduler"])
-    if run.ema is not None:
-        run.ema.load_state_dict(loaded.ema or run.lens.trainable_parameters())
-    run.state = TrainState(**loaded.state["train_state"])
-    ckpt.restore_rng(loaded.state["rng"])
-
-
-def _checkpoint_to_resume(run_dir: Path, resume: bool) -> Path | None:
-    existing = ckpt.list_checkpoints(run_dir)
-    if not resume:
-        if existing:
-            raise LensError(
-                f"'{run_dir}' already holds checkpoints; pass --resume to continue that run or "
-                "choose another train.run_dir."
-            )
-        return None
-    return ckpt.latest_valid(run_dir)
+    run.state = TrainState(**ckpt.restore_run(run.engine, run.cfg, run.ema, path))
 
 
 def _maybe_log(run: _Run, metrics: dict) -> None:
@@ -564,7 +359,7 @@ def _loop(run: _Run, stop: threading.Event) -> bool:
 def _build_run(
     cfg: LensConfig, train_set: ActivationDataset, val_set: ActivationDataset | None
 ) -> _Run:
-    distributed.seed_all(cfg.seed)
+    dist.seed_all(cfg.seed)
     lens = ConsistencyLens.build(cfg)
     if cfg.train.init_from is not None:
         # Before the engine and the objective: both see the starting weights (the objective's
@@ -572,15 +367,13 @@ def _build_run(
         lens.init_from(cfg.train.init_from)
     for dataset in (train_set, val_set):
         if dataset is not None:
-            check_dump(dataset, lens, cfg)
+            check_matches(dataset, lens)
     engine = wrap_for_strategy(lens, cfg)
-    distributed.seed_ranks(cfg.seed)
+    dist.seed_ranks(cfg.seed)
     decay = cfg.train.ema_decay
     ema = Ema(lens.trainable_parameters(), decay) if decay is not None else None
     collate = CollateFn(pad_id=lens.loaded.pad_id)
-    stream = BatchStream(
-        train_set, cfg.train.batch_size, cfg.seed, collate, *distributed.rank_world()
-    )
+    stream = BatchStream(train_set, cfg.train.batch_size, cfg.seed, collate, *dist.rank_world())
     return _Run(
         cfg,
         lens,
@@ -674,19 +467,19 @@ def _settings(cfg: LensConfig | dict | None) -> dict | None:
 
 def _train_phase(cfg: LensConfig, resume: bool) -> TrainResult:
     """One training run of `cfg.train.objective` in `cfg.train.run_dir`."""
-    cfg = distributed.setup(cfg)
+    cfg = dist.setup(cfg)
     run: _Run | None = None
     clean = False
     owner = contextlib.ExitStack()
     try:
         run_dir = Path(cfg.train.run_dir)
         _own_run_dir(run_dir, owner)
-        resume_from = _checkpoint_to_resume(run_dir, resume)
+        resume_from = ckpt.checkpoint_to_resume(run_dir, resume)
         train_set, val_set = load_splits(cfg)
         run = _build_run(cfg, train_set, val_set)
         if resume_from is not None:
             restore(run, resume_from)
-        main = distributed.rank_world()[0] == 0
+        main = dist.rank_world()[0] == 0
         resume_step = run.state.step if resume_from is not None else None
         objective = type(run.objective)
         logger = RunLogger(
@@ -715,7 +508,7 @@ def _train_phase(cfg: LensConfig, resume: bool) -> TrainResult:
     finally:
         # Also when the loop raises (e.g. too many bad batches): a DDP module that outlives its
         # process group aborts the interpreter at exit. No barrier then: a rank may be gone.
-        distributed.teardown(run, barrier=clean)
+        dist.teardown(run, barrier=clean)
         owner.close()
     if not finished:
         raise TrainingStopped(stop.signal_name or "SIGTERM", result.steps)
@@ -724,7 +517,7 @@ def _train_phase(cfg: LensConfig, resume: bool) -> TrainResult:
 
 def _own_run_dir(run_dir: Path, owner: contextlib.ExitStack) -> None:
     """Take `run_dir`'s exclusive lock (rank 0, for the whole job) or refuse; all ranks agree."""
-    rank, world = distributed.rank_world()
+    rank, world = dist.rank_world()
     error = None
     if rank == 0:
         try:

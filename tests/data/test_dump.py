@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_dump_config
+from conftest import assert_dump_is_block_output, tiny_dump_config
 from safetensors.torch import load_file
 
 from consistency_lens.config import config_from_dict
 from consistency_lens.data.collate import CollateFn
 from consistency_lens.data.dataset import ActivationDataset
-from consistency_lens.data.dump import dump_activations, split_dir
+from consistency_lens.data.dump import dump_activations
+from consistency_lens.data.layout import split_dir
 from consistency_lens.errors import LensError
 from consistency_lens.models.loading import load_model
 
@@ -33,17 +34,8 @@ def test_dumped_A_equals_hidden_state_of_full_forward(request, tmp_path, corpus_
     cfg = _cfg(tmp_path, model_dir, corpus_dir)
     dirs = dump_activations(cfg)
     assert set(dirs) == {"train", "val"}
-    model = load_model(str(model_dir), device="cpu", dtype="float32").model
     for split, n in (("train", 40), ("val", 8)):
-        ds = ActivationDataset(dirs[split], seed=0)
-        assert len(ds) == n
-        for i in range(n):
-            ids, act = ds.sample(i)
-            pos = len(ids) - 1
-            assert cfg.p_min <= pos <= cfg.seq_len - 2
-            with torch.no_grad():
-                hidden = model(ids[None], output_hidden_states=True).hidden_states
-            torch.testing.assert_close(act, hidden[cfg.layer + 1][0, pos], rtol=1e-5, atol=1e-5)
+        assert assert_dump_is_block_output(model_dir, cfg, dirs[split]) == n
     meta = json.loads((dirs["train"] / "metadata.json").read_text())
     assert meta["layer"] == 1 and meta["d_model"] == 64 and meta["count"] == 40
     assert all(len(s["sha256"]) == 64 for s in meta["shards"])

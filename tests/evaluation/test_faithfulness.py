@@ -1,4 +1,4 @@
-"""Honest faithfulness metrics: derangement, the constant reference, specificity (DESIGN.md §7)."""
+"""Honest faithfulness metrics: derangement, the constant reference, specificity (docs/design.md section 5)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from conftest import dumped_eval_config
 
 from consistency_lens.data.dataset import ActivationDataset
-from consistency_lens.data.dump import split_dir
+from consistency_lens.data.layout import split_dir
 from consistency_lens.evaluation.evaluate import derangement, evaluate, train_mean
 from consistency_lens.evaluation.samples import sample_indices
 from consistency_lens.evaluation.specificity import content_words, specificity

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import decoder_full_forward
 
 from consistency_lens.errors import LensError
 from consistency_lens.models.decoder import DecoderModel, prompt_token_ids
@@ -28,24 +29,6 @@ def _decoder(loaded, scale=1.0, **kw) -> DecoderModel:
     return DecoderModel(loaded.model, loaded.tokenizer, PROMPT, loaded.parts.d_model, scale, **kw)
 
 
-def _full_forward_logits(dec: DecoderModel, loaded, acts, ids) -> torch.Tensor:
-    """Logits predicting each generated token from one uncached forward over prompt + text."""
-    left, right = prompt_token_ids(loaded.tokenizer, PROMPT)
-    batch = acts.shape[0]
-    embeds = torch.cat(
-        [
-            dec.prompt_left.expand(batch, -1, -1),
-            dec.proj(acts).unsqueeze(1),
-            dec.prompt_right.expand(batch, -1, -1),
-            loaded.parts.embed_ids(ids[:, :-1]),
-        ],
-        dim=1,
-    )
-    logits = loaded.model(inputs_embeds=embeds).logits
-    start = len(left) + 1 + len(right) - 1
-    return logits[:, start : start + ids.shape[1]]
-
-
 def test_soft_generation_matches_uncached_forward(setup):
     loaded, acts = setup
     dec = _decoder(loaded)
@@ -55,7 +38,7 @@ def test_soft_generation_matches_uncached_forward(setup):
     assert gen.discrete_token_ids.shape == (3, 5)
     onehot = torch.nn.functional.one_hot(gen.discrete_token_ids, 320).float()
     torch.testing.assert_close(gen.ste_onehots.detach(), onehot)
-    expected = _full_forward_logits(dec, loaded, acts, gen.discrete_token_ids)
+    expected = decoder_full_forward(dec, loaded, PROMPT, acts, gen.discrete_token_ids)
     torch.testing.assert_close(gen.token_logits.detach(), expected, atol=1e-4, rtol=1e-4)
 
 
@@ -63,7 +46,7 @@ def test_greedy_generate_is_argmax_of_full_forward(setup):
     loaded, acts = setup
     dec = _decoder(loaded)
     ids = dec.generate(acts, max_length=4)
-    logits = _full_forward_logits(dec, loaded, acts, ids)
+    logits = decoder_full_forward(dec, loaded, PROMPT, acts, ids)
     assert torch.equal(logits.argmax(-1), ids)
     torch.manual_seed(3)
     sampled = dec.generate(acts, max_length=4, greedy=False, temperature=2.0)
@@ -130,27 +113,6 @@ def test_prompt_with_nothing_around_the_slot_builds_and_generates(tiny_gpt2_dir)
     assert ids.shape == (3, 2) and a_hat.shape == (3, lens.d_model)
 
 
-def _injected_full_forward(dec: DecoderModel, loaded, acts, ids) -> torch.Tensor:
-    """Hidden-state injection, uncached: one forward over prompt + slot + text, hook at block k."""
-    from consistency_lens.models.hooks import replace_at
-
-    left, right = prompt_token_ids(loaded.tokenizer, PROMPT)
-    batch = acts.shape[0]
-    embeds = torch.cat(
-        [
-            dec.prompt_left.expand(batch, -1, -1),
-            dec.slot.expand(batch, -1, -1),
-            dec.prompt_right.expand(batch, -1, -1),
-            loaded.parts.embed_ids(ids[:, :-1]),
-        ],
-        dim=1,
-    )
-    with replace_at(loaded.parts.blocks[dec.inject_layer], len(left), dec.proj(acts)):
-        logits = loaded.model(inputs_embeds=embeds).logits
-    start = len(left) + 1 + len(right) - 1
-    return logits[:, start : start + ids.shape[1]]
-
-
 def test_injection_at_layer_l_puts_a_exactly_in_the_slot_state(setup):
     """Identity projection, k = L: D's state at the placeholder after block L is A, bit for bit."""
     from consistency_lens.models.hooks import run_until
@@ -184,7 +146,7 @@ def test_injected_generation_matches_uncached_forward_and_gets_gradients(setup, 
     dec = _decoder(loaded, scale=0.7, inject_layer=0, gradient_checkpointing=ckpt)
     torch.manual_seed(0)
     gen = dec.generate_soft(acts, max_length=4, tau=1.0)
-    expected = _injected_full_forward(dec, loaded, acts, gen.discrete_token_ids)
+    expected = decoder_full_forward(dec, loaded, PROMPT, acts, gen.discrete_token_ids)
     torch.testing.assert_close(gen.token_logits.detach(), expected.detach(), atol=1e-4, rtol=1e-4)
     # A is no input embedding here: it reaches the text only through block 0's hook.
     (

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from consistency_lens.data.collate import left_pad
 from consistency_lens.errors import LensError
 from consistency_lens.models.encoder import EncoderModel
+from consistency_lens.models.inputs import left_pad
 from consistency_lens.models.loading import load_model
 from consistency_lens.models.orig import OriginalModelWrapper
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from consistency_lens.data.collate import left_pad
 from consistency_lens.errors import LensError
+from consistency_lens.models.inputs import left_pad
 from consistency_lens.models.loading import load_model
 from consistency_lens.models.orig import OriginalModelWrapper, load_8bit
 

@@ -16,17 +16,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_dump_config
+from conftest import tiny_dump_config, tiny_train_config
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import consistency_lens.data.dump as dump_mod
 from consistency_lens.cli import main
 from consistency_lens.config import config_from_dict
-from consistency_lens.data.dump import dump_activations, split_dir
+from consistency_lens.data.dump import dump_activations
+from consistency_lens.data.layout import split_dir
 from consistency_lens.errors import LensError
+from consistency_lens.training import checkpoint as ck
 from consistency_lens.training import trainer
-from consistency_lens.utils import checkpoint as ck
 from consistency_lens.utils import io
 from consistency_lens.utils.io import sha256_file
 
@@ -40,16 +41,7 @@ def _base(root: Path, model: Path, corpus: Path) -> dict:
         p_min=3,
         num_samples=16,
         shard_size=8,
-        train={
-            "run_dir": str(root / "run"),
-            "t_text": 2,
-            "steps": 1,
-            "batch_size": 4,
-            "val_batches": 1,
-            "log_every": 1,
-            "ckpt_every": 1,
-            "prompt": "A <embed> is",
-        },
+        train=tiny_train_config(root / "run"),
         eval={"num_samples": 8, "batch_size": 8, "bootstrap": 0, "qualitative": 1},
     )
 

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 import consistency_lens.data.dump as dump_mod
 from consistency_lens.config import config_from_dict
-from consistency_lens.data.dump import dump_activations, split_dir
+from consistency_lens.data.dump import dump_activations
+from consistency_lens.data.layout import split_dir
 from consistency_lens.errors import LensError
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from consistency_lens.config import config_from_dict
-from consistency_lens.data.dump import split_dir
+from consistency_lens.data.layout import split_dir
 
 
 def _args(tmp: Path, model: Path, corpus: Path) -> list[str]:

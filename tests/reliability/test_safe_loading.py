@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cli_error, tiny_dump_config
+from conftest import cli_error, tiny_dump_config, tiny_train_config
 
 from consistency_lens.config import config_from_dict
 from consistency_lens.data import corpus as corpus_mod
 from consistency_lens.errors import LensError
 from consistency_lens.models import loading
 from consistency_lens.models.lens import ConsistencyLens
+from consistency_lens.training import checkpoint as ck
 from consistency_lens.training import trainer
-from consistency_lens.utils import checkpoint as ck
 
 
 class _Evil:
@@ -44,14 +44,7 @@ def trained(tmp_path_factory, tiny_llama_dir, corpus_dir) -> dict:
         seq_len=24,
         p_min=3,
         num_samples=16,
-        train={
-            "run_dir": str(root / "run"),
-            "t_text": 2,
-            "steps": 1,
-            "batch_size": 4,
-            "val_batches": 1,
-            "prompt": "A <embed> is",
-        },
+        train=tiny_train_config(root / "run"),
     )
     cfg = config_from_dict(base)
     dump_activations(cfg)

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from consistency_lens.cli import main
 from consistency_lens.config import config_from_dict
 from consistency_lens.data.dump import dump_activations
+from consistency_lens.training import checkpoint as ck
 from consistency_lens.training import trainer
-from consistency_lens.utils import checkpoint as ck
 from consistency_lens.utils.logging import METRICS, MetricsFile
 
 _TRAIN = {

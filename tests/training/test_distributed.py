@@ -18,15 +18,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_dump_config
+from conftest import tiny_dump_config, tiny_train_config
 from dist_entry import coarse_eps, noiseless_gumbel_softmax
 from safetensors.torch import load_file
 
 from consistency_lens.config import config_from_dict
 from consistency_lens.data.dump import dump_activations
 from consistency_lens.errors import LensError
+from consistency_lens.training import checkpoint as ck
 from consistency_lens.training import distributed, trainer
-from consistency_lens.utils import checkpoint as ck
+from consistency_lens.utils import dist
 from consistency_lens.utils.logging import METRICS, MetricsFile
 
 ENTRY = Path(__file__).with_name("dist_entry.py")
@@ -44,22 +45,17 @@ def dumped(tmp_path_factory, tiny_llama_dir, corpus_dir) -> dict:
 
 
 def _train_cfg(run_dir: Path, mode: str, steps: int, batch: int, strategy: str) -> dict:
-    return {
-        "run_dir": str(run_dir),
-        "mode": mode,
-        "t_text": 2,
-        "steps": steps,
-        "batch_size": batch,
-        "grad_accum": 2,
-        "lr": 1e-2,
-        "lr_blocks": 1e-3,
-        "lr_schedule": {"kind": "constant", "start": 1.0},
-        "val_every": 100,
-        "val_batches": 1,
-        "ckpt_every": 1,
-        "log_every": 1,
-        "prompt": "A <embed> is",
-    }
+    return tiny_train_config(
+        run_dir,
+        mode=mode,
+        steps=steps,
+        batch_size=batch,
+        grad_accum=2,
+        lr=1e-2,
+        lr_blocks=1e-3,
+        lr_schedule={"kind": "constant", "start": 1.0},
+        val_every=100,
+    )
 
 
 def _overrides(base: dict, train: dict, strategy: str) -> list[str]:
@@ -206,7 +202,7 @@ def test_one_process_checkpoint_resumes_on_fsdp_two_ranks(dumped, reference, tmp
     state = ck.load_checkpoint(path).state
     assert state["global_batch"] == BATCH * RANKS
     assert state["train_state"]["batch_in_epoch"] == 2
-    assert distributed._rescale_position(state, 2 * BATCH * RANKS)["batch_in_epoch"] == 1
+    assert ck._rescale_position(state, 2 * BATCH * RANKS)["batch_in_epoch"] == 1
     _torchrun(dumped, run_dir, strategy="fsdp", resume=True)
     assert ck.is_sharded(ck.latest_valid(run_dir))
     _assert_close(_weights(run_dir), _weights(reference["full"]), _weights(reference["init"]))
@@ -302,9 +298,7 @@ def test_teardown_runs_when_training_raises(dumped, tmp_path, monkeypatch):
         raise LensError("too many bad batches")
 
     monkeypatch.setattr(trainer, "_loop", failing_loop)
-    monkeypatch.setattr(
-        distributed, "teardown", lambda run, barrier=True: calls.append((run, barrier))
-    )
+    monkeypatch.setattr(dist, "teardown", lambda run, barrier=True: calls.append((run, barrier)))
     train = _train_cfg(tmp_path / "run", "frozen_base", 1, 4, "none")
     with pytest.raises(LensError, match="too many bad batches"):
         trainer.train(config_from_dict({**dumped, "train": train}))

@@ -1,4 +1,4 @@
-"""The objective of DESIGN.md section 2: hand-computed KL terms, alignment, gradient paths."""
+"""The objective of docs/design.md section 2: hand-computed KL terms, alignment, gradient paths."""
 
 from __future__ import annotations
 

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import signal_after_step, tiny_dump_config
+from conftest import signal_after_step, tiny_dump_config, tiny_train_config
 from safetensors.torch import load_file
 
 from consistency_lens.config import LensConfig, config_from_dict
 from consistency_lens.data.dataset import ActivationDataset
 from consistency_lens.data.dump import dump_activations
 from consistency_lens.errors import LensError
+from consistency_lens.training import checkpoint as ck
 from consistency_lens.training import trainer
-from consistency_lens.utils import checkpoint as ck
 from consistency_lens.utils.logging import METRICS, MetricsFile
 
 
@@ -34,20 +34,8 @@ def dumped(tmp_path_factory, tiny_llama_dir, corpus_dir) -> dict:
 
 
 def _cfg(base: dict, run_dir: Path, **train) -> LensConfig:
-    defaults = {
-        "run_dir": str(run_dir),
-        "mode": "frozen_base",
-        "t_text": 2,
-        "steps": 1,
-        "batch_size": 4,
-        "val_every": 1,
-        "val_batches": 1,
-        "ckpt_every": 1,
-        "log_every": 1,
-        "max_bad_batches": 3,
-        "prompt": "A <embed> is",
-    }
-    return config_from_dict({**base, "train": {**defaults, **train}})
+    over = {"mode": "frozen_base", "max_bad_batches": 3, **train}
+    return config_from_dict({**base, "train": tiny_train_config(run_dir, **over)})
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -111,23 +99,10 @@ def test_missing_dump_says_to_run_dump(dumped, tmp_path):
         trainer.train(_cfg(base, tmp_path / "run"))
 
 
-def test_width_mismatch_is_named(dumped, tmp_path, tokenizer_dir):
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+def test_width_mismatch_is_named(dumped, tmp_path, narrow_llama_dir):
+    from consistency_lens.data.layout import split_dir
 
-    from consistency_lens.data.dump import split_dir
-
-    narrow = tmp_path / "narrow"
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=320,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(narrow)
-    PreTrainedTokenizerFast.from_pretrained(tokenizer_dir).save_pretrained(narrow)
+    narrow = narrow_llama_dir
     wide, thin = (
         _cfg(dumped, tmp_path / "a"),
         _cfg({**dumped, "model": str(narrow)}, tmp_path / "b"),

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from consistency_lens.errors import LensError
-from consistency_lens.utils import checkpoint as ck
+from consistency_lens.training import checkpoint as ck
 
 
 def _save(run_dir: Path, step: int, keep: int = 5, ema: bool = False) -> Path:

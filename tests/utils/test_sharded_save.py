@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from consistency_lens.errors import LensError
-from consistency_lens.utils import checkpoint as ck
+from consistency_lens.training import checkpoint as ck
 
 RANKS = 2
 

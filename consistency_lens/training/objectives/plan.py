@@ -1,4 +1,4 @@
-"""The plan's objective (DESIGN.md section 2): loss = loss_lm + alpha * loss_kl (+ optional terms)."""
+"""The plan's objective (docs/design.md section 2): loss = loss_lm + alpha * loss_kl (+ optional terms)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def lm_loss(token_logits: torch.Tensor, orig_logits: torch.Tensor) -> torch.Tens
 
 
 def compute_losses(lens, batch: Batch, tau: float, alpha: float) -> LossOutput:
-    """All losses of one micro-batch, exactly as DESIGN.md section 2 pins them down."""
+    """All losses of one micro-batch, exactly as docs/design.md section 2 pins them down."""
     train = lens.cfg.train
     a = batch.A.float()
     if a.dim() != 2 or a.shape[1] != lens.d_model:

@@ -1,6 +1,6 @@
 """Supervised warm start: D learns to write a text tied to A, E learns to rebuild A from that text.
 
-Gumbel-STE on the consistency loss alone finds a few constant codes (DESIGN.md section 8). The
+Gumbel-STE on the consistency loss alone finds a few constant codes (docs/design.md section 6). The
 field's later lens-style systems start instead from supervision: here D is taught, teacher-forced,
 to write the `t_text` corpus tokens ending at P (they are in the batch already) or, with
 `warm_start_next`, the `t_text` tokens after P (`input_ids_next` in the dump); E is taught to

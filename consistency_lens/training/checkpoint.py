@@ -10,6 +10,9 @@ Multi-process runs (ddp/fsdp/deepspeed) write a *sharded* checkpoint in the same
 the engine's own files (torch.distributed.checkpoint's `.metadata` and `*.distcp`, or DeepSpeed's
 partitions), `state.pt` without weights, one `rng_<rank>.pt` per rank, `config.json`, and a
 manifest with `"kind": "sharded"` over every file.
+
+`save_run` and `restore_run` are the trainer's two calls; a resume maps between the formats and
+world sizes where it can (DeepSpeed's own files resume only on the same number of ranks).
 """
 
 from __future__ import annotations
@@ -25,13 +28,16 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from consistency_lens.config import LensConfig, dump_config
 from consistency_lens.errors import LensError
+from consistency_lens.utils.dist import barrier, rank_seed, rank_world, seed_all
 from consistency_lens.utils.io import (
     fsync_path,
     is_out_of_space,
@@ -39,6 +45,10 @@ from consistency_lens.utils.io import (
     read_json,
     sha256_file,
 )
+
+if TYPE_CHECKING:
+    from consistency_lens.training.distributed import Engine
+    from consistency_lens.training.optim import Ema
 
 FORMAT_VERSION = 1
 """Bumped whenever the meaning of a checkpoint's files changes."""
@@ -492,3 +502,180 @@ def load_sharded_state(path: Path, rank: int) -> tuple[dict, dict | None]:
     state = _verified_state(path)
     rng_path = path / _rng_file(rank)
     return state, load_state(rng_path) if rng_path.is_file() else None
+
+
+# The run's checkpoints: what the trainer saves and restores, in either format. The engines only
+# hand over state: the optimizer's and scheduler's `state_dict`, `sharded_state` /
+# `set_sharded_state` (torch.distributed.checkpoint dicts), `load_full`, and DeepSpeed's own files.
+
+# Config keys that a resumed run must share with its checkpoint (the weights' meaning).
+_RESUME_KEYS = ("model", "layer")
+_RESUME_TRAIN_KEYS = ("mode", "t_text", "prompt", "encoder_prompt", "encoder_layer", "lora_r")
+
+
+def save_run(
+    engine: Engine, cfg: LensConfig, step: int, train_state: dict, ema: Ema | None
+) -> Path:
+    """Checkpoint a run at `step` (collectively under ddp/fsdp/deepspeed, where all ranks call it)."""
+    run_dir, keep, config = cfg.train.run_dir, cfg.train.keep_checkpoints, dump_config(cfg)
+    rank, world = rank_world()
+    # What `batch_in_epoch` counts in, so a resume with another global batch can rescale it.
+    global_batch = cfg.train.batch_size * world
+    if not engine.sharded:
+        state = {
+            "optimizer": engine.optimizer.state_dict(),
+            "scheduler": engine.scheduler.state_dict(),
+            "rng": capture_rng(),
+            "train_state": train_state,
+            "global_batch": global_batch,
+        }
+        return save_checkpoint(
+            run_dir,
+            step,
+            engine.lens.trainable_state_dict(),
+            state,
+            config,
+            ema=ema.state_dict() if ema is not None else None,
+            keep=keep,
+        )
+
+    def write(tmp: Path) -> None:
+        if engine.own_format is None:
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save(engine.sharded_state(ema), checkpoint_id=tmp)
+            return
+        engine.write_own(tmp)
+        if ema is not None and rank == 0:
+            save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, tmp / EMA)
+
+    state = {
+        "scheduler": engine.scheduler.state_dict(),
+        "train_state": train_state,
+        "global_batch": global_batch,
+        "world_size": world,
+    }
+    return save_sharded_checkpoint(
+        run_dir, step, write, state, capture_rng(), config, keep, rank, barrier, engine.all_ok
+    )
+
+
+def check_resume_config(cfg: LensConfig, path: Path) -> None:
+    """Refuse to resume a checkpoint trained with another model, layer, mode or decoder shape."""
+    saved = read_config(path)
+    pairs = [(k, saved.get(k), getattr(cfg, k)) for k in _RESUME_KEYS]
+    pairs += [
+        (f"train.{k}", saved.get("train", {}).get(k), getattr(cfg.train, k))
+        for k in _RESUME_TRAIN_KEYS
+    ]
+    for key, old, new in pairs:
+        if old != new:
+            raise LensError(
+                f"Cannot resume from '{path}': it was trained with {key}={old!r} but the config "
+                f"says {key}={new!r}; use the same config or a new train.run_dir."
+            )
+
+
+def restore_run(engine: Engine, cfg: LensConfig, ema: Ema | None, path: Path) -> dict:
+    """Load weights, optimizer, scheduler, EMA and RNG from a checkpoint; the train-state dict."""
+    check_resume_config(cfg, path)
+    if engine.own_format is not None:
+        return _restore_own(engine, cfg, ema, path)
+    if engine.sharded or is_sharded(path):
+        # Either side sharded: map between world sizes and formats.
+        return _restore_mapped(engine, cfg, ema, path)
+    loaded = load_checkpoint(path)
+    engine.lens.load_trainable_state_dict(loaded.trainable)
+    engine.optimizer.load_state_dict(loaded.state["optimizer"])
+    engine.scheduler.load_state_dict(loaded.state["scheduler"])
+    if ema is not None:
+        ema.load_state_dict(loaded.ema or engine.lens.trainable_parameters())
+    restore_rng(loaded.state["rng"])
+    return dict(loaded.state["train_state"])
+
+
+def _restore_mapped(engine: Engine, cfg: LensConfig, ema: Ema | None, path: Path) -> dict:
+    """Any checkpoint (sharded or single-process) into a DCP-capable engine of any world size."""
+    rank, world = rank_world()
+    if is_sharded(path):
+        state, rng = load_sharded_state(path, rank)
+        target = engine.sharded_state(ema)
+        dcp_load(target, path)
+        engine.set_sharded_state(target)
+    else:
+        loaded = load_checkpoint(path)
+        state, rng = loaded.state, loaded.state["rng"] if rank == 0 else None
+        engine.load_full(loaded.trainable, loaded.state["optimizer"])
+        if ema is not None and loaded.ema is not None:
+            _copy_into(ema.shadow, loaded.ema)
+    engine.scheduler.load_state_dict(state["scheduler"])
+    _restore_rng(rng, cfg.seed, state["step"])
+    return _rescale_position(state, cfg.train.batch_size * world)
+
+
+def _restore_own(engine: Engine, cfg: LensConfig, ema: Ema | None, path: Path) -> dict:
+    """A checkpoint in the engine's own format (DeepSpeed), written with the same world size."""
+    rank, world = rank_world()
+    if not (path / engine.own_format).is_dir():
+        raise LensError(
+            f"Checkpoint '{path}' was not written with distributed.strategy="
+            f"{engine.own_format}; resume it with the strategy that wrote it."
+        )
+    state, rng = load_sharded_state(path, rank)
+    if state.get("world_size") != world:
+        raise LensError(
+            f"Checkpoint '{path}' was written by {state.get('world_size')} DeepSpeed ranks; "
+            f"resume it with {state.get('world_size')} ranks, not {world}."
+        )
+    engine.read_own(path)
+    if ema is not None and (path / EMA).is_file():
+        _copy_into(ema.shadow, load_file(str(path / EMA)))
+    engine.scheduler.load_state_dict(state["scheduler"])
+    _restore_rng(rng, cfg.seed, state["step"])
+    return dict(state["train_state"])
+
+
+def _copy_into(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor]) -> None:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        for key, value in target.items():
+            if isinstance(value, DTensor):
+                src = distribute_tensor(
+                    source[key].to(value.dtype), value.device_mesh, value.placements
+                )
+                value.copy_(src)
+            else:
+                value.copy_(source[key])
+
+
+def _restore_rng(rng: dict | None, seed: int, step: int) -> None:
+    # A rank that did not exist when the checkpoint was written gets a fresh stream from
+    # (seed, rank, step); same-size resumes restore every rank's stream exactly.
+    if rng is not None:
+        restore_rng(rng)
+    else:
+        seed_all(rank_seed(seed) + 1_000_003 * step)
+
+
+def _rescale_position(state: dict, global_batch: int) -> dict:
+    # The data position counts global batches; keep the number of samples seen when the global
+    # batch (batch_size x world) changed, rounding down to a whole batch.
+    train_state = dict(state["train_state"])
+    saved = int(state.get("global_batch", global_batch))
+    train_state["batch_in_epoch"] = train_state["batch_in_epoch"] * saved // global_batch
+    return train_state
+
+
+def checkpoint_to_resume(run_dir: Path, resume: bool) -> Path | None:
+    """The newest valid checkpoint to resume from (None to start fresh), or refuse a fresh start
+    over existing checkpoints."""
+    existing = list_checkpoints(run_dir)
+    if not resume:
+        if existing:
+            raise LensError(
+                f"'{run_dir}' already holds checkpoints; pass --resume to continue that run or "
+                "choose another train.run_dir."
+            )
+        return None
+    return latest_valid(run_dir)

@@ -1,0 +1,161 @@
+"""The dump's on-disk format, in one place for its writer (`dump.py`) and its readers.
+
+A split lives in `split_dir(cfg, split)` = `<output_dir>/<model>/layer_<L>/<corpus>_<split>/` and
+holds `metadata.json` (the `split_header` settings plus counts and shard checksums),
+`progress.json` (what a resumed dump may keep) and `shard_NNNNN.safetensors` files with `A` (n, d),
+`input_ids` (flat contexts 0..P), `offsets`, `positions`, `seq_index`, `input_ids_next` and
+`next_offsets`; under torchrun each rank writes `rank_<k>/` and rank 0 the global metadata.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from consistency_lens.config import LensConfig
+from consistency_lens.data.corpus import corpus_slug, tokenizer_hash
+from consistency_lens.errors import LensError
+from consistency_lens.models.loading import LoadedModel, model_slug
+
+if TYPE_CHECKING:
+    from consistency_lens.data.dataset import ActivationDataset
+    from consistency_lens.models.lens import ConsistencyLens
+
+FORMAT_VERSION = 2
+"""2 adds `input_ids_next` (the corpus tokens after P); version-1 dumps must be dumped again."""
+SPLITS = ("train", "val")
+METADATA = "metadata.json"
+PROGRESS = "progress.json"
+
+# Settings that must match for a rerun to resume an existing dump: everything that decides which
+# sequences and positions a split holds and how they are stored. `plan_sha256` (a digest of the
+# split's sequences, positions and indices) is last: it catches what the named keys cannot, e.g.
+# a corpus edited without changing its size or mtime.
+RESUME_KEYS = (
+    "format_version",
+    "model",
+    "fingerprint",
+    "layer",
+    "dtype",
+    "seq_len",
+    "p_min",
+    "seed",
+    "corpus",
+    "corpus_split",
+    "text_column",
+    "corpus_key",
+    "num_samples",
+    "val_samples",
+    "num_requested",
+    "shard_size",
+    "max_norm_ratio",
+    "tokenizer",
+    "tokenizer_hash",
+    "world_size",
+    "plan_sha256",
+    "next_tokens",
+)
+
+
+# Header keys that decide which corpus sequences a split drew: train and val must share them.
+PLAN_KEYS = ("corpus_key", "seed", "num_samples", "val_samples", "seq_len", "fingerprint", "layer")
+
+
+def split_dir(cfg: LensConfig, split: str) -> Path:
+    """`<output_dir>/<model>/layer_<L>/<corpus>_<split>/`."""
+    return (
+        Path(cfg.output_dir)
+        / model_slug(cfg.model)
+        / f"layer_{cfg.layer}"
+        / f"{corpus_slug(cfg.corpus)}_{split}"
+    )
+
+
+def split_header(
+    cfg: LensConfig,
+    loaded: LoadedModel,
+    corpus_key: str,
+    split: str,
+    n: int,
+    plan_sha256: str,
+    world: int,
+) -> dict:
+    """The settings part of a split's metadata (and of its progress file): what the split holds.
+
+    `metadata.json` adds `count`, `drawn`, `filtered_high_norm`, `skipped_short_sequences`, the
+    dump's `config`, and either `shards` (file, count, kept, sha256 each) or, under torchrun,
+    `ranks` (the `rank_<k>/` directories, each with its own metadata and shards).
+    """
+    return {
+        "format_version": FORMAT_VERSION,
+        "plan_sha256": plan_sha256,
+        "num_samples": cfg.num_samples,
+        "val_samples": cfg.val_samples,
+        "corpus_split": cfg.corpus_split,
+        "text_column": cfg.text_column,
+        "world_size": world,
+        "model": cfg.model,
+        "fingerprint": loaded.fingerprint,
+        "layer": cfg.layer,
+        "num_blocks": loaded.parts.num_blocks,
+        "d_model": loaded.parts.d_model,
+        "dtype": cfg.dtype,
+        "seq_len": cfg.seq_len,
+        "p_min": cfg.p_min_effective,
+        "p_max": cfg.seq_len - 2,
+        "seed": cfg.seed,
+        "corpus": cfg.corpus,
+        "corpus_key": corpus_key,
+        "split": split,
+        "num_requested": n,
+        "shard_size": cfg.shard_size,
+        "max_norm_ratio": cfg.max_norm_ratio,
+        "tokenizer": getattr(loaded.tokenizer, "name_or_path", ""),
+        "tokenizer_hash": tokenizer_hash(loaded.tokenizer),
+        "pad_token_id": loaded.tokenizer.pad_token_id,
+        # Corpus tokens after P stored per sample (`input_ids_next`), e.g. for teacher forcing.
+        "next_tokens": cfg.train.t_text,
+    }
+
+
+def check_same_dump(train: ActivationDataset, val: ActivationDataset) -> None:
+    """Refuse train and val splits of different dumps, or any sequence in both (a silent leak)."""
+    for key in PLAN_KEYS:
+        if train.metadata.get(key) != val.metadata.get(key):
+            raise LensError(
+                f"The train split '{train.path}' and the val split '{val.path}' come from "
+                f"different dumps ({key}={train.metadata.get(key)!r} vs "
+                f"{val.metadata.get(key)!r}); delete both and run `consistency-lens dump` again."
+            )
+    shared = np.intersect1d(np.asarray(train.seq_index), np.asarray(val.seq_index))
+    if shared.size:
+        raise LensError(
+            f"The train split '{train.path}' and the val split '{val.path}' share {shared.size} "
+            "corpus sequences, so validation would measure training data; delete both and run "
+            "`consistency-lens dump` again."
+        )
+
+
+def check_matches(dataset: ActivationDataset, lens: ConsistencyLens) -> None:
+    """Refuse a dump whose width, layer or model differs from the lens's (train and eval alike)."""
+    meta, width = dataset.metadata, lens.d_model
+    stored = int(dataset.sample(0)[1].shape[-1])
+    if dataset.d_model != width or stored != width:
+        problem = (
+            f"it holds activations of width {stored} but model '{lens.cfg.model}' has width {width}"
+        )
+    elif meta.get("layer") != lens.layer:
+        problem = f"it was made at layer {meta.get('layer')} but the config says layer={lens.layer}"
+    elif meta.get("fingerprint") != lens.loaded.fingerprint:
+        problem = (
+            f"it was made with model '{meta.get('model')}' ({meta.get('fingerprint')}), not "
+            f"'{lens.cfg.model}' ({lens.loaded.fingerprint})"
+        )
+    else:
+        return
+    raise LensError(
+        f"The dump at '{dataset.path}' does not match the lens: {problem}; dump again: a dump "
+        "with the lens's model and layer (`consistency-lens dump` with this config) matches it."
+    )

@@ -1,0 +1,216 @@
+"""Every model family the adapter claims, end to end on a tiny random model of that family.
+
+For each family: the dump stores block L's output at P, M's cached patched forward equals the
+naive one, D's KV-cached soft generation equals one uncached forward (the embedding slot and the
+hidden-state injection), a two-step training run resumes bit for bit, and `explain` runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import (
+    assert_dump_is_block_output,
+    decoder_full_forward,
+    save_with_tokenizer,
+    signal_after_step,
+    tiny_dump_config,
+    tiny_train_config,
+)
+from safetensors.torch import load_file
+
+from consistency_lens.config import config_from_dict
+from consistency_lens.data.dump import dump_activations
+from consistency_lens.data.layout import split_dir
+from consistency_lens.errors import LensError
+from consistency_lens.evaluation.explain import explain_command
+from consistency_lens.models.adapter import FAMILIES, find_parts
+from consistency_lens.models.decoder import DecoderModel
+from consistency_lens.models.inputs import left_pad
+from consistency_lens.models.lens import ConsistencyLens
+from consistency_lens.models.loading import load_model
+from consistency_lens.models.orig import OriginalModelWrapper
+from consistency_lens.models.patching import patched_kl
+from consistency_lens.training import trainer
+from consistency_lens.utils.logging import METRICS, MetricsFile
+
+PROMPT = "the nation <embed> law tax"
+# Shared by every family: 3 blocks of width 64, 4 heads of 16 (2 key/value heads where the family
+# has grouped-query attention), the fixture tokenizer's 320 tokens, token 0 for BOS/EOS/pad.
+_IDS = {"vocab_size": 320, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+_DECODER = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 128,
+    **_IDS,
+}
+_GQA = {**_DECODER, "num_key_value_heads": 2, "head_dim": 16}
+# A window shorter than the dump's contexts and D's prompt + text, so sliding-window caches slide.
+_WINDOW = 6
+# Gemma scales its embeddings by sqrt(d): a width whose root no bf16 can hold checks that one-hots
+# and ids are scaled alike.
+_GEMMA = {**_GQA, "hidden_size": 72}
+_GEMMA_TEXT = {**_GEMMA, "query_pre_attn_scalar": 16, "sliding_window": _WINDOW}
+# Gemma 3's multimodal model, its vision tower the smallest SigLIP that builds (never run here).
+_SIGLIP = transformers.SiglipVisionConfig(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=28,
+    patch_size=14,
+)
+_IMAGE_TOKENS = {"image_token_index": 319, "boi_token_index": 317, "eoi_token_index": 318}
+
+# model_type -> the tiny config of that family.
+CONFIGS: dict[str, transformers.PretrainedConfig] = {
+    "gpt2": transformers.GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=128, **_IDS),
+    "llama": transformers.LlamaConfig(**_GQA),
+    "qwen2": transformers.Qwen2Config(**_GQA),
+    "qwen3": transformers.Qwen3Config(**_GQA),
+    "mistral": transformers.MistralConfig(**_GQA, sliding_window=_WINDOW),
+    "gemma": transformers.GemmaConfig(**_GEMMA),
+    "gemma2": transformers.Gemma2Config(**_GEMMA_TEXT),
+    "gemma3_text": transformers.Gemma3TextConfig(**_GEMMA_TEXT),
+    "gemma3": transformers.Gemma3Config(
+        text_config=transformers.Gemma3TextConfig(**_GEMMA_TEXT),
+        vision_config=_SIGLIP,
+        mm_tokens_per_image=1,
+        **_IMAGE_TOKENS,
+    ),
+    "gpt_neox": transformers.GPTNeoXConfig(**_DECODER),
+    "phi": transformers.PhiConfig(**_DECODER, num_key_value_heads=2),
+    "phi3": transformers.Phi3Config(**_DECODER, num_key_value_heads=2, sliding_window=_WINDOW),
+}
+
+
+def test_every_family_of_the_adapter_is_tested():
+    assert set(CONFIGS) == set(FAMILIES)
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def family(request, tmp_path_factory, tokenizer_dir, corpus_dir) -> dict:
+    """A tiny random model of one family saved with the fixture tokenizer, and a dump of it."""
+    name = request.param
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[name])
+    root = tmp_path_factory.mktemp(name)
+    model_dir = save_with_tokenizer(model, tokenizer_dir, root / "model")
+    base = tiny_dump_config(
+        root, model_dir, corpus_dir, seq_len=24, num_samples=16, val_samples=8, shard_size=8
+    )
+    dump_activations(config_from_dict(base))
+    return {"name": name, "model": model_dir, "base": base, "root": root}
+
+
+@pytest.fixture(scope="module")
+def loaded(family):
+    """The family's model loaded as the lens loads it (fp32, CPU)."""
+    return load_model(str(family["model"]), device="cpu", dtype="float32")
+
+
+def test_dump_stores_block_output_at_P(family):
+    cfg = config_from_dict(family["base"])
+    for split, n in (("train", 16), ("val", 8)):
+        assert assert_dump_is_block_output(family["model"], cfg, split_dir(cfg, split)) == n
+
+
+def test_patched_forward_equals_naive_and_clean_patch_is_a_no_op(loaded):
+    orig = OriginalModelWrapper(loaded, layer=1)
+    gen = torch.Generator().manual_seed(0)
+    ids, mask = left_pad([torch.randint(1, 320, (n,), generator=gen) for n in (9, 5, 14)], 0)
+    a = orig.activations(ids, mask)
+    (patched,) = orig.forward_with_replacement(ids, mask, [a])
+    torch.testing.assert_close(patched, orig.clean_logits(ids, mask), atol=1e-5, rtol=1e-5)
+    vectors = [a + 0.5 * torch.randn(a.shape, generator=gen), torch.randn(a.shape, generator=gen)]
+    cheap = orig.forward_with_replacement(ids, mask, vectors)
+    naive = orig.naive_forward_with_replacement(ids, mask, vectors)
+    for c, n in zip(cheap, naive, strict=True):
+        torch.testing.assert_close(c, n, atol=1e-5, rtol=1e-5)
+    assert (cheap[1] - patched).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("inject_layer", [None, 1])
+def test_soft_generation_equals_uncached_forward(loaded, inject_layer):
+    ids = torch.randint(1, 320, (3, 9), generator=torch.Generator().manual_seed(0))
+    acts = OriginalModelWrapper(loaded, layer=1).activations(ids, torch.ones_like(ids))
+    dec = DecoderModel(
+        loaded.model, loaded.tokenizer, PROMPT, acts.shape[1], 0.7, inject_layer=inject_layer
+    )
+    torch.manual_seed(0)
+    # Longer than the sliding window: the cached generation must slide like the full forward.
+    gen = dec.generate_soft(acts, max_length=8, tau=1.0)
+    expected = decoder_full_forward(dec, loaded, PROMPT, acts, gen.discrete_token_ids)
+    torch.testing.assert_close(gen.token_logits.detach(), expected.detach(), atol=1e-4, rtol=1e-4)
+    forced = dec.teacher_forced_logits(acts, gen.discrete_token_ids)
+    torch.testing.assert_close(forced.detach(), expected.detach(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embedding_rows_equal_the_models_own_embedding(loaded, dtype):
+    """One-hots and ids embed to the same rows as the model's own forward, its scale included."""
+    model = copy.deepcopy(loaded.model).to(dtype)
+    parts = find_parts(model)
+    ids = torch.tensor([[3, 17, 250]])
+    onehot = torch.nn.functional.one_hot(ids, 320).float()
+    assert torch.equal(parts.embed_rows(onehot), parts.embed_ids(ids))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        via_embeds = model(inputs_embeds=parts.embed_ids(ids)).logits
+    assert torch.equal(plain, via_embeds)
+
+
+def _train_cfg(family: dict, run: str):
+    train = tiny_train_config(family["root"] / run, mode="full", t_text=3, steps=2)
+    return config_from_dict({**family["base"], "train": train})
+
+
+@pytest.fixture(scope="module")
+def trained(family) -> Path:
+    """Two uninterrupted `full`-mode steps on the family's dump; the run directory."""
+    cfg = _train_cfg(family, "straight")
+    trainer.train(cfg)
+    return Path(cfg.train.run_dir)
+
+
+def _records(run_dir: Path) -> list[dict]:
+    drop = {"time", "samples_per_s"}
+    return [
+        {k: v for k, v in r.items() if k not in drop} for r in MetricsFile(run_dir / METRICS).read()
+    ]
+
+
+def test_two_steps_resume_bit_for_bit(family, trained, monkeypatch):
+    cfg = _train_cfg(family, "resumed")
+    step = signal_after_step(monkeypatch, signal.SIGTERM, step=1)
+    with pytest.raises(LensError, match="SIGTERM at step 1"):
+        trainer.train(cfg)
+    monkeypatch.setattr(trainer, "_train_step", step)
+    trainer.train(cfg, resume=True)
+    a = load_file(str(trained / "lens" / "lens.safetensors"))
+    b = load_file(str(Path(cfg.train.run_dir) / "lens" / "lens.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert _records(trained) == _records(Path(cfg.train.run_dir))
+
+
+def test_explain_every_token(family, trained):
+    cfg = _train_cfg(family, "straight")
+    text = "the nation economy congress"
+    rows = explain_command(cfg, None, text, None)
+    assert "".join(r["token"] for r in rows) == text
+    assert all(r["kl"] >= 0 and -1 <= r["cosine"] <= 1 for r in rows)
+    # The batched rows agree with the lens run on the last token's context alone.
+    lens = ConsistencyLens.from_pretrained(trained / "lens")
+    ids = torch.tensor([lens.loaded.tokenizer(text).input_ids])
+    a = lens.orig.activations(ids, torch.ones_like(ids))
+    expl, a_hat = lens.reconstruct(a, greedy=True)
+    (kl,) = patched_kl(lens.orig, ids, torch.ones_like(ids), a, [a_hat])
+    assert rows[-1]["explanation"] == lens.loaded.tokenizer.decode(expl[0].tolist())
+    assert rows[-1]["kl"] == pytest.approx(float(kl[0]), rel=1e-4, abs=1e-6)
