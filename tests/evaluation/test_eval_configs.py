@@ -53,9 +53,10 @@ def test_gpu_config_validates_and_uses_the_same_recipe():
     assert gpu.device == "cuda" and gpu.train.precision == "bf16"
     for key in ("mode", "inject_layer", "prompt", "objective", "t_text"):
         assert getattr(gpu.train, key) == getattr(demo.train, key)
-    for key in ("temperature", "kl_ref", "fluency_reward"):
+    for key in ("temperature", "kl_ref"):
         assert getattr(gpu.train.rl, key) == getattr(demo.train.rl, key)
-    assert demo.train.rl.fluency_reward > 0
+    # The fluency weight is tuned per scale (BENCHMARKS.md, "The recipe on one GPU").
+    assert demo.train.rl.fluency_reward > 0 and gpu.train.rl.fluency_reward > 0
     assert gpu.num_samples > demo.num_samples and gpu.train.warm_start.steps > 0
 
 

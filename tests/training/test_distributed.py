@@ -248,9 +248,15 @@ def test_gpu_bench_runs_tiny_on_cpu(capsys):
     spec.loader.exec_module(bench)
     bench.main(["--tiny"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    parts = [json.loads(line)["part"] for line in lines]
-    assert parts == ["dump", "train"]
-    assert all(json.loads(line).get("samples_per_s", 0) > 0 for line in lines)
+    results = [json.loads(line) for line in lines]
+    assert [r["part"] for r in results] == ["dump", "train", "profile"]
+    assert all(r["samples_per_s"] > 0 for r in results[:2])
+    profile = results[2]
+    phases = {"forward", "backward", "optimizer", "D generate_soft", "E encode"}
+    assert phases <= set(profile["phases"]) and profile["aten_ops_per_step"] > 0
+    # D's generation, E and M's patched forward run inside the forward phase.
+    inner = sum(profile["phases"][k]["cpu_ms"] for k in ("D generate_soft", "E encode"))
+    assert inner <= profile["phases"]["forward"]["cpu_ms"]
 
 
 class _AgreeingEngine:
