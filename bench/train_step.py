@@ -23,7 +23,8 @@ from consistency_lens.models.hooks import replace_last
 from consistency_lens.models.inputs import left_pad, position_ids
 from consistency_lens.models.lens import ConsistencyLens
 from consistency_lens.models.loading import load_model
-from consistency_lens.training.objective import compute_losses, kl_at_p, lm_loss
+from consistency_lens.models.patching import kl_at_p
+from consistency_lens.training.objectives.plan import compute_losses, lm_loss
 
 
 def literal_generate_soft(lens: ConsistencyLens, acts: torch.Tensor, length: int, tau: float):

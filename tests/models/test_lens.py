@@ -14,7 +14,7 @@ from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import find_parts
 from consistency_lens.models.lens import ConsistencyLens
 from consistency_lens.models.loading import load_model
-from consistency_lens.training.objective import compute_losses
+from consistency_lens.training.objectives.plan import compute_losses
 
 
 def _cfg(path, **train) -> LensConfig:

@@ -9,7 +9,8 @@ from conftest import objective_batch, objective_lens
 
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import find_parts
-from consistency_lens.training.objective import compute_losses, kl_at_p, lm_loss
+from consistency_lens.models.patching import kl_at_p
+from consistency_lens.training.objectives.plan import compute_losses, lm_loss
 
 
 @pytest.fixture(params=["llama", "gpt2"])
