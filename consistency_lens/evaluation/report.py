@@ -38,12 +38,18 @@ def curves_for(objective: str = "plan") -> list[tuple[str, list[str], bool]]:
 
 
 def run_objective(run_dir: Path) -> str:
-    """The objective a run trained with, from its saved lens (`plan` when there is none yet)."""
-    config = Path(run_dir) / "lens" / "lens_config.json"
-    if not config.is_file():
+    """The objective a run trained with: from its saved lens, else from its newest checkpoint
+    (a run stopped before it saved a lens), else `plan`."""
+    from consistency_lens.training.checkpoint import list_checkpoints, read_config
+
+    lens_config = Path(run_dir) / "lens" / "lens_config.json"
+    if lens_config.is_file():
+        config = read_json(lens_config, "Lens config").get("config", {})
+    elif list_checkpoints(run_dir):
+        config = read_config(list_checkpoints(run_dir)[-1][1])
+    else:
         return "plan"
-    meta = read_json(config, "Lens config")
-    return str(meta.get("config", {}).get("train", {}).get("objective", "plan"))
+    return str(config.get("train", {}).get("objective", "plan"))
 
 
 def curve_figures(rows: list[dict], objective: str = "plan") -> list[str]:

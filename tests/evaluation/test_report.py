@@ -147,3 +147,20 @@ def test_report_renders_in_headless_chromium(tmp_path):
         timeout=180,
     )
     assert shot.is_file() and shot.stat().st_size > 20_000
+
+
+def test_run_objective_comes_from_the_lens_else_the_newest_checkpoint(tmp_path):
+    """A run stopped before it saved a lens is still drawn with its own objective's curves."""
+    from consistency_lens.evaluation.report import run_objective
+
+    assert run_objective(tmp_path) == "plan"
+    for step, objective in ((10, "warm_start"), (20, "grpo")):
+        ckpt = tmp_path / "checkpoints" / f"step_{step}"
+        ckpt.mkdir(parents=True)
+        atomic_write_json(ckpt / "config.json", {"train": {"objective": objective}})
+    assert run_objective(tmp_path) == "grpo"
+    (tmp_path / "lens").mkdir()
+    atomic_write_json(
+        tmp_path / "lens" / "lens_config.json", {"config": {"train": {"objective": "plan"}}}
+    )
+    assert run_objective(tmp_path) == "plan"
