@@ -276,6 +276,39 @@ def _resume_state(directory: Path, header: dict) -> list[dict]:
     return done
 
 
+def _grouped_activations(
+    loaded: LoadedModel,
+    cfg: LensConfig,
+    plan: SplitPlan,
+    idx: np.ndarray,
+    progress: Progress,
+    task: int,
+) -> torch.Tensor:
+    """Activations (len(idx), d) of samples `idx`, in that order, from forwards grouped by P.
+
+    P is uniform in p_min..len-2, so a batch in plan order runs almost to seq_len; sorted by P
+    (stably, so the batches follow from the seed alone) each batch stops at its own largest P.
+    The window is the shard, the unit of resume, so a resumed dump forms the same batches.
+    """
+    order = np.argsort(plan.positions[idx], kind="stable")
+    out: torch.Tensor | None = None
+    for start in range(0, len(order), cfg.batch_size):
+        rows = order[start : start + cfg.batch_size]
+        batch = idx[rows]
+        tic = progress.get_time()
+        acts = _forward_batch(
+            loaded, cfg.layer, [plan.sequences[i] for i in batch], plan.positions[batch]
+        )
+        _check_values(acts, cfg)
+        if out is None:
+            out = acts.new_empty((len(idx), acts.shape[1]))
+        out[torch.from_numpy(rows)] = acts
+        progress.update(
+            task, advance=len(batch), rate=len(batch) / max(progress.get_time() - tic, 1e-9)
+        )
+    return out
+
+
 def _dump_rank(
     loaded: LoadedModel,
     cfg: LensConfig,
@@ -301,20 +334,14 @@ def _dump_rank(
             span.start + number * cfg.shard_size,
             min(span.stop, span.start + (number + 1) * cfg.shard_size),
         )
-        acts, keep = [], []
-        for start in range(0, len(idx), cfg.batch_size):
-            batch = idx[start : start + cfg.batch_size]
-            tic = progress.get_time()
-            out = _forward_batch(
-                loaded, cfg.layer, [plan.sequences[i] for i in batch], plan.positions[batch]
-            )
-            _check_values(out, cfg)
-            acts.append(out)
-            keep.append(_keep_mask(out, cfg.max_norm_ratio))
-            progress.update(
-                task, advance=len(batch), rate=len(batch) / max(progress.get_time() - tic, 1e-9)
-            )
-        acts_t, keep_t = torch.cat(acts), torch.cat(keep)
+        acts_t = _grouped_activations(loaded, cfg, plan, idx, progress, task)
+        # The filter's median is taken over the plan's own batches, as before grouping.
+        keep_t = torch.cat(
+            [
+                _keep_mask(acts_t[start : start + cfg.batch_size], cfg.max_norm_ratio)
+                for start in range(0, len(idx), cfg.batch_size)
+            ]
+        )
         name = f"shard_{number:05d}.safetensors"
         tensors = _shard_tensors(plan, idx, acts_t, keep_t, dtype, header["next_tokens"])
         digest = _write_shard(directory / name, tensors)
