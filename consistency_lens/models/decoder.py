@@ -93,6 +93,9 @@ class DecoderModel(nn.Module):
                 self.slot = nn.Parameter(self.parts.embed_ids(slot_t).float()[0])
         self.proj = near_identity(d_activation, self.parts.d_model, proj_scale).to(device)
         self.gradient_checkpointing = gradient_checkpointing
+        # Per flat kv tensor (keys and values of each layer): whether its cache layer slides.
+        layers = DynamicCache(config=model.config).layers
+        self._sliding = [getattr(layer, "is_sliding", False) for layer in layers for _ in (0, 1)]
 
     @property
     def _dtype(self) -> torch.dtype:
@@ -101,14 +104,14 @@ class DecoderModel(nn.Module):
     def _step(
         self, embeds: torch.Tensor, kv: KV, inject: torch.Tensor | None = None, keep: int = 1
     ) -> tuple[torch.Tensor, KV]:
-        """Run `embeds` (B, n, d) after the cached `kv`; return the last `keep` logits and the new kv.
+        """Run `embeds` (B, n, d) after the cached `kv`; return the last `keep` logits and the kv
+        of all positions so far.
 
         `inject` (B, d) overwrites the state of `embeds`' first position after block
         `inject_layer`. The step is a pure function of its tensor inputs so that it can be
         recomputed in backward (gradient checkpointing, hook included) and so that gradients flow
         through the cache to earlier steps. Logits are (B, V) for `keep == 1`, else (B, keep, V).
         """
-        n = embeds.shape[1]
 
         def step(embeds: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
             flat = rest[1:] if inject is not None else rest
@@ -129,9 +132,10 @@ class DecoderModel(nn.Module):
                     logits_to_keep=keep,
                     **self.parts.cache_kwargs(cache),
                 )
+            # The cache grew by concatenation inside the forward: its tensors are the whole new kv.
             new = [t for layer in cache.layers for t in (layer.keys, layer.values)]
             logits = out.logits[:, -1] if keep == 1 else out.logits[:, -keep:]
-            return (logits, *(t[..., -n:, :] for t in new))
+            return (logits, *new)
 
         flat = [t for pair in kv for t in pair]
         inputs = [inject, *flat] if inject is not None else flat
@@ -140,9 +144,13 @@ class DecoderModel(nn.Module):
         else:
             outputs = step(embeds, *inputs)
         logits, new_flat = outputs[0], outputs[1:]
-        if kv:
+        if kv and any(self._sliding):
+            # A sliding-window layer stores only its window (and counts positions itself): carry
+            # its whole history here, as the last `n` positions appended to the old kv.
+            n = embeds.shape[1]
             new_flat = [
-                torch.cat([old, new], dim=-2) for old, new in zip(flat, new_flat, strict=True)
+                torch.cat([old, new[..., -n:, :]], dim=-2) if slide else new
+                for old, new, slide in zip(flat, new_flat, self._sliding, strict=True)
             ]
         return logits, list(zip(new_flat[0::2], new_flat[1::2], strict=True))
 

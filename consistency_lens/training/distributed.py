@@ -63,9 +63,7 @@ class Engine:
 
     def __init__(self, lens: ConsistencyLens, cfg: LensConfig, model: nn.Module):
         self.lens, self.cfg, self.model = lens, cfg, model
-        self.optimizer, self.scheduler = build_optimizer(
-            lens.param_groups(), cfg.train, lens.device
-        )
+        self.optimizer, self.scheduler = build_optimizer(lens.param_groups(), cfg.train)
 
     def params(self) -> list[torch.Tensor]:
         """The parameters the optimizer updates."""
@@ -303,7 +301,7 @@ class DeepSpeedEngine(_Collective):
                 "keep; use ZeRO stage 1 or 2, or distributed.strategy=fsdp."
             )
         self.lens, self.cfg = lens, cfg
-        base, scheduler = build_optimizer(lens.param_groups(), cfg.train, lens.device)
+        base, scheduler = build_optimizer(lens.param_groups(), cfg.train)
         optimizer = base
         if lens.device.type == "cuda":
             from deepspeed.ops.adam import FusedAdam

@@ -22,13 +22,13 @@ def _trainable_groups(groups: list[dict]) -> list[dict]:
 
 
 def build_optimizer(
-    param_groups: list[dict], cfg: TrainConfig, device: torch.device
+    param_groups: list[dict], cfg: TrainConfig
 ) -> tuple[torch.optim.AdamW, LambdaLR]:
-    """AdamW (fused on CUDA) over `lens.param_groups()` and a LambdaLR driven by `lr_schedule`."""
+    """Fused AdamW over `lens.param_groups()` and a LambdaLR driven by `lr_schedule`."""
     groups = _trainable_groups(param_groups)
-    optimizer = torch.optim.AdamW(
-        groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
-    )
+    # Fused on every device (CPU too): one kernel per group instead of ~15 ops per parameter,
+    # and the step counts stay on the device (the per-parameter loop reads each one back).
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     # LambdaLR multiplies each group's own base lr (projections vs blocks) by the shared factor.
     scheduler = LambdaLR(optimizer, lambda step: schedule_value(cfg.lr_schedule, step, cfg.steps))
     return optimizer, scheduler

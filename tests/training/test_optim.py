@@ -20,7 +20,7 @@ def test_groups_follow_schedule_factor():
         {"name": "proj", "params": [head], "lr": 1e-2},
         {"params": [block, frozen], "lr": 1e-4},
     ]
-    opt, sched = build_optimizer(groups, cfg, torch.device("cpu"))
+    opt, sched = build_optimizer(groups, cfg)
     assert [len(g["params"]) for g in opt.param_groups] == [1, 1]
     assert [g["lr"] for g in opt.param_groups] == [1e-2, 1e-4]
     for _ in range(5):
@@ -32,7 +32,7 @@ def test_groups_follow_schedule_factor():
 def test_no_trainable_parameters_is_a_clear_error():
     frozen = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
     with pytest.raises(LensError, match="no trainable parameters"):
-        build_optimizer([{"params": [frozen]}], TrainConfig(), torch.device("cpu"))
+        build_optimizer([{"params": [frozen]}], TrainConfig())
 
 
 def test_ema_update():

@@ -28,6 +28,7 @@ from consistency_lens.training.objectives import (
     step_info,
 )
 from consistency_lens.training.objectives.grpo import (
+    distinct_fraction,
     group_advantages,
     policy_gradient_loss,
     reference_kl,
@@ -69,6 +70,14 @@ def test_group_advantages_match_hand_computation():
     torch.testing.assert_close(group_advantages(rewards, std_norm=True), expected / (std + 1e-6))
     with pytest.raises(LensError, match="at least 2"):
         group_advantages(rewards[:, :1], std_norm=False)
+
+
+def test_distinct_fraction_counts_distinct_texts_per_group():
+    # Group 0: texts a, b, a, a -> 2 distinct; group 1: c, d, e, d -> 3 distinct; 5 of 8.
+    a, b, c, d, e = ([1, 2], [2, 1], [3, 3], [3, 4], [4, 3])
+    groups = torch.tensor([[a, b, a, a], [c, d, e, d]])
+    assert distinct_fraction(groups).item() == 5 / 8
+    assert distinct_fraction(torch.tensor([[a, a]])).item() == 1 / 2
 
 
 def test_policy_gradient_loss_and_logprobs_match_hand_computation():

@@ -45,6 +45,17 @@ def group_advantages(rewards: torch.Tensor, std_norm: bool) -> torch.Tensor:
     return adv
 
 
+def distinct_fraction(groups: torch.Tensor) -> torch.Tensor:
+    """Distinct texts per group over all texts, for (n, K, T) token ids; computed on the device.
+
+    A text counts when no earlier text of its group equals it (no read-back to the host).
+    """
+    k = groups.shape[1]
+    same = (groups.unsqueeze(2) == groups.unsqueeze(1)).all(-1)  # (n, K, K): text i == text j
+    earlier = torch.ones(k, k, dtype=torch.bool, device=groups.device).tril(-1)  # j < i
+    return (~(same & earlier).any(-1)).float().mean()
+
+
 def policy_gradient_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
     """REINFORCE with fixed advantages: -mean(advantage * log pi(text))."""
     return -(advantages.detach() * logprobs).mean()
@@ -132,9 +143,7 @@ class GRPOObjective(Objective):
         kl_e = kls.mean()
         mse_e = normalised_mse(a_hat, a_rep)
         loss = pg + rl.kl_ref * kl_ref + self.cfg.train.mse_weight * mse_e + step["alpha"] * kl_e
-        distinct = torch.tensor(
-            sum(len(set(map(tuple, g.tolist()))) for g in ids.view(n, k, -1)) / (n * k)
-        )
+        distinct = distinct_fraction(ids.view(n, k, -1))
         terms = {
             "pg": pg,
             "kl_ref": kl_ref,
