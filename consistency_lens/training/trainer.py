@@ -196,14 +196,16 @@ def _micro_step(run: _Run, batch: Batch, info: StepInfo, final: bool) -> dict | 
     with run.engine.micro_batch(final):
         with _autocast(run.cfg, run.device):
             out = run.model(batch.to(run.device), run.objective, info)
-        bad = run.engine.agree(None if bool(torch.isfinite(out.loss)) else "a NaN/inf loss")
+        # Every term the objective returns is logged, declared or not (declared ones get curves).
+        terms = {"loss": out.loss, **out.terms}
+        # One read-back for the loss check and all the logged terms (not one per term).
+        values = torch.stack([v.detach().float().reshape(()) for v in terms.values()]).tolist()
+        bad = run.engine.agree(None if math.isfinite(values[0]) else "a NaN/inf loss")
         if bad is not None:
             return bad
         run.engine.backward(out.loss)
     # Only floats survive the micro-step, so no graph or activation outlives its backward.
-    terms = {"loss": out.loss, **out.terms}
-    # Every term the objective returns is logged, declared or not (declared ones get curves).
-    return {key: float(value.detach()) for key, value in terms.items()} | {"n": len(batch)}
+    return dict(zip(terms, values, strict=True)) | {"n": len(batch)}
 
 
 def _accumulate(run: _Run, info: StepInfo) -> list[dict]:
@@ -239,8 +241,8 @@ def _train_step(run: _Run) -> dict:
         run.engine.zero_grad()
         outs = _accumulate(run, info)
         max_norm = tcfg.grad_clip if tcfg.grad_clip is not None else math.inf
-        grad_norm = run.engine.clip_grad_norm(max_norm)
-        if bool(torch.isfinite(grad_norm)):
+        grad_norm = float(run.engine.clip_grad_norm(max_norm))  # the step's other read-back
+        if math.isfinite(grad_norm):
             break
         _skip_bad(run, "NaN/inf gradients")
     metrics = _step_metrics(outs, run, info.coeffs)
@@ -249,7 +251,7 @@ def _train_step(run: _Run) -> dict:
         run.ema.update(run.lens.trainable_parameters())
     run.state.step += 1
     run.state.samples += sum(o["n"] for o in outs)
-    return {**metrics, "grad_norm": float(grad_norm), "bad_batches": run.state.bad_batches}
+    return {**metrics, "grad_norm": grad_norm, "bad_batches": run.state.bad_batches}
 
 
 def _val_loader(run: _Run) -> Iterator[Batch]:
