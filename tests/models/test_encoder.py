@@ -31,6 +31,7 @@ def test_identity_encoder_reads_block_output(loaded):
     torch.testing.assert_close(enc.encode_ids(ids).detach(), expected, atol=1e-5, rtol=1e-5)
     onehots = F.one_hot(ids, 320).float()
     torch.testing.assert_close(enc(onehots).detach(), expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(enc.one_hots(ids), onehots)  # the objectives' sync-free one-hots
 
 
 def test_later_blocks_never_run(loaded):

@@ -17,7 +17,6 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from consistency_lens.config import LensConfig
@@ -124,7 +123,7 @@ class GRPOObjective(Objective):
             with swapped(self._decoder_params(lens), self.reference):
                 ref_logits = lens.decoder.teacher_forced_logits(a_rep, ids)
 
-        a_hat = lens.encoder(F.one_hot(ids, lens.encoder.parts.embed.weight.shape[0]).float())
+        a_hat = lens.encoder(lens.encoder.one_hots(ids))
         sets = list(a_hat.view(n, k, -1).unbind(1))
         kls = torch.stack(
             patched_kl(lens.orig, batch.input_ids_A, batch.attention_mask_A, a, sets), 1
