@@ -4,8 +4,8 @@ Run: .venv/bin/python bench/train_step.py [mode] [batch_size] [layer]
 The plan-literal step (implemented here) generates A's and A''s texts in two separate calls that
 re-run the whole prompt + prefix at every token, reads E's activation from a full forward with
 `output_hidden_states=True`, and patches M with two full forwards over the whole context. Both
-steps compute the same losses and run backward and an AdamW step; they alternate in rounds
-(best of 3) because this machine is noisy.
+steps compute the same losses and run backward and the trainer's AdamW step; they alternate in
+rounds (best of 3) because this machine is noisy.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from consistency_lens.models.lens import ConsistencyLens
 from consistency_lens.models.loading import load_model
 from consistency_lens.models.patching import kl_at_p
 from consistency_lens.training.objectives.plan import compute_losses, lm_loss
+from consistency_lens.training.optim import build_optimizer
 
 
 def literal_generate_soft(lens: ConsistencyLens, acts: torch.Tensor, length: int, tau: float):
@@ -113,7 +114,8 @@ def main() -> None:
     lens = ConsistencyLens.build(cfg, loaded)
     batch = make_batch(lens, batch_size)
     mean_p = float(batch.attention_mask_A.sum(-1).float().mean() - 1)
-    optimizer = torch.optim.AdamW(lens.param_groups())
+    # The trainer's optimizer (fused AdamW), one instance for both steps.
+    optimizer, _ = build_optimizer(lens.param_groups(), cfg.train)
 
     def step(fn) -> float:
         tic = time.perf_counter()
