@@ -25,7 +25,8 @@ import consistency_lens.data.dump as dump_mod
 from consistency_lens.config import config_from_dict
 from consistency_lens.data.corpus import tokenized_corpus
 from consistency_lens.data.dataset import ActivationDataset
-from consistency_lens.data.dump import _bos_id, dump_activations, plan_splits, split_dir
+from consistency_lens.data.dump import _bos_id, dump_activations, plan_splits
+from consistency_lens.data.layout import split_dir
 from consistency_lens.models.hooks import run_until
 from consistency_lens.models.loading import load_model
 

@@ -93,9 +93,6 @@ class DecoderModel(nn.Module):
                 self.slot = nn.Parameter(self.parts.embed_ids(slot_t).float()[0])
         self.proj = near_identity(d_activation, self.parts.d_model, proj_scale).to(device)
         self.gradient_checkpointing = gradient_checkpointing
-        # Per flat kv tensor (keys and values of each layer): whether its cache layer slides.
-        layers = DynamicCache(config=model.config).layers
-        self._sliding = [getattr(layer, "is_sliding", False) for layer in layers for _ in (0, 1)]
 
     @property
     def _dtype(self) -> torch.dtype:
@@ -117,9 +114,9 @@ class DecoderModel(nn.Module):
             flat = rest[1:] if inject is not None else rest
             pairs = list(zip(flat[0::2], flat[1::2], strict=True))
             # No config: every layer is a plain DynamicLayer that keeps all its states. A
-            # sliding-window layer would crop what it stores to the window, and the chunk's new
-            # states read back below would be lost; the model still applies each layer's window
-            # through its attention mask.
+            # sliding-window layer would crop what it stores to the window, and the kv read back
+            # below would lose states; the model still applies each layer's window through its
+            # attention mask.
             cache = DynamicCache(ddp_cache_data=pairs or None)
             hook = contextlib.nullcontext()
             if inject is not None:
@@ -144,14 +141,6 @@ class DecoderModel(nn.Module):
         else:
             outputs = step(embeds, *inputs)
         logits, new_flat = outputs[0], outputs[1:]
-        if kv and any(self._sliding):
-            # A sliding-window layer stores only its window (and counts positions itself): carry
-            # its whole history here, as the last `n` positions appended to the old kv.
-            n = embeds.shape[1]
-            new_flat = [
-                torch.cat([old, new[..., -n:, :]], dim=-2) if slide else new
-                for old, new, slide in zip(flat, new_flat, self._sliding, strict=True)
-            ]
         return logits, list(zip(new_flat[0::2], new_flat[1::2], strict=True))
 
     def _start(
