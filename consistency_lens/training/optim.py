@@ -26,7 +26,7 @@ def build_optimizer(
 ) -> tuple[torch.optim.AdamW, LambdaLR]:
     """Fused AdamW over `lens.param_groups()` and a LambdaLR driven by `lr_schedule`."""
     groups = _trainable_groups(param_groups)
-    # Fused on every device (CPU too): one kernel per group instead of ~15 ops per parameter,
+    # Fused on every device (CPU too): one kernel per group instead of ~10 per parameter,
     # and the step counts stay on the device (the per-parameter loop reads each one back).
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     # LambdaLR multiplies each group's own base lr (projections vs blocks) by the shared factor.

@@ -199,7 +199,10 @@ def _micro_step(run: _Run, batch: Batch, info: StepInfo, final: bool) -> dict | 
         # Every term the objective returns is logged, declared or not (declared ones get curves).
         terms = {"loss": out.loss, **out.terms}
         # One read-back for the loss check and all the logged terms (not one per term).
-        values = torch.stack([v.detach().float().reshape(()) for v in terms.values()]).tolist()
+        device = out.loss.device
+        values = torch.stack(
+            [v.detach().to(device, torch.float32).reshape(()) for v in terms.values()]
+        ).tolist()
         bad = run.engine.agree(None if math.isfinite(values[0]) else "a NaN/inf loss")
         if bad is not None:
             return bad
