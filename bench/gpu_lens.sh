@@ -7,7 +7,9 @@
 #
 #   bash bench/gpu_lens.sh [LOG_DIR] [config overrides...]
 # Budget knobs (seconds): WS_SECONDS (warm start, default 100), RL_SECONDS (GRPO, default 200),
-# EVAL_SECONDS (each eval, default 100); EVAL_CORPORA (default "sotu pydoc"); PROFILE=0 skips it.
+# EVAL_SECONDS (each eval, default 100), PROFILE_SECONDS (bench/gpu.py --part profile, default
+# 180; PROFILE=0 skips it). WS_STEPS caps the warm start's steps (default 600); EVAL_CORPORA
+# (default "sotu pydoc"); PY the Python (default python3); PROFILE_ARGS extra profile arguments.
 # With PACK_DIR set, the lens, logs and results end packed there as parts under 15 MB.
 # CPU dry run:  WS_SECONDS=30 RL_SECONDS=30 bash bench/gpu_lens.sh runs/gpu_dry device=cpu \
 #                 num_samples=64 val_samples=32 eval.num_samples=32 ...
@@ -82,7 +84,7 @@ print(json.dumps({"fve": d["fve"], "perplexity": d["perplexity"], "diversity": d
 PYEOF
 done
 if [ "${PROFILE:-1}" = 1 ]; then
-    timeout 60 "$py" bench/gpu.py --part profile ${PROFILE_ARGS:-} >"$out/profile.jsonl" 2>"$out/profile.err"
+    timeout "${PROFILE_SECONDS:-180}" "$py" bench/gpu.py --part profile ${PROFILE_ARGS:-} >"$out/profile.jsonl" 2>"$out/profile.err"
     log "profile rc $?"
 fi
 log "end"

@@ -30,7 +30,10 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _checkpoint_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--checkpoint", type=Path, help="saved lens directory (default: <train.run_dir>/lens)"
+        "--checkpoint",
+        type=Path,
+        help="saved lens directory (default: <train.run_dir>/lens; explain, when no run has started "
+        "there: the lens shipped for the model)",
     )
 
 

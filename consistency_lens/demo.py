@@ -13,6 +13,26 @@ def _stage(name: str) -> float:
     return time.perf_counter()
 
 
+def _comparable_shipped_lens(cfg: LensConfig) -> Path | None:
+    """The lens shipped for `cfg.model` when it reads the demo's layer of its corpus, else None."""
+    from consistency_lens.lenses import shipped_lens
+    from consistency_lens.models.lens import CONFIG_FILE
+    from consistency_lens.utils.io import read_json
+
+    path = shipped_lens(cfg.model)
+    if path is None:
+        return None
+    meta = read_json(path / CONFIG_FILE, "Lens config")
+    layer, corpus = meta["layer"], meta["config"].get("corpus")
+    if (layer, corpus) != (cfg.layer, cfg.corpus):
+        # Its eval would need its own layer's dumps: not the same samples, so no comparison.
+        print(
+            f"Not comparing with the shipped lens '{path}': it reads layer {layer} of {corpus!r}."
+        )
+        return None
+    return path
+
+
 def run_demo(cfg: LensConfig) -> dict:
     """Run the whole pipeline on `cfg`; returns the paths written and the eval results."""
     from consistency_lens.data.dump import dump_activations
@@ -24,7 +44,6 @@ def run_demo(cfg: LensConfig) -> dict:
     from consistency_lens.evaluation.explain import explain_command
     from consistency_lens.evaluation.report import write_report
     from consistency_lens.evaluation.tables import print_comparison
-    from consistency_lens.lenses import shipped_lens
     from consistency_lens.training.trainer import train
 
     run_dir = Path(cfg.train.run_dir)
@@ -49,7 +68,7 @@ def run_demo(cfg: LensConfig) -> dict:
     # Eval never writes the lens directory; the demo publishes its numbers in the card explicitly.
     card_command(lens_dir, run_dir / "eval_results.json")
     timings["eval_s"] = time.perf_counter() - t
-    shipped, shipped_results = shipped_lens(cfg.model), None
+    shipped, shipped_results = _comparable_shipped_lens(cfg), None
     if shipped is not None:
         t = _stage("3b/5 evaluate the lens shipped in the package on the same samples")
         shipped_results = evaluate_command(cfg, shipped, run_dir / "shipped_lens")

@@ -141,7 +141,8 @@ def check_same_dump(train: ActivationDataset, val: ActivationDataset) -> None:
 def check_matches(dataset: ActivationDataset, lens: ConsistencyLens) -> None:
     """Refuse a dump whose width, layer or model differs from the lens's (train and eval alike)."""
     meta, width = dataset.metadata, lens.d_model
-    stored = int(dataset.sample(0)[1].shape[-1])
+    # An empty split (every sample filtered) has no sample to read a width from.
+    stored = int(dataset.sample(0)[1].shape[-1]) if len(dataset) else dataset.d_model
     if dataset.d_model != width or stored != width:
         problem = (
             f"it holds activations of width {stored} but model '{lens.cfg.model}' has width {width}"

@@ -26,11 +26,12 @@ from consistency_lens.evaluation.samples import (
 from consistency_lens.evaluation.specificity import bucket_examples, content_words, specificity
 from consistency_lens.evaluation.tables import BASELINE_NAMES as BASELINE_LABELS
 from consistency_lens.evaluation.tables import ci_text, markdown_tables, print_rich
+from consistency_lens.models.lens import CONFIG_FILE
 from consistency_lens.models.patching import patched_kl
 from consistency_lens.utils.io import atomic_write_json, atomic_write_text, read_json, sha256_file
 
 BASELINES = ("zero", "mean", "context_tokens", "shuffled")
-LENS_CONFIG = "lens_config.json"
+LENS_CONFIG = CONFIG_FILE
 
 
 def default_checkpoint(cfg: LensConfig) -> Path:
@@ -38,18 +39,24 @@ def default_checkpoint(cfg: LensConfig) -> Path:
     return Path(cfg.train.run_dir) / "lens"
 
 
-def load_lens(cfg: LensConfig, checkpoint: Path | None):
-    """Load a saved lens directory on `cfg.device`: `checkpoint`, else `<train.run_dir>/lens`,
-    else the lens shipped in the package for `cfg.model` (see `consistency_lens.lenses`)."""
+def load_lens(cfg: LensConfig, checkpoint: Path | None, shipped_fallback: bool = False):
+    """Load a saved lens directory on `cfg.device`: `checkpoint`, else `<train.run_dir>/lens`.
+
+    With `shipped_fallback` (explain), a run directory that holds no lens and no checkpoints
+    falls back to the lens shipped in the package for `cfg.model` (`consistency_lens.lenses`);
+    eval never does, so its results are always the run's own.
+    """
     from consistency_lens.lenses import shipped_lens
     from consistency_lens.models.lens import ConsistencyLens
 
     path = Path(checkpoint) if checkpoint is not None else default_checkpoint(cfg)
-    shipped = shipped_lens(cfg.model)
-    if checkpoint is None and not (path / "lens_config.json").is_file() and shipped is not None:
+    shipped = shipped_lens(cfg.model) if shipped_fallback and checkpoint is None else None
+    # A run with checkpoints but no lens was interrupted: it must be resumed, not replaced.
+    untrained = not (Path(cfg.train.run_dir) / "checkpoints").exists()
+    if shipped is not None and untrained and not (path / LENS_CONFIG).is_file():
         print(f"No lens at '{path}'; using the lens shipped for {cfg.model}: '{shipped}'.")
         path = shipped
-    if not (path / "lens_config.json").is_file():
+    if not (path / LENS_CONFIG).is_file():
         raise LensError(
             f"No saved lens at '{path}' (lens_config.json missing); train one with "
             "`consistency-lens train` or pass --checkpoint DIR."

@@ -126,7 +126,7 @@ def explain_command(
     cfg: LensConfig, checkpoint: Path | None, text: str, html: Path | None
 ) -> list[dict]:
     """Explain every position of `text` with a saved lens; print a table, optionally write HTML."""
-    lens, path = load_lens(cfg, checkpoint)
+    lens, path = load_lens(cfg, checkpoint, shipped_fallback=True)
     if html is not None:
         refuse_lens_dir(Path(html).parent, path, "Explain page")
     rows = explain_text(lens, text, cfg.eval.batch_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from html import escape
 from pathlib import Path
 
+from consistency_lens.errors import LensError
 from consistency_lens.evaluation.html import page, table
 from consistency_lens.evaluation.samples import (
     read_samples,
@@ -43,11 +44,15 @@ def run_objective(run_dir: Path) -> str:
     from consistency_lens.training.checkpoint import list_checkpoints, read_config
 
     lens_config = Path(run_dir) / "lens" / "lens_config.json"
-    if lens_config.is_file():
-        config = read_json(lens_config, "Lens config").get("config", {})
-    elif list_checkpoints(run_dir):
-        config = read_config(list_checkpoints(run_dir)[-1][1])
-    else:
+    checkpoints = list_checkpoints(run_dir)
+    try:
+        if lens_config.is_file():
+            config = read_json(lens_config, "Lens config").get("config", {})
+        elif checkpoints:
+            config = read_config(checkpoints[-1][1])
+        else:
+            return "plan"
+    except LensError:  # a damaged file costs the report its objective's curves, not the report
         return "plan"
     return str(config.get("train", {}).get("objective", "plan"))
 

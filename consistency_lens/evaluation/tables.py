@@ -196,7 +196,8 @@ TARGETS = (
 
 
 def _ratio(bucket: dict | None) -> float | None:
-    if not bucket:
+    # No own hits (a collapsed or empty lens) is no ratio, never an infinite one.
+    if not bucket or not bucket["own"] > 0:
         return None
     return bucket["own"] / bucket["deranged"] if bucket["deranged"] else float("inf")
 

@@ -2,7 +2,7 @@
 
 Each is a saved lens directory (`lens.safetensors`, `lens_config.json`, its model card
 `README.md`) trained by `bench/gpu_lens.sh` on one GPU; BENCHMARKS.md records the run and its
-numbers. A lens is shipped for a base model only when it beats the CPU demo's own lens.
+numbers, and `make demo` compares it with the demo's own lens on the same samples.
 """
 
 from __future__ import annotations

@@ -340,7 +340,8 @@ class ConsistencyLens(nn.Module):
         `model` and `trust_remote_code` are the caller's (the user's config): a lens directory is
         data someone may hand you, so it never decides to run a model's own code, and its recorded
         base model is only compared with `model`, never loaded in its place. Without `model` the
-        recorded base model is loaded, still with the caller's `trust_remote_code`.
+        recorded base model is loaded, still with the caller's `trust_remote_code`. Without
+        `device` it loads on CUDA when present, else on the CPU (never the recorded device).
         """
         path = Path(path)
         meta = _read_lens_config(path)
@@ -363,8 +364,9 @@ class ConsistencyLens(nn.Module):
         except LensError as err:
             raise LensError(f"Lens config '{path / CONFIG_FILE}' is damaged: {err}") from None
         # The caller's choices, never the file's: what to load and whether its code may run.
+        # The device too: a lens trained on a GPU loads on a CPU-only machine (`auto`).
         update = {"model": model or recorded, "trust_remote_code": trust_remote_code}
-        cfg = cfg.model_copy(update={**update, **({"device": device} if device else {})})
+        cfg = cfg.model_copy(update={**update, "device": device or "auto"})
         if layer is not None and layer != meta["layer"]:
             raise LensError(
                 f"The lens at '{path}' was trained for layer {meta['layer']}, not layer {layer}."

@@ -310,7 +310,7 @@ def test_old_format_dump_is_named_in_one_sentence(tmp_path, tiny_llama_dir, corp
 
 
 def test_dump_grouped_by_P_stores_what_plan_order_batches_give(
-    tmp_path, tiny_llama_dir, corpus_dir
+    tmp_path, tiny_llama_dir, corpus_dir, monkeypatch
 ):
     """Issue 11: batches sorted by P within a shard store the plan-order batches' A.
 
@@ -321,11 +321,20 @@ def test_dump_grouped_by_P_stores_what_plan_order_batches_give(
     tightest bound that holds: 1.75 ulps measured). The high-norm
     filter keeps the same samples (its median is taken over the plan's batches).
     """
+    import consistency_lens.data.dump as dump_mod
     from consistency_lens.data.corpus import tokenized_corpus
     from consistency_lens.data.dump import _bos_id, _forward_batch, _keep_mask, plan_splits
 
     cfg = _cfg(tmp_path, tiny_llama_dir, corpus_dir, shard_size=40, max_norm_ratio=1.0)
+    seen = []  # the P values of each batch the dump runs, in order
+
+    def recording(loaded, layer, seqs, positions):
+        seen.append(np.asarray(positions).copy())
+        return _forward_batch(loaded, layer, seqs, positions)
+
+    monkeypatch.setattr(dump_mod, "_forward_batch", recording)
     dirs = dump_activations(cfg)
+    monkeypatch.undo()
     loaded = load_model(str(tiny_llama_dir), device="cpu", dtype="float32")
     corpus = tokenized_corpus(cfg.corpus, loaded.tokenizer, cfg.cache_dir, cfg.text_column)
     plan = plan_splits(cfg, corpus, _bos_id(loaded.tokenizer))[0]["train"]
@@ -344,6 +353,13 @@ def test_dump_grouped_by_P_stores_what_plan_order_batches_give(
         got, want = ds.sample(i)[1], ref[int(ds.seq_index[i])]
         ulp = torch.finfo(torch.float32).eps * want.abs().max()
         assert (got - want).abs().max() <= 2 * ulp
+    # The train shard's batches are its P values sorted (stably), cut into batches of 8: each
+    # runs only to its own largest P, narrower in total than the plan-order batches.
+    grouped = np.sort(plan.positions[:40], kind="stable")
+    assert len(seen) == 6
+    train_batches = seen[:5]  # train first, then the val split's one batch
+    assert [b.tolist() for b in train_batches] == [
+        grouped[s : s + 8].tolist() for s in range(0, 40, 8)
+    ]
     widths = [int(plan.positions[s : s + 8].max()) + 1 for s in range(0, 40, 8)]
-    grouped = np.sort(plan.positions[:40])
-    assert sum(int(grouped[s : s + 8].max()) + 1 for s in range(0, 40, 8)) < sum(widths)
+    assert sum(int(b.max()) + 1 for b in train_batches) < sum(widths)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import tiny_dump_config
 
@@ -92,3 +94,28 @@ def test_demo_compares_its_lens_with_the_shipped_one(
     # nan (no content words in a tiny random lens's texts) is the same result on both sides.
     assert all(row[1] == row[2] or (row[1] != row[1] and row[2] != row[2]) for row in rows)
     assert rows[1][1] == out["results"]["fve"]["mean"]
+    # A shipped lens of another layer would need other dumps: the demo skips the comparison.
+    meta_path = tmp_path / "package" / "copy" / "lens_config.json"
+    meta = json.loads(meta_path.read_text())
+    meta["layer"] = 1
+    meta_path.write_text(json.dumps(meta))
+    assert run_demo(cfg)["shipped_results"] is None
+
+
+def test_specificity_ratio_without_own_hits_is_no_ratio():
+    """A lens whose texts never meet their own context has no ratio to show, not an infinite one."""
+    from consistency_lens.evaluation.tables import comparison_rows
+
+    def results(own: float, deranged: float) -> dict:
+        return {
+            "baselines": {"shuffled": {"kl_recovered": 0.5}},
+            "fve": {"mean": 0.3},
+            "diversity": {"fraction_unique": 0.7},
+            "perplexity": 80.0,
+            "specificity": {"buckets": {"any": {"own": own, "deranged": deranged}}},
+        }
+
+    _, rows = comparison_rows(
+        {"a": results(0.0, 0.0), "b": results(0.4, 0.0), "c": results(0.4, 0.1)}
+    )
+    assert rows[-1][1:4] == ["n/a", float("inf"), 4.0]

@@ -183,6 +183,12 @@ def test_explain_without_a_trained_lens_uses_the_one_shipped_for_the_model(
     assert f"using the lens shipped for {run.model}: '{shipped}'" in capsys.readouterr().out
     assert rows == explain_command(run, None, "the nation", None)
     assert _tree_hashes(shipped) == before
+    with pytest.raises(LensError, match="No saved lens"):  # eval's results are the run's own
+        evaluate_command(empty, None)
+    (tmp_path / "checkpoints").mkdir()  # an interrupted run is resumed, not replaced
+    with pytest.raises(LensError, match="No saved lens"):
+        explain_command(empty, None, "the nation", None)
+    (tmp_path / "checkpoints").rmdir()
     monkeypatch.setattr(lenses, "SHIPPED", {})
     with pytest.raises(LensError, match="No saved lens"):
         explain_command(empty, None, "the nation", None)

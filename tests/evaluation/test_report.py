@@ -159,6 +159,8 @@ def test_run_objective_comes_from_the_lens_else_the_newest_checkpoint(tmp_path):
         ckpt.mkdir(parents=True)
         atomic_write_json(ckpt / "config.json", {"train": {"objective": objective}})
     assert run_objective(tmp_path) == "grpo"
+    (tmp_path / "checkpoints" / "step_20" / "config.json").write_text("{half")
+    assert run_objective(tmp_path) == "plan"  # a damaged config: the plain curves, no crash
     (tmp_path / "lens").mkdir()
     atomic_write_json(
         tmp_path / "lens" / "lens_config.json", {"config": {"train": {"objective": "plan"}}}

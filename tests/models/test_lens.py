@@ -122,6 +122,21 @@ def test_save_load_round_trip(mode, tiny_llama_dir, tmp_path):
     torch.testing.assert_close(a_hat, a_hat2)
 
 
+def test_a_lens_recorded_on_cuda_loads_without_a_device_where_there_is_none(
+    tiny_llama_dir, tmp_path
+):
+    """The recorded device is where it was trained, not where it must load (the shipped lens
+    was trained on a GPU); without `device` the lens loads on CUDA if present, else the CPU."""
+    lens = ConsistencyLens.build(_cfg(tiny_llama_dir))
+    lens.save_pretrained(tmp_path / "lens")
+    meta = json.loads((tmp_path / "lens" / "lens_config.json").read_text())
+    meta["config"]["device"] = "cuda"
+    (tmp_path / "lens" / "lens_config.json").write_text(json.dumps(meta))
+    again = ConsistencyLens.from_pretrained(tmp_path / "lens")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert again.device.type == expected and again.cfg.device == "auto"
+
+
 def test_load_refuses_mismatch_and_corruption(tiny_llama_dir, tiny_gpt2_dir, tmp_path):
     lens = ConsistencyLens.build(_cfg(tiny_llama_dir))
     out = tmp_path / "lens"
