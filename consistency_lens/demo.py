@@ -44,6 +44,7 @@ def run_demo(cfg: LensConfig) -> dict:
     from consistency_lens.evaluation.explain import explain_command
     from consistency_lens.evaluation.report import write_report
     from consistency_lens.evaluation.tables import print_comparison
+    from consistency_lens.models.lens import CONFIG_FILE
     from consistency_lens.training.trainer import train
 
     run_dir = Path(cfg.train.run_dir)
@@ -56,7 +57,7 @@ def run_demo(cfg: LensConfig) -> dict:
     timings["dump_s"] = time.perf_counter() - t
 
     t = _stage("2/5 train the lens")
-    if (lens_dir / "lens_config.json").is_file():
+    if (lens_dir / CONFIG_FILE).is_file():
         print(f"reusing the trained lens at {lens_dir} (delete it to train again)")
     else:
         # resume=True: a demo interrupted mid-training continues from its last checkpoint.

@@ -87,17 +87,14 @@ def plan_splits(
             f"(each sequence needs at least {p_min + 2} tokens); lower p_min or use longer texts."
         )
     wanted = cfg.val_samples + cfg.num_samples
-    if "train" not in splits and len(windows) < wanted:
-        if len(windows) < cfg.val_samples:
-            raise LensError(
-                f"Corpus '{cfg.corpus}' yields {len(windows)} usable sequences of up to "
-                f"{cfg.seq_len} tokens, fewer than val_samples = {cfg.val_samples}; lower it or "
-                "use a bigger corpus."
-            )
-    elif len(windows) < wanted:
+    if "train" in splits:
+        needed, what = wanted, f"num_samples + val_samples = {wanted}; lower them"
+    else:
+        needed, what = cfg.val_samples, f"val_samples = {cfg.val_samples}; lower it"
+    if len(windows) < needed:
         raise LensError(
             f"Corpus '{cfg.corpus}' yields {len(windows)} usable sequences of up to {cfg.seq_len} tokens, "
-            f"fewer than num_samples + val_samples = {wanted}; lower them or use a bigger corpus."
+            f"fewer than {what} or use a bigger corpus."
         )
     order = np.random.default_rng(cfg.seed).permutation(len(windows))
     chosen = {"val": order[: cfg.val_samples], "train": order[cfg.val_samples : wanted]}

@@ -31,7 +31,6 @@ from consistency_lens.models.patching import patched_kl
 from consistency_lens.utils.io import atomic_write_json, atomic_write_text, read_json, sha256_file
 
 BASELINES = ("zero", "mean", "context_tokens", "shuffled")
-LENS_CONFIG = CONFIG_FILE
 
 
 def default_checkpoint(cfg: LensConfig) -> Path:
@@ -48,15 +47,20 @@ def load_lens(cfg: LensConfig, checkpoint: Path | None, shipped_fallback: bool =
     """
     from consistency_lens.lenses import shipped_lens
     from consistency_lens.models.lens import ConsistencyLens
+    from consistency_lens.training.checkpoint import checkpoints_dir
 
     path = Path(checkpoint) if checkpoint is not None else default_checkpoint(cfg)
-    shipped = shipped_lens(cfg.model) if shipped_fallback and checkpoint is None else None
     # A run with checkpoints but no lens was interrupted: it must be resumed, not replaced.
-    untrained = not (Path(cfg.train.run_dir) / "checkpoints").exists()
-    if shipped is not None and untrained and not (path / LENS_CONFIG).is_file():
+    if (
+        shipped_fallback
+        and checkpoint is None
+        and not (path / CONFIG_FILE).is_file()
+        and not checkpoints_dir(cfg.train.run_dir).exists()
+        and (shipped := shipped_lens(cfg.model)) is not None
+    ):
         print(f"No lens at '{path}'; using the lens shipped for {cfg.model}: '{shipped}'.")
         path = shipped
-    if not (path / LENS_CONFIG).is_file():
+    if not (path / CONFIG_FILE).is_file():
         raise LensError(
             f"No saved lens at '{path}' (lens_config.json missing); train one with "
             "`consistency-lens train` or pass --checkpoint DIR."
@@ -432,7 +436,7 @@ def evaluate_command(cfg: LensConfig, checkpoint: Path | None, output: Path | No
     results = evaluate(lens, dataset, cfg, train_mean(mean_set))
     results["checkpoint"] = str(path)
     results["mean_split"] = str(mean_set.path)
-    results["lens_weights_sha256"] = read_json(path / LENS_CONFIG, "Lens config").get(
+    results["lens_weights_sha256"] = read_json(path / CONFIG_FILE, "Lens config").get(
         "weights_sha256"
     )
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -452,7 +456,7 @@ def card_command(lens_dir: Path, results_file: Path) -> Path:
     from consistency_lens.models.lens import CARD_FILE, WEIGHTS_FILE, card_text
 
     lens_dir, results_file = Path(lens_dir), Path(results_file)
-    meta = read_json(lens_dir / LENS_CONFIG, "Lens config")
+    meta = read_json(lens_dir / CONFIG_FILE, "Lens config")
     results = read_json(results_file, "Eval results")
     weights = lens_dir / WEIGHTS_FILE
     recorded = results.get("lens_weights_sha256")

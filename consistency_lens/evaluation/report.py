@@ -13,6 +13,7 @@ from consistency_lens.evaluation.samples import (
     specificity_fragment,
 )
 from consistency_lens.evaluation.tables import result_tables
+from consistency_lens.models.lens import CONFIG_FILE
 from consistency_lens.utils.io import atomic_write_text, read_json
 from consistency_lens.utils.logging import MetricsFile
 
@@ -43,7 +44,7 @@ def run_objective(run_dir: Path) -> str:
     (a run stopped before it saved a lens), else `plan`."""
     from consistency_lens.training.checkpoint import list_checkpoints, read_config
 
-    lens_config = Path(run_dir) / "lens" / "lens_config.json"
+    lens_config = Path(run_dir) / "lens" / CONFIG_FILE
     checkpoints = list_checkpoints(run_dir)
     try:
         if lens_config.is_file():

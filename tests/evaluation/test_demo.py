@@ -12,38 +12,48 @@ from consistency_lens.config import config_from_dict
 from consistency_lens.demo import run_demo
 
 
-def test_demo_pipeline_then_reuse(tmp_path, tiny_llama_dir, corpus_dir, monkeypatch):
-    cfg = config_from_dict(
+def _demo_config(tmp_path, model_dir, corpus_dir, train: dict, eval: dict, **over):
+    """A tiny demo: block 2 of the tiny Llama, 32 + 16 samples of 24 tokens, run in tmp/run."""
+    return config_from_dict(
         tiny_dump_config(
             tmp_path,
-            tiny_llama_dir,
+            model_dir,
             corpus_dir,
             layer=2,
             seq_len=24,
             num_samples=32,
             val_samples=16,
-            batch_size=16,
-            shard_size=4096,
-            dtype="float16",  # the demo's storage dtype
-            train={
-                "run_dir": str(tmp_path / "run"),
-                "t_text": 2,
-                "steps": 2,
-                "batch_size": 4,
-                "val_every": 1,
-                "val_batches": 1,
-                "log_every": 1,
-                "prompt": "thought <embed> is",
-            },
-            eval={
-                "num_samples": 8,
-                "batch_size": 8,
-                "bootstrap": 20,
-                "qualitative": 2,
-                "num_sampled": 1,
-                "explain_text": "the nation economy",
-            },
+            train={"run_dir": str(tmp_path / "run"), "t_text": 2, **train},
+            eval=eval,
+            **over,
         )
+    )
+
+
+def test_demo_pipeline_then_reuse(tmp_path, tiny_llama_dir, corpus_dir, monkeypatch):
+    cfg = _demo_config(
+        tmp_path,
+        tiny_llama_dir,
+        corpus_dir,
+        batch_size=16,
+        shard_size=4096,
+        dtype="float16",  # the demo's storage dtype
+        train={
+            "steps": 2,
+            "batch_size": 4,
+            "val_every": 1,
+            "val_batches": 1,
+            "log_every": 1,
+            "prompt": "thought <embed> is",
+        },
+        eval={
+            "num_samples": 8,
+            "batch_size": 8,
+            "bootstrap": 20,
+            "qualitative": 2,
+            "num_sampled": 1,
+            "explain_text": "the nation economy",
+        },
     )
     out = run_demo(cfg)
     run_dir = tmp_path / "run"
@@ -70,18 +80,12 @@ def test_demo_compares_its_lens_with_the_shipped_one(
     import consistency_lens.lenses as lenses
     from consistency_lens.evaluation.tables import TARGETS, comparison_rows
 
-    cfg = config_from_dict(
-        tiny_dump_config(
-            tmp_path,
-            tiny_llama_dir,
-            corpus_dir,
-            layer=2,
-            seq_len=24,
-            num_samples=32,
-            val_samples=16,
-            train={"run_dir": str(tmp_path / "run"), "t_text": 2, "steps": 1, "batch_size": 4},
-            eval={"num_samples": 8, "batch_size": 8, "bootstrap": 20, "qualitative": 2},
-        )
+    cfg = _demo_config(
+        tmp_path,
+        tiny_llama_dir,
+        corpus_dir,
+        train={"steps": 1, "batch_size": 4},
+        eval={"num_samples": 8, "batch_size": 8, "bootstrap": 20, "qualitative": 2},
     )
     assert run_demo(cfg)["shipped_results"] is None
     shutil.copytree(tmp_path / "run" / "lens", tmp_path / "package" / "copy")
