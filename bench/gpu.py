@@ -7,7 +7,7 @@ Smoke test (CPU): python bench/gpu.py --tiny      (tiny shapes, a few iterations
 Dump: the early-exit forward of the dump (blocks 0..L only) on bf16 sequences of `--seq` tokens,
 plus the gather of each row's activation at P and its copy to the host, as `consistency-lens dump`
 does. Train: one optimizer step of the lens in `full` mode (D and E trainable copies, M frozen)
-with bf16 autocast; MFU counts the dense matmul FLOPs of D, E and M (attention scores left out,
+with bf16 autocast, at each micro-batch of `--train-batches`, then the best (`train_best`); MFU counts the dense matmul FLOPs of D, E and M (attention scores left out,
 as the texts are short) against `--peak-tflops` (H100 SXM bf16 dense: 989).
 """
 
@@ -79,7 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=256, help="dump sequence length")
     parser.add_argument("--layer", type=int, default=16, help="dump layer L")
     parser.add_argument("--batch", type=int, default=64, help="dump batch size")
-    parser.add_argument("--train-batch", type=int, default=16, help="lens micro-batch size")
+    parser.add_argument(
+        "--train-batch", type=int, default=16, help="lens micro-batch size of the profile"
+    )
+    parser.add_argument(
+        "--train-batches",
+        default="16,64,256",
+        help="micro-batch sizes the train part sweeps (comma-separated); it reports the best",
+    )
     parser.add_argument("--t-text", type=int, default=8, help="tokens D writes per activation")
     parser.add_argument("--context", type=int, default=64, help="tokens 0..P of input_ids_A")
     parser.add_argument("--iters", type=int, default=10, help="timed iterations (after warmup)")
@@ -87,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.tiny:
         args.seq, args.layer, args.batch, args.train_batch = 32, 1, 4, 2
+        args.train_batches = "2,4"
         args.t_text, args.context, args.iters = 2, 8, 2
     return args
 
@@ -260,6 +268,29 @@ def bench_train(
     }
 
 
+def sweep_train(
+    args: argparse.Namespace, shape: str, device: torch.device, dtype: torch.dtype
+) -> dict:
+    """`bench_train` at each micro-batch of `--train-batches`; the best samples/s and MFU."""
+    results = []
+    for batch in (int(b) for b in args.train_batches.split(",")):
+        try:
+            result = bench_train(
+                argparse.Namespace(**{**vars(args), "train_batch": batch}), shape, device, dtype
+            )
+        except torch.OutOfMemoryError:
+            result = {"part": "train", "shape": shape, "batch": batch, "error": "out of memory"}
+        print(json.dumps(result), flush=True)
+        results.append(result)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    best = max((r for r in results if "error" not in r), key=lambda r: r["samples_per_s"])
+    return {
+        "part": "train_best",
+        **{k: best[k] for k in ("shape", "batch", "samples_per_s", "mfu")},
+    }
+
+
 # Host syncs: the calls that make the CPU wait for the device (or read a device scalar).
 _SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense")
 
@@ -305,10 +336,11 @@ def profile_train(
     phases, syncs, aten_ops, kernels = {}, {}, 0, 0
     for evt in events:
         if evt.key.startswith("phase:"):
-            phases[evt.key[6:]] = {
-                "cpu_ms": evt.cpu_time_total / 1e3 / steps,
-                "device_ms": getattr(evt, "device_time_total", 0.0) / 1e3 / steps,
-            }
+            # On CUDA each range is two entries, the host's and the GPU's annotation (its span
+            # on the device timeline); each carries its own time.
+            phase = phases.setdefault(evt.key[6:], {"cpu_ms": 0.0, "device_ms": 0.0})
+            phase["cpu_ms"] += evt.cpu_time_total / 1e3 / steps
+            phase["device_ms"] += getattr(evt, "device_time_total", 0.0) / 1e3 / steps
         elif evt.key in _SYNC_OPS:
             syncs[evt.key] = evt.count / steps
         if evt.key.startswith("aten::"):
@@ -342,9 +374,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(bench_dump(args, device, dtype)), flush=True)
     if args.part in ("train", "all"):
         for shape in ("tiny",) if args.tiny else ("smollm2-135m", "llama-1b"):
-            print(json.dumps(bench_train(args, shape, device, dtype)), flush=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            print(json.dumps(sweep_train(args, shape, device, dtype)), flush=True)
     if args.part in ("profile", "all"):
         shape = "tiny" if args.tiny else "smollm2-135m"
         print(json.dumps(profile_train(args, shape, device, dtype)), flush=True)

