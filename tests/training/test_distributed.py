@@ -249,9 +249,16 @@ def test_gpu_bench_runs_tiny_on_cpu(capsys):
     bench.main(["--tiny"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     results = [json.loads(line) for line in lines]
-    assert [r["part"] for r in results] == ["dump", "train", "profile"]
-    assert all(r["samples_per_s"] > 0 for r in results[:2])
-    profile = results[2]
+    # --tiny sweeps micro-batches 2 and 4, then reports the faster of the two.
+    assert [r["part"] for r in results] == ["dump", "train", "train", "train_best", "profile"]
+    assert [r["batch"] for r in results[1:3]] == [2, 4]
+    assert all(r["samples_per_s"] > 0 for r in results[:3])
+    best = max(results[1:3], key=lambda r: r["samples_per_s"])
+    assert (results[3]["batch"], results[3]["samples_per_s"]) == (
+        best["batch"],
+        best["samples_per_s"],
+    )
+    profile = results[4]
     phases = {"forward", "backward", "optimizer", "D generate_soft", "E encode"}
     assert phases <= set(profile["phases"]) and profile["aten_ops_per_step"] > 0
     # D's generation, E and M's patched forward run inside the forward phase.
