@@ -61,6 +61,7 @@ _PY_SYNCS = ("tolist", "numpy", "cpu")
 _DEMO_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n<embed> ->"
 CASES: dict[str, dict] = {
     "plan-full": {"mode": "full"},
+    "plan-full-compiled": {"mode": "full", "compile": True},
     "plan-frozen_base": {"mode": "frozen_base"},
     "warm_start": {
         "mode": "lora",

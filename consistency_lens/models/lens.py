@@ -120,13 +120,17 @@ def _check_context(loaded: LoadedModel, cfg: LensConfig) -> None:
 
 
 def _compile_blocks(models: list[nn.Module]) -> None:
-    """Compile each block's `forward`; hooks live in `__call__` and stay outside the graph."""
-    seen: set[int] = set()
-    for model in models:
-        for block in find_parts(model).blocks:
-            if id(block) not in seen:
-                seen.add(id(block))
-                block.forward = torch.compile(block.forward)
+    """Compile each block's `forward` with dynamic shapes; hooks live in `__call__` and stay outside the graph."""
+    blocks = list({id(b): b for model in models for b in find_parts(model).blocks}.values())
+    # All blocks share one code object, and dynamo keeps one cache entry per block and call kind
+    # (D's prompt chunk, its one-token steps, E, with and without grad). At its default limit of 8
+    # entries most blocks fell back to eager (BENCHMARKS.md, issue 11). Dynamic shapes keep D's
+    # growing kv cache from recompiling at every generated token.
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 8 * len(blocks))
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 16 * len(blocks))
+    for block in blocks:
+        block.forward = torch.compile(block.forward, dynamic=True)
 
 
 class ConsistencyLens(nn.Module):
