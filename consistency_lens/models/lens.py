@@ -120,15 +120,21 @@ def _check_context(loaded: LoadedModel, cfg: LensConfig) -> None:
 
 
 def _compile_blocks(models: list[nn.Module]) -> None:
-    """Compile each block's `forward` with dynamic shapes; hooks live in `__call__` and stay outside the graph."""
+    """Compile each block's `forward` with dynamic shapes; hooks stay outside the graph.
+
+    Raises torch._dynamo's recompile limits for the whole process (they are global).
+    """
     blocks = list({id(b): b for model in models for b in find_parts(model).blocks}.values())
     # All blocks share one code object, and dynamo keeps one cache entry per block and call kind
-    # (D's prompt chunk, its one-token steps, E, with and without grad). At its default limit of 8
-    # entries most blocks fell back to eager (BENCHMARKS.md, issue 11). Dynamic shapes keep D's
-    # growing kv cache from recompiling at every generated token.
+    # (D's prompt chunk and one-token steps, E, M's forwards where they share blocks, with and
+    # without grad, a batch of one): at its default limit of 8 entries most blocks silently fell
+    # back to eager (BENCHMARKS.md, issue 11). Dynamic shapes keep D's growing kv cache from
+    # recompiling at every generated token. The old names are the aliases every torch has.
     config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, 8 * len(blocks))
-    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 16 * len(blocks))
+    config.cache_size_limit = max(config.cache_size_limit, 64 * len(blocks))
+    config.accumulated_cache_size_limit = max(
+        config.accumulated_cache_size_limit, 128 * len(blocks)
+    )
     for block in blocks:
         block.forward = torch.compile(block.forward, dynamic=True)
 
