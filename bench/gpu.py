@@ -1,14 +1,15 @@
 """GPU figures: dump throughput of a Llama-2-7B-shaped model, lens training step throughput and MFU.
 
-Run on one H100:  python bench/gpu.py            (both parts; random weights measure speed fine)
+Run on one H100:  python bench/gpu.py            (all parts; random weights measure speed fine)
                   python bench/gpu.py --part dump --batch 64
 Smoke test (CPU): python bench/gpu.py --tiny      (tiny shapes, a few iterations, same code path)
 
 Dump: the early-exit forward of the dump (blocks 0..L only) on bf16 sequences of `--seq` tokens,
 plus the gather of each row's activation at P and its copy to the host, as `consistency-lens dump`
 does. Train: one optimizer step of the lens in `full` mode (D and E trainable copies, M frozen)
-with bf16 autocast, at each micro-batch of `--train-batches`, then the best (`train_best`); MFU counts the dense matmul FLOPs of D, E and M (attention scores left out,
-as the texts are short) against `--peak-tflops` (H100 SXM bf16 dense: 989).
+with bf16 autocast, at each micro-batch of `--train-batches`, then the best (`train_best`); MFU
+counts the dense matmul FLOPs of D, E and M (attention scores left out, as the texts are short)
+against `--peak-tflops` (H100 SXM bf16 dense: 989). Profile: where one step's time goes.
 """
 
 from __future__ import annotations
@@ -284,7 +285,14 @@ def sweep_train(
         results.append(result)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    best = max((r for r in results if "error" not in r), key=lambda r: r["samples_per_s"])
+    fitted = [r for r in results if "error" not in r]
+    if not fitted:
+        return {
+            "part": "train_best",
+            "shape": shape,
+            "error": "every micro-batch ran out of memory",
+        }
+    best = max(fitted, key=lambda r: r["samples_per_s"])
     return {
         "part": "train_best",
         **{k: best[k] for k in ("shape", "batch", "samples_per_s", "mfu")},
@@ -336,16 +344,25 @@ def profile_train(
     phases, syncs, aten_ops, kernels = {}, {}, 0, 0
     for evt in events:
         if evt.key.startswith("phase:"):
-            # On CUDA each range is two entries, the host's and the GPU's annotation (its span
-            # on the device timeline); each carries its own time.
-            phase = phases.setdefault(evt.key[6:], {"cpu_ms": 0.0, "device_ms": 0.0})
-            phase["cpu_ms"] += evt.cpu_time_total / 1e3 / steps
-            phase["device_ms"] += getattr(evt, "device_time_total", 0.0) / 1e3 / steps
-        elif evt.key in _SYNC_OPS:
+            # On CUDA each range has two entries: the host's, whose device time is the sum of the
+            # kernels it launched, and the GPU annotation, whose device time is the range's span
+            # on the GPU timeline (idle gaps included).
+            phase = phases.setdefault(
+                evt.key[6:], {"cpu_ms": 0.0, "kernel_ms": 0.0, "gpu_span_ms": 0.0}
+            )
+            device_ms = getattr(evt, "device_time_total", 0.0) / 1e3 / steps
+            if evt.device_type == torch.autograd.DeviceType.CPU:
+                phase["cpu_ms"] += evt.cpu_time_total / 1e3 / steps
+                phase["kernel_ms"] += device_ms
+            else:
+                phase["gpu_span_ms"] += device_ms
+            continue
+        if evt.key in _SYNC_OPS:
             syncs[evt.key] = evt.count / steps
         if evt.key.startswith("aten::"):
             aten_ops += evt.count
-        if getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA:
+        annotation = getattr(evt, "is_user_annotation", False)
+        if evt.device_type == torch.autograd.DeviceType.CUDA and not annotation:
             kernels += evt.count
     return {
         "part": "profile",

@@ -92,3 +92,5 @@ if [ "${PROFILE:-1}" = 1 ]; then
 fi
 log "end"
 pack
+# The status says whether the recipe produced a lens (a later stage may still have run out of time).
+[ -f "$run/lens/lens_config.json" ] || { log "no lens in $run"; exit 1; }

@@ -6,7 +6,10 @@
 #   bash bench/gpu_lens_sweep.sh OUT_DIR NAME[:override,override...] ...
 # e.g. bash bench/gpu_lens_sweep.sh runs/sweep base t8:train.t_text=8
 # The budget knobs of bench/gpu_lens.sh (WS_SECONDS, RL_SECONDS, EVAL_CORPORA, ...) apply to
-# every variant; PROFILE defaults to 0 here (a profile beside other runs measures nothing).
+# every variant; PROFILE defaults to 0 here (a profile beside other runs measures nothing) and
+# EVAL_CORPORA to sotu (the dumped corpus: variants evaluating another corpus at once would each
+# dump its validation split into the same directory). Override values cannot hold a comma
+# (variants) or a space (OVERRIDES). Exits 1 if any variant ended without a lens.
 # With PACK_DIR set, each variant's results end packed in PACK_DIR/NAME. OVERRIDES (space-separated)
 # go to the dump and to every variant, e.g. a CPU dry run:
 #   OVERRIDES="device=cpu num_samples=64 val_samples=32 eval.num_samples=32" WS_SECONDS=30 \
@@ -17,6 +20,7 @@ shift
 mkdir -p "$out"
 py=${PY:-python3}
 read -ra common <<<"${OVERRIDES:-}"
+pids=()
 "$py" -m consistency_lens dump --config config/gpu.yaml "${common[@]}" >"$out/dump.log" 2>&1 || { tail -20 "$out/dump.log"; exit 1; }
 for variant in "$@"; do
     name=${variant%%:*}
@@ -24,11 +28,17 @@ for variant in "$@"; do
     [ "$name" != "$variant" ] && IFS=, read -ra overrides <<<"${variant#*:}"
     pack_dir=
     [ -n "${PACK_DIR:-}" ] && pack_dir=$PACK_DIR/$name && mkdir -p "$pack_dir"
-    SKIP_DUMP=1 PROFILE=${PROFILE:-0} PACK_DIR=$pack_dir bash bench/gpu_lens.sh "$out/$name" \
-        "${common[@]}" train.run_dir="runs/gpu_$name" "${overrides[@]}" >"$out/$name.log" 2>&1 &
+    SKIP_DUMP=1 PROFILE=${PROFILE:-0} EVAL_CORPORA=${EVAL_CORPORA:-sotu} PACK_DIR=$pack_dir \
+        bash bench/gpu_lens.sh "$out/$name" "${common[@]}" train.run_dir="runs/gpu_$name" \
+        "${overrides[@]}" >"$out/$name.log" 2>&1 &
+    pids+=($!)
 done
-wait
+status=0
+for pid in "${pids[@]}"; do
+    wait "$pid" || status=1
+done
 for variant in "$@"; do
     echo "== ${variant%%:*}"
     cat "$out/${variant%%:*}.log"
 done
+exit $status

@@ -11,7 +11,9 @@ the objective's forward, backward, gradient clipping and the AdamW step, through
 Counted per step (after one warm-up step):
 - `aten_ops`: every aten op the profiler records, nested ones included; `top_ops`: those called
   from Python or autograd (not from inside another aten op); `kernel_ops`: leaves (calling no
-  other aten op) that are not views or allocations, roughly one GPU kernel launch each.
+  other aten op) that are not views or allocations, roughly one GPU kernel launch each, plus
+  inductor's fused kernels where blocks are compiled (`fused_kernels`, also counted alone).
+  The `*-compiled` cases set `train.compile` and spend minutes compiling before they count.
 - `syncs`: ops that make the host wait for the device: `aten::_local_scalar_dense` (`.item()`,
   `float(t)`, `bool(t)`), `aten::nonzero` and `aten::masked_select` (output size read back), plus
   Python calls of `Tensor.tolist`/`.numpy`/`.cpu` (on a CPU these never reach the profiler). Reads
@@ -24,12 +26,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import torch
+# Inductor's fused CPU kernels (train.compile) show in the profiler only with this set; each is
+# one launch, as a fused kernel would be on a GPU. Set before torch reads it.
+os.environ.setdefault("TORCHINDUCTOR_CPP_ENABLE_KERNEL_PROFILE", "1")
+
+import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -162,6 +169,8 @@ def count_step(step: Callable[[], None]) -> dict:
 
     top = [e for e in events if not any(a.name.startswith("aten::") for a in ancestors(e))]
     leaves = [e for e in events if not any(c.name.startswith("aten::") for c in e.cpu_children)]
+    # Inductor's fused kernels (`graph_<n>_cpp_fused_...`) are not aten ops but launch one each.
+    fused = [e for e in prof.events() if "cpp_fused" in e.name]
     kernels = [e for e in leaves if e.name not in NO_KERNEL]
     synced = [
         e
@@ -182,7 +191,8 @@ def count_step(step: Callable[[], None]) -> dict:
     return {
         "aten_ops": len(events),
         "top_ops": len(top),
-        "kernel_ops": len(kernels),
+        "kernel_ops": len(kernels) + len(fused),
+        "fused_kernels": len(fused),
         "phases": dict(phases),
         "host_syncs": sum(syncs.values()),
         "syncs": dict(syncs),
