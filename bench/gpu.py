@@ -92,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--context", type=int, default=64, help="tokens 0..P of input_ids_A")
     parser.add_argument("--iters", type=int, default=10, help="timed iterations (after warmup)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak")
+    parser.add_argument(
+        "--compile", action="store_true", help="train.compile: every block of D and E compiled"
+    )
     args = parser.parse_args(argv)
     if args.tiny:
         args.seq, args.layer, args.batch, args.train_batch = 32, 1, 4, 2
@@ -210,6 +213,7 @@ def _full_mode_step(
                 "batch_size": args.train_batch,
                 "prompt": prompt,
                 "precision": "bf16" if device.type == "cuda" else "fp32",
+                "compile": args.compile,
             },
         }
     )
