@@ -13,7 +13,7 @@ Counted per step (after one warm-up step):
   from Python or autograd (not from inside another aten op); `kernel_ops`: leaves (calling no
   other aten op) that are not views or allocations, roughly one GPU kernel launch each, plus
   inductor's fused kernels where blocks are compiled (`fused_kernels`, also counted alone).
-  The `*-compiled` cases set `train.compile` and spend minutes compiling before they count.
+  The `plan-full-compiled` case sets `train.compile` and spends minutes compiling before it counts.
 - `syncs`: ops that make the host wait for the device: `aten::_local_scalar_dense` (`.item()`,
   `float(t)`, `bool(t)`), `aten::nonzero` and `aten::masked_select` (output size read back), plus
   Python calls of `Tensor.tolist`/`.numpy`/`.cpu` (on a CPU these never reach the profiler). Reads
