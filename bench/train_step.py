@@ -28,6 +28,13 @@ from consistency_lens.training.objectives.plan import compute_losses, lm_loss
 from consistency_lens.training.optim import build_optimizer
 
 
+def literal_embed(parts, onehots: torch.Tensor) -> torch.Tensor:
+    """The plan's embedding of one-hots: `onehots @ table` (as one 2-D matmul), times the scale."""
+    table = parts.embed.weight
+    flat = onehots.reshape(-1, onehots.shape[-1]).to(table.dtype) @ table
+    return flat.reshape(*onehots.shape[:-1], table.shape[1]) * parts.embed_scale
+
+
 def literal_generate_soft(lens: ConsistencyLens, acts: torch.Tensor, length: int, tau: float):
     """The plan's generate_soft: every step re-runs the prompt and all generated tokens."""
     dec = lens.decoder
@@ -49,14 +56,14 @@ def literal_generate_soft(lens: ConsistencyLens, acts: torch.Tensor, length: int
         logits_all.append(logits)
         ids.append(onehot.argmax(-1))
         onehots.append(onehot)
-        embeds = torch.cat([embeds, dec.parts.embed_rows(onehot).unsqueeze(1)], dim=1)
+        embeds = torch.cat([embeds, literal_embed(dec.parts, onehot).unsqueeze(1)], dim=1)
     return SoftGeneration(torch.stack(logits_all, 1), torch.stack(ids, 1), torch.stack(onehots, 1))
 
 
 def literal_encode(lens: ConsistencyLens, onehots: torch.Tensor) -> torch.Tensor:
     """The plan's E: a full forward with all hidden states, then the final token at its layer."""
     enc = lens.encoder
-    out = enc.model(inputs_embeds=enc.parts.embed_rows(onehots), output_hidden_states=True)
+    out = enc.model(inputs_embeds=literal_embed(enc.parts, onehots), output_hidden_states=True)
     return enc.proj(out.hidden_states[enc.layer + 1][:, -1].float())
 
 

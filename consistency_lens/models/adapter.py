@@ -33,6 +33,35 @@ def _get(obj: object, path: str) -> object:
     return obj
 
 
+class _OneHotRows(torch.autograd.Function):
+    """`onehots @ table` for rows one-hot in value: a gather forward, the matmul's gradients.
+
+    The forward equals the matmul exactly: the one nonzero term is `hot * row` (the hot value of a
+    straight-through one-hot is within an ulp of 1), the others are exact zeros.
+    """
+
+    @staticmethod
+    def forward(ctx, onehots: torch.Tensor, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        hot = onehots.gather(-1, ids.unsqueeze(-1)).to(table.dtype)
+        ctx.save_for_backward(ids, table, hot)
+        ctx.onehot_dtype = onehots.dtype
+        return table[ids] * hot
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
+        ids, table, hot = ctx.saved_tensors
+        grad_onehots = grad_table = None
+        flat = grad.reshape(-1, table.shape[1]).to(table.dtype)
+        if ctx.needs_input_grad[0]:
+            # A 2-D matmul: `(B, T, d) @ (d, V)` would broadcast the table into a batched copy.
+            grad_onehots = (flat @ table.T).reshape(*ids.shape, table.shape[0])
+            grad_onehots = grad_onehots.to(ctx.onehot_dtype)
+        if ctx.needs_input_grad[2]:
+            rows = flat * hot.reshape(-1, 1)
+            grad_table = torch.zeros_like(table).index_add_(0, ids.reshape(-1), rows)
+        return grad_onehots, None, grad_table
+
+
 @dataclass
 class ModelParts:
     """Handles into a causal LM that the lens needs."""
@@ -60,12 +89,15 @@ class ModelParts:
         """Width of the residual stream."""
         return self.embed.weight.shape[1]
 
-    def embed_rows(self, weights: torch.Tensor) -> torch.Tensor:
-        """`inputs_embeds` for a (..., V) distribution over tokens (one-hot or soft)."""
-        table = self.embed.weight
-        # A 2-D matmul: `(B, T, V) @ (V, d)` would broadcast the table into a batched copy.
-        flat = weights.reshape(-1, weights.shape[-1]).to(table.dtype) @ table
-        return flat.reshape(*weights.shape[:-1], table.shape[1]) * self.embed_scale
+    def embed_onehots(self, onehots: torch.Tensor) -> torch.Tensor:
+        """`inputs_embeds` for (..., V) rows that are one-hot in value, as `onehots @ table`.
+
+        The straight-through one-hots D writes and E reads are exact one-hots forward, so the
+        forward gathers each row's table row instead of multiplying by the whole (V, d) table;
+        the backward is the matmul's (every vocabulary entry gets its gradient).
+        """
+        ids = onehots.argmax(dim=-1)
+        return _OneHotRows.apply(onehots, ids, self.embed.weight) * self.embed_scale
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """`inputs_embeds` for token ids, exactly what the model's forward would compute."""
@@ -91,15 +123,20 @@ def find_parts(model: nn.Module) -> ModelParts:
 
 
 def _contiguous_input(_module: nn.Module, args: tuple) -> tuple:
-    return (args[0].contiguous(), *args[1:])
+    hidden = args[0].contiguous()
+    # A size-1 dimension keeps its old stride through `contiguous()` (it counts as contiguous), and
+    # matmul's fold into one mm checks the strides themselves: a (1, 1, d) slice of a longer
+    # sequence still took the batched path. Viewing through 2-D gives every dim its packed stride.
+    return (hidden.view(-1, hidden.shape[-1]).view(hidden.shape), *args[1:])
 
 
 def contiguous_head(model: nn.Module) -> None:
     """Make the vocabulary projection read a contiguous input (once per model).
 
     HF slices the hidden states before the head (`logits_to_keep`); on a (B, n, d) slice that is
-    not contiguous, torch's CPU matmul falls back to a batched matmul that copies the whole
-    (V, d) weight once per row, which cost most of a training step on the embedded model.
+    not contiguous (or is one row of a longer sequence), torch's CPU matmul falls back to a batched
+    matmul that copies the whole (V, d) weight once per row, which cost most of a training step on
+    the embedded model (and 75 ms per step for D's batch-1 pass over the prompt before the slot).
     """
     head = model.get_output_embeddings()
     if head is not None and not getattr(head, "_lens_contiguous", False):

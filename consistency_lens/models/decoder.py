@@ -35,6 +35,26 @@ class SoftGeneration:
     """(B, T, V) hard one-hots whose gradient is the Gumbel-Softmax's (what E consumes)."""
 
 
+def gumbel_noise(like: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise shaped like `like`: `-log(-log U)`, U uniform in [0, 1).
+
+    U = 0 gives -inf, a token that cannot be drawn. Drawn from uniforms because torch's CPU
+    `exponential_` (what `F.gumbel_softmax` uses) takes 6x as long, ~17 ms per (16, 49152) draw.
+    """
+    return torch.rand_like(like).log_().neg_().log_().neg_()
+
+
+def gumbel_softmax_hard(logits: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Straight-through Gumbel-Softmax over the last dim: (hard one-hots, their token ids).
+
+    The one-hots are exact in value; their gradient is that of softmax((logits + g) / tau).
+    """
+    soft = F.softmax((logits + gumbel_noise(logits)) / tau, dim=-1)
+    ids = soft.argmax(dim=-1)
+    hard = torch.zeros_like(soft).scatter_(-1, ids.unsqueeze(-1), 1.0)
+    return hard - soft.detach() + soft, ids
+
+
 def split_prompt(prompt: str) -> tuple[str, str]:
     """Text before and after the single `<embed>` slot of a decoder prompt."""
     if prompt.count(EMBED_SLOT) != 1:
@@ -185,12 +205,12 @@ class DecoderModel(nn.Module):
         logits, kv = self._start(activations)
         all_logits, all_ids, all_onehots = [], [], []
         for t in range(max_length):
-            onehot = F.gumbel_softmax(logits.float(), tau=tau, hard=True)
+            onehot, ids = gumbel_softmax_hard(logits.float(), tau)
             all_logits.append(logits)
-            all_ids.append(onehot.argmax(dim=-1))
+            all_ids.append(ids)
             all_onehots.append(onehot)
             if t + 1 < max_length:
-                embeds = self.parts.embed_rows(onehot).unsqueeze(1)
+                embeds = self.parts.embed_onehots(onehot).unsqueeze(1)
                 logits, kv = self._step(embeds, kv)
         return SoftGeneration(
             token_logits=torch.stack(all_logits, dim=1),

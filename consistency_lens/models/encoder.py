@@ -72,7 +72,7 @@ class EncoderModel(nn.Module):
                 f"Encoder input has shape {tuple(onehots.shape)} but needs (batch, tokens, "
                 f"{self.parts.embed.weight.shape[0]}) one-hots over the vocabulary."
             )
-        return self._read(self.parts.embed_rows(onehots), None)
+        return self._read(self.parts.embed_onehots(onehots), None)
 
     def one_hots(self, ids: torch.Tensor) -> torch.Tensor:
         """`F.one_hot(ids, V).float()` for E's vocabulary, without one_hot's read-back of the ids'

@@ -160,7 +160,7 @@ def test_embedding_rows_equal_the_models_own_embedding(loaded, dtype):
     parts = find_parts(model)
     ids = torch.tensor([[3, 17, 250]])
     onehot = torch.nn.functional.one_hot(ids, 320).float()
-    assert torch.equal(parts.embed_rows(onehot), parts.embed_ids(ids))
+    assert torch.equal(parts.embed_onehots(onehot), parts.embed_ids(ids))
     with torch.no_grad():
         plain = model(input_ids=ids).logits
         via_embeds = model(inputs_embeds=parts.embed_ids(ids)).logits
@@ -214,3 +214,34 @@ def test_explain_every_token(family, trained):
     (kl,) = patched_kl(lens.orig, ids, torch.ones_like(ids), a, [a_hat])
     assert rows[-1]["explanation"] == lens.loaded.tokenizer.decode(expl[0].tolist())
     assert rows[-1]["kl"] == pytest.approx(float(kl[0]), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embed_onehots_equals_the_matmul_with_its_gradients(loaded, dtype):
+    """Straight-through one-hots (hot value within an ulp of 1) embed exactly as `onehots @ table`
+    would, and both the one-hots and a trainable table get the matmul's gradients."""
+    from consistency_lens.models.decoder import gumbel_softmax_hard
+
+    model = copy.deepcopy(loaded.model).to(dtype)
+    parts = find_parts(model)
+    table = parts.embed.weight
+    table.requires_grad_(True)
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 320, requires_grad=True)
+    onehots, _ = gumbel_softmax_hard(logits, 0.7)
+    weights = torch.randn(2, 3, table.shape[1])
+
+    def backward(out):
+        logits.grad = table.grad = None
+        (out.float() * weights).sum().backward(retain_graph=True)
+        return logits.grad.clone(), table.grad.clone()
+
+    out = parts.embed_onehots(onehots)
+    grads = backward(out)
+    flat = onehots.reshape(-1, 320).to(dtype) @ table
+    reference = flat.reshape(2, 3, -1) * parts.embed_scale
+    expected = backward(reference)
+    assert torch.equal(out, reference)
+    torch.testing.assert_close(grads[0], expected[0], rtol=0, atol=0)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(grads[1], expected[1], rtol=tol, atol=tol)

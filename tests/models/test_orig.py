@@ -99,3 +99,21 @@ def test_head_reads_a_contiguous_input_once_and_logits_are_unchanged(tiny_llama_
     assert not hidden.is_contiguous()
     expected = hidden.contiguous() @ head.weight.T
     torch.testing.assert_close(head(hidden), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_head_on_the_last_position_runs_one_mm_not_a_batched_copy(tiny_llama_dir, rows):
+    """A (B, 1, d) slice of a longer sequence reaches the head as one mm, batch 1 included: a
+    size-1 dim's stale stride made matmul take its batched path and copy the whole (d, V) weight."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from consistency_lens.models.loading import load_model
+
+    loaded = load_model(str(tiny_llama_dir), device="cpu", dtype="float32")
+    head = loaded.model.get_output_embeddings()
+    hidden = torch.randn(rows, 5, 64, generator=torch.Generator().manual_seed(0))[:, -1:]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        logits = head(hidden)
+    names = {e.name for e in prof.events()}
+    assert "aten::mm" in names and "aten::bmm" not in names
+    torch.testing.assert_close(logits, hidden.contiguous() @ head.weight.T, rtol=0, atol=1e-6)

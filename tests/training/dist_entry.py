@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from consistency_lens.cli import main
+from consistency_lens.models import decoder
 from consistency_lens.training import distributed
 
 # AdamW's first update of a weight is lr * g / (|g| + eps), whose sensitivity to g is up to
@@ -24,15 +24,9 @@ from consistency_lens.training import distributed
 ADAM_EPS = 1e-5
 
 
-def noiseless_gumbel_softmax(
-    logits: torch.Tensor, tau: float = 1.0, hard: bool = False, dim: int = -1, **_: object
-) -> torch.Tensor:
-    """`F.gumbel_softmax` with the noise left out: hard argmax forward, softmax(logits/tau) backward."""
-    soft = F.softmax(logits / tau, dim=dim)
-    if not hard:
-        return soft
-    onehot = torch.zeros_like(soft).scatter_(dim, soft.argmax(dim, keepdim=True), 1.0)
-    return onehot - soft.detach() + soft
+def noiseless(like: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise left out (zeros): D's draw is the hard argmax, its gradient softmax(logits/tau)."""
+    return torch.zeros_like(like)
 
 
 def coarse_eps(build: Callable[..., tuple]) -> Callable[..., tuple]:
@@ -49,6 +43,6 @@ def coarse_eps(build: Callable[..., tuple]) -> Callable[..., tuple]:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    F.gumbel_softmax = noiseless_gumbel_softmax
+    decoder.gumbel_noise = noiseless
     distributed.build_optimizer = coarse_eps(distributed.build_optimizer)
     main()

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import tiny_dump_config, tiny_train_config
-from dist_entry import coarse_eps, noiseless_gumbel_softmax
+from dist_entry import coarse_eps, noiseless
 from safetensors.torch import load_file
 
 from consistency_lens.config import config_from_dict
 from consistency_lens.data.dump import dump_activations
 from consistency_lens.errors import LensError
+from consistency_lens.models import decoder
 from consistency_lens.training import checkpoint as ck
 from consistency_lens.training import distributed, trainer
 from consistency_lens.utils import dist
@@ -126,7 +126,7 @@ def _torchrun(
 def _single(
     base: dict, run_dir: Path, monkeypatch, *, mode: str = "full", steps: int = 2, resume=False
 ) -> None:
-    monkeypatch.setattr(F, "gumbel_softmax", noiseless_gumbel_softmax)
+    monkeypatch.setattr(decoder, "gumbel_noise", noiseless)
     # The same AdamW eps as the torchrun side (dist_entry); wrapping a wrapped builder only sets
     # eps again, so repeated calls in one monkeypatch context are harmless.
     monkeypatch.setattr(distributed, "build_optimizer", coarse_eps(distributed.build_optimizer))
