@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import check_layer, find_parts
 from consistency_lens.models.hooks import run_until
-from consistency_lens.models.inputs import position_ids
+from consistency_lens.models.inputs import causal_mask, position_ids
 from consistency_lens.models.projection import near_identity
 
 
@@ -52,7 +52,10 @@ class EncoderModel(nn.Module):
                 attention_mask = torch.cat([ones, attention_mask], dim=1)
         kwargs: dict = {"use_cache": False}
         if attention_mask is not None:
-            kwargs.update(attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+            mask = causal_mask(
+                attention_mask, embeds.shape[1], self.model.config, self.parts.embed.weight.dtype
+            )
+            kwargs.update(attention_mask=mask, position_ids=position_ids(attention_mask))
         block = self.parts.blocks[self.layer]
 
         def read(embeds: torch.Tensor) -> torch.Tensor:

@@ -30,3 +30,33 @@ def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch
         ids[row, width - len(seq) :] = seq
         mask[row, width - len(seq) :] = 1
     return ids, mask
+
+
+def causal_mask(
+    attention_mask: torch.Tensor, query_length: int, config: object, dtype: torch.dtype
+) -> torch.Tensor:
+    """The attention mask to hand a forward over a left-padded batch whose last `query_length`
+    columns are the queries: a ready (B, 1, q, kv) mask where this module can build it, else
+    `attention_mask` itself.
+
+    From a 2-D mask, transformers reads the padding back to the host to decide whether it needs a
+    mask at all (one sync per forward, which stalls an accelerator's launch queue); a 4-D mask is
+    used as given. Built for `sdpa` (boolean) and `eager` (additive, `dtype`'s lowest value where
+    masked). Other attention implementations, and sliding windows shorter than the batch, get the
+    2-D mask. A query with no real column before it (a padding position) attends to every column,
+    as transformers does for old torch versions: its output is never read, but must stay finite.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    impl = getattr(text, "_attn_implementation", None)
+    window = getattr(text, "sliding_window", None)
+    kv = attention_mask.shape[1]
+    if impl not in ("sdpa", "eager") or (window is not None and kv > window):
+        return attention_mask
+    cols = torch.arange(kv, device=attention_mask.device)
+    causal = cols <= cols[kv - query_length :, None]
+    allowed = causal.unsqueeze(0) & attention_mask.bool().unsqueeze(1)
+    allowed = (allowed | ~allowed.any(-1, keepdim=True)).unsqueeze(1)
+    if impl == "sdpa":
+        return allowed
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
+    return bias.masked_fill_(~allowed, torch.finfo(dtype).min)

@@ -11,7 +11,7 @@ from transformers import DynamicCache
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import check_layer, contiguous_head, find_parts
 from consistency_lens.models.hooks import replace_last, run_until
-from consistency_lens.models.inputs import position_ids
+from consistency_lens.models.inputs import causal_mask, position_ids
 from consistency_lens.models.loading import LoadedModel, hf_attention
 from consistency_lens.models.patching import token_nll
 from consistency_lens.utils.dist import resolve_device
@@ -70,13 +70,17 @@ def _expand_cache(cache: DynamicCache, repeats: int) -> DynamicCache:
     return new
 
 
-def _check_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+def _check_batch(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, values: bool = True
+) -> None:
+    """Refuse ids and mask that are not one left-padded (B, T) batch; `values=False` checks the
+    shapes only, leaving the last column unread (reading it is a host sync)."""
     if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
         raise LensError(
             f"input_ids {tuple(input_ids.shape)} and attention_mask "
             f"{tuple(attention_mask.shape)} must be matching (B, T) tensors."
         )
-    if not bool(attention_mask[:, -1].all()):
+    if values and not bool(attention_mask[:, -1].all()):
         raise LensError(
             "Every row's last column must be a real token (left padding puts P last); "
             "pad with consistency_lens.models.inputs.left_pad."
@@ -105,6 +109,12 @@ class OriginalModelWrapper:
         """Device of M's input embedding."""
         return self.parts.embed.weight.device
 
+    def _mask(self, attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:
+        """M's attention mask for a left-padded batch whose last `query_length` columns are read."""
+        return causal_mask(
+            attention_mask, query_length, self.model.config, self.parts.embed.weight.dtype
+        )
+
     def _check_vectors(self, vectors_list: list[torch.Tensor], batch: int) -> None:
         if not vectors_list:
             raise LensError("forward_with_replacement needs at least one set of vectors.")
@@ -121,8 +131,13 @@ class OriginalModelWrapper:
         attention_mask: torch.Tensor,
         vectors_list: list[torch.Tensor],
     ) -> list[torch.Tensor]:
-        """Logits (B, V) at the last column for each set of replacement vectors, sharing the prefix."""
-        _check_batch(input_ids, attention_mask)
+        """Logits (B, V) at the last column for each set of replacement vectors, sharing the prefix.
+
+        The batch must be left-padded (P last), as `left_pad` and `CollateFn` build it. This is the
+        training step's call, so its last column is not read back to check it (a host sync that
+        would stall an accelerator once per step); the other entry points of M check it.
+        """
+        _check_batch(input_ids, attention_mask, values=False)
         batch = input_ids.shape[0]
         self._check_vectors(vectors_list, batch)
         n = len(vectors_list)
@@ -134,7 +149,7 @@ class OriginalModelWrapper:
                 cache = DynamicCache(config=self.model.config)
                 self.model(
                     input_ids=input_ids[:, :-1],
-                    attention_mask=attention_mask[:, :-1],
+                    attention_mask=self._mask(attention_mask[:, :-1], input_ids.shape[1] - 1),
                     position_ids=positions[:, :-1],
                     use_cache=True,
                     **self.parts.cache_kwargs(cache),
@@ -146,7 +161,7 @@ class OriginalModelWrapper:
         with replace_last(self.block, vectors):
             out = self.model(
                 input_ids=input_ids[:, -1:].repeat(n, 1),
-                attention_mask=attention_mask.repeat(n, 1),
+                attention_mask=self._mask(attention_mask.repeat(n, 1), 1),
                 position_ids=positions[:, -1:].repeat(n, 1),
                 use_cache=cache is not None,
                 **self.parts.cache_kwargs(cache),
@@ -179,7 +194,7 @@ class OriginalModelWrapper:
         _check_batch(input_ids, attention_mask)
         out = self.model(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=self._mask(attention_mask, input_ids.shape[1]),
             position_ids=position_ids(attention_mask),
             logits_to_keep=1,
         )
@@ -193,7 +208,7 @@ class OriginalModelWrapper:
             self.model,
             self.block,
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=self._mask(attention_mask, input_ids.shape[1]),
             position_ids=position_ids(attention_mask),
         )
         return hidden[:, -1]

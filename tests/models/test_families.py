@@ -122,10 +122,13 @@ def test_dump_stores_block_output_at_P(family):
         assert assert_dump_is_block_output(family["model"], cfg, split_dir(cfg, split)) == n
 
 
-def test_patched_forward_equals_naive_and_clean_patch_is_a_no_op(loaded):
+# Contexts longer than the sliding window (transformers builds the mask from the 2-D one) and
+# within it (M hands transformers its own 4-D mask, for every family).
+@pytest.mark.parametrize("lengths", [(9, 5, 14), (3, 5, 4)])
+def test_patched_forward_equals_naive_and_clean_patch_is_a_no_op(loaded, lengths):
     orig = OriginalModelWrapper(loaded, layer=1)
     gen = torch.Generator().manual_seed(0)
-    ids, mask = left_pad([torch.randint(1, 320, (n,), generator=gen) for n in (9, 5, 14)], 0)
+    ids, mask = left_pad([torch.randint(1, 320, (n,), generator=gen) for n in lengths], 0)
     a = orig.activations(ids, mask)
     (patched,) = orig.forward_with_replacement(ids, mask, [a])
     torch.testing.assert_close(patched, orig.clean_logits(ids, mask), atol=1e-5, rtol=1e-5)

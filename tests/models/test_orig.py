@@ -75,9 +75,13 @@ def test_bad_inputs_are_refused(orig):
     ids, mask = _batch([5, 3])
     with pytest.raises(LensError, match="shape"):
         orig.forward_with_replacement(ids, mask, [torch.zeros(2, orig.d_model + 1)])
+    with pytest.raises(LensError, match="matching"):
+        orig.forward_with_replacement(ids[:, 1:], mask, [torch.zeros(2, orig.d_model)])
     right_padded = mask.flip(-1)
-    with pytest.raises(LensError, match="last column"):
-        orig.forward_with_replacement(ids, right_padded, [torch.zeros(2, orig.d_model)])
+    # The training step's call leaves the last column unread (a host sync); M's others check it.
+    for read in (orig.clean_logits, orig.activations):
+        with pytest.raises(LensError, match="last column"):
+            read(ids, right_padded)
 
 
 def test_8bit_needs_cuda():
@@ -117,3 +121,47 @@ def test_head_on_the_last_position_runs_one_mm_not_a_batched_copy(tiny_llama_dir
     names = {e.name for e in prof.events()}
     assert "aten::mm" in names and "aten::bmm" not in names
     torch.testing.assert_close(logits, hidden.contiguous() @ head.weight.T, rtol=0, atol=1e-6)
+
+
+def test_patched_forward_reads_nothing_back_to_the_host(orig):
+    """The training step's call of M makes no host sync: transformers gets a ready 4-D mask
+    instead of reading the padding back to decide whether it needs one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids, mask = _batch([9, 5, 14])
+    vectors = [torch.randn(3, orig.d_model), torch.randn(3, orig.d_model)]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        orig.forward_with_replacement(ids, mask, vectors)
+    syncs = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::item")
+    assert [e.name for e in prof.events() if e.name in syncs] == []
+
+
+def _config(impl: str, window: int | None = None):
+    from transformers import LlamaConfig, MistralConfig
+
+    cfg = MistralConfig(sliding_window=window) if window else LlamaConfig()
+    cfg._attn_implementation = impl
+    return cfg
+
+
+def test_causal_mask_by_hand():
+    """Real earlier-or-same columns are allowed; a padding query attends everywhere (finite)."""
+    from consistency_lens.models.inputs import causal_mask
+
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    got = causal_mask(mask, 2, _config("sdpa"), torch.float32)
+    expected = torch.tensor(
+        [[[False, True, False], [False, True, True]], [[True, True, False], [True, True, True]]]
+    ).unsqueeze(1)
+    assert got.dtype == torch.bool and torch.equal(got, expected)
+    full = causal_mask(mask, 3, _config("sdpa"), torch.float32)
+    assert torch.equal(full[0, 0, 0], torch.tensor([True, True, True]))  # the padding query
+    assert torch.equal(full[:, :, 1:], causal_mask(mask, 2, _config("sdpa"), torch.float32))
+    eager = causal_mask(mask, 2, _config("eager"), torch.bfloat16)
+    lowest = torch.finfo(torch.bfloat16).min
+    assert eager.dtype == torch.bfloat16
+    assert torch.equal(eager, torch.where(expected, 0.0, lowest).to(torch.bfloat16))
+    # Where transformers must build the mask itself, the 2-D mask goes through unchanged.
+    assert causal_mask(mask, 2, _config("flash_attention_2"), torch.float32) is mask
+    assert causal_mask(mask, 2, _config("sdpa", window=2), torch.float32) is mask
+    assert causal_mask(mask, 2, _config("sdpa", window=3), torch.float32).dim() == 4
