@@ -55,6 +55,15 @@ def gumbel_softmax_hard(logits: torch.Tensor, tau: float) -> tuple[torch.Tensor,
     return hard - soft.detach() + soft, ids
 
 
+def sample_ids(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Token ids drawn from softmax(logits / temperature) over the last dim (Gumbel-max).
+
+    Unlike `torch.multinomial`, nothing is read back to check the probabilities (a host read).
+    """
+    scaled = logits.float() / temperature
+    return (scaled + gumbel_noise(scaled)).argmax(dim=-1)
+
+
 def split_prompt(prompt: str) -> tuple[str, str]:
     """Text before and after the single `<embed>` slot of a decoder prompt."""
     if prompt.count(EMBED_SLOT) != 1:
@@ -233,8 +242,7 @@ class DecoderModel(nn.Module):
             if greedy:
                 next_ids = logits.argmax(dim=-1)
             else:
-                probs = torch.softmax(logits.float() / temperature, dim=-1)
-                next_ids = torch.multinomial(probs, 1).squeeze(1)
+                next_ids = sample_ids(logits, temperature)
             ids.append(next_ids)
             if t + 1 < max_length:
                 logits, kv = self._step(self.parts.embed_ids(next_ids.unsqueeze(1)), kv)

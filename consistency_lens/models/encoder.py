@@ -50,12 +50,18 @@ class EncoderModel(nn.Module):
             if attention_mask is not None:
                 ones = attention_mask.new_ones(batch, prompt.shape[1])
                 attention_mask = torch.cat([ones, attention_mask], dim=1)
-        kwargs: dict = {"use_cache": False}
-        if attention_mask is not None:
-            mask = causal_mask(
-                attention_mask, embeds.shape[1], self.model.config, self.parts.embed.weight.dtype
-            )
-            kwargs.update(attention_mask=mask, position_ids=position_ids(attention_mask))
+        if attention_mask is None:
+            # An explicit mask, even without padding: from none, transformers reads the positions
+            # back to the host to look for packed sequences (a sync in every training step).
+            attention_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        mask = causal_mask(
+            attention_mask, embeds.shape[1], self.model.config, self.parts.embed.weight.dtype
+        )
+        kwargs = {
+            "use_cache": False,
+            "attention_mask": mask,
+            "position_ids": position_ids(attention_mask),
+        }
         block = self.parts.blocks[self.layer]
 
         def read(embeds: torch.Tensor) -> torch.Tensor:
