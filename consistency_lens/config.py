@@ -142,7 +142,7 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = False
     """Recompute D's and E's blocks in backward to save memory."""
     compile: bool = False
-    """Compile each block of D and E with `torch.compile` (dynamic shapes): about 2.6x fewer kernel
+    """Compile each block of D, E and M with `torch.compile` (dynamic shapes): 3.3x fewer kernel
     launches per step, for minutes of compilation at the first step (BENCHMARKS.md, issue 11)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Autocast dtype: `auto` is bf16 on CUDA and fp32 elsewhere."""

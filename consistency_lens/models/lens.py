@@ -212,7 +212,8 @@ class ConsistencyLens(nn.Module):
             gradient_checkpointing=train.gradient_checkpointing,
         )
         if train.compile:
-            _compile_blocks([d_model, e_model])
+            # M's blocks too (its prefix and patched passes), unless bitsandbytes quantised them.
+            _compile_blocks([d_model, e_model] + ([] if orig_model else [self.orig.model]))
         self.train(False)
 
     @classmethod

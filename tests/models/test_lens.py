@@ -204,6 +204,10 @@ def test_compiled_blocks_match_eager_and_none_falls_back(
     with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
         for compiled in (False, True):
             lens = ConsistencyLens.build(_cfg(narrow_llama_dir, mode=mode, compile=compiled))
+            for model in (lens.decoder.model, lens.encoder.model, lens.orig.model):
+                blocks = find_parts(model).blocks
+                wrapped = [hasattr(b.forward, "_torchdynamo_orig_callable") for b in blocks]
+                assert wrapped == [compiled] * len(blocks)
             torch.manual_seed(0)
             out = compute_losses(lens, _batch(lens), tau=1.0, alpha=1.0)
             out.loss.backward()
