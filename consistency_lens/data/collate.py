@@ -30,14 +30,21 @@ class Batch:
     attention_mask_next: torch.Tensor | None = None
     """(B, N) 1 on real next tokens, 0 on padding (a sequence may end before N tokens)."""
 
-    def to(self, device: torch.device | str) -> Batch:
-        """Move every tensor to `device`."""
+    def _map(self, fn) -> Batch:
         return Batch(
             **{
-                f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
                 for f in fields(self)
             }
         )
+
+    def to(self, device: torch.device | str) -> Batch:
+        """Move every tensor to `device` (asynchronously from pinned memory)."""
+        return self._map(lambda t: t.to(device, non_blocking=t.is_pinned()))
+
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked memory (what DataLoader's `pin_memory` calls)."""
+        return self._map(lambda t: t.pin_memory())
 
     def __len__(self) -> int:
         return self.A.shape[0]

@@ -71,9 +71,12 @@ class BatchStream:
         collate: CollateFn,
         rank: int = 0,
         world: int = 1,
+        prefetch: bool = False,
     ):
+        """`prefetch`: read and collate the next batches in one background process, in pinned
+        memory where CUDA is available, so that a GPU step never waits for the host's data."""
         self.dataset, self.batch_size, self.seed, self.collate = dataset, batch_size, seed, collate
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.prefetch = rank, world, prefetch
         if world > 1 and len(dataset) < batch_size * world:
             raise LensError(
                 f"The train split holds {len(dataset)} samples, fewer than one global batch "
@@ -94,11 +97,15 @@ class BatchStream:
         )
         # A private generator: the default one would draw from the global torch RNG on every
         # new iterator and shift the Gumbel noise after a resume.
+        # The worker walks the same sampler in order, so prefetching changes no batch, and the
+        # position still advances only when `next` hands a batch out (resume stays exact).
         loader = DataLoader(
             self.dataset,
             batch_sampler=sampler,
             collate_fn=self.collate,
             generator=torch.Generator(),
+            num_workers=1 if self.prefetch else 0,
+            pin_memory=self.prefetch and torch.cuda.is_available(),
         )
         self._it = iter(loader)
 

@@ -378,7 +378,11 @@ def _build_run(
     decay = cfg.train.ema_decay
     ema = Ema(lens.trainable_parameters(), decay) if decay is not None else None
     collate = CollateFn(pad_id=lens.loaded.pad_id)
-    stream = BatchStream(train_set, cfg.train.batch_size, cfg.seed, collate, *dist.rank_world())
+    rank, world = dist.rank_world()
+    # On a GPU the next batches are read in the background; on a CPU that would take a core
+    # from the step itself.
+    prefetch = lens.device.type == "cuda"
+    stream = BatchStream(train_set, cfg.train.batch_size, cfg.seed, collate, rank, world, prefetch)
     return _Run(
         cfg,
         lens,

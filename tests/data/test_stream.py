@@ -1,0 +1,56 @@
+"""The training stream: prefetching in a background process changes no batch, resume included."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from conftest import tiny_dump_config
+
+from consistency_lens.config import config_from_dict
+from consistency_lens.data.collate import CollateFn
+from consistency_lens.data.dataset import ActivationDataset
+from consistency_lens.data.dump import dump_activations
+from consistency_lens.data.layout import split_dir
+from consistency_lens.data.stream import BatchStream
+
+
+@dataclass
+class Position:
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+def _batches(stream: BatchStream, state: Position, n: int) -> list[dict]:
+    out = []
+    for _ in range(n):
+        batch = stream.next(state)
+        out.append({f.name: getattr(batch, f.name) for f in fields(batch)})
+        out[-1]["position"] = (state.epoch, state.batch_in_epoch)
+    return out
+
+
+def test_prefetching_stream_gives_the_same_batches_and_resumes_exactly(
+    tmp_path, tiny_llama_dir, corpus_dir
+):
+    cfg = config_from_dict(
+        tiny_dump_config(tmp_path, tiny_llama_dir, corpus_dir, num_samples=12, val_samples=4)
+    )
+    dump_activations(cfg)
+    dataset = ActivationDataset(split_dir(cfg, "train"), seed=0)
+
+    def stream(prefetch: bool) -> BatchStream:
+        return BatchStream(dataset, 4, 0, CollateFn(), prefetch=prefetch)
+
+    # 3 batches an epoch: 8 batches cross two epoch boundaries.
+    plain = _batches(stream(False), Position(), 8)
+    ahead = _batches(stream(True), Position(), 8)
+    resumed = _batches(stream(True), Position(epoch=1, batch_in_epoch=1), 3)
+    for got, want in [*zip(ahead, plain, strict=True), *zip(resumed, plain[4:7], strict=True)]:
+        assert got.keys() == want.keys()
+        for name, value in want.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(got[name], value), name
+            else:
+                assert got[name] == value, name
+    assert plain[3]["position"] == (1, 1)
