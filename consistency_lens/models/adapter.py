@@ -89,14 +89,16 @@ class ModelParts:
         """Width of the residual stream."""
         return self.embed.weight.shape[1]
 
-    def embed_onehots(self, onehots: torch.Tensor) -> torch.Tensor:
+    def embed_onehots(self, onehots: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """`inputs_embeds` for (..., V) rows that are one-hot in value, as `onehots @ table`.
 
         The straight-through one-hots D writes and E reads are exact one-hots forward, so the
         forward gathers each row's table row instead of multiplying by the whole (V, d) table;
-        the backward is the matmul's (every vocabulary entry gets its gradient).
+        the backward is the matmul's (every vocabulary entry gets its gradient). `ids`, the hot
+        index of each row, is the argmax of `onehots` when not given.
         """
-        ids = onehots.argmax(dim=-1)
+        if ids is None:
+            ids = onehots.argmax(dim=-1)
         return _OneHotRows.apply(onehots, ids, self.embed.weight) * self.embed_scale
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:

@@ -219,7 +219,7 @@ class DecoderModel(nn.Module):
             all_ids.append(ids)
             all_onehots.append(onehot)
             if t + 1 < max_length:
-                embeds = self.parts.embed_onehots(onehot).unsqueeze(1)
+                embeds = self.parts.embed_onehots(onehot, ids).unsqueeze(1)
                 logits, kv = self._step(embeds, kv)
         return SoftGeneration(
             token_logits=torch.stack(all_logits, dim=1),

@@ -74,14 +74,15 @@ class EncoderModel(nn.Module):
             hidden = read(embeds)
         return self.proj(hidden.float())
 
-    def forward(self, onehots: torch.Tensor) -> torch.Tensor:
-        """Â (B, d_A) from (B, T, V) one-hots embedded with E's own table (gradients reach D)."""
+    def forward(self, onehots: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Â (B, d_A) from (B, T, V) one-hots embedded with E's own table (gradients reach D);
+        `ids` (B, T), their hot indices, save an argmax where the caller has them."""
         if onehots.dim() != 3 or onehots.shape[-1] != self.parts.embed.weight.shape[0]:
             raise LensError(
                 f"Encoder input has shape {tuple(onehots.shape)} but needs (batch, tokens, "
                 f"{self.parts.embed.weight.shape[0]}) one-hots over the vocabulary."
             )
-        return self._read(self.parts.embed_onehots(onehots), None)
+        return self._read(self.parts.embed_onehots(onehots, ids), None)
 
     def one_hots(self, ids: torch.Tensor) -> torch.Tensor:
         """`F.one_hot(ids, V).float()` for E's vocabulary, without one_hot's read-back of the ids'

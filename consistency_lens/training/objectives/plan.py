@@ -40,12 +40,17 @@ class LossOutput:
 
 
 def lm_loss(token_logits: torch.Tensor, orig_logits: torch.Tensor) -> torch.Tensor:
-    """KL(P_orig || P_D) for tokens 1..T-1: D's logits that produced token t+1 vs M's at t."""
-    if token_logits.shape[1] < 2:
+    """KL(P_orig || P_D) for tokens 1..T-1: D's logits that produced token t+1 vs M's at t.
+
+    `orig_logits` are M's reading the text: of all T tokens or of the first T-1 (the last
+    token's are never used).
+    """
+    length = token_logits.shape[1]
+    if length < 2:
         return token_logits.new_zeros((), dtype=torch.float32)
     vocab = token_logits.shape[-1]
     p_d = token_logits[:, 1:].float().reshape(-1, vocab)
-    p_orig = orig_logits[:, :-1].float().reshape(-1, vocab)
+    p_orig = orig_logits[:, : length - 1].float().reshape(-1, vocab)
     return F.kl_div(
         F.log_softmax(p_d, dim=-1),
         F.softmax(p_orig, dim=-1),
@@ -68,7 +73,7 @@ def compute_losses(lens, batch: Batch, tau: float, alpha: float) -> LossOutput:
     # A and A' go through D and E together: one batched pass instead of two.
     sources = torch.cat([a, batch.A_prime.float()]) if residual else a
     gen = lens.decoder.generate_soft(sources, train.t_text, tau)
-    a_hat_all = lens.encoder(gen.ste_onehots)
+    a_hat_all = lens.encoder(gen.ste_onehots, gen.discrete_token_ids)
     a_hat = a_hat_all[:n]
     if residual:
         a_target = a_hat + (sources[n:] - a_hat_all[n:]).detach()
@@ -81,13 +86,16 @@ def compute_losses(lens, batch: Batch, tau: float, alpha: float) -> LossOutput:
     token_logits = gen.token_logits[:n]
     ids = gen.discrete_token_ids[:n]
     if train.t_text > 1:
-        loss_lm = lm_loss(token_logits, lens.orig.token_logits(ids))
+        # M never needs to read the text's last token: its logits would predict past the text.
+        loss_lm = lm_loss(token_logits, lens.orig.token_logits(ids[:, :-1]))
     else:
         loss_lm = a.new_zeros(())
 
     loss_mse = normalised_mse(a_hat, a)
-    log_probs = F.log_softmax(gen.token_logits.float(), dim=-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1).mean()
+    # Only logged unless it is weighted: then no graph is kept for it.
+    with torch.set_grad_enabled(torch.is_grad_enabled() and bool(train.entropy_weight)):
+        log_probs = F.log_softmax(gen.token_logits.float(), dim=-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1).mean()
 
     loss = loss_lm + alpha * loss_kl
     if train.mse_weight:
