@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=10, help="timed iterations (after warmup)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak")
     parser.add_argument(
-        "--compile", action="store_true", help="train.compile: every block of D and E compiled"
+        "--compile", action="store_true", help="train.compile: every block of D, E and M compiled"
     )
     args = parser.parse_args(argv)
     if args.tiny:
