@@ -4,8 +4,9 @@ Run: .venv/bin/python bench/train_step.py [mode] [batch_size] [layer]
 The plan-literal step (implemented here) generates A's and A''s texts in two separate calls that
 re-run the whole prompt + prefix at every token, reads E's activation from a full forward with
 `output_hidden_states=True`, and patches M with two full forwards over the whole context. Both
-steps compute the same losses and run backward and the trainer's AdamW step; they alternate in
-rounds (best of 5) because this machine is noisy.
+steps compute the plan's two losses (equal in distribution: each draws its own Gumbel noise) and
+run backward and the trainer's AdamW step; they alternate in rounds (best of 5) because this
+machine is noisy.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -30,7 +31,7 @@ class Batch:
     attention_mask_next: torch.Tensor | None = None
     """(B, N) 1 on real next tokens, 0 on padding (a sequence may end before N tokens)."""
 
-    def _map(self, fn) -> Batch:
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
         return Batch(
             **{
                 f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))

@@ -98,7 +98,9 @@ class BatchStream:
         # A private generator: the default one would draw from the global torch RNG on every
         # new iterator and shift the Gumbel noise after a resume.
         # The worker walks the same sampler in order, so prefetching changes no batch, and the
-        # position still advances only when `next` hands a batch out (resume stays exact).
+        # position still advances only when `next` hands a batch out (resume stays exact). It
+        # starts again at every epoch, whose first batch is therefore read in the foreground.
+        # Forked, not spawned: the dataset's open safetensors shards cannot be pickled.
         loader = DataLoader(
             self.dataset,
             batch_sampler=sampler,
@@ -106,6 +108,7 @@ class BatchStream:
             generator=torch.Generator(),
             num_workers=1 if self.prefetch else 0,
             pin_memory=self.prefetch and torch.cuda.is_available(),
+            multiprocessing_context="fork" if self.prefetch else None,
         )
         self._it = iter(loader)
 

@@ -37,7 +37,9 @@ class _OneHotRows(torch.autograd.Function):
     """`onehots @ table` for rows one-hot in value: a gather forward, the matmul's gradients.
 
     The forward equals the matmul exactly: the one nonzero term is `hot * row` (the hot value of a
-    straight-through one-hot is within an ulp of 1), the others are exact zeros.
+    straight-through one-hot is within an ulp of 1), the others are exact zeros. Under autocast it
+    returns the table's dtype, as `embed_ids` does, and its (rows, d) @ (d, V) backward runs in the
+    autocast dtype, as the matmul's did.
     """
 
     @staticmethod
@@ -45,6 +47,10 @@ class _OneHotRows(torch.autograd.Function):
         hot = onehots.gather(-1, ids.unsqueeze(-1)).to(table.dtype)
         ctx.save_for_backward(ids, table, hot)
         ctx.onehot_dtype = onehots.dtype
+        device = onehots.device.type
+        ctx.autocast = (
+            torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        )
         return table[ids] * hot
 
     @staticmethod
@@ -53,12 +59,18 @@ class _OneHotRows(torch.autograd.Function):
         grad_onehots = grad_table = None
         flat = grad.reshape(-1, table.shape[1]).to(table.dtype)
         if ctx.needs_input_grad[0]:
-            # A 2-D matmul: `(B, T, d) @ (d, V)` would broadcast the table into a batched copy.
-            grad_onehots = (flat @ table.T).reshape(*ids.shape, table.shape[0])
-            grad_onehots = grad_onehots.to(ctx.onehot_dtype)
+            # Autocast is off in a custom backward: restore the forward's, or a bf16 run would
+            # pay a full-precision vocabulary-sized matmul here.
+            with torch.autocast(grad.device.type, ctx.autocast, enabled=ctx.autocast is not None):
+                # 2-D: `(B, T, d) @ (d, V)` would broadcast the table into a batched copy.
+                grad_onehots = flat @ table.T
+            grad_onehots = grad_onehots.reshape(*ids.shape, table.shape[0]).to(ctx.onehot_dtype)
         if ctx.needs_input_grad[2]:
             rows = flat * hot.reshape(-1, 1)
-            grad_table = torch.zeros_like(table).index_add_(0, ids.reshape(-1), rows)
+            # The embedding's own backward: deterministic on CUDA, where index_add_ is not.
+            grad_table = torch.ops.aten.embedding_dense_backward(
+                rows, ids.reshape(-1), table.shape[0], -1, False
+            )
         return grad_onehots, None, grad_table
 
 

@@ -36,12 +36,14 @@ class SoftGeneration:
 
 
 def gumbel_noise(like: torch.Tensor) -> torch.Tensor:
-    """Standard Gumbel noise shaped like `like`: `-log(-log U)`, U uniform in [0, 1).
+    """Standard Gumbel noise (float32) shaped like `like`: `-log(-log U)`, U uniform in [0, 1).
 
     U = 0 gives -inf, a token that cannot be drawn. Drawn from uniforms because torch's CPU
-    `exponential_` (what `F.gumbel_softmax` uses) takes 6x as long, ~17 ms per (16, 49152) draw.
+    `exponential_` (what `F.gumbel_softmax` uses) takes 6x as long, ~17 ms per (16, 49152) draw;
+    in float32 whatever `like`'s dtype, since a bf16 U would cap the noise near 5.5.
     """
-    return torch.rand_like(like).log_().neg_().log_().neg_()
+    uniform = torch.rand(like.shape, device=like.device, dtype=torch.float32)
+    return uniform.log_().neg_().log_().neg_()
 
 
 def gumbel_softmax_hard(logits: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -84,13 +84,6 @@ class EncoderModel(nn.Module):
             )
         return self._read(self.parts.embed_onehots(onehots, ids), None)
 
-    def one_hots(self, ids: torch.Tensor) -> torch.Tensor:
-        """`F.one_hot(ids, V).float()` for E's vocabulary, without one_hot's read-back of the ids'
-        range (a host sync inside the training step)."""
-        vocab = self.parts.embed.weight.shape[0]
-        out = torch.zeros(*ids.shape, vocab, device=ids.device)
-        return out.scatter_(-1, ids.unsqueeze(-1), 1.0)
-
     def encode_ids(
         self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:

@@ -35,10 +35,9 @@ def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch
 def causal_mask(
     attention_mask: torch.Tensor, query_length: int, config: object, dtype: torch.dtype
 ) -> torch.Tensor:
-    """The attention mask to hand a forward over a left-padded batch whose last `query_length`
-    columns are the queries: a ready (B, 1, q, kv) mask where this module can build it, else
-    `attention_mask` itself.
+    """The mask for a forward whose queries are a left-padded batch's last `query_length` columns.
 
+    A ready (B, 1, q, kv) mask where this function can build it, else `attention_mask` itself.
     From a 2-D mask, transformers reads the padding back to the host to decide whether it needs a
     mask at all (one sync per forward, which stalls an accelerator's launch queue); a 4-D mask is
     used as given. Built for `sdpa` (boolean) and `eager` (additive, `dtype`'s lowest value where

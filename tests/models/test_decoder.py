@@ -191,10 +191,24 @@ def test_gumbel_softmax_hard_draws_tokens_at_softmax_frequencies():
         expected = F.softmax(logits, dim=-1)
         # Binomial standard error is at most 0.0025 at n = 40,000: 4 sigma.
         torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
-    leaf = logits.clone().requires_grad_()
-    onehot, _ = gumbel_softmax_hard(leaf.unsqueeze(0), 1.0)
-    (onehot * torch.arange(4.0)).sum().backward()
-    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+
+
+def test_gumbel_softmax_hard_is_the_straight_through_estimator(monkeypatch):
+    """With the noise g fixed: the forward is the one-hot of argmax(logits + g), the gradient is
+    softmax((logits + g) / tau)'s, tau included."""
+    from consistency_lens.models import decoder
+
+    g = torch.tensor([[0.3, -1.2, 2.0, 0.1], [1.5, 0.0, -0.4, 0.2]])
+    monkeypatch.setattr(decoder, "gumbel_noise", lambda like: g)
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.1, 0.9, 0.3, -2.0]], requires_grad=True)
+    weights = torch.tensor([[1.0, -2.0, 0.5, 3.0], [0.2, 1.0, -1.0, 0.7]])
+    onehots, ids = decoder.gumbel_softmax_hard(logits, 0.7)
+    assert torch.equal(ids, torch.tensor([0, 0]))
+    assert torch.equal(onehots.detach(), F.one_hot(ids, 4).float())
+    (grad,) = torch.autograd.grad((onehots * weights).sum(), logits)
+    soft = F.softmax((logits + g) / 0.7, dim=-1)
+    (expected,) = torch.autograd.grad((soft * weights).sum(), logits)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=1e-7)
 
 
 def test_gumbel_noise_is_standard_gumbel_and_never_nan():

@@ -31,7 +31,8 @@ def test_identity_encoder_reads_block_output(loaded):
     torch.testing.assert_close(enc.encode_ids(ids).detach(), expected, atol=1e-5, rtol=1e-5)
     onehots = F.one_hot(ids, 320).float()
     torch.testing.assert_close(enc(onehots).detach(), expected, atol=1e-5, rtol=1e-5)
-    assert torch.equal(enc.one_hots(ids), onehots)  # the objectives' sync-free one-hots
+    # What lets GRPO and the warm start read ids instead of building (B, T, V) one-hots.
+    assert torch.equal(enc(onehots), enc.encode_ids(ids))
 
 
 def test_later_blocks_never_run(loaded):

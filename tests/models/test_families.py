@@ -123,9 +123,18 @@ def test_dump_stores_block_output_at_P(family):
 
 
 # Contexts longer than the sliding window (transformers builds the mask from the 2-D one) and
-# within it (M hands transformers its own 4-D mask, for every family).
+# within it (M hands transformers its own 4-D mask, for every family): with each family's default
+# attention (sdpa; eager for Gemma 2) and with eager attention (the additive 4-D mask).
 @pytest.mark.parametrize("lengths", [(9, 5, 14), (3, 5, 4)])
-def test_patched_forward_equals_naive_and_clean_patch_is_a_no_op(loaded, lengths):
+@pytest.mark.parametrize("attention", ["auto", "eager"])
+def test_patched_forward_equals_naive_and_clean_patch_is_a_no_op(
+    family, loaded, lengths, attention
+):
+    if attention != "auto":
+        loaded = load_model(
+            str(family["model"]), device="cpu", dtype="float32", attn_implementation=attention
+        )
+        assert loaded.model.config.get_text_config()._attn_implementation == attention
     orig = OriginalModelWrapper(loaded, layer=1)
     gen = torch.Generator().manual_seed(0)
     ids, mask = left_pad([torch.randint(1, 320, (n,), generator=gen) for n in lengths], 0)
@@ -248,3 +257,36 @@ def test_embed_onehots_equals_the_matmul_with_its_gradients(loaded, dtype):
     torch.testing.assert_close(grads[0], expected[0], rtol=0, atol=0)
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(grads[1], expected[1], rtol=tol, atol=tol)
+
+
+def test_embed_onehots_under_autocast_keeps_the_table_dtype_and_a_bf16_backward(loaded):
+    """Under bf16 autocast (fp32 weights, as `full` mode on a GPU), the rows come out in the
+    table's dtype like `embed_ids`' and the one-hots' gradient is the autocast matmul's, bit for
+    bit: the backward restores the forward's autocast."""
+    from consistency_lens.models.decoder import gumbel_softmax_hard
+
+    parts = find_parts(loaded.model)
+    table = parts.embed.weight
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 320, requires_grad=True)
+    onehots, ids = gumbel_softmax_hard(logits, 0.7)
+    weights = torch.randn(2, 3, table.shape[1])
+    grads = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = parts.embed_onehots(onehots)
+        reference = (onehots.reshape(-1, 320).to(table.dtype) @ table).reshape(2, 3, -1)
+        reference = reference * parts.embed_scale
+    for rows in (out, reference):
+        logits.grad = None
+        (rows.float() * weights).sum().backward(retain_graph=True)
+        grads.append(logits.grad.clone())
+    assert out.dtype == table.dtype and reference.dtype == torch.bfloat16
+    assert torch.equal(out, parts.embed_ids(ids))
+    # Equal up to the bf16 rounding of the reference (Gemma's scale is applied after it, in
+    # bf16 there and in fp32 here, in both passes).
+    torch.testing.assert_close(out.bfloat16(), reference, rtol=1e-2, atol=0)
+    if parts.embed_scale == 1.0:
+        assert torch.equal(grads[0], grads[1])
+    else:
+        scale = float(grads[1].abs().max())
+        torch.testing.assert_close(grads[0], grads[1], rtol=3e-2, atol=1e-2 * scale)

@@ -7,6 +7,7 @@ import torch
 from conftest import objective_batch, objective_lens
 
 from consistency_lens.errors import LensError
+from consistency_lens.models import decoder
 from consistency_lens.training.objectives import (
     Objective,
     ObjectiveOutput,
@@ -22,7 +23,7 @@ from consistency_lens.training.objectives.plan import PlanObjective, compute_los
 # The plan's losses on `conftest.objective_batch` (tiny Llama of conftest, seed 0), as computed by
 # `compute_losses` before the objective moved into `training/objectives/` (commit 3320108), and
 # re-pinned when D's Gumbel noise came from uniforms instead of `exponential_` (a different draw
-# for the same seed; with the old draw patched in, the old pins still held to the last bit).
+# for the same seed). With the old draw patched in, the old pins (`EXPONENTIAL_PINNED`) hold.
 # Equal to the last bit on the machine that pinned them; the tolerance only absorbs other CPUs' BLAS.
 PINNED = {
     "loss": -0.2544686198234558,
@@ -30,6 +31,15 @@ PINNED = {
     "loss_lm": 0.013496249914169312,
     "loss_mse": 0.0300152450799942,
     "entropy": 5.755151748657227,
+}
+
+# The same, pinned at commit 3320108, when D's noise was `F.gumbel_softmax`'s `exponential_` draw.
+EXPONENTIAL_PINNED = {
+    "loss": -0.24981412291526794,
+    "loss_kl": 0.01456549484282732,
+    "loss_lm": 0.016870247200131416,
+    "loss_mse": 0.03627844527363777,
+    "entropy": 5.755274772644043,
 }
 
 
@@ -96,3 +106,24 @@ def test_plan_objective_gives_exactly_the_pinned_losses(tiny_llama_dir):
     for name, value in got.items():
         assert torch.equal(value, getattr(direct, name)), name
         assert float(value.detach()) == pytest.approx(PINNED[name], rel=1e-6, abs=1e-7), name
+
+
+def test_plan_losses_with_the_old_noise_draw_equal_the_old_pins(tiny_llama_dir, monkeypatch):
+    """Everything but the noise draw is the code that made the old pins: the faster one-hot
+    embedding, M reading T-1 tokens and the explicit masks changed no loss."""
+    lens = objective_lens(tiny_llama_dir, mse_weight=0.3, entropy_weight=0.05, alpha={"start": 0.7})
+    batch = objective_batch(lens)
+
+    def exponential_noise(like: torch.Tensor) -> torch.Tensor:
+        return (
+            -torch.empty_like(like, memory_format=torch.legacy_contiguous_format)
+            .exponential_()
+            .log()
+        )
+
+    monkeypatch.setattr(decoder, "gumbel_noise", exponential_noise)
+    torch.manual_seed(0)
+    out = compute_losses(lens, batch, tau=2.0, alpha=0.7)
+    for name, pinned in EXPONENTIAL_PINNED.items():
+        value = float(getattr(out, name).detach())
+        assert value == pytest.approx(pinned, rel=1e-6, abs=1e-7), name

@@ -355,3 +355,19 @@ def test_text_nll_scores_every_token_after_bos(tiny_llama_dir):
     assert bos == lens.loaded.tokenizer.eos_token_id  # the fixture tokenizer has no BOS
     logits = lens.orig.model(input_ids=torch.tensor([[bos, 5, 6, 7], [bos, 9, 9, 2]])).logits
     torch.testing.assert_close(lens.orig.text_nll(ids), token_nll(logits[:, :-1], ids))
+
+
+@pytest.mark.parametrize("objective", ["plan", "warm_start", "grpo"])
+def test_a_training_step_reads_nothing_back_to_the_host(tiny_llama_dir, objective):
+    """Forward and backward of every objective on a left-padded batch make no host sync (what
+    stalls a GPU's launch queue): no `.item()`-like read, no `nonzero`, no `masked_select`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    lens = _lens(tiny_llama_dir, objective=objective, rl={"samples": 3})
+    obj = build_objective(lens, lens.cfg)
+    batch = _batch(lens)
+    info = step_info(type(obj), lens.cfg, 0)
+    syncs = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::item")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        obj(lens, batch, info).loss.backward()
+    assert [e.name for e in prof.events() if e.name in syncs] == []

@@ -123,7 +123,7 @@ class GRPOObjective(Objective):
             with swapped(self._decoder_params(lens), self.reference):
                 ref_logits = lens.decoder.teacher_forced_logits(a_rep, ids)
 
-        a_hat = lens.encoder(lens.encoder.one_hots(ids))
+        a_hat = lens.encoder.encode_ids(ids)
         sets = list(a_hat.view(n, k, -1).unbind(1))
         kls = torch.stack(
             patched_kl(lens.orig, batch.input_ids_A, batch.attention_mask_A, a, sets), 1

@@ -92,7 +92,7 @@ def compute_losses(lens, batch: Batch, tau: float, alpha: float) -> LossOutput:
         loss_lm = a.new_zeros(())
 
     loss_mse = normalised_mse(a_hat, a)
-    # Only logged unless it is weighted: then no graph is kept for it.
+    # When it is only logged (weight 0), no graph is kept for it.
     with torch.set_grad_enabled(torch.is_grad_enabled() and bool(train.entropy_weight)):
         log_probs = F.log_softmax(gen.token_logits.float(), dim=-1)
         entropy = -(log_probs.exp() * log_probs).sum(-1).mean()

@@ -55,8 +55,7 @@ def supervised_losses(
     labels = target_ids if target_mask is None else target_ids.masked_fill(target_mask == 0, -100)
     ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
     if target_mask is None:
-        onehots = lens.encoder.one_hots(target_ids)
-        a_hat = lens.encoder(onehots)
+        a_hat = lens.encoder.encode_ids(target_ids)
     else:
         # E reads left-padded text (its state at the last column is what it projects).
         shifts = (target_mask == 0).sum(1).tolist()
