@@ -57,10 +57,12 @@ def supervised_losses(
     if target_mask is None:
         a_hat = lens.encoder.encode_ids(target_ids)
     else:
-        # E reads left-padded text (its state at the last column is what it projects).
-        shifts = (target_mask == 0).sum(1).tolist()
-        ids = torch.stack([row.roll(k) for row, k in zip(target_ids, shifts, strict=True)])
-        mask = torch.stack([row.roll(k) for row, k in zip(target_mask, shifts, strict=True)])
+        # E reads left-padded text (its state at the last column is what it projects): each row
+        # rolled right by its padding, as one gather (per-row rolls would read the shifts back).
+        width = target_ids.shape[1]
+        shifts = (target_mask == 0).sum(1, keepdim=True)
+        cols = (torch.arange(width, device=target_ids.device) - shifts) % width
+        ids, mask = target_ids.gather(1, cols), target_mask.gather(1, cols)
         a_hat = lens.encoder.encode_ids(ids, mask)
     mse = normalised_mse(a_hat, a)
     kl = a.new_zeros(())
