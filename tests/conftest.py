@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch.profiler import ProfilerActivity, profile
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -21,6 +24,34 @@ WORDS = (
     "the nation economy congress people war peace law tax trade union state year government "
     "public we our must will have been which their this that from with for are not all great"
 ).split()
+
+
+# Ops that make the host wait for the device, and the Python reads that reach no aten op on a
+# CPU (what `bench/step_ops.py` counts).
+SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::item")
+PY_READS = ("tolist", "numpy", "cpu")
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Fail if the code inside reads a tensor back to the host."""
+    reads: list[str] = []
+
+    def counted(name: str):
+        method = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return method(self, *args, **kwargs)
+
+        return read
+
+    with contextlib.ExitStack() as stack:
+        for name in PY_READS:
+            stack.enter_context(mock.patch.object(torch.Tensor, name, counted(name)))
+        prof = stack.enter_context(profile(activities=[ProfilerActivity.CPU]))
+        yield
+    assert [e.name for e in prof.events() if e.name in SYNCS] + reads == []
 
 
 def make_text(seed: int, n_words: int) -> str:

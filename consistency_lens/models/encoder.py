@@ -44,16 +44,15 @@ class EncoderModel(nn.Module):
 
     def _read(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         batch = embeds.shape[0]
-        if self.prompt is not None:
-            prompt = self.prompt.unsqueeze(0).expand(batch, -1, -1).to(embeds.dtype)
-            embeds = torch.cat([prompt, embeds], dim=1)
-            if attention_mask is not None:
-                ones = attention_mask.new_ones(batch, prompt.shape[1])
-                attention_mask = torch.cat([ones, attention_mask], dim=1)
         if attention_mask is None:
             # An explicit mask, even without padding: from none, transformers reads the positions
             # back to the host to look for packed sequences (a sync in every training step).
             attention_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        if self.prompt is not None:
+            prompt = self.prompt.unsqueeze(0).expand(batch, -1, -1).to(embeds.dtype)
+            embeds = torch.cat([prompt, embeds], dim=1)
+            ones = attention_mask.new_ones(batch, prompt.shape[1])
+            attention_mask = torch.cat([ones, attention_mask], dim=1)
         mask = causal_mask(
             attention_mask, embeds.shape[1], self.model.config, self.parts.embed.weight.dtype
         )

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_dump_config
+from conftest import no_host_reads, tiny_dump_config
 from safetensors.torch import load_file
-from torch.profiler import ProfilerActivity, profile
 
 from consistency_lens.config import LensConfig, config_from_dict, load_config
 from consistency_lens.data.collate import CollateFn
@@ -39,33 +36,6 @@ from consistency_lens.training.objectives.grpo import (
 )
 from consistency_lens.training.objectives.warm_start import context_targets
 from consistency_lens.utils.logging import METRICS, MetricsFile
-
-# Ops that make the host wait for the device, and the Python reads that reach no aten op on a
-# CPU (what `bench/step_ops.py` counts).
-SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::item")
-PY_READS = ("tolist", "numpy", "cpu")
-
-
-@contextlib.contextmanager
-def no_host_reads():
-    """Fail if the code inside reads a tensor back to the host."""
-    reads: list[str] = []
-
-    def counted(name: str):
-        method = getattr(torch.Tensor, name)
-
-        def read(self, *args, **kwargs):
-            reads.append(name)
-            return method(self, *args, **kwargs)
-
-        return read
-
-    with contextlib.ExitStack() as stack:
-        for name in PY_READS:
-            stack.enter_context(mock.patch.object(torch.Tensor, name, counted(name)))
-        prof = stack.enter_context(profile(activities=[ProfilerActivity.CPU]))
-        yield
-    assert [e.name for e in prof.events() if e.name in SYNCS] + reads == []
 
 
 def _lens(model_dir, **train) -> ConsistencyLens:
