@@ -13,7 +13,9 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import check_layer, find_parts
+from consistency_lens.models.attention import grad_rows_kwargs
 from consistency_lens.models.hooks import replace_at
+from consistency_lens.models.inputs import no_logits
 from consistency_lens.models.projection import near_identity
 
 EMBED_SLOT = "<embed>"
@@ -130,15 +132,22 @@ class DecoderModel(nn.Module):
         return self.parts.embed.weight.dtype
 
     def _step(
-        self, embeds: torch.Tensor, kv: KV, inject: torch.Tensor | None = None, keep: int = 1
+        self,
+        embeds: torch.Tensor,
+        kv: KV,
+        inject: torch.Tensor | None = None,
+        keep: int = 1,
+        grad_rows: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, KV]:
         """Run `embeds` (B, n, d) after the cached `kv`; return the last `keep` logits and the kv
         of all positions so far.
 
         `inject` (B, d) overwrites the state of `embeds`' first position after block
-        `inject_layer`. The step is a pure function of its tensor inputs so that it can be
+        `inject_layer`. Only rows `grad_rows` (start, stop), if given, keep attention's graph
+        (`models/attention.py`). The step is a pure function of its tensor inputs so that it can be
         recomputed in backward (gradient checkpointing, hook included) and so that gradients flow
-        through the cache to earlier steps. Logits are (B, V) for `keep == 1`, else (B, keep, V).
+        through the cache to earlier steps. Logits are (B, V) for `keep == 1`, else (B, keep, V);
+        `keep == 0` computes none (an empty (B, 0, V)).
         """
 
         def step(embeds: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -157,8 +166,9 @@ class DecoderModel(nn.Module):
                 out = self.model(
                     inputs_embeds=embeds,
                     use_cache=True,
-                    logits_to_keep=keep,
+                    logits_to_keep=keep or no_logits(embeds.device),
                     **self.parts.cache_kwargs(cache),
+                    **grad_rows_kwargs(self.model, grad_rows),
                 )
             # The cache grew by concatenation inside the forward: its tensors are the whole new kv.
             new = [t for layer in cache.layers for t in (layer.keys, layer.values)]
@@ -175,7 +185,11 @@ class DecoderModel(nn.Module):
         return logits, list(zip(new_flat[0::2], new_flat[1::2], strict=True))
 
     def _start(
-        self, activations: torch.Tensor, extra: torch.Tensor | None = None, keep: int = 1
+        self,
+        activations: torch.Tensor,
+        extra: torch.Tensor | None = None,
+        keep: int = 1,
+        grad_rows: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, KV]:
         """Run the prompt with the activations (and `extra` embeddings after it); return the last
         `keep` logits (the first is the first generated token's) and the KV cache."""
@@ -188,17 +202,19 @@ class DecoderModel(nn.Module):
         kv: KV = []
         if self.prompt_left.shape[0]:
             # The text before the slot is the same for every sample: run it once and broadcast.
-            _, kv = self._step(self.prompt_left.unsqueeze(0).to(self._dtype), [])
+            _, kv = self._step(self.prompt_left.unsqueeze(0).to(self._dtype), [], keep=0)
             kv = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv]
         right = self.prompt_right.unsqueeze(0).expand(batch, -1, -1)
         tail = [right] if extra is None else [right, extra.to(right.dtype)]
         projected = self.proj(activations.float())
         if self.slot is None:
             embeds = torch.cat([projected.unsqueeze(1), *tail], dim=1)
-            return self._step(embeds.to(self._dtype), kv, keep=keep)
+            return self._step(embeds.to(self._dtype), kv, keep=keep, grad_rows=grad_rows)
         slot = self.slot.unsqueeze(0).expand(batch, -1, -1)
         embeds = torch.cat([slot, *tail], dim=1)
-        return self._step(embeds.to(self._dtype), kv, inject=projected, keep=keep)
+        return self._step(
+            embeds.to(self._dtype), kv, inject=projected, keep=keep, grad_rows=grad_rows
+        )
 
     def teacher_forced_logits(
         self, activations: torch.Tensor, target_ids: torch.Tensor
@@ -210,10 +226,18 @@ class DecoderModel(nn.Module):
         return logits if length > 1 else logits.unsqueeze(1)
 
     def generate_soft(
-        self, activations: torch.Tensor, max_length: int, tau: float
+        self,
+        activations: torch.Tensor,
+        max_length: int,
+        tau: float,
+        grad_rows: tuple[int, int] | None = None,
     ) -> SoftGeneration:
-        """Differentiable generation of `max_length` tokens (Gumbel-Softmax, hard, STE), KV-cached."""
-        logits, kv = self._start(activations)
+        """Differentiable generation of `max_length` tokens (Gumbel-Softmax, hard, STE), KV-cached.
+
+        `grad_rows` (start, stop): the only rows whose outputs any loss differentiates; the others'
+        attention runs without autograd (same values, a cheaper backward).
+        """
+        logits, kv = self._start(activations, grad_rows=grad_rows)
         all_logits, all_ids, all_onehots = [], [], []
         for t in range(max_length):
             onehot, ids = gumbel_softmax_hard(logits.float(), tau)
@@ -222,7 +246,7 @@ class DecoderModel(nn.Module):
             all_onehots.append(onehot)
             if t + 1 < max_length:
                 embeds = self.parts.embed_onehots(onehot, ids).unsqueeze(1)
-                logits, kv = self._step(embeds, kv)
+                logits, kv = self._step(embeds, kv, grad_rows=grad_rows)
         return SoftGeneration(
             token_logits=torch.stack(all_logits, dim=1),
             discrete_token_ids=torch.stack(all_ids, dim=1),

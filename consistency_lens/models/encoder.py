@@ -9,6 +9,7 @@ from transformers import PreTrainedTokenizerBase
 
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import check_layer, find_parts
+from consistency_lens.models.attention import grad_rows_kwargs
 from consistency_lens.models.hooks import run_until
 from consistency_lens.models.inputs import causal_mask, position_ids
 from consistency_lens.models.projection import near_identity
@@ -42,7 +43,12 @@ class EncoderModel(nn.Module):
         self.proj = near_identity(self.parts.d_model, d_activation, proj_scale).to(device)
         self.gradient_checkpointing = gradient_checkpointing
 
-    def _read(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def _read(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        grad_rows: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         batch = embeds.shape[0]
         if attention_mask is None:
             # An explicit mask, even without padding: from none, transformers reads the positions
@@ -60,6 +66,7 @@ class EncoderModel(nn.Module):
             "use_cache": False,
             "attention_mask": mask,
             "position_ids": position_ids(attention_mask),
+            **grad_rows_kwargs(self.model, grad_rows),
         }
         block = self.parts.blocks[self.layer]
 
@@ -73,15 +80,21 @@ class EncoderModel(nn.Module):
             hidden = read(embeds)
         return self.proj(hidden.float())
 
-    def forward(self, onehots: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        onehots: torch.Tensor,
+        ids: torch.Tensor | None = None,
+        grad_rows: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         """Â (B, d_A) from (B, T, V) one-hots embedded with E's own table (gradients reach D);
-        `ids` (B, T), their hot indices, save an argmax where the caller has them."""
+        `ids` (B, T), their hot indices, save an argmax where the caller has them; only rows
+        `grad_rows` (start, stop), if given, keep attention's graph (`models/attention.py`)."""
         if onehots.dim() != 3 or onehots.shape[-1] != self.parts.embed.weight.shape[0]:
             raise LensError(
                 f"Encoder input has shape {tuple(onehots.shape)} but needs (batch, tokens, "
                 f"{self.parts.embed.weight.shape[0]}) one-hots over the vocabulary."
             )
-        return self._read(self.parts.embed_onehots(onehots, ids), None)
+        return self._read(self.parts.embed_onehots(onehots, ids), None, grad_rows)
 
     def encode_ids(
         self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None

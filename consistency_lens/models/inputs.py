@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from consistency_lens.models.attention import attention_implementation
+
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions of a left-padded batch: 0 at each row's first real token."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def no_logits(device: torch.device) -> torch.Tensor:
+    """A `logits_to_keep` that keeps no position: for a pass run only for its kv cache, whose
+    logits (a (d, V) projection per row kept) nobody reads."""
+    return torch.empty(0, dtype=torch.long, device=device)
 
 
 def right_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +54,7 @@ def causal_mask(
     as transformers does for old torch versions: its output is never read, but must stay finite.
     """
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    impl = getattr(text, "_attn_implementation", None)
+    impl = attention_implementation(config)
     window = getattr(text, "sliding_window", None)
     kv = attention_mask.shape[1]
     if impl not in ("sdpa", "eager") or (window is not None and kv > window):

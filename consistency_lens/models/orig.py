@@ -10,8 +10,9 @@ from transformers import DynamicCache
 
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import check_layer, contiguous_head, find_parts
+from consistency_lens.models.attention import grad_rows_kwargs
 from consistency_lens.models.hooks import replace_last, run_until
-from consistency_lens.models.inputs import causal_mask, position_ids
+from consistency_lens.models.inputs import causal_mask, no_logits, position_ids
 from consistency_lens.models.loading import LoadedModel, hf_attention
 from consistency_lens.models.patching import token_nll
 from consistency_lens.utils.dist import resolve_device
@@ -68,6 +69,17 @@ def _expand_cache(cache: DynamicCache, repeats: int) -> DynamicCache:
             twin.values = layer.values.repeat(repeats, 1, 1, 1)
         new.layers.append(twin)
     return new
+
+
+def _grad_rows(vectors_list: list[torch.Tensor], batch: int) -> tuple[int, int] | None:
+    """The rows of the stacked vector sets that carry a gradient, where they are some of them in
+    one run (the plan's [A, A_target]: A is data); None where all or none do, or they are apart."""
+    needs = [bool(v.requires_grad) for v in vectors_list]
+    if all(needs) or not any(needs):
+        return None
+    first = needs.index(True)
+    stop = len(needs) - needs[::-1].index(True)
+    return (first * batch, stop * batch) if all(needs[first:stop]) else None
 
 
 def _check_batch(
@@ -153,7 +165,7 @@ class OriginalModelWrapper:
                     position_ids=positions[:, :-1],
                     use_cache=True,
                     **self.parts.cache_kwargs(cache),
-                    logits_to_keep=1,
+                    logits_to_keep=no_logits(input_ids.device),
                 )
             # All replacement sets go through one batched single-token pass (weights read once).
             cache = _expand_cache(cache, n)
@@ -165,6 +177,7 @@ class OriginalModelWrapper:
                 position_ids=positions[:, -1:].repeat(n, 1),
                 use_cache=cache is not None,
                 **self.parts.cache_kwargs(cache),
+                **grad_rows_kwargs(self.model, _grad_rows(vectors_list, batch)),
                 logits_to_keep=1,
             )
         return list(out.logits[:, -1].split(batch, dim=0))

@@ -116,8 +116,8 @@ def test_a_prime_residual_carries_no_gradient(tiny_llama_dir, monkeypatch):
     encode = lens.encoder.forward
     kept: dict = {}
 
-    def spy(onehots, ids=None):
-        kept["a_hat_all"] = encode(onehots, ids)
+    def spy(onehots, ids=None, **kw):
+        kept["a_hat_all"] = encode(onehots, ids, **kw)
         kept["a_hat_all"].retain_grad()
         return kept["a_hat_all"]
 

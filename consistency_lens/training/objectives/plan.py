@@ -70,10 +70,12 @@ def compute_losses(lens, batch: Batch, tau: float, alpha: float) -> LossOutput:
         )
     n = a.shape[0]
     residual = train.target == "residual"
-    # A and A' go through D and E together: one batched pass instead of two.
+    # A and A' go through D and E together: one batched pass instead of two. Only A's rows carry
+    # a gradient (A' feeds a detached target) unless the entropy term reads A''s logits too.
     sources = torch.cat([a, batch.A_prime.float()]) if residual else a
-    gen = lens.decoder.generate_soft(sources, train.t_text, tau)
-    a_hat_all = lens.encoder(gen.ste_onehots, gen.discrete_token_ids)
+    grad_rows = (0, n) if residual and not train.entropy_weight else None
+    gen = lens.decoder.generate_soft(sources, train.t_text, tau, grad_rows=grad_rows)
+    a_hat_all = lens.encoder(gen.ste_onehots, gen.discrete_token_ids, grad_rows=grad_rows)
     a_hat = a_hat_all[:n]
     if residual:
         a_target = a_hat + (sources[n:] - a_hat_all[n:]).detach()

@@ -1,0 +1,91 @@
+"""Attention whose backward covers only the batch rows that a loss differentiates.
+
+The plan step runs A and A' through D and E as one batch, so that each block's weights are read
+once for both, yet only A's rows carry a gradient: A' feeds a detached target. Autograd cannot
+see that: `sdpa`'s backward costs as much for a row whose gradient is zero as for any other, and
+on a CPU in bf16 it is the largest single cost of the step (`BENCHMARKS.md`). M's patched pass
+is the same with A's rows, which need no gradient at all. So a caller names the rows that carry
+one (`grad_rows`), and those go through attention with autograd and the others without it. The
+result of each row is the same bit for bit: attention computes every (row, head) on its own.
+
+transformers hands a model's extra forward keywords down to its attention function. This module
+wraps the `sdpa` entry of transformers' attention registry once, at import: without the keyword
+the wrapper is the plain `sdpa`. Only models whose attention is `sdpa` get the keyword.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import AttentionInterface
+
+GRAD_ROWS = "lens_grad_rows"
+"""The forward keyword that carries `(start, stop)`: the rows whose attention keeps its graph."""
+
+
+def attention_implementation(config: object) -> str | None:
+    """The attention implementation transformers runs for `config` (its text part, if any)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "_attn_implementation", None)
+
+
+def grad_rows_kwargs(model: torch.nn.Module, grad_rows: tuple[int, int] | None) -> dict:
+    """The forward keywords that limit `model`'s attention graph to `grad_rows`, where it can."""
+    if grad_rows is None or not torch.is_grad_enabled():
+        return {}
+    if attention_implementation(model.config) != "sdpa":
+        return {}
+    return {GRAD_ROWS: grad_rows}
+
+
+def _batch_rows(tensor: torch.Tensor | None, lo: int, hi: int, batch: int) -> torch.Tensor | None:
+    """Rows lo:hi of a per-row tensor; a mask broadcast over the batch is shared as it is."""
+    if tensor is None or tensor.dim() == 0 or tensor.shape[0] != batch:
+        return tensor
+    return tensor[lo:hi]
+
+
+def split_grad_rows(inner: Callable) -> Callable:
+    """`inner` attention, run with autograd on the `GRAD_ROWS` rows only and without it elsewhere."""
+
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        rows = kwargs.pop(GRAD_ROWS, None)
+        batch = query.shape[0]
+        if (
+            rows is None
+            or not torch.is_grad_enabled()
+            or key.shape[0] != batch
+            or not 0 <= rows[0] < rows[1] <= batch
+        ):
+            return inner(module, query, key, value, attention_mask, *args, **kwargs)
+        start, stop = rows
+        outputs = []
+        for lo, hi, grad in ((0, start, False), (start, stop, True), (stop, batch, False)):
+            if hi <= lo:
+                continue
+            with torch.set_grad_enabled(grad):
+                out, _ = inner(
+                    module,
+                    query[lo:hi],
+                    key[lo:hi],
+                    value[lo:hi],
+                    _batch_rows(attention_mask, lo, hi, batch),
+                    *args,
+                    **kwargs,
+                )
+            outputs.append(out)
+        return (torch.cat(outputs) if len(outputs) > 1 else outputs[0]), None
+
+    attention.inner = inner
+    return attention
+
+
+def _install() -> None:
+    """Wrap the registry's `sdpa` once (importing this module twice must not wrap it twice)."""
+    current = AttentionInterface()["sdpa"]
+    if getattr(current, "inner", None) is None:
+        AttentionInterface.register("sdpa", split_grad_rows(current))
+
+
+_install()
