@@ -48,6 +48,22 @@ def gumbel_noise(like: torch.Tensor) -> torch.Tensor:
     return uniform.log_().neg_().log_().neg_()
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the one-hots of `ids`, shaped like `soft`; backward: `soft`'s gradient as is.
+
+    What `hard - soft.detach() + soft` computes, without its two passes over (B, V) each way,
+    and with one-hots that are exact (1 - s + s need not round back to 1).
+    """
+
+    @staticmethod
+    def forward(ctx, soft: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(soft).scatter_(-1, ids.unsqueeze(-1), 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
 def gumbel_softmax_hard(logits: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Straight-through Gumbel-Softmax over the last dim: (hard one-hots, their token ids).
 
@@ -55,8 +71,7 @@ def gumbel_softmax_hard(logits: torch.Tensor, tau: float) -> tuple[torch.Tensor,
     """
     soft = F.softmax((logits + gumbel_noise(logits)) / tau, dim=-1)
     ids = soft.argmax(dim=-1)
-    hard = torch.zeros_like(soft).scatter_(-1, ids.unsqueeze(-1), 1.0)
-    return hard - soft.detach() + soft, ids
+    return _StraightThrough.apply(soft, ids), ids
 
 
 def sample_ids(logits: torch.Tensor, temperature: float) -> torch.Tensor:
