@@ -64,6 +64,9 @@ def split_grad_rows(inner: Callable) -> Callable:
         for lo, hi, grad in ((0, start, False), (start, stop, True), (stop, batch, False)):
             if hi <= lo:
                 continue
+            part = dict(kwargs)
+            if "position_bias" in part:  # a per-row additive bias, where a model has one
+                part["position_bias"] = _batch_rows(part["position_bias"], lo, hi, batch)
             with torch.set_grad_enabled(grad):
                 out, _ = inner(
                     module,
@@ -72,7 +75,7 @@ def split_grad_rows(inner: Callable) -> Callable:
                     value[lo:hi],
                     _batch_rows(attention_mask, lo, hi, batch),
                     *args,
-                    **kwargs,
+                    **part,
                 )
             outputs.append(out)
         return (torch.cat(outputs) if len(outputs) > 1 else outputs[0]), None

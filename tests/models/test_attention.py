@@ -36,8 +36,10 @@ def test_the_registry_sdpa_is_wrapped_once():
 def test_rows_keep_their_values_and_only_grad_rows_their_gradient(rows):
     module = SimpleNamespace(is_causal=True)
     (q, k, v), mask = _qkv()
-    plain, _ = SDPA.inner(module, q, k, v, mask)
-    split, weights = SDPA(module, q, k, v, mask, **{GRAD_ROWS: rows})
+    # A per-row additive bias (T5-style models hand one to attention) is split with the rows.
+    bias = torch.randn(5, 2, 3, 7, generator=torch.Generator().manual_seed(2))
+    plain, _ = SDPA.inner(module, q, k, v, mask, position_bias=bias)
+    split, weights = SDPA(module, q, k, v, mask, position_bias=bias, **{GRAD_ROWS: rows})
     assert weights is None
     assert torch.equal(split, plain)
     # A loss over every row: the split graph carries exactly the grad rows' part of it.
