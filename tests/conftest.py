@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 from pathlib import Path
@@ -52,6 +53,36 @@ def no_host_reads():
         prof = stack.enter_context(profile(activities=[ProfilerActivity.CPU]))
         yield
     assert [e.name for e in prof.events() if e.name in SYNCS] + reads == []
+
+
+@functools.cache
+def _plain_sdpa():
+    """transformers' own `sdpa`, as the lens's wrapper found it (read before any test swaps it)."""
+    from transformers import AttentionInterface
+
+    import consistency_lens.models.attention  # noqa: F401  (installs the wrapper)
+
+    return AttentionInterface()["sdpa"].inner
+
+
+def record_sdpa(monkeypatch, split: bool) -> list[tuple[int, bool]]:
+    """Route transformers' `sdpa` through a recorder, with the lens's row split (`split`) or as
+    plain `sdpa`; returns (batch, whether it builds a graph) of each later call to plain `sdpa`."""
+    from transformers import AttentionInterface
+
+    from consistency_lens.models.attention import split_grad_rows
+
+    plain = _plain_sdpa()
+    calls: list[tuple[int, bool]] = []
+
+    def inner(*args, **kwargs):
+        graphed = torch.is_grad_enabled() and any(t.requires_grad for t in args[1:4])
+        calls.append((args[1].shape[0], graphed))
+        return plain(*args, **kwargs)
+
+    recorded = split_grad_rows(inner) if split else inner
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", recorded)
+    return calls
 
 
 def make_text(seed: int, n_words: int) -> str:

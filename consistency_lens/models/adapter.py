@@ -37,7 +37,7 @@ class _OneHotRows(torch.autograd.Function):
     """`onehots @ table` for rows one-hot in value: a gather forward, the matmul's gradients.
 
     The forward equals the matmul exactly: the one nonzero term is `hot * row` (the hot value of a
-    straight-through one-hot is within an ulp of 1), the others are exact zeros. Under autocast it
+    straight-through one-hot is exactly 1), the others are exact zeros. Under autocast it
     returns the table's dtype, as `embed_ids` does, and its (rows, d) @ (d, V) backward runs in the
     autocast dtype, as the matmul's did.
     """

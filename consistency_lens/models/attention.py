@@ -5,12 +5,15 @@ once for both, yet only A's rows carry a gradient: A' feeds a detached target. A
 see that: `sdpa`'s backward costs as much for a row whose gradient is zero as for any other, and
 on a CPU in bf16 it is the largest single cost of the step (`BENCHMARKS.md`). M's patched pass
 is the same with A's rows, which need no gradient at all. So a caller names the rows that carry
-one (`grad_rows`), and those go through attention with autograd and the others without it. The
-result of each row is the same bit for bit: attention computes every (row, head) on its own.
+one (`grad_rows`), and those go through attention with autograd and the others without it.
+Attention computes every (row, head) on its own, so on a CPU each row's result is the same bit
+for bit (tested); a GPU kernel may choose its tiling by batch size, which can change rounding.
 
-transformers hands a model's extra forward keywords down to its attention function. This module
-wraps the `sdpa` entry of transformers' attention registry once, at import: without the keyword
-the wrapper is the plain `sdpa`. Only models whose attention is `sdpa` get the keyword.
+transformers hands a model's extra forward keywords down to its attention function. Importing
+this module wraps the `sdpa` entry of transformers' process-wide attention registry once: without
+the keyword, or where no input needs a gradient, the wrapper is the plain `sdpa`. Only models
+whose attention is `sdpa` get the keyword. The attention mask is the one per-row tensor that the
+supported families hand to attention; it is split with the rows.
 """
 
 from __future__ import annotations
@@ -24,13 +27,19 @@ GRAD_ROWS = "lens_grad_rows"
 """The forward keyword that carries `(start, stop)`: the rows whose attention keeps its graph."""
 
 
+def text_config(config: object) -> object:
+    """The language model's part of `config` (a multimodal model's text config), else `config`."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def attention_implementation(config: object) -> str | None:
-    """The attention implementation transformers runs for `config` (its text part, if any)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text, "_attn_implementation", None)
+    """The attention implementation transformers runs for `config`'s language model."""
+    return getattr(text_config(config), "_attn_implementation", None)
 
 
-def grad_rows_kwargs(model: torch.nn.Module, grad_rows: tuple[int, int] | None) -> dict:
+def grad_rows_kwargs(
+    model: torch.nn.Module, grad_rows: tuple[int, int] | None
+) -> dict[str, tuple[int, int]]:
     """The forward keywords that limit `model`'s attention graph to `grad_rows`, where it can."""
     if grad_rows is None or not torch.is_grad_enabled():
         return {}
@@ -51,22 +60,20 @@ def split_grad_rows(inner: Callable) -> Callable:
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         rows = kwargs.pop(GRAD_ROWS, None)
-        batch = query.shape[0]
-        if (
-            rows is None
-            or not torch.is_grad_enabled()
-            or key.shape[0] != batch
-            or not 0 <= rows[0] < rows[1] <= batch
-        ):
+        graphed = query.requires_grad or key.requires_grad or value.requires_grad
+        if rows is None or not torch.is_grad_enabled() or not graphed:
             return inner(module, query, key, value, attention_mask, *args, **kwargs)
+        batch = query.shape[0]
         start, stop = rows
+        if key.shape[0] != batch or not 0 <= start < stop <= batch:
+            raise ValueError(
+                f"{GRAD_ROWS}={rows} must name rows of the batch of {batch} queries and keys "
+                f"(keys have {key.shape[0]})."
+            )
         outputs = []
         for lo, hi, grad in ((0, start, False), (start, stop, True), (stop, batch, False)):
             if hi <= lo:
                 continue
-            part = dict(kwargs)
-            if "position_bias" in part:  # a per-row additive bias, where a model has one
-                part["position_bias"] = _batch_rows(part["position_bias"], lo, hi, batch)
             with torch.set_grad_enabled(grad):
                 out, _ = inner(
                     module,
@@ -75,7 +82,7 @@ def split_grad_rows(inner: Callable) -> Callable:
                     value[lo:hi],
                     _batch_rows(attention_mask, lo, hi, batch),
                     *args,
-                    **part,
+                    **kwargs,
                 )
             outputs.append(out)
         return (torch.cat(outputs) if len(outputs) > 1 else outputs[0]), None

@@ -181,7 +181,7 @@ class DecoderModel(nn.Module):
                 out = self.model(
                     inputs_embeds=embeds,
                     use_cache=True,
-                    logits_to_keep=keep or no_logits(embeds.device),
+                    logits_to_keep=keep or no_logits(),
                     **self.parts.cache_kwargs(cache),
                     **grad_rows_kwargs(self.model, grad_rows),
                 )

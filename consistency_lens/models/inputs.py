@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from consistency_lens.models.attention import attention_implementation
+from consistency_lens.models.attention import attention_implementation, text_config
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -12,10 +12,11 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def no_logits(device: torch.device) -> torch.Tensor:
-    """A `logits_to_keep` that keeps no position: for a pass run only for its kv cache, whose
-    logits (a (d, V) projection per row kept) nobody reads."""
-    return torch.empty(0, dtype=torch.long, device=device)
+def no_logits() -> torch.Tensor:
+    """A `logits_to_keep` that keeps no position, for a pass run only for its kv cache."""
+    # On the CPU: it indexes hidden states on any device (the head may sit on another GPU than
+    # the embedding under device_map), and an empty index copies nothing.
+    return torch.empty(0, dtype=torch.long)
 
 
 def right_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,9 +54,8 @@ def causal_mask(
     2-D mask. A query with no real column before it (a padding position) attends to every column,
     as transformers does for old torch versions: its output is never read, but must stay finite.
     """
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
     impl = attention_implementation(config)
-    window = getattr(text, "sliding_window", None)
+    window = getattr(text_config(config), "sliding_window", None)
     kv = attention_mask.shape[1]
     if impl not in ("sdpa", "eager") or (window is not None and kv > window):
         return attention_mask

@@ -127,7 +127,8 @@ def _compile_blocks(models: list[nn.Module]) -> None:
     blocks = list({id(b): b for model in models for b in find_parts(model).blocks}.values())
     # All blocks share one code object, and dynamo keeps one cache entry per block and call kind
     # (D's prompt chunk and one-token steps, E, M's forwards where they share blocks, with and
-    # without grad, a batch of one): at its default limit of 8 entries most blocks silently fell
+    # without grad, a batch of one, the rows that keep attention's graph, `models/attention.py`):
+    # at its default limit of 8 entries most blocks silently fell
     # back to eager (BENCHMARKS.md, issue 11). Dynamic shapes keep D's growing kv cache from
     # recompiling at every generated token. The old names are the aliases every torch has.
     config = torch._dynamo.config

@@ -73,7 +73,11 @@ def _expand_cache(cache: DynamicCache, repeats: int) -> DynamicCache:
 
 def _grad_rows(vectors_list: list[torch.Tensor], batch: int) -> tuple[int, int] | None:
     """The rows of the stacked vector sets that carry a gradient, where they are some of them in
-    one run (the plan's [A, A_target]: A is data); None where all or none do, or they are apart."""
+    one run (the plan's [A, A_target]: A is data); None where all or none do, or they are apart.
+
+    Only the vectors decide: M's weights never take a gradient (frozen in `__init__`, and a
+    lens's LoRA adapters live in D's and E's copies), and its clean prefix runs without grad.
+    """
     needs = [bool(v.requires_grad) for v in vectors_list]
     if all(needs) or not any(needs):
         return None
@@ -165,7 +169,7 @@ class OriginalModelWrapper:
                     position_ids=positions[:, :-1],
                     use_cache=True,
                     **self.parts.cache_kwargs(cache),
-                    logits_to_keep=no_logits(input_ids.device),
+                    logits_to_keep=no_logits(),
                 )
             # All replacement sets go through one batched single-token pass (weights read once).
             cache = _expand_cache(cache, n)

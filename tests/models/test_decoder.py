@@ -233,3 +233,18 @@ def test_sample_ids_draws_at_softmax_of_logits_over_temperature():
         freq = torch.bincount(ids, minlength=4).float() / n
         # Binomial standard error is at most 0.0025 at n = 40,000: 4 sigma.
         torch.testing.assert_close(freq, F.softmax(logits / temperature, -1), atol=0.01, rtol=0)
+
+
+def test_the_prompt_pass_before_the_slot_computes_no_logits(setup):
+    """D's batch-1 pass over the prompt before the slot runs for its kv cache only."""
+    loaded, acts = setup
+    dec = _decoder(loaded)
+    rows = []
+    head = loaded.model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda _m, args: rows.append(tuple(args[0].shape)))
+    try:
+        dec.generate_soft(acts, max_length=2, tau=1.0)
+    finally:
+        handle.remove()
+    d = loaded.parts.d_model
+    assert rows == [(1, 0, d), (3, 1, d), (3, 1, d)]

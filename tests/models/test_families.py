@@ -230,7 +230,7 @@ def test_explain_every_token(family, trained):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_embed_onehots_equals_the_matmul_with_its_gradients(loaded, dtype):
-    """Straight-through one-hots (hot value within an ulp of 1) embed exactly as `onehots @ table`
+    """Straight-through one-hots (hot value exactly 1) embed exactly as `onehots @ table`
     would, and both the one-hots and a trainable table get the matmul's gradients."""
     from consistency_lens.models.decoder import gumbel_softmax_hard
 

@@ -162,3 +162,19 @@ def test_causal_mask_by_hand():
     assert causal_mask(mask, 2, _config("flash_attention_2"), torch.float32) is mask
     assert causal_mask(mask, 2, _config("sdpa", window=2), torch.float32) is mask
     assert causal_mask(mask, 2, _config("sdpa", window=3), torch.float32).dim() == 4
+
+
+def test_the_clean_prefix_pass_computes_no_logits(orig):
+    """M's prefix pass runs for its kv cache: the head reads no row of it, and the patched pass's
+    head reads one row per vector set."""
+    ids, mask = _batch([5, 8, 3])
+    rows = []
+    head = orig.model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda _m, args: rows.append(tuple(args[0].shape)))
+    try:
+        vectors = orig.activations(ids, mask)
+        rows.clear()
+        orig.forward_with_replacement(ids, mask, [vectors, vectors + 1])
+    finally:
+        handle.remove()
+    assert rows == [(3, 0, orig.d_model), (6, 1, orig.d_model)]

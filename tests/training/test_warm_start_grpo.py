@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import no_host_reads, tiny_dump_config
+from conftest import no_host_reads, record_sdpa, tiny_dump_config
 from safetensors.torch import load_file
 
 from consistency_lens.config import LensConfig, config_from_dict, load_config
@@ -368,3 +368,34 @@ def test_a_training_step_reads_nothing_back_to_the_host(tiny_llama_dir, objectiv
     info = step_info(type(obj), lens.cfg, 0)
     with no_host_reads():
         obj(lens, batch, info).loss.backward()
+
+
+@pytest.mark.parametrize("objective", ["warm_start", "grpo"])
+def test_m_pass_keeps_the_gradients_without_a_graph_for_a(tiny_llama_dir, monkeypatch, objective):
+    """M's patched pass leaves A's rows (data) out of attention's graph for every objective that
+    patches M (`models/attention.py`): the same losses and gradients bit for bit."""
+    lens = _lens(tiny_llama_dir, objective=objective, rl={"samples": 3})
+    obj = build_objective(lens, lens.cfg)
+    batch = _batch(lens)
+    info = step_info(type(obj), lens.cfg, 0)
+    if objective == "warm_start":
+        info.coeffs["alpha"] = 1.0  # the warm start's KL term on
+    results = []
+    for split in (False, True):
+        calls = record_sdpa(monkeypatch, split)
+        lens.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        out = obj(lens, batch, info)
+        out.loss.backward()
+        grads = [p.grad for p in lens.parameters() if p.requires_grad and p.grad is not None]
+        results.append((out.loss.detach(), grads, calls))
+    (loss, grads, plain_calls), (split_loss, split_grads, calls) = results
+    assert torch.equal(split_loss, loss)
+    assert grads and len(grads) == len(split_grads)
+    for g, s in zip(grads, split_grads, strict=True):
+        assert torch.equal(s, g)
+    # M's pass over [A; patches]: its graphed calls ran on the patches' rows only.
+    sets = 3 if objective == "grpo" else 1
+    n = len(batch)
+    assert (n * (sets + 1), True) in plain_calls
+    assert (n * (sets + 1), True) not in calls and (n * sets, True) in calls
