@@ -44,6 +44,7 @@ from gpu import build_model  # noqa: E402
 
 from consistency_lens.config import config_from_dict  # noqa: E402
 from consistency_lens.data.collate import CollateFn  # noqa: E402
+from consistency_lens.models import attention  # noqa: E402
 from consistency_lens.models.lens import ConsistencyLens  # noqa: E402
 from consistency_lens.training.distributed import wrap_for_strategy  # noqa: E402
 from consistency_lens.training.objectives import build_objective, step_info  # noqa: E402
@@ -209,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--t-text", type=int, default=8)
     parser.add_argument("--context", type=int, default=64)
     args = parser.parse_args(argv)
+    # Count what a GPU runs: attention's row split is used on CPUs only (`SPLIT_DEVICES`).
+    attention.SPLIT_DEVICES = frozenset()
     torch.manual_seed(0)
     for case in args.objectives.split(","):
         step = build_step(case, args.tiny, args.batch, args.t_text, args.context)

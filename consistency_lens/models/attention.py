@@ -12,7 +12,7 @@ for bit (tested); a GPU kernel may choose its tiling by batch size, which can ch
 transformers hands a model's extra forward keywords down to its attention function. Importing
 this module wraps the `sdpa` entry of transformers' process-wide attention registry once: without
 the keyword, or where no input needs a gradient, the wrapper is the plain `sdpa`. Only models
-whose attention is `sdpa` get the keyword. The attention mask is the one per-row tensor that the
+whose attention is `sdpa`, on a CPU, get the keyword (`SPLIT_DEVICES`). The attention mask is the one per-row tensor that the
 supported families hand to attention; it is split with the rows.
 """
 
@@ -26,6 +26,12 @@ from transformers import AttentionInterface
 GRAD_ROWS = "lens_grad_rows"
 """The forward keyword that carries `(start, stop)`: the rows whose attention keeps its graph."""
 
+SPLIT_DEVICES = frozenset({"cpu"})
+"""Device types where the split pays. A CPU's bf16 attention backward has a fixed cost per (row,
+head); a GPU kernel takes every row at once, so there the split would only add launches (two
+attention calls, a concatenation and the slices' backward per block: +7% kernel launches in the
+plan step, counted by `bench/step_ops.py`) to save a small share of the arithmetic."""
+
 
 def text_config(config: object) -> object:
     """The language model's part of `config` (a multimodal model's text config), else `config`."""
@@ -38,10 +44,11 @@ def attention_implementation(config: object) -> str | None:
 
 
 def grad_rows_kwargs(
-    model: torch.nn.Module, grad_rows: tuple[int, int] | None
+    model: torch.nn.Module, grad_rows: tuple[int, int] | None, device: torch.device
 ) -> dict[str, tuple[int, int]]:
-    """The forward keywords that limit `model`'s attention graph to `grad_rows`, where it can."""
-    if grad_rows is None or not torch.is_grad_enabled():
+    """The forward keywords that limit `model`'s attention graph to `grad_rows`, where that pays
+    (`SPLIT_DEVICES`, the device the inputs are on) and where the attention is `sdpa`."""
+    if grad_rows is None or not torch.is_grad_enabled() or device.type not in SPLIT_DEVICES:
         return {}
     if attention_implementation(model.config) != "sdpa":
         return {}

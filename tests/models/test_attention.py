@@ -12,7 +12,7 @@ from transformers import AttentionInterface
 
 from consistency_lens.config import LensConfig
 from consistency_lens.models.adapter import find_parts
-from consistency_lens.models.attention import GRAD_ROWS, split_grad_rows
+from consistency_lens.models.attention import GRAD_ROWS, grad_rows_kwargs, split_grad_rows
 from consistency_lens.models.lens import ConsistencyLens
 from consistency_lens.models.orig import _grad_rows
 from consistency_lens.training.objectives.plan import compute_losses
@@ -85,6 +85,18 @@ def test_the_wrapper_is_plain_sdpa_where_no_row_needs_a_graph():
     assert calls == [(1, False, {}), (2, True, {}), (2, False, {})]
     with pytest.raises(ValueError, match="must name rows of the batch of 5"):
         wrapped(module, q, k, v, mask, **{GRAD_ROWS: (0, 9)})
+
+
+def test_the_keyword_goes_to_sdpa_models_on_a_cpu_only():
+    sdpa = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
+    eager = SimpleNamespace(config=SimpleNamespace(_attn_implementation="eager"))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert grad_rows_kwargs(sdpa, (0, 4), cpu) == {GRAD_ROWS: (0, 4)}
+    assert grad_rows_kwargs(sdpa, (0, 4), cuda) == {}  # one kernel for all rows: no gain there
+    assert grad_rows_kwargs(eager, (0, 4), cpu) == {}
+    assert grad_rows_kwargs(sdpa, None, cpu) == {}
+    with torch.no_grad():
+        assert grad_rows_kwargs(sdpa, (0, 4), cpu) == {}
 
 
 def test_m_names_the_rows_of_the_vector_sets_that_need_a_gradient():
