@@ -14,6 +14,8 @@ Counted per step (after one warm-up step):
   other aten op) that are not views or allocations, roughly one GPU kernel launch each, plus
   inductor's fused kernels where blocks are compiled (`fused_kernels`, also counted alone).
   The `plan-full-compiled` case sets `train.compile` and spends minutes compiling before it counts.
+- Attention's row split (`models/attention.py`) is a CPU measure and is off here: the counts are
+  what a GPU runs.
 - `syncs`: ops that make the host wait for the device: `aten::_local_scalar_dense` (`.item()`,
   `float(t)`, `bool(t)`), `aten::nonzero` and `aten::masked_select` (output size read back), plus
   Python calls of `Tensor.tolist`/`.numpy`/`.cpu` (on a CPU these never reach the profiler). Reads

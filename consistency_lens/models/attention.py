@@ -11,9 +11,10 @@ for bit (tested); a GPU kernel may choose its tiling by batch size, which can ch
 
 transformers hands a model's extra forward keywords down to its attention function. Importing
 this module wraps the `sdpa` entry of transformers' process-wide attention registry once: without
-the keyword, or where no input needs a gradient, the wrapper is the plain `sdpa`. Only models
-whose attention is `sdpa`, on a CPU, get the keyword (`SPLIT_DEVICES`). The attention mask is the one per-row tensor that the
-supported families hand to attention; it is split with the rows.
+the keyword, where no input needs a gradient, or on a device where the split does not pay
+(`SPLIT_DEVICES`: CPUs only), the wrapper is the plain `sdpa`. Only models whose attention is
+`sdpa` get the keyword. The attention mask is the one per-row tensor that the supported families
+hand to attention; it is split with the rows.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ GRAD_ROWS = "lens_grad_rows"
 SPLIT_DEVICES = frozenset({"cpu"})
 """Device types where the split pays. A CPU's bf16 attention backward has a fixed cost per (row,
 head); a GPU kernel takes every row at once, so there the split would only add launches (two
-attention calls, a concatenation and the slices' backward per block: +7% kernel launches in the
+attention calls, a concatenation and the slices' backward per block: +6% kernel launches in the
 plan step, counted by `bench/step_ops.py`) to save a small share of the arithmetic."""
 
 
@@ -44,11 +45,10 @@ def attention_implementation(config: object) -> str | None:
 
 
 def grad_rows_kwargs(
-    model: torch.nn.Module, grad_rows: tuple[int, int] | None, device: torch.device
+    model: torch.nn.Module, grad_rows: tuple[int, int] | None
 ) -> dict[str, tuple[int, int]]:
-    """The forward keywords that limit `model`'s attention graph to `grad_rows`, where that pays
-    (`SPLIT_DEVICES`, the device the inputs are on) and where the attention is `sdpa`."""
-    if grad_rows is None or not torch.is_grad_enabled() or device.type not in SPLIT_DEVICES:
+    """The forward keywords that limit `model`'s attention graph to `grad_rows`, where it can."""
+    if grad_rows is None or not torch.is_grad_enabled():
         return {}
     if attention_implementation(model.config) != "sdpa":
         return {}
@@ -68,7 +68,9 @@ def split_grad_rows(inner: Callable) -> Callable:
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         rows = kwargs.pop(GRAD_ROWS, None)
         graphed = query.requires_grad or key.requires_grad or value.requires_grad
-        if rows is None or not torch.is_grad_enabled() or not graphed:
+        # The device of each block's own inputs: under device_map blocks sit on several devices.
+        pays = query.device.type in SPLIT_DEVICES
+        if rows is None or not torch.is_grad_enabled() or not graphed or not pays:
             return inner(module, query, key, value, attention_mask, *args, **kwargs)
         batch = query.shape[0]
         start, stop = rows

@@ -183,7 +183,7 @@ class DecoderModel(nn.Module):
                     use_cache=True,
                     logits_to_keep=keep or no_logits(),
                     **self.parts.cache_kwargs(cache),
-                    **grad_rows_kwargs(self.model, grad_rows, embeds.device),
+                    **grad_rows_kwargs(self.model, grad_rows),
                 )
             # The cache grew by concatenation inside the forward: its tensors are the whole new kv.
             new = [t for layer in cache.layers for t in (layer.keys, layer.values)]

@@ -66,7 +66,7 @@ class EncoderModel(nn.Module):
             "use_cache": False,
             "attention_mask": mask,
             "position_ids": position_ids(attention_mask),
-            **grad_rows_kwargs(self.model, grad_rows, embeds.device),
+            **grad_rows_kwargs(self.model, grad_rows),
         }
         block = self.parts.blocks[self.layer]
 

@@ -181,7 +181,7 @@ class OriginalModelWrapper:
                 position_ids=positions[:, -1:].repeat(n, 1),
                 use_cache=cache is not None,
                 **self.parts.cache_kwargs(cache),
-                **grad_rows_kwargs(self.model, _grad_rows(vectors_list, batch), input_ids.device),
+                **grad_rows_kwargs(self.model, _grad_rows(vectors_list, batch)),
                 logits_to_keep=1,
             )
         return list(out.logits[:, -1].split(batch, dim=0))

@@ -11,6 +11,7 @@ from conftest import objective_batch, record_sdpa
 from transformers import AttentionInterface
 
 from consistency_lens.config import LensConfig
+from consistency_lens.models import attention
 from consistency_lens.models.adapter import find_parts
 from consistency_lens.models.attention import GRAD_ROWS, grad_rows_kwargs, split_grad_rows
 from consistency_lens.models.lens import ConsistencyLens
@@ -87,16 +88,29 @@ def test_the_wrapper_is_plain_sdpa_where_no_row_needs_a_graph():
         wrapped(module, q, k, v, mask, **{GRAD_ROWS: (0, 9)})
 
 
-def test_the_keyword_goes_to_sdpa_models_on_a_cpu_only():
+def test_the_keyword_goes_to_sdpa_models_only():
     sdpa = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
     eager = SimpleNamespace(config=SimpleNamespace(_attn_implementation="eager"))
-    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert grad_rows_kwargs(sdpa, (0, 4), cpu) == {GRAD_ROWS: (0, 4)}
-    assert grad_rows_kwargs(sdpa, (0, 4), cuda) == {}  # one kernel for all rows: no gain there
-    assert grad_rows_kwargs(eager, (0, 4), cpu) == {}
-    assert grad_rows_kwargs(sdpa, None, cpu) == {}
+    assert grad_rows_kwargs(sdpa, (0, 4)) == {GRAD_ROWS: (0, 4)}
+    assert grad_rows_kwargs(eager, (0, 4)) == {}
+    assert grad_rows_kwargs(sdpa, None) == {}
     with torch.no_grad():
-        assert grad_rows_kwargs(sdpa, (0, 4), cpu) == {}
+        assert grad_rows_kwargs(sdpa, (0, 4)) == {}
+
+
+def test_no_split_on_a_device_where_it_does_not_pay(monkeypatch):
+    """A GPU's attention kernel takes all rows at once: there the split would only add launches."""
+    module = SimpleNamespace(is_causal=True)
+    (q, k, v), mask = _qkv(2, 2, 3)
+    calls = []
+
+    def inner(*args, **kwargs):
+        calls.append(args[1].shape[0])
+        return SDPA.inner(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "SPLIT_DEVICES", frozenset({"cuda"}))
+    split_grad_rows(inner)(module, q, k, v, mask, **{GRAD_ROWS: (1, 3)})
+    assert calls == [5]
 
 
 def test_m_names_the_rows_of_the_vector_sets_that_need_a_gradient():
