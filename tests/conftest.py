@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import random
+import socket
 from pathlib import Path
 from unittest import mock
 
@@ -206,12 +207,21 @@ def tiny_train_config(run_dir: Path, **over: object) -> dict:
     }
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a torchrun rendezvous: a fixed
+    port fails when two suites (the capability sweep) or another program use it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """Tiny matrices gain nothing from threads, and spinning OpenMP threads on a busy 2-core
-    machine make each step many times slower."""
+    machine make each step many times slower. `CONSISTENCY_LENS_TEST_THREADS` sets another count,
+    so that `make test-sweep` can prove no float check depends on the threads' reduction order."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("CONSISTENCY_LENS_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(threads)
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_dump_config, tiny_train_config
+from conftest import free_port, tiny_dump_config, tiny_train_config
 from dist_entry import coarse_eps, noiseless
 from safetensors.torch import load_file
 
@@ -75,12 +74,6 @@ def _extensions_dir() -> str:
     return str(Path.home() / ".cache" / "consistency-lens" / "torch_extensions")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _torchrun(
     base: dict,
     run_dir: Path,
@@ -102,7 +95,7 @@ def _torchrun(
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(ENTRY),
         "train",
         *_overrides(base, train, strategy),

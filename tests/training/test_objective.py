@@ -88,6 +88,32 @@ def test_losses_match_hand_computation(model_dir, monkeypatch):
     torch.testing.assert_close(out.loss, total)
 
 
+def test_loss_kl_is_the_patched_distribution_against_the_clean_one(tiny_llama_dir, monkeypatch):
+    """KL(M(A_target) || M(A)), not the reverse. The random fixture's near-uniform head makes the
+    two directions differ by less than fp32 rounding; with a peaked head and E writing a far
+    vector they differ by 100x the tolerance, so the order of the arguments is pinned."""
+    lens = objective_lens(tiny_llama_dir, target="direct")
+    with torch.no_grad():  # a peaked head: the random fixture's near-uniform one is symmetric
+        lens.orig.model.get_output_embeddings().weight.mul_(30)
+    far = 8 * torch.randn(3, lens.d_model, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(lens.encoder, "forward", lambda *args, **kw: far)
+    seen: dict = {}
+    replace = lens.orig.forward_with_replacement
+
+    def spy_replace(ids, mask, vectors):
+        seen["logits"] = replace(ids, mask, vectors)
+        return seen["logits"]
+
+    monkeypatch.setattr(lens.orig, "forward_with_replacement", spy_replace)
+    torch.manual_seed(0)
+    out = compute_losses(lens, objective_batch(lens), tau=1.0, alpha=1.0)
+    clean, patched = (x.double() for x in seen["logits"])
+    forward, reverse = float(_hand_kl(patched, clean)), float(_hand_kl(clean, patched))
+    # fp32 against the float64 hand value: ~1e-7 relative; the reverse is 7e-3 away (KL ~15).
+    assert float(out.loss_kl) == pytest.approx(forward, rel=1e-5)
+    assert abs(forward - reverse) > 100 * 1e-5 * forward
+
+
 def test_loss_lm_is_zero_for_one_token(tiny_llama_dir):
     lens = objective_lens(tiny_llama_dir, t_text=1)
     out = compute_losses(lens, objective_batch(lens), tau=1.0, alpha=1.0)
