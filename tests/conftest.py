@@ -226,6 +226,17 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def one_intra_op_thread():
+    """One thread for a test of bit-for-bit equality between two batchings of the same rows:
+    with several threads a CPU kernel partitions its work (and orders its sums) by the tensor's
+    size, so two batchings agree only to rounding, which no bitwise claim survives."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """A byte-level BPE tokenizer trained offline on the fixture vocabulary, saved as an HF dir."""

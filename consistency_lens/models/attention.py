@@ -6,8 +6,9 @@ see that: `sdpa`'s backward costs as much for a row whose gradient is zero as fo
 on a CPU in bf16 it is the largest single cost of the step (`BENCHMARKS.md`). M's patched pass
 is the same with A's rows, which need no gradient at all. So a caller names the rows that carry
 one (`grad_rows`), and those go through attention with autograd and the others without it.
-Attention computes every (row, head) on its own, so on a CPU each row's result is the same bit
-for bit (tested); a GPU kernel may choose its tiling by batch size, which can change rounding.
+Attention computes every (row, head) on its own, so on a CPU with one intra-op thread each row's
+result is the same bit for bit (tested). With more threads, and on a GPU, a kernel cuts its work
+by the batch's size, and the order of its sums with it: the split then agrees to rounding.
 
 transformers hands a model's extra forward keywords down to its attention function. Importing
 this module wraps the `sdpa` entry of transformers' process-wide attention registry once: without

@@ -148,7 +148,7 @@ def _step(lens, batch, split: bool, monkeypatch) -> tuple[torch.Tensor, list, li
     ids=["frozen_base", "frozen_base-bf16", "full", "checkpointed", "entropy", "gpt2"],
 )
 def test_plan_step_is_unchanged_and_a_prime_keeps_no_attention_graph(
-    tiny_llama_dir, tiny_gpt2_dir, monkeypatch, case
+    tiny_llama_dir, tiny_gpt2_dir, monkeypatch, case, one_intra_op_thread
 ):
     family, dtype, train = case
     model = tiny_llama_dir if family == "llama" else tiny_gpt2_dir
