@@ -294,6 +294,137 @@ class LensConfig(_Strict):
         return min(self.p_min, self.seq_len - 2)
 
 
+# Which settings define what, declared once and read by resume (`training/checkpoint.py`), the
+# lens fit check (`models/lens.py`) and the dump layout (`data/layout.py`). Every field of
+# `LensConfig` (by dotted name, through its sections) is in `WEIGHT_KEYS` and/or `DUMP_KEYS`, or
+# else in `FREE_KEYS` or under `FREE_SECTIONS`; tests/test_config_keys.py fails on a field that is
+# not, so a new setting cannot silently escape those checks.
+
+WEIGHT_KEYS = (
+    "model",
+    "revision",
+    "layer",
+    "train.mode",
+    "train.t_text",
+    "train.prompt",
+    "train.inject_layer",
+    "train.encoder_prompt",
+    "train.encoder_layer",
+    "train.lora_r",
+    "train.lora_alpha",
+)
+"""Settings that define a lens's trainable weights (their names, shapes or meaning): a resumed
+run and a lens whose weights are loaded into another must share them."""
+
+MODEL_KEYS = ("model", "revision")
+"""The weight keys that name the base model; where a model is loaded its fingerprint decides."""
+
+DUMP_KEYS = (
+    "model",
+    "layer",
+    "dtype",
+    "seq_len",
+    "p_min",
+    "seed",
+    "corpus",
+    "corpus_split",
+    "text_column",
+    "num_samples",
+    "val_samples",
+    "shard_size",
+    "max_norm_ratio",
+    "train.t_text",
+)
+"""Settings that define an activation dump (which samples a split holds and how they are stored):
+a rerun resumes a dump only with the same values (`data/layout.py` records them in its header)."""
+
+FREE_KEYS = (
+    "trust_remote_code",
+    "model_dtype",
+    "attn_implementation",
+    "device",
+    "device_map",
+    "output_dir",
+    "cache_dir",
+    "batch_size",
+    "train.run_dir",
+    "train.steps",
+    "train.batch_size",
+    "train.grad_accum",
+    "train.lr",
+    "train.lr_blocks",
+    "train.weight_decay",
+    "train.grad_clip",
+    "train.tau.kind",
+    "train.tau.start",
+    "train.tau.end",
+    "train.tau.warmup_steps",
+    "train.tau.warmup_from",
+    "train.alpha.kind",
+    "train.alpha.start",
+    "train.alpha.end",
+    "train.alpha.warmup_steps",
+    "train.alpha.warmup_from",
+    "train.lr_schedule.kind",
+    "train.lr_schedule.start",
+    "train.lr_schedule.end",
+    "train.lr_schedule.warmup_steps",
+    "train.lr_schedule.warmup_from",
+    "train.objective",
+    "train.init_from",
+    "train.rl.samples",
+    "train.rl.temperature",
+    "train.rl.kl_ref",
+    "train.rl.mse_reward",
+    "train.rl.fluency_reward",
+    "train.rl.std_norm",
+    "train.warm_start.steps",
+    "train.warm_start.objective",
+    "train.warm_start.alpha",
+    "train.target",
+    "train.mse_weight",
+    "train.entropy_weight",
+    "train.lora_dropout",
+    "train.gradient_checkpointing",
+    "train.compile",
+    "train.precision",
+    "train.val_every",
+    "train.val_batches",
+    "train.ckpt_every",
+    "train.keep_checkpoints",
+    "train.ema_decay",
+    "train.log_every",
+    "train.max_bad_batches",
+    "distributed.strategy",
+    "distributed.deepspeed_config",
+    "distributed.orig_8bit",
+)
+"""Settings free to change between an interrupted and a resumed run: they steer how training,
+the dump or loading run (numerics, schedules, hardware), not what the weights or a dump mean."""
+
+FREE_SECTIONS = ("eval", "wandb")
+"""Sections whose every field is free: evaluation and logging never touch weights or dumps."""
+
+
+def setting(data: dict, key: str) -> Any:
+    """The value of dotted `key` in a dumped config (`dump_config`); its default where the dump
+    lacks it (a config saved before the setting existed meant the default)."""
+    for source in (data, _DEFAULTS):
+        node: Any = source
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            return node
+    raise KeyError(key)
+
+
+def weight_settings(data: dict) -> dict[str, Any]:
+    """The `WEIGHT_KEYS` of a dumped config (`dump_config`), by dotted name."""
+    return {key: setting(data, key) for key in WEIGHT_KEYS}
+
+
 def _deep_merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for key, value in update.items():
@@ -376,3 +507,6 @@ def load_config(files: list[Path] | None = None, overrides: list[str] | None = N
 def dump_config(cfg: LensConfig) -> dict:
     """A JSON/YAML-safe dict of the config."""
     return cfg.model_dump(mode="json")
+
+
+_DEFAULTS = dump_config(LensConfig())

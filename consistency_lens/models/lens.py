@@ -12,7 +12,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from consistency_lens.config import LensConfig, config_from_dict, dump_config
+from consistency_lens.config import (
+    MODEL_KEYS,
+    WEIGHT_KEYS,
+    LensConfig,
+    config_from_dict,
+    dump_config,
+    weight_settings,
+)
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import check_layer, find_parts
 from consistency_lens.models.decoder import EMBED_SLOT, DecoderModel, split_prompt
@@ -400,6 +407,7 @@ class ConsistencyLens(nn.Module):
         meta = _read_lens_config(path)
         _check_weights(path, meta)
         _check_fits(path, meta, self.loaded, self.layer)
+        _check_same_weights(path, meta["config"], dump_config(self.cfg))
         state = _load_weights(path)
         self.load_trainable_state_dict({k: v.to(self.device) for k, v in state.items()})
 
@@ -428,6 +436,18 @@ def _check_fits(path: Path, meta: dict, loaded: LoadedModel, layer: int) -> None
             f"The lens at '{path}' expects width {meta['d_model']} at layer {meta['layer']}, "
             f"but the base model has width {loaded.parts.d_model} (config layer {layer})."
         )
+
+
+def _check_same_weights(path: Path, saved: dict, own: dict) -> None:
+    """Refuse a lens whose weight-defining settings differ from this lens's (the base model is
+    compared by fingerprint, not by name)."""
+    theirs, ours = weight_settings(saved), weight_settings(own)
+    for key in WEIGHT_KEYS:
+        if key not in MODEL_KEYS and theirs[key] != ours[key]:
+            raise LensError(
+                f"The lens at '{path}' was trained with {key}={theirs[key]!r} but this lens has "
+                f"{key}={ours[key]!r}; start from a lens trained with the same {key}."
+            )
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
