@@ -106,7 +106,8 @@ def card_metadata(meta: dict, results: dict | None = None) -> str:
     name = f"consistency-lens-{Path(base.rstrip('/')).name}-L{meta['layer']}"
     evals = None
     if results is not None:
-        dataset = corpus or "activations"
+        # A local corpus is named by its file or folder name, not the path on the trainer's disk.
+        dataset = corpus if is_repo_id(corpus) else Path(corpus.rstrip("/")).name or "corpus"
         evals = [
             EvalResult(
                 task_type="activation-explanation",
