@@ -32,7 +32,8 @@ def _checkpoint_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint",
         type=Path,
-        help="saved lens directory (default: <train.run_dir>/lens; explain, when no run has started "
+        help="saved lens directory or Hub repo id org/name (default: <train.run_dir>/lens; "
+        "explain, when no run has started "
         "there: the lens shipped for the model)",
     )
 
@@ -159,6 +160,34 @@ class Card:
 
 
 @dataclass
+class Push:
+    """Upload a saved lens folder (its lens files only) to a Hugging Face Hub repo."""
+
+    lens: Path
+    repo_id: str
+    private: bool = False
+
+    @staticmethod
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        """Add this command's arguments to its subparser."""
+        parser.add_argument("lens", type=Path, help="saved lens directory")
+        parser.add_argument("repo_id", help="Hub repo id, org/name (created if missing)")
+        parser.add_argument(
+            "--private", action="store_true", help="create the repo private if it is new"
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, argv: list[str]) -> Push:
+        """The command for parsed `args` (`argv` is the whole command line)."""
+        return cls(args.lens, args.repo_id, args.private)
+
+    def execute(self) -> None:
+        from consistency_lens.models.hub import push_lens
+
+        print(f"pushed: {push_lens(self.lens, self.repo_id, self.private)}")
+
+
+@dataclass
 class Explain:
     """Explain every token position of a text with a saved lens."""
 
@@ -236,6 +265,7 @@ COMMANDS = {
     "explain": Explain,
     "demo": Demo,
     "card": Card,
+    "push": Push,
 }
 
 

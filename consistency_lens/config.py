@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import functools
+import importlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +18,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(
         extra="forbid", use_attribute_docstrings=True, validate_assignment=True
     )
+
+
+class ObjectiveSettings(_Strict):
+    """Base of an objective's own settings (`train.<section>`), declared beside the objective:
+    unknown keys are refused and each field's docstring is its help."""
 
 
 class ScheduleConfig(_Strict):
@@ -48,23 +55,6 @@ class ScheduleConfig(_Strict):
         return ends + ([self.warmup_from] if self.warmup_steps else [])
 
 
-class RLConfig(_Strict):
-    """Reinforcement learning on D's sampled text (objective `grpo`)."""
-
-    samples: int = Field(4, ge=2)
-    """Explanations sampled per activation; advantages compare the samples of one activation."""
-    temperature: float = Field(1.0, gt=0)
-    """Sampling temperature of D."""
-    kl_ref: float = Field(0.05, ge=0)
-    """Weight of the KL of D's token distributions to the reference D (readability)."""
-    mse_reward: float = Field(0.0, ge=0)
-    """Reward is -KL at P minus this times E's normalised squared error."""
-    fluency_reward: float = Field(0.0, ge=0)
-    """Reward also minus this times the text's mean NLL per token under M (read after BOS)."""
-    std_norm: bool = True
-    """Divide each group's advantages by its reward standard deviation."""
-
-
 class WarmStartConfig(_Strict):
     """A supervised warm start that `train` runs first, in `<run_dir>/warm_start`; its lens is
     where the main objective starts (`init_from`) and, for `grpo`, D's reference."""
@@ -78,7 +68,12 @@ class WarmStartConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    """How a lens is trained on a dump."""
+    """How a lens is trained on a dump. Besides these fields, `train` holds one section per
+    objective with settings of its own (e.g. `train.rl` of `grpo`): its class lives beside the
+    objective (`training/objectives/`) and is validated here with the rest."""
+
+    # Extra keys are the objectives' sections; `_objective_sections` refuses any other.
+    model_config = ConfigDict(extra="allow")
 
     run_dir: Path = Path("runs/lens")
     """Directory for checkpoints, metrics.jsonl, the saved lens and the report."""
@@ -123,8 +118,6 @@ class TrainConfig(_Strict):
     init_from: Path | None = None
     """A saved lens directory whose trainable weights this run starts from (e.g. a warm start);
     the lens must be of the same model, layer, mode and decoder shape."""
-    rl: RLConfig = RLConfig()
-    """Settings of the `grpo` objective."""
     warm_start: WarmStartConfig = WarmStartConfig()
     """A supervised warm start run before `objective` (off unless `warm_start.steps > 0`)."""
     target: Literal["residual", "direct"] = "residual"
@@ -160,6 +153,19 @@ class TrainConfig(_Strict):
     """Write a metrics.jsonl line every N optimizer steps."""
     max_bad_batches: int = Field(10, ge=1)
     """Stop after this many consecutive batches with NaN/inf activations or loss."""
+
+    @model_validator(mode="after")
+    def _objective_sections(self) -> TrainConfig:
+        # Every section an objective declares, with its defaults when absent, validated.
+        sections = objective_sections()
+        extra = self.__pydantic_extra__
+        for key in extra:
+            if key not in sections:
+                raise ValueError(f"unknown config key 'train.{key}'")
+        for key, settings in sections.items():
+            value = extra.get(key, {})
+            extra[key] = value if isinstance(value, settings) else settings.model_validate(value)
+        return self
 
     @field_validator("tau")
     @classmethod
@@ -279,7 +285,7 @@ class LensConfig(_Strict):
     """Samples per safetensors shard (the unit of resume)."""
     max_norm_ratio: float | None = Field(None, ge=1)
     """Drop activations whose norm exceeds this multiple of the batch median (attention sinks)."""
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = Field(default_factory=TrainConfig)
     """Training of the lens."""
     eval: EvalConfig = EvalConfig()
     """Evaluation of the lens."""
@@ -294,6 +300,154 @@ class LensConfig(_Strict):
         return min(self.p_min, self.seq_len - 2)
 
 
+_OBJECTIVES = "consistency_lens.training.objectives"
+_SECTIONS: dict[str, type[BaseModel]] = {}
+
+
+def register_settings(section: str, settings: type[BaseModel]) -> None:
+    """Make `train.<section>` a section validated by `settings` (an objective's own settings)."""
+    taken = section in TrainConfig.model_fields or _SECTIONS.get(section, settings) is not settings
+    if taken:
+        raise ValueError(f"train.{section} is taken; give the objective's settings another name.")
+    _SECTIONS[section] = settings
+
+
+def objective_sections() -> dict[str, type[BaseModel]]:
+    """The sections of `train` that objectives declare beside themselves, by key."""
+    # Objectives register their settings when their modules are imported. They sit above this
+    # module, so they are found by package name, when a config is first validated (as the
+    # objectives' own registry finds its modules), never when this module loads.
+    importlib.import_module(_OBJECTIVES).available()
+    return dict(_SECTIONS)
+
+
+# Which settings define what, declared once and read by resume (`training/checkpoint.py`), the
+# lens fit check (`models/lens.py`) and the dump layout (`data/layout.py`). Every field of
+# `LensConfig` (by dotted name, through its sections) is in `WEIGHT_KEYS` and/or `DUMP_KEYS`, or
+# else in `FREE_KEYS` or under `FREE_SECTIONS`; tests/test_config_keys.py fails on a field that is
+# not, so a new setting cannot silently escape those checks.
+
+WEIGHT_KEYS = (
+    "model",
+    "revision",
+    "layer",
+    "train.mode",
+    "train.t_text",
+    "train.prompt",
+    "train.inject_layer",
+    "train.encoder_prompt",
+    "train.encoder_layer",
+    "train.lora_r",
+    "train.lora_alpha",
+)
+"""Settings that define a lens's trainable weights (their names, shapes or meaning): a resumed
+run and a lens whose weights are loaded into another must share them."""
+
+MODEL_KEYS = ("model", "revision")
+"""The weight keys that name the base model; where a model is loaded its fingerprint decides."""
+
+DUMP_KEYS = (
+    "model",
+    "layer",
+    "dtype",
+    "seq_len",
+    "p_min",
+    "seed",
+    "corpus",
+    "corpus_split",
+    "text_column",
+    "num_samples",
+    "val_samples",
+    "shard_size",
+    "max_norm_ratio",
+    "train.t_text",
+)
+"""Settings that define an activation dump (which samples a split holds and how they are stored):
+a rerun resumes a dump only with the same values (`data/layout.py` records them in its header)."""
+
+FREE_KEYS = (
+    "trust_remote_code",
+    "model_dtype",
+    "attn_implementation",
+    "device",
+    "device_map",
+    "output_dir",
+    "cache_dir",
+    "batch_size",
+    "train.run_dir",
+    "train.steps",
+    "train.batch_size",
+    "train.grad_accum",
+    "train.lr",
+    "train.lr_blocks",
+    "train.weight_decay",
+    "train.grad_clip",
+    "train.tau.kind",
+    "train.tau.start",
+    "train.tau.end",
+    "train.tau.warmup_steps",
+    "train.tau.warmup_from",
+    "train.alpha.kind",
+    "train.alpha.start",
+    "train.alpha.end",
+    "train.alpha.warmup_steps",
+    "train.alpha.warmup_from",
+    "train.lr_schedule.kind",
+    "train.lr_schedule.start",
+    "train.lr_schedule.end",
+    "train.lr_schedule.warmup_steps",
+    "train.lr_schedule.warmup_from",
+    "train.objective",
+    "train.init_from",
+    "train.warm_start.steps",
+    "train.warm_start.objective",
+    "train.warm_start.alpha",
+    "train.target",
+    "train.mse_weight",
+    "train.entropy_weight",
+    "train.lora_dropout",
+    "train.gradient_checkpointing",
+    "train.compile",
+    "train.precision",
+    "train.val_every",
+    "train.val_batches",
+    "train.ckpt_every",
+    "train.keep_checkpoints",
+    "train.ema_decay",
+    "train.log_every",
+    "train.max_bad_batches",
+    "distributed.strategy",
+    "distributed.deepspeed_config",
+    "distributed.orig_8bit",
+)
+"""Settings free to change between an interrupted and a resumed run: they steer how training,
+the dump or loading run (numerics, schedules, hardware), not what the weights or a dump mean."""
+
+FREE_SECTIONS = ("eval", "wandb")
+"""Sections whose every field is free: evaluation and logging never touch weights or dumps. So
+is every objective's own section of `train` (`objective_sections`): it steers how the objective
+trains, not what the weights mean."""
+
+
+def setting(data: dict, key: str) -> Any:
+    """The value of dotted `key` in a dumped config (`dump_config`); its default where the dump
+    lacks it (a config saved before the setting existed meant the default)."""
+    for source in (data, _defaults()):
+        node: Any = source
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            return node
+    raise KeyError(key)
+
+
+def weight_settings(data: dict) -> dict[str, Any]:
+    """The `WEIGHT_KEYS` of a dumped config (`dump_config`), by dotted name."""
+    return {key: setting(data, key) for key in WEIGHT_KEYS}
+
+
 def _deep_merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for key, value in update.items():
@@ -304,15 +458,24 @@ def _deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
+def config_fields(model: type[BaseModel]) -> dict[str, Any]:
+    """The settings of a config class by name, with their types; for `TrainConfig` the
+    objectives' sections too (their type is the objective's settings class)."""
+    fields = {name: field.annotation for name, field in model.model_fields.items()}
+    if model is TrainConfig:
+        fields.update(objective_sections())
+    return fields
+
+
 def _check_keys(data: dict, model: type[BaseModel], prefix: str = "") -> None:
-    fields = model.model_fields
+    fields = config_fields(model)
     for key, value in data.items():
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             allowed = ", ".join(fields)
             raise LensError(f"Unknown config key '{prefix}{key}'{hint} Allowed here: {allowed}.")
-        annotation = fields[key].annotation
+        annotation = fields[key]
         if isinstance(value, dict) and isinstance(annotation, type):
             if issubclass(annotation, BaseModel):
                 _check_keys(value, annotation, f"{prefix}{key}.")
@@ -354,11 +517,23 @@ def _read_yaml(path: Path) -> dict:
 def config_from_dict(data: dict) -> LensConfig:
     """Validate a plain dict into a `LensConfig`, with one-sentence errors."""
     _check_keys(data, LensConfig)
+    train = data.get("train")
+    if isinstance(train, dict):
+        # Each objective's section first, so that an error names its whole key.
+        train = dict(train)
+        for key, settings in objective_sections().items():
+            if key in train and not isinstance(train[key], settings):
+                train[key] = _validated(settings, train[key], f"train.{key}.")
+        data = {**data, "train": train}
+    return _validated(LensConfig, data, "")
+
+
+def _validated(model: type[BaseModel], data: dict, prefix: str) -> Any:
     try:
-        return LensConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "config"
+        where = (prefix + ".".join(str(p) for p in first["loc"])).rstrip(".") or "config"
         got = first.get("input")
         raise LensError(f"Config key '{where}': {first['msg']} (got {got!r}).") from None
 
@@ -376,3 +551,8 @@ def load_config(files: list[Path] | None = None, overrides: list[str] | None = N
 def dump_config(cfg: LensConfig) -> dict:
     """A JSON/YAML-safe dict of the config."""
     return cfg.model_dump(mode="json")
+
+
+@functools.cache
+def _defaults() -> dict:
+    return dump_config(LensConfig())

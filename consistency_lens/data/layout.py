@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from consistency_lens.config import LensConfig
+from consistency_lens.config import DUMP_KEYS, LensConfig, dump_config, setting
 from consistency_lens.data.corpus import corpus_slug, tokenizer_hash
 from consistency_lens.errors import LensError
 from consistency_lens.models.loading import LoadedModel, model_slug
@@ -29,33 +29,24 @@ SPLITS = ("train", "val")
 METADATA = "metadata.json"
 PROGRESS = "progress.json"
 
-# Settings that must match for a rerun to resume an existing dump: everything that decides which
-# sequences and positions a split holds and how they are stored. `plan_sha256` (a digest of the
-# split's sequences, positions and indices) is last: it catches what the named keys cannot, e.g.
-# a corpus edited without changing its size or mtime.
+# Header names of the config's `DUMP_KEYS` where the header calls them otherwise: the dump stores
+# `train.t_text` corpus tokens after P per sample (`input_ids_next`), e.g. for teacher forcing.
+_HEADER_NAMES = {"train.t_text": "next_tokens"}
+
+# Settings that must match for a rerun to resume an existing dump: the config's `DUMP_KEYS` (as
+# the header names them), then what the header derives from the model and corpus. `plan_sha256`
+# (a digest of the split's sequences, positions and indices) is last: it catches what the named
+# keys cannot, e.g. a corpus edited without changing its size or mtime.
 RESUME_KEYS = (
     "format_version",
-    "model",
+    *(_HEADER_NAMES.get(key, key) for key in DUMP_KEYS),
     "fingerprint",
-    "layer",
-    "dtype",
-    "seq_len",
-    "p_min",
-    "seed",
-    "corpus",
-    "corpus_split",
-    "text_column",
     "corpus_key",
-    "num_samples",
-    "val_samples",
     "num_requested",
-    "shard_size",
-    "max_norm_ratio",
     "tokenizer",
     "tokenizer_hash",
     "world_size",
     "plan_sha256",
-    "next_tokens",
 )
 
 
@@ -88,35 +79,24 @@ def split_header(
     dump's `config`, and either `shards` (file, count, kept, sha256 each) or, under torchrun,
     `ranks` (the `rank_<k>/` directories, each with its own metadata and shards).
     """
+    # The declared dump settings, as the config holds them; `p_min` as the dump applies it.
+    declared = {_HEADER_NAMES.get(key, key): setting(dump_config(cfg), key) for key in DUMP_KEYS}
     return {
         "format_version": FORMAT_VERSION,
+        **declared,
         "plan_sha256": plan_sha256,
-        "num_samples": cfg.num_samples,
-        "val_samples": cfg.val_samples,
-        "corpus_split": cfg.corpus_split,
-        "text_column": cfg.text_column,
         "world_size": world,
-        "model": cfg.model,
         "fingerprint": loaded.fingerprint,
-        "layer": cfg.layer,
         "num_blocks": loaded.parts.num_blocks,
         "d_model": loaded.parts.d_model,
-        "dtype": cfg.dtype,
-        "seq_len": cfg.seq_len,
         "p_min": cfg.p_min_effective,
         "p_max": cfg.seq_len - 2,
-        "seed": cfg.seed,
-        "corpus": cfg.corpus,
         "corpus_key": corpus_key,
         "split": split,
         "num_requested": n,
-        "shard_size": cfg.shard_size,
-        "max_norm_ratio": cfg.max_norm_ratio,
         "tokenizer": getattr(loaded.tokenizer, "name_or_path", ""),
         "tokenizer_hash": tokenizer_hash(loaded.tokenizer),
         "pad_token_id": loaded.tokenizer.pad_token_id,
-        # Corpus tokens after P stored per sample (`input_ids_next`), e.g. for teacher forcing.
-        "next_tokens": cfg.train.t_text,
     }
 
 

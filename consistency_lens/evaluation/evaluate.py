@@ -39,17 +39,20 @@ def default_checkpoint(cfg: LensConfig) -> Path:
 
 
 def load_lens(cfg: LensConfig, checkpoint: Path | None, shipped_fallback: bool = False):
-    """Load a saved lens directory on `cfg.device`: `checkpoint`, else `<train.run_dir>/lens`.
+    """Load a saved lens on `cfg.device`: `checkpoint` (a folder or Hub repo id), else
+    `<train.run_dir>/lens`.
 
     With `shipped_fallback` (explain), a run directory that holds no lens and no checkpoints
     falls back to the lens shipped in the package for `cfg.model` (`consistency_lens.lenses`);
     eval never does, so its results are always the run's own.
     """
     from consistency_lens.lenses import shipped_lens
+    from consistency_lens.models.hub import resolve_lens
     from consistency_lens.models.lens import ConsistencyLens
     from consistency_lens.training.checkpoint import checkpoints_dir
 
-    path = Path(checkpoint) if checkpoint is not None else default_checkpoint(cfg)
+    # A Hub repo id becomes its cached snapshot of the lens files, then reads as a folder does.
+    path = resolve_lens(checkpoint) if checkpoint is not None else default_checkpoint(cfg)
     # A run with checkpoints but no lens was interrupted: it must be resumed, not replaced.
     if (
         shipped_fallback
@@ -467,5 +470,5 @@ def card_command(lens_dir: Path, results_file: Path) -> Path:
             "eval_results.json."
         )
     atomic_write_json(lens_dir / "eval_results.json", results)
-    atomic_write_text(lens_dir / CARD_FILE, card_text(meta, model_card(results)))
+    atomic_write_text(lens_dir / CARD_FILE, card_text(meta, model_card(results), results))
     return lens_dir / CARD_FILE

@@ -12,11 +12,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from consistency_lens.config import LensConfig, config_from_dict, dump_config
+from consistency_lens.config import (
+    MODEL_KEYS,
+    WEIGHT_KEYS,
+    LensConfig,
+    config_from_dict,
+    dump_config,
+    weight_settings,
+)
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import check_layer, find_parts
 from consistency_lens.models.decoder import EMBED_SLOT, DecoderModel, split_prompt
 from consistency_lens.models.encoder import EncoderModel
+from consistency_lens.models.hub import card_metadata, resolve_lens
 from consistency_lens.models.loading import LoadedModel, load_for_config, max_positions
 from consistency_lens.models.orig import OriginalModelWrapper, load_8bit
 from consistency_lens.models.projection import activation_norm, embedding_norm
@@ -80,9 +88,12 @@ def _add_lora(model: nn.Module, cfg: LensConfig) -> nn.Module:
     return model
 
 
-def card_text(meta: dict, extra: str = "") -> str:
-    """The model card `README.md` of a lens from its `lens_config.json` metadata, `extra` appended."""
+def card_text(meta: dict, extra: str = "", results: dict | None = None) -> str:
+    """The model card `README.md` of a lens from its `lens_config.json` metadata, `extra` appended;
+    its front matter carries the Hub's metadata, with `results` (an eval results file) as eval
+    results."""
     lines = [
+        card_metadata(meta, results),
         "# Consistency lens",
         "",
         f"A decoder/encoder pair that explains layer {meta['layer']} of `{meta['base_model']}` "
@@ -93,7 +104,8 @@ def card_text(meta: dict, extra: str = "") -> str:
         f"- mode: `{meta['mode']}`; only trainable weights are in `{WEIGHTS_FILE}`",
         f"- decoder prompt: `{meta['prompt']}`",
         "",
-        f'Load it with `ConsistencyLens.from_pretrained(path, model="{meta["base_model"]}")` '
+        f'Load it with `ConsistencyLens.from_pretrained(path, model="{meta["base_model"]}")`, '
+        "where path is this folder or its Hub repo id "
         "(or `consistency-lens eval/explain` with that `model`); the base model must have the "
         "recorded fingerprint, and its own code runs only if you pass trust_remote_code yourself.",
     ]
@@ -342,6 +354,7 @@ class ConsistencyLens(nn.Module):
         path: str | Path,
         device: str | None = None,
         *,
+        revision: str | None = None,
         loaded: LoadedModel | None = None,
         layer: int | None = None,
         model: str | None = None,
@@ -354,8 +367,11 @@ class ConsistencyLens(nn.Module):
         base model is only compared with `model`, never loaded in its place. Without `model` the
         recorded base model is loaded, still with the caller's `trust_remote_code`. Without
         `device` it loads on CUDA when present, else on the CPU (never the recorded device).
+
+        `path` is a lens folder or a Hub repo id (`org/name`, at `revision`): only the lens's own
+        files are fetched, through the Hub cache, and then read exactly as a folder is.
         """
-        path = Path(path)
+        path = resolve_lens(path, revision)
         meta = _read_lens_config(path)
         recorded = meta["base_model"]
         if meta["config"].get("trust_remote_code") is True and not trust_remote_code:
@@ -400,8 +416,22 @@ class ConsistencyLens(nn.Module):
         meta = _read_lens_config(path)
         _check_weights(path, meta)
         _check_fits(path, meta, self.loaded, self.layer)
+        _check_same_weights(path, meta["config"], dump_config(self.cfg))
         state = _load_weights(path)
         self.load_trainable_state_dict({k: v.to(self.device) for k, v in state.items()})
+
+
+def check_lens_dir(path: Path) -> dict:
+    """The `lens_config.json` of a complete, unaltered saved lens at `path` (else one sentence)."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise LensError(
+            f"No saved lens at '{path}' ({CONFIG_FILE} missing); pass the folder that "
+            "`consistency-lens train` wrote (`<run_dir>/lens`)."
+        )
+    meta = _read_lens_config(path)
+    _check_weights(path, meta)
+    return meta
 
 
 def _check_weights(path: Path, meta: dict) -> None:
@@ -428,6 +458,18 @@ def _check_fits(path: Path, meta: dict, loaded: LoadedModel, layer: int) -> None
             f"The lens at '{path}' expects width {meta['d_model']} at layer {meta['layer']}, "
             f"but the base model has width {loaded.parts.d_model} (config layer {layer})."
         )
+
+
+def _check_same_weights(path: Path, saved: dict, own: dict) -> None:
+    """Refuse a lens whose weight-defining settings differ from this lens's (the base model is
+    compared by fingerprint, not by name)."""
+    theirs, ours = weight_settings(saved), weight_settings(own)
+    for key in WEIGHT_KEYS:
+        if key not in MODEL_KEYS and theirs[key] != ours[key]:
+            raise LensError(
+                f"The lens at '{path}' was trained with {key}={theirs[key]!r} but this lens has "
+                f"{key}={ours[key]!r}; start from a lens trained with the same {key}."
+            )
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:

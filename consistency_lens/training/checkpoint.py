@@ -35,7 +35,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from consistency_lens.config import LensConfig, dump_config
+from consistency_lens.config import LensConfig, dump_config, weight_settings
 from consistency_lens.errors import LensError
 from consistency_lens.utils.dist import barrier, rank_seed, rank_world, seed_all
 from consistency_lens.utils.io import (
@@ -508,10 +508,6 @@ def load_sharded_state(path: Path, rank: int) -> tuple[dict, dict | None]:
 # hand over state: the optimizer's and scheduler's `state_dict`, `sharded_state` /
 # `set_sharded_state` (torch.distributed.checkpoint dicts), `load_full`, and DeepSpeed's own files.
 
-# Config keys that a resumed run must share with its checkpoint (the weights' meaning).
-_RESUME_KEYS = ("model", "layer")
-_RESUME_TRAIN_KEYS = ("mode", "t_text", "prompt", "encoder_prompt", "encoder_layer", "lora_r")
-
 
 def save_run(
     engine: Engine, cfg: LensConfig, step: int, train_state: dict, ema: Ema | None
@@ -561,18 +557,13 @@ def save_run(
 
 
 def check_resume_config(cfg: LensConfig, path: Path) -> None:
-    """Refuse to resume a checkpoint trained with another model, layer, mode or decoder shape."""
-    saved = read_config(path)
-    pairs = [(k, saved.get(k), getattr(cfg, k)) for k in _RESUME_KEYS]
-    pairs += [
-        (f"train.{k}", saved.get("train", {}).get(k), getattr(cfg.train, k))
-        for k in _RESUME_TRAIN_KEYS
-    ]
-    for key, old, new in pairs:
-        if old != new:
+    """Refuse to resume a checkpoint trained with another value of any weight-defining setting."""
+    saved = weight_settings(read_config(path))
+    for key, new in weight_settings(dump_config(cfg)).items():
+        if saved[key] != new:
             raise LensError(
-                f"Cannot resume from '{path}': it was trained with {key}={old!r} but the config "
-                f"says {key}={new!r}; use the same config or a new train.run_dir."
+                f"Cannot resume from '{path}': it was trained with {key}={saved[key]!r} but the "
+                f"config says {key}={new!r}; use the same config or a new train.run_dir."
             )
 
 

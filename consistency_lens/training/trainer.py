@@ -484,6 +484,9 @@ def _train_phase(cfg: LensConfig, resume: bool) -> TrainResult:
         run_dir = Path(cfg.train.run_dir)
         _own_run_dir(run_dir, owner)
         resume_from = ckpt.checkpoint_to_resume(run_dir, resume)
+        if resume_from is not None:
+            # Before the dump and the model load: a changed setting is named, not a symptom of it.
+            ckpt.check_resume_config(cfg, resume_from)
         train_set, val_set = load_splits(cfg)
         run = _build_run(cfg, train_set, val_set)
         if resume_from is not None:

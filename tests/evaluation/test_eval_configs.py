@@ -7,17 +7,17 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-from consistency_lens.config import LensConfig, load_config
+from consistency_lens.config import LensConfig, config_fields, load_config
 
 CONFIG = Path(__file__).resolve().parents[2] / "config"
 
 
 def _keys(model: type[BaseModel], prefix: str = "") -> set[str]:
     out = set()
-    for name, field in model.model_fields.items():
+    for name, kind in config_fields(model).items():
         out.add(prefix + name)
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            out |= _keys(field.annotation, f"{prefix}{name}.")
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            out |= _keys(kind, f"{prefix}{name}.")
     return out
 
 

@@ -232,3 +232,65 @@ def test_trainer_logs_every_term_the_objective_returns(dumped, tmp_path):
         assert {"tau", "alpha"} <= set(train_rows[0])  # the declared coefficients
     finally:
         _REGISTRY.pop("test_extra_term", None)
+
+
+# A valid value other than the tiny run's for every weight-defining setting.
+_CHANGED = {
+    "model": "other/model",
+    "revision": "v2",
+    "layer": 2,
+    "train.mode": "full",
+    "train.t_text": 3,
+    "train.prompt": "B <embed> is",
+    "train.inject_layer": 0,
+    "train.encoder_prompt": "a note",
+    "train.encoder_layer": 0,
+    "train.lora_r": 4,
+    "train.lora_alpha": 8,
+}
+
+
+def _changed(base: dict, run_dir: Path, key: str, value: object) -> LensConfig:
+    data = {**base, "train": tiny_train_config(run_dir, mode="frozen_base", steps=2)}
+    section, _, name = key.rpartition(".")
+    (data[section] if section else data)[name] = value
+    return config_from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def interrupted(dumped, tmp_path_factory) -> Path:
+    """A run stopped after its first checkpoint (step 1 of 2)."""
+    run_dir = tmp_path_factory.mktemp("interrupted") / "run"
+    trainer.train(_cfg(dumped, run_dir))
+    return run_dir
+
+
+def test_every_weight_defining_setting_has_a_resume_case():
+    from consistency_lens.config import WEIGHT_KEYS
+
+    assert sorted(_CHANGED) == sorted(WEIGHT_KEYS)
+
+
+@pytest.mark.parametrize("key", sorted(_CHANGED))
+def test_resume_with_a_weight_defining_setting_changed_is_refused(dumped, interrupted, key):
+    cfg = _changed(dumped, interrupted, key, _CHANGED[key])
+    checkpoint = ck.latest_valid(interrupted)
+    old = ck.read_config(checkpoint)
+    section, _, name = key.rpartition(".")
+    was = (old[section] if section else old)[name]
+    with pytest.raises(LensError) as err:
+        trainer.train(cfg, resume=True)
+    assert str(err.value) == (
+        f"Cannot resume from '{checkpoint}': it was trained with {key}={was!r} but "
+        f"the config says {key}={_CHANGED[key]!r}; use the same config or a new train.run_dir."
+    )
+
+
+@pytest.mark.parametrize("now", [0, None])
+def test_resume_with_inject_layer_changed_or_dropped_is_refused(dumped, tmp_path, now):
+    run_dir = tmp_path / "run"
+    trainer.train(_cfg(dumped, run_dir, inject_layer=1))
+    with pytest.raises(
+        LensError, match=f"train.inject_layer=1 but the config says train.inject_layer={now}"
+    ):
+        trainer.train(_cfg(dumped, run_dir, inject_layer=now, steps=2), resume=True)

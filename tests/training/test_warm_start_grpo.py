@@ -278,7 +278,9 @@ def test_init_from_starts_from_the_saved_weights_and_refuses_another_shape(dumpe
     assert all(torch.equal(lens.trainable_state_dict()[k], v) for k, v in saved.items())
     # A lens whose decoder reads A another way has other weights: refused in one sentence.
     other = load_config(None, _overrides(dumped, tmp_path / "o", "plan", 1, inject_layer="null"))
-    with pytest.raises(LensError, match="do not fit this lens"):
+    with pytest.raises(
+        LensError, match="train.inject_layer=0 but this lens has train.inject_layer=None"
+    ):
         ConsistencyLens.build(other).init_from(warm / "lens")
 
 

@@ -11,6 +11,10 @@ picks it. The protocol, in the spirit of tuned-lens / SAELens training losses:
 - `coefficients`: names of scheduled coefficients it needs; each must be a `ScheduleConfig` field
   of `train` (e.g. `tau`, `alpha`). The trainer evaluates them at every step, passes them in
   `StepInfo.coeffs` and logs them.
+- `settings_class` (optional): the objective's own settings, an `ObjectiveSettings` class declared beside
+  it; `train.<section>` (`section`, by default the objective's name) then holds them, validated
+  with the rest of the config and free to change on resume. The objective reads them as
+  `self.settings`. So an objective with settings is still one file plus its test.
 - `needs_next_tokens`: the objective reads `train.t_text` tokens of `input_ids_next` (the corpus
   tokens after P, stored in the dump), e.g. for teacher forcing; the trainer refuses a dump that
   stores fewer.
@@ -31,7 +35,7 @@ from typing import ClassVar
 
 import torch
 
-from consistency_lens.config import LensConfig, ScheduleConfig
+from consistency_lens.config import LensConfig, ObjectiveSettings, ScheduleConfig, register_settings
 from consistency_lens.data.collate import Batch
 from consistency_lens.errors import LensError
 
@@ -70,6 +74,10 @@ class Objective:
     """Names of the scalar terms returned besides `loss`."""
     coefficients: ClassVar[tuple[str, ...]] = ()
     """Scheduled coefficients (ScheduleConfig fields of `train`) the objective reads."""
+    settings_class: ClassVar[type[ObjectiveSettings] | None] = None
+    """The objective's own settings, validated as `train.<section>`; `None` when it has none."""
+    section: ClassVar[str] = ""
+    """Key of those settings under `train`; empty means the objective's name."""
     needs_next_tokens: ClassVar[bool] = False
     """Whether batches must carry `input_ids_next`."""
     term_titles: ClassVar[dict[str, str]] = {}
@@ -79,6 +87,12 @@ class Objective:
 
     def __init__(self, lens, cfg: LensConfig):
         self.cfg = cfg
+        self.settings = self.settings_of(cfg)
+
+    @classmethod
+    def settings_of(cls, cfg: LensConfig) -> ObjectiveSettings | None:
+        """This objective's own settings in `cfg` (`train.<section>`), or None when it has none."""
+        return None if cls.settings_class is None else getattr(cfg.train, cls.section)
 
     def __call__(self, lens, batch: Batch, step: StepInfo) -> ObjectiveOutput:
         """Loss and named terms of one micro-batch."""
@@ -106,6 +120,9 @@ def register(name: str):
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"Objective '{name}' is registered twice.")
         cls.name = name
+        if cls.settings_class is not None:
+            cls.section = cls.section or name
+            register_settings(cls.section, cls.settings_class)
         _REGISTRY[name] = cls
         return cls
 

@@ -17,9 +17,10 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from consistency_lens.config import LensConfig
+from consistency_lens.config import LensConfig, ObjectiveSettings
 from consistency_lens.data.collate import Batch
 from consistency_lens.errors import LensError
 from consistency_lens.models.patching import kl_per_sample, patched_kl, token_nll
@@ -30,6 +31,23 @@ from consistency_lens.training.objectives import (
     normalised_mse,
     register,
 )
+
+
+class RLConfig(ObjectiveSettings):
+    """Settings of `grpo`, under `train.rl`: sampling, rewards and the reference KL."""
+
+    samples: int = Field(4, ge=2)
+    """Explanations sampled per activation; advantages compare the samples of one activation."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of D."""
+    kl_ref: float = Field(0.05, ge=0)
+    """Weight of the KL of D's token distributions to the reference D (readability)."""
+    mse_reward: float = Field(0.0, ge=0)
+    """Reward is -KL at P minus this times E's normalised squared error."""
+    fluency_reward: float = Field(0.0, ge=0)
+    """Reward also minus this times the text's mean NLL per token under M (read after BOS)."""
+    std_norm: bool = True
+    """Divide each group's advantages by its reward standard deviation."""
 
 
 def group_advantages(rewards: torch.Tensor, std_norm: bool) -> torch.Tensor:
@@ -89,6 +107,8 @@ def swapped(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]) ->
 class GRPOObjective(Objective):
     """`pg + rl.kl_ref * kl_ref + mse_weight * mse_e + alpha * kl_e` on K sampled texts each."""
 
+    settings_class = RLConfig
+    section = "rl"
     terms = ("pg", "kl_ref", "reward", "kl_e", "mse_e", "distinct")
     coefficients = ("alpha",)
     term_titles = {
@@ -113,7 +133,7 @@ class GRPOObjective(Objective):
 
     def __call__(self, lens, batch: Batch, step: StepInfo) -> ObjectiveOutput:
         """Sample, score, and return D's policy loss and E's regression loss."""
-        rl = self.cfg.train.rl
+        rl = self.settings
         t_text, k = self.cfg.train.t_text, rl.samples
         a = batch.A.float()
         n = a.shape[0]
