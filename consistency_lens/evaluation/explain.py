@@ -46,10 +46,11 @@ def _positions(tokenizer, text: str, ids: list[int]) -> range:
 def _score(lens, ids: list[int], positions: list[int], A, A_hat, top_k: int):
     """KL at each P with Â patched in, the cosine, and (with `top_k`) both top-k lists."""
     prefixes, mask = left_pad([torch.tensor(ids[: p + 1]) for p in positions], lens.loaded.pad_id)
-    kls, *tops = patched_kl(
+    out = patched_kl(
         lens.orig, prefixes.to(lens.device), mask.to(lens.device), A, [A_hat], top_k=top_k
     )
-    return kls[0], metrics.cosine_per_sample(A, A_hat), (tops[0] if tops else None)
+    (kl,), tops = out if top_k > 0 else (out, None)
+    return kl, metrics.cosine_per_sample(A, A_hat), tops
 
 
 @torch.no_grad()
