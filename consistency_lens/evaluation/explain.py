@@ -15,7 +15,7 @@ from consistency_lens.evaluation.html import fmt, page, table
 from consistency_lens.models.hooks import run_until
 from consistency_lens.models.inputs import left_pad
 from consistency_lens.models.loading import max_positions
-from consistency_lens.models.patching import patched_kl
+from consistency_lens.models.patching import patched_kl, patched_kl_at
 from consistency_lens.utils.io import atomic_write_text
 
 
@@ -43,14 +43,28 @@ def _positions(tokenizer, text: str, ids: list[int]) -> range:
     return range(max(0, min(first, len(ids) - 1)), len(ids))
 
 
-def _score(lens, ids: list[int], positions: list[int], A, A_hat, top_k: int):
-    """KL at each P with Â patched in, the cosine, and (with `top_k`) both top-k lists."""
-    prefixes, mask = left_pad([torch.tensor(ids[: p + 1]) for p in positions], lens.loaded.pad_id)
-    out = patched_kl(
-        lens.orig, prefixes.to(lens.device), mask.to(lens.device), A, [A_hat], top_k=top_k
-    )
+def _score(lens, ids: list[int], positions: list[int], A, A_hat, top_k: int, prefix=None):
+    """KL at each P with Â patched in, the cosine, and (with `top_k`) both top-k lists: read from
+    the text's one clean pass (`prefix`, from `shared_prefix`) or, without one, from left-padded
+    prefixes 0..P."""
+    if prefix is not None:
+        out = patched_kl_at(lens.orig, prefix, positions, A, [A_hat], top_k=top_k)
+    else:
+        prefixes, mask = left_pad(
+            [torch.tensor(ids[: p + 1]) for p in positions], lens.loaded.pad_id
+        )
+        out = patched_kl(
+            lens.orig, prefixes.to(lens.device), mask.to(lens.device), A, [A_hat], top_k=top_k
+        )
     (kl,), tops = out if top_k > 0 else (out, None)
     return kl, metrics.cosine_per_sample(A, A_hat), tops
+
+
+def _shared(lens, ids: list[int]):
+    """The text's clean pass, run once, where the model allows it (else None: padded prefixes)."""
+    if not lens.orig.shares_prefix(len(ids)):
+        return None
+    return lens.orig.shared_prefix(torch.tensor([ids], device=lens.device))
 
 
 @torch.no_grad()
@@ -58,9 +72,10 @@ def explain_text(lens, text: str, batch_size: int = 16, top_k: int = 3) -> list[
     """For every text token: its explanation, the KL of the reconstruction at it, the cosine, and
     (with `top_k`) M's `top_k` next tokens at P beside those with the reconstruction patched in.
 
-    All positions go through D, E and M in batches of `batch_size`; the top-k come from the same
-    patched pass as the KL (`patched_kl`), as `[[token, probability], ...]` under `top_model`
-    and `top_lens`.
+    All positions go through D, E and M in batches of `batch_size`; M reads the text once and
+    each position's patched pass is one token over that pass's cache (`patched_kl_at`). The top-k
+    come from the same patched pass as the KL, as `[[token, probability], ...]` under
+    `top_model` and `top_lens`.
     """
     tokenizer = lens.loaded.tokenizer
     model = lens.orig.model
@@ -68,12 +83,13 @@ def explain_text(lens, text: str, batch_size: int = 16, top_k: int = 3) -> list[
     # One forward through block L gives A at every position at once (later blocks never run).
     hidden = run_until(model, lens.orig.block, input_ids=torch.tensor([ids], device=lens.device))[0]
     every = list(_positions(tokenizer, text, ids))
+    prefix = _shared(lens, ids)
     rows = []
     for start in range(0, len(every), batch_size):
         positions = every[start : start + batch_size]
         A = hidden[positions].float()
         expl_ids, A_hat = lens.reconstruct(A, greedy=True)
-        kl, cos, tops = _score(lens, ids, positions, A, A_hat, top_k)
+        kl, cos, tops = _score(lens, ids, positions, A, A_hat, top_k, prefix)
         for row, p in enumerate(positions):
             out = {
                 "position": p,

@@ -74,6 +74,20 @@ def patched_kl(
     """
     vectors = [A, *(x.to(A.dtype) for x in patches)] if direction == "eval" else [A, *patches]
     logits = orig.forward_with_replacement(input_ids, attention_mask, vectors)
+    return _scores(logits, direction, return_clean, top_k)
+
+
+def patched_kl_at(
+    orig, prefix, positions: list[int], A: torch.Tensor, patches: list[torch.Tensor], top_k: int = 0
+):
+    """`patched_kl` (eval direction) at `positions` of one text whose clean pass ran once
+    (`orig.shared_prefix`): the same KL and top-k, from one token per position and vector set."""
+    vectors = [A, *(x.to(A.dtype) for x in patches)]
+    return _scores(orig.forward_at_positions(prefix, positions, vectors), "eval", False, top_k)
+
+
+def _scores(logits: list[torch.Tensor], direction: str, return_clean: bool, top_k: int):
+    """The KLs (and clean logits, top-k) of `patched_kl` from M's logits for A and each X."""
     clean = logits[0]
     if direction == "plan":
         kls = [kl_at_p(other, clean) for other in logits[1:]]
