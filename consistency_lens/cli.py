@@ -216,6 +216,7 @@ class Serve:
     port: int = 8000
     max_chars: int = 4000
     max_tokens: int = 512
+    threads: int | None = None
 
     @staticmethod
     def arguments(parser: argparse.ArgumentParser) -> None:
@@ -237,6 +238,12 @@ class Serve:
         parser.add_argument(
             "--max-tokens", type=int, default=512, help="longest text in tokens (512)"
         )
+        parser.add_argument(
+            "--threads",
+            type=int,
+            help="CPU threads of the model worker (default: torch's, one per core; 1 is faster "
+            "on a machine other work keeps busy)",
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, argv: list[str]) -> Serve:
@@ -248,15 +255,21 @@ class Serve:
             args.port,
             args.max_chars,
             args.max_tokens,
+            args.threads,
         )
 
     def execute(self) -> None:
         from consistency_lens.serve.app import Limits, serve_command
 
-        if not 0 < self.port < 65536 or self.max_chars < 1 or self.max_tokens < 1:
+        if not 0 < self.port < 65536 or min(self.max_chars, self.max_tokens, self.threads or 1) < 1:
             raise LensError(
-                "--port must be 1..65535 and --max-chars, --max-tokens at least 1; pass valid values."
+                "--port must be 1..65535 and --max-chars, --max-tokens, --threads at least 1; "
+                "pass valid values."
             )
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)
         limits = Limits(max_chars=self.max_chars, max_tokens=self.max_tokens)
         serve_command(self.cfg, self.checkpoints, self.host, self.port, limits)
 
