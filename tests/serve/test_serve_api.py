@@ -202,3 +202,41 @@ def test_a_client_that_leaves_is_dropped_and_never_wedges_the_worker(lenses):
         answer = httpx.post(f"{base}/api/explain", json={"text": TEXT}, timeout=30)
         assert answer.status_code == 200 and worker.ran == ran + 1
         assert worker.pending == 0
+
+
+def test_the_serve_command_serves_named_lenses_and_stops(tmp_path, tiny_llama_dir, capsys):
+    """`consistency-lens serve` end to end in its own process; a missing lens is one sentence."""
+    import subprocess
+    from pathlib import Path
+
+    import httpx
+    from conftest import cli_error
+    from serving import free_port
+
+    cfg, paths = tiny_lenses(tmp_path, tiny_llama_dir)
+    port = free_port()
+    overrides = [f"model={cfg.model}", "device=cpu", "model_dtype=float32"]
+    argv = ["serve", "--checkpoint", str(paths[1]), "--port", str(port), "--threads", "1"]
+    root = Path(__file__).resolve().parents[2]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "consistency_lens", *argv, *overrides],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                info = httpx.get(f"http://127.0.0.1:{port}/api/lenses").json()
+                break
+            except httpx.TransportError:
+                assert server.poll() is None, server.stdout.read().decode()
+                assert time.monotonic() < deadline, "serve did not answer within 120 s"
+                time.sleep(0.2)
+        assert info["default"] == "beta" and [x["name"] for x in info["lenses"]] == ["beta"]
+    finally:
+        server.terminate()
+        server.wait(30)
+    line = cli_error(capsys, ["serve", "--checkpoint", str(tmp_path / "nowhere"), *overrides])
+    assert "No saved lens at" in line
