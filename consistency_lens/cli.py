@@ -236,6 +236,74 @@ def _read_text_file(path: Path) -> str:
 
 
 @dataclass
+class Serve:
+    """Serve a lens viewer in the browser: a JSON API and one page, on 127.0.0.1 by default."""
+
+    cfg: LensConfig
+    checkpoints: list[Path]
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_chars: int = 4000
+    max_tokens: int = 512
+    threads: int | None = None
+
+    @staticmethod
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        """Add this command's arguments to its subparser."""
+        _config_arguments(parser)
+        parser.add_argument(
+            "--checkpoint",
+            type=Path,
+            action="append",
+            default=[],
+            help="saved lens directory, repeatable; the page chooses among them by name (the "
+            "folder's); default: the lens shipped for the model",
+        )
+        parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+        parser.add_argument("--port", type=int, default=8000, help="port to bind (8000)")
+        parser.add_argument(
+            "--max-chars", type=int, default=4000, help="longest text in characters (4000)"
+        )
+        parser.add_argument(
+            "--max-tokens", type=int, default=512, help="longest text in tokens (512)"
+        )
+        parser.add_argument(
+            "--threads",
+            type=int,
+            help="CPU threads of the model worker (default: torch's, one per core; 1 is faster "
+            "on a machine other work keeps busy)",
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, argv: list[str]) -> Serve:
+        """The command for parsed `args` (`argv` is the whole command line)."""
+        return cls(
+            _config(args),
+            args.checkpoint,
+            args.host,
+            args.port,
+            args.max_chars,
+            args.max_tokens,
+            args.threads,
+        )
+
+    def execute(self) -> None:
+        from consistency_lens.serve.app import Limits, serve_command
+
+        if not 0 < self.port < 65536 or min(self.max_chars, self.max_tokens, self.threads or 1) < 1:
+            raise LensError(
+                "--port must be 1..65535 and --max-chars, --max-tokens, --threads at least 1; "
+                "pass valid values."
+            )
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        limits = Limits(max_chars=self.max_chars, max_tokens=self.max_tokens)
+        serve_command(self.cfg, self.checkpoints, self.host, self.port, limits)
+
+
+@dataclass
 class Demo:
     """The whole pipeline on the embedded default: dump, train, eval, explain, report."""
 
@@ -263,6 +331,7 @@ COMMANDS = {
     "train": Train,
     "eval": Eval,
     "explain": Explain,
+    "serve": Serve,
     "demo": Demo,
     "card": Card,
     "push": Push,

@@ -17,6 +17,7 @@ RANK = {
     "data": 3,
     "training": 4,
     "evaluation": 5,
+    "serve": 6,
     "cli": 6,
     "demo": 6,
     "__main__": 6,

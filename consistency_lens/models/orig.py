@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -10,7 +11,7 @@ from transformers import DynamicCache
 
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import check_layer, contiguous_head, find_parts
-from consistency_lens.models.attention import grad_rows_kwargs
+from consistency_lens.models.attention import grad_rows_kwargs, text_config
 from consistency_lens.models.hooks import replace_last, run_until
 from consistency_lens.models.inputs import causal_mask, no_logits, position_ids
 from consistency_lens.models.loading import LoadedModel, hf_attention
@@ -54,8 +55,9 @@ def load_8bit(
     return model
 
 
-def _expand_cache(cache: DynamicCache, repeats: int) -> DynamicCache:
-    """A new cache holding `repeats` stacked copies of `cache` along the batch.
+def _expand_cache(cache: DynamicCache, repeats: int, upto: int | None = None) -> DynamicCache:
+    """A new cache holding `repeats` stacked copies of `cache` along the batch (of its first
+    `upto` positions only, when given).
 
     Cache layers grow by concatenation (never in place), so sharing the prefix tensors between the
     original and the new cache is safe: a pass over the new cache leaves the original untouched.
@@ -65,8 +67,8 @@ def _expand_cache(cache: DynamicCache, repeats: int) -> DynamicCache:
     for layer in cache.layers:
         twin = copy.copy(layer)
         if getattr(layer, "is_initialized", False) and layer.keys is not None:
-            twin.keys = layer.keys.repeat(repeats, 1, 1, 1)
-            twin.values = layer.values.repeat(repeats, 1, 1, 1)
+            twin.keys = layer.keys[:, :, :upto].repeat(repeats, 1, 1, 1)
+            twin.values = layer.values[:, :, :upto].repeat(repeats, 1, 1, 1)
         new.layers.append(twin)
     return new
 
@@ -101,6 +103,15 @@ def _check_batch(
             "Every row's last column must be a real token (left padding puts P last); "
             "pad with consistency_lens.models.inputs.left_pad."
         )
+
+
+@dataclass
+class SharedPrefix:
+    """One text's clean pass, run once: its token ids (1, n) and M's kv cache of tokens 0..n-2,
+    from which every position's patched pass is read (`forward_at_positions`)."""
+
+    input_ids: torch.Tensor
+    cache: DynamicCache | None
 
 
 class OriginalModelWrapper:
@@ -182,6 +193,67 @@ class OriginalModelWrapper:
                 use_cache=cache is not None,
                 **self.parts.cache_kwargs(cache),
                 **grad_rows_kwargs(self.model, _grad_rows(vectors_list, batch)),
+                logits_to_keep=1,
+            )
+        return list(out.logits[:, -1].split(batch, dim=0))
+
+    def shares_prefix(self, length: int) -> bool:
+        """Whether `forward_at_positions` is exact for a text of `length` tokens: always, except
+        under a sliding window shorter than the text (its window counts cache slots, not positions)."""
+        window = getattr(text_config(self.model.config), "sliding_window", None)
+        return window is None or length <= window
+
+    @torch.no_grad()
+    def shared_prefix(self, input_ids: torch.Tensor) -> SharedPrefix:
+        """Run one text (1, n) once, without a replacement, keeping the kv cache of 0..n-2."""
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise LensError(f"shared_prefix reads one text (1, n), not {tuple(input_ids.shape)}.")
+        if input_ids.shape[1] < 2:
+            return SharedPrefix(input_ids, None)
+        cache = DynamicCache(config=self.model.config)
+        self.model(
+            input_ids=input_ids[:, :-1],
+            use_cache=True,
+            **self.parts.cache_kwargs(cache),
+            logits_to_keep=no_logits(),
+        )
+        return SharedPrefix(input_ids, cache)
+
+    @torch.no_grad()
+    def forward_at_positions(
+        self, prefix: SharedPrefix, positions: list[int], vectors_list: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Logits (B, V) at each of `positions` of one text with block L's output there replaced,
+        for each set of vectors (B = len(positions)): what `forward_with_replacement` gives for
+        the left-padded prefixes 0..P, read from the text's one clean pass.
+
+        Each row is token P alone at position P over the cache of 0..max(P)-1, whose columns P
+        and later are masked out, so a text costs one clean pass plus one token per position
+        instead of a prefix per position.
+        """
+        batch, n = len(positions), len(vectors_list)
+        self._check_vectors(vectors_list, batch)
+        if not self.shares_prefix(prefix.input_ids.shape[1]):
+            raise LensError(
+                "This model's sliding window is shorter than the text; use the padded path."
+            )
+        device = prefix.input_ids.device
+        pos = torch.tensor(positions, device=device)
+        upto = max(positions)
+        cache = (
+            None
+            if prefix.cache is None or upto == 0
+            else _expand_cache(prefix.cache, batch * n, upto)
+        )
+        cols = torch.arange(upto + 1, device=device)
+        mask = ((cols < pos[:, None]) | (cols == upto)).long()
+        with replace_last(self.block, torch.cat(vectors_list, dim=0)):
+            out = self.model(
+                input_ids=prefix.input_ids[0, pos].unsqueeze(1).repeat(n, 1),
+                attention_mask=self._mask(mask.repeat(n, 1), 1),
+                position_ids=pos.unsqueeze(1).repeat(n, 1),
+                use_cache=cache is not None,
+                **(self.parts.cache_kwargs(cache) if cache is not None else {}),
                 logits_to_keep=1,
             )
         return list(out.logits[:, -1].split(batch, dim=0))

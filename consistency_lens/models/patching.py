@@ -47,6 +47,11 @@ def kl_per_sample(logits_ref: torch.Tensor, logits_other: torch.Tensor) -> torch
     return (log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0.0)
 
 
+def top_tokens(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities and ids (B, k) of the `k` most likely next tokens under (B, V) logits."""
+    return F.softmax(logits.float(), dim=-1).topk(min(k, logits.shape[-1]), dim=-1)
+
+
 def patched_kl(
     orig,
     input_ids: torch.Tensor,
@@ -55,6 +60,7 @@ def patched_kl(
     patches: list[torch.Tensor],
     direction: Literal["eval", "plan"] = "eval",
     return_clean: bool = False,
+    top_k: int = 0,
 ):
     """KL of M's next-token distribution at P (the last column) between A and each X in `patches`.
 
@@ -62,13 +68,32 @@ def patched_kl(
     (A first) goes through one batched single-token pass. `direction="eval"` gives per-sample
     KL(M(A) || M(X)) of shape (B,) (the eval's metric, no grad needed); `direction="plan"` gives
     the plan's training term KL(M(X) || M(A)), batchmean, with the gradient flowing through X.
-    With `return_clean`, also returns M's clean logits (B, V) at P.
+    With `return_clean`, also returns M's clean logits (B, V) at P. With `top_k > 0`, also
+    returns (last) the probabilities and ids (B, top_k) of M's most likely next tokens at P, from
+    the same pass, for A first and then each X: `[(probs, ids), ...]`.
     """
     vectors = [A, *(x.to(A.dtype) for x in patches)] if direction == "eval" else [A, *patches]
     logits = orig.forward_with_replacement(input_ids, attention_mask, vectors)
+    return _scores(logits, direction, return_clean, top_k)
+
+
+def patched_kl_at(
+    orig, prefix, positions: list[int], A: torch.Tensor, patches: list[torch.Tensor], top_k: int = 0
+):
+    """`patched_kl` (eval direction) at `positions` of one text whose clean pass ran once
+    (`orig.shared_prefix`): the same KL and top-k, from one token per position and vector set."""
+    vectors = [A, *(x.to(A.dtype) for x in patches)]
+    return _scores(orig.forward_at_positions(prefix, positions, vectors), "eval", False, top_k)
+
+
+def _scores(logits: list[torch.Tensor], direction: str, return_clean: bool, top_k: int):
+    """The KLs (and clean logits, top-k) of `patched_kl` from M's logits for A and each X."""
     clean = logits[0]
     if direction == "plan":
         kls = [kl_at_p(other, clean) for other in logits[1:]]
     else:
         kls = [kl_per_sample(clean, other) for other in logits[1:]]
-    return (kls, clean) if return_clean else kls
+    out = (kls, clean) if return_clean else (kls,)
+    if top_k > 0:
+        out = (*out, [top_tokens(x.detach(), top_k) for x in logits])
+    return out if len(out) > 1 else kls

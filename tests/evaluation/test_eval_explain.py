@@ -136,10 +136,12 @@ def test_eval_on_another_corpus_dumps_its_val_split_and_leaves_the_lens_alone(
     assert not (Path(split).parent / "other_train").exists()
 
 
-def test_explain_every_position_and_html(run, tmp_path):
+def test_explain_every_position_and_html(run, tmp_path, capsys):
     page = tmp_path / "explain.html"
     text = "the nation economy congress people"
     rows = explain_command(run, None, text, page)
+    table = capsys.readouterr().out
+    assert "M next" in table and "with Â" in table
     lens_tok_len = len(
         ConsistencyLens.from_pretrained(run.train.run_dir / "lens")
         .loaded.tokenizer(text, add_special_tokens=False)
@@ -152,6 +154,11 @@ def test_explain_every_position_and_html(run, tmp_path):
     assert all(r["kl"] >= 0 and -1 <= r["cosine"] <= 1 for r in rows)
     html = page.read_text()
     assert html.count("class='tok'") == len(rows) and "class='tip'" in html
+    # M's top-3 next tokens beside the reconstruction's, in the rows, the table and the page.
+    assert all(len(r["top_model"]) == len(r["top_lens"]) == 3 for r in rows)
+    assert all(1 >= r["top_model"][0][1] >= r["top_model"][2][1] > 0 for r in rows)
+    assert "M&#x27;s top-3 next" in html and "top-3 with Â patched in" in html
+    assert "M next: " in html and "Â next: " in html
 
 
 def test_explain_rejects_empty_and_too_long_text(run):

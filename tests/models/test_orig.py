@@ -45,6 +45,29 @@ def test_cheap_equals_naive(orig):
         torch.testing.assert_close(c, n, atol=1e-5, rtol=1e-5)
 
 
+def test_one_shared_prefix_equals_the_naive_forward_at_every_position(orig):
+    """`forward_at_positions` (one clean pass of the text, one token per position) gives what a
+    full forward over 0..P with the replacement gives, at any positions, first and last too."""
+    gen = torch.Generator().manual_seed(3)
+    text = torch.randint(1, 320, (1, 13), generator=gen)
+    prefix = orig.shared_prefix(text)
+    for positions in ([0, 1, 2, 3], [12, 5, 9], [12]):
+        prefixes, mask = left_pad([text[0, : p + 1] for p in positions], pad_id=0)
+        a = orig.activations(prefixes, mask)
+        vectors = [a, a + 0.5 * torch.randn(a.shape, generator=gen)]
+        shared = orig.forward_at_positions(prefix, positions, vectors)
+        naive = orig.naive_forward_with_replacement(prefixes, mask, vectors)
+        for s, n in zip(shared, naive, strict=True):
+            torch.testing.assert_close(s, n, atol=1e-5, rtol=1e-5)
+    single = orig.shared_prefix(text[:, :1])
+    (alone,) = orig.forward_at_positions(
+        single, [0], [orig.activations(text[:, :1], text[:, :1] > 0)]
+    )
+    torch.testing.assert_close(
+        alone, orig.clean_logits(text[:, :1], text[:, :1] > 0), atol=1e-5, rtol=1e-5
+    )
+
+
 def test_left_padding_does_not_change_results(orig):
     ids, mask = _batch([6, 11])
     alone_ids, alone_mask = ids[:1, -6:], mask[:1, -6:]
