@@ -11,7 +11,13 @@ from conftest import dumped_eval_config
 from consistency_lens.data.dataset import ActivationDataset
 from consistency_lens.data.layout import split_dir
 from consistency_lens.evaluation import metrics
-from consistency_lens.evaluation.evaluate import derangement, evaluate, train_mean
+from consistency_lens.evaluation.evaluate import (
+    derangement,
+    evaluate,
+    evaluate_command,
+    model_card,
+    train_mean,
+)
 from consistency_lens.evaluation.samples import sample_indices
 from consistency_lens.evaluation.specificity import top1_in_explanation
 from consistency_lens.evaluation.tables import markdown_tables
@@ -138,3 +144,15 @@ def test_a_lens_without_a_ceiling_evaluates_as_before(setup):
     assert [r["index"] for r in top1["per_sample"]] == [int(i) for i in indices]
     assert top1["counted"] + top1["not_a_word"] == 9
     assert derangement(9, cfg.seed) is not None and top1["difference_ci"]
+
+
+def test_eval_command_reports_the_ceiling_kept_beside_the_lens(setup, tmp_path):
+    cfg, lens, lens_dir, _, _, _ = setup
+    results = evaluate_command(cfg, lens_dir, tmp_path)
+    saved = json.loads((tmp_path / "eval_results.json").read_text())
+    row = saved["baselines"]["context_ceiling"]
+    assert row["kl"] == results["baselines"]["context_ceiling"]["kl"] and row["kl"] > 0
+    assert row["trained"]["corpus"] == str(cfg.corpus)
+    assert "context_tokens" in saved["baselines"]  # the old row stays
+    assert "**Context ceiling**" in model_card(saved)
+    assert "M's top-1 prediction in the explanation" in model_card(saved)
