@@ -18,6 +18,7 @@ from consistency_lens.evaluation.evaluate import (
     model_card,
     train_mean,
 )
+from consistency_lens.evaluation.report import eval_section
 from consistency_lens.evaluation.samples import sample_indices
 from consistency_lens.evaluation.specificity import top1_in_explanation
 from consistency_lens.evaluation.tables import markdown_tables
@@ -156,3 +157,5 @@ def test_eval_command_reports_the_ceiling_kept_beside_the_lens(setup, tmp_path):
     assert "context_tokens" in saved["baselines"]  # the old row stays
     assert "**Context ceiling**" in model_card(saved)
     assert "M's top-1 prediction in the explanation" in model_card(saved)
+    page = eval_section(saved)  # the run's report.html shows the same tables
+    assert "<h3>Context ceiling</h3>" in page and "top-1 prediction in the explanation" in page
