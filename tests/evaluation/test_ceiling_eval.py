@@ -19,7 +19,12 @@ from consistency_lens.evaluation.evaluate import (
     train_mean,
 )
 from consistency_lens.evaluation.report import eval_section
-from consistency_lens.evaluation.samples import sample_indices
+from consistency_lens.evaluation.samples import (
+    qualitative_samples,
+    sample_indices,
+    samples_fragment,
+    top1_hit,
+)
 from consistency_lens.evaluation.specificity import top1_in_explanation
 from consistency_lens.evaluation.tables import markdown_tables
 from consistency_lens.models.ceiling import ceiling_from_lens, load_ceiling
@@ -60,6 +65,19 @@ def test_top1_in_explanation_on_a_hand_made_case():
     assert (same["own"], same["deranged"]) == (1.0, 1 / 3)
     alone = top1_in_explanation(VOCAB, [[1]], [1], perm=None)
     assert alone["own"] == 1.0 and "at least 2" in alone["unavailable"]
+
+
+def test_each_qualitative_sample_says_whether_its_top1_is_in_the_explanation():
+    assert top1_hit(VOCAB, [1, 2], 1) is True
+    assert top1_hit(VOCAB, [0, 5], 6) is False
+    assert top1_hit(VOCAB, [0, 5], 3) is None  # ',' is no word
+    rec = {"index": 0, "position": 1, "context_elided": 0, "context_tokens": [" the", " War"]}
+    rec.update(greedy=" War", kl=0.1, cosine=0.5, sampled=[], sampled_kl=[])
+    assert (
+        "<td>&#x27; War&#x27; <span class='muted small'>in the text</span></td>"
+        in samples_fragment([{**rec, "top1": " War", "top1_in_explanation": True}])
+    )
+    assert "<td></td>" in samples_fragment([rec])  # a page from before the column
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +177,17 @@ def test_eval_command_reports_the_ceiling_kept_beside_the_lens(setup, tmp_path):
     assert "M's top-1 prediction in the explanation" in model_card(saved)
     page = eval_section(saved)  # the run's report.html shows the same tables
     assert "<h3>Context ceiling</h3>" in page and "top-1 prediction in the explanation" in page
+
+
+def test_qualitative_records_carry_m_top1_at_p(setup):
+    cfg, lens, _, _, val, _ = setup
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"qualitative": 2})})
+    records = qualitative_samples(lens, val, cfg)
+    for rec in records:
+        ids, A = val.sample(rec["index"])
+        with torch.no_grad():
+            top1 = int(lens.orig.model(ids[None].long()).logits[0, -1].argmax())
+        assert rec["top1"] == lens.loaded.tokenizer.decode([top1])
+        greedy, _ = lens.reconstruct(A[None])  # greedy decoding is deterministic
+        want = top1_hit(lens.loaded.tokenizer, greedy[0].tolist(), top1)
+        assert rec["top1_in_explanation"] is want
