@@ -247,7 +247,7 @@ def evaluate(
     dataset,
     cfg: LensConfig,
     mean_activation: torch.Tensor | None = None,
-    ceiling=None,
+    ceiling: torch.nn.Module | None = None,
 ) -> dict:
     """KL of the lens and of each baseline, reconstruction against a constant, specificity,
     fluency and diversity, on `eval.num_samples` fixed samples of `dataset`.
