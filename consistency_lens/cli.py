@@ -103,7 +103,8 @@ def resume_command(argv: list[str]) -> str:
 
 @dataclass
 class TrainCeiling:
-    """Train a lens's context ceiling: an E that reads only the true last T_text context tokens."""
+    """Train a lens's context ceiling: an E that reads only the true last T_text context tokens
+    (budget: the config's train.steps, batch_size, lr, lr_blocks, mse_weight, alpha)."""
 
     cfg: LensConfig
     checkpoint: Path
