@@ -35,7 +35,7 @@ _ENCODER_PREFIX = "encoder."
 _FIT_KEYS = ("fingerprint", "layer", "encoder_layer", "d_model", "t_text", "mode")
 _SHAPE_KEYS = ("encoder_prompt", "lora_r", "lora_alpha")
 # Settings of the run that trained the ceiling, recorded so a table can say what budget it had.
-_TRAINED_KEYS = ("objective", "steps", "batch_size", "lr", "lr_blocks", "mse_weight", "seed")
+_TRAINED_KEYS = ("objective", "steps", "batch_size", "lr", "lr_blocks", "mse_weight")
 
 
 def ceiling_dir(lens_dir: str | Path) -> Path:
@@ -67,6 +67,7 @@ def _trained(meta: dict) -> dict:
         "alpha": alpha.get("start") if isinstance(alpha, dict) else alpha,
         "corpus": cfg.get("corpus"),
         "train_samples": cfg.get("num_samples"),
+        "seed": cfg.get("seed"),
     }
 
 

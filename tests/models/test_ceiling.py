@@ -106,3 +106,29 @@ def test_an_e_of_another_shape_is_never_kept_as_a_ceiling(saved, tmp_path, tiny_
     with pytest.raises(LensError, match="differ in t_text.*train-ceiling --checkpoint"):
         ceiling_from_lens(tmp_path / "t2", out)
     assert not ceiling_dir(out).exists()
+
+
+def test_the_shipped_lens_keeps_a_ceiling_that_fits_its_encoder():
+    """Checked on the files alone (no model load): the same base, layer, T_text and E shape."""
+    from consistency_lens.lenses import shipped_lens
+    from consistency_lens.models.embedded import ALIAS
+    from consistency_lens.utils.io import sha256_file
+
+    lens_dir = shipped_lens(ALIAS)
+    lens_meta = json.loads((lens_dir / "lens_config.json").read_text())
+    meta = json.loads((ceiling_dir(lens_dir) / CEILING_CONFIG).read_text())
+    for key in ("fingerprint", "layer", "encoder_layer", "d_model", "t_text", "mode"):
+        assert meta[key] == lens_meta[key], key
+    weights = ceiling_dir(lens_dir) / CEILING_WEIGHTS
+    assert meta["weights_sha256"] == sha256_file(weights)
+    own = {
+        k[len("encoder.") :]: v
+        for k, v in load_file(str(lens_dir / "lens.safetensors")).items()
+        if k.startswith("encoder.")
+    }
+    stored = load_file(str(weights))
+    assert stored.keys() == own.keys()
+    assert all(stored[k].shape == own[k].shape for k in own)
+    # Trained on the true context tokens alone, so not the lens's own E.
+    assert any(not torch.equal(stored[k], own[k]) for k in own)
+    assert meta["trained"]["objective"] == "context_ceiling"
