@@ -103,6 +103,54 @@ def resume_command(argv: list[str]) -> str:
 
 
 @dataclass
+class TrainCeiling:
+    """Train a lens's context ceiling: an E that reads only the true last T_text context tokens
+    (budget: the config's train.steps, batch_size, lr, lr_blocks, mse_weight, alpha)."""
+
+    cfg: LensConfig
+    checkpoint: Path
+    resume: bool = False
+    argv: list[str] | None = None
+    """The command line, so that a stop by a signal can print the exact command that resumes."""
+
+    @staticmethod
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        """Add this command's arguments to its subparser."""
+        _config_arguments(parser)
+        parser.add_argument(
+            "--checkpoint",
+            type=Path,
+            required=True,
+            help="saved lens directory; its E's shape and T_text are used, and the ceiling is "
+            "written into it (context_ceiling/)",
+        )
+        parser.add_argument(
+            "--resume", action="store_true", help="continue from the latest valid checkpoint"
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, argv: list[str]) -> TrainCeiling:
+        """The command for parsed `args` (`argv` is the whole command line)."""
+        return cls(_config(args), args.checkpoint, resume=args.resume, argv=list(argv))
+
+    def execute(self) -> None:
+        from consistency_lens.models.lens import CONFIG_FILE
+        from consistency_lens.training.trainer import TrainingStopped, train_ceiling
+
+        if not (self.checkpoint / CONFIG_FILE).is_file():
+            raise LensError(
+                f"No saved lens at '{self.checkpoint}' (lens_config.json missing); pass a lens "
+                "directory with --checkpoint."
+            )
+        try:
+            path = train_ceiling(self.cfg, self.checkpoint, self.resume)
+        except TrainingStopped as stopped:
+            command = resume_command(self.argv) if self.argv is not None else None
+            raise TrainingStopped(stopped.signal_name, stopped.step, command) from None
+        print(f"context ceiling: {path}")
+
+
+@dataclass
 class Eval:
     """Evaluate a saved lens against baselines on the validation split."""
 
@@ -329,6 +377,7 @@ class Demo:
 COMMANDS = {
     "dump": Dump,
     "train": Train,
+    "train-ceiling": TrainCeiling,
     "eval": Eval,
     "explain": Explain,
     "serve": Serve,
@@ -400,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         # Outside train's loop (which checkpoints on the first Ctrl-C), or a second Ctrl-C.
-        if argv[:1] == ["train"]:
+        if argv[:1] in (["train"], ["train-ceiling"]):
             hint = f"continue with: {resume_command(argv)}"
         else:
             hint = "run the same command again to resume"

@@ -45,7 +45,7 @@ def run_demo(cfg: LensConfig) -> dict:
     from consistency_lens.evaluation.report import write_report
     from consistency_lens.evaluation.tables import print_comparison
     from consistency_lens.models.lens import CONFIG_FILE
-    from consistency_lens.training.trainer import train
+    from consistency_lens.training.trainer import save_warm_start_ceiling, train
 
     run_dir = Path(cfg.train.run_dir)
     lens_dir = default_checkpoint(cfg)
@@ -59,6 +59,8 @@ def run_demo(cfg: LensConfig) -> dict:
     t = _stage("2/5 train the lens")
     if (lens_dir / CONFIG_FILE).is_file():
         print(f"reusing the trained lens at {lens_dir} (delete it to train again)")
+        # A run stopped between saving the lens and its ceiling gets the ceiling now.
+        save_warm_start_ceiling(cfg, lens_dir)
     else:
         # resume=True: a demo interrupted mid-training continues from its last checkpoint.
         train(cfg, resume=True)

@@ -1,5 +1,6 @@
 """`consistency-lens eval`: how faithful a lens is, against zero, mean, context-token and shuffled
-baselines, a constant reconstruction and a specificity check (docs/design.md section 5).
+baselines (and the context ceiling when the lens keeps one beside it), a constant reconstruction
+and a specificity check (docs/design.md section 5).
 
 Eval never writes into the lens directory: results go to the run directory or `--output DIR`;
 `consistency-lens card LENS --results FILE` is the one command that puts them in a lens's card."""
@@ -23,14 +24,20 @@ from consistency_lens.evaluation.samples import (
     sample_indices,
     write_samples,
 )
-from consistency_lens.evaluation.specificity import bucket_examples, content_words, specificity
+from consistency_lens.evaluation.specificity import (
+    bucket_examples,
+    content_words,
+    specificity,
+    top1_in_explanation,
+)
 from consistency_lens.evaluation.tables import BASELINE_NAMES as BASELINE_LABELS
 from consistency_lens.evaluation.tables import ci_text, markdown_tables, print_rich
+from consistency_lens.models.ceiling import load_ceiling
 from consistency_lens.models.lens import CONFIG_FILE
 from consistency_lens.models.patching import patched_kl
 from consistency_lens.utils.io import atomic_write_json, atomic_write_text, read_json, sha256_file
 
-BASELINES = ("zero", "mean", "context_tokens", "shuffled")
+BASELINES = ("zero", "mean", "context_tokens", "context_ceiling", "shuffled")
 
 
 def default_checkpoint(cfg: LensConfig) -> Path:
@@ -209,10 +216,48 @@ UNAVAILABLE_SHUFFLED = (
 )
 
 
+def _ceiling_row(
+    kl_lens: torch.Tensor,
+    kl_ceiling: torch.Tensor,
+    A: torch.Tensor,
+    A_hat: torch.Tensor,
+    A_ceiling: torch.Tensor,
+    boot: int,
+    seed: int,
+) -> dict:
+    """The context ceiling's KL and FVE, the lens's kl_recovered over it and both gaps, with CIs."""
+
+    def fve_gap(a: torch.Tensor, lens_hat: torch.Tensor, ceil_hat: torch.Tensor) -> float:
+        return metrics.fve(a, lens_hat) - metrics.fve(a, ceil_hat)
+
+    gap = kl_lens.double() - kl_ceiling.double()
+    return {
+        **_kl_row(kl_lens, kl_ceiling, boot, seed),
+        "fve": metrics.fve(A, A_ceiling),
+        "fve_ci": list(metrics.bootstrap_ci(metrics.fve, A, A_ceiling, resamples=boot, seed=seed)),
+        "kl_gap": float(gap.mean()),
+        "kl_gap_ci": list(metrics.mean_ci(gap, boot, seed)),
+        "fve_gap": fve_gap(A, A_hat, A_ceiling),
+        "fve_gap_ci": list(
+            metrics.bootstrap_ci(fve_gap, A, A_hat, A_ceiling, resamples=boot, seed=seed)
+        ),
+    }
+
+
 @torch.no_grad()
-def evaluate(lens, dataset, cfg: LensConfig, mean_activation: torch.Tensor | None = None) -> dict:
+def evaluate(
+    lens,
+    dataset,
+    cfg: LensConfig,
+    mean_activation: torch.Tensor | None = None,
+    ceiling: torch.nn.Module | None = None,
+) -> dict:
     """KL of the lens and of each baseline, reconstruction against a constant, specificity,
-    fluency and diversity, on `eval.num_samples` fixed samples of `dataset`."""
+    fluency and diversity, on `eval.num_samples` fixed samples of `dataset`.
+
+    `ceiling` (the encoder `models.ceiling.load_ceiling` returns) adds the `context_ceiling` row:
+    it reads the same true last T_text tokens as `context_tokens`, but was trained on them alone.
+    """
     tokenizer = lens.loaded.tokenizer
     device = lens.device
     if mean_activation is None:
@@ -239,9 +284,10 @@ def evaluate(lens, dataset, cfg: LensConfig, mean_activation: torch.Tensor | Non
     # set, so no sample is ever compared with itself, whatever the batch size.
     perm = derangement(n, cfg.seed)
 
-    names = ["lens", "zero", "mean", "context_tokens"] + (["shuffled"] if perm else [])
+    names = ["lens", "zero", "mean", "context_tokens"]
+    names += (["context_ceiling"] if ceiling is not None else []) + (["shuffled"] if perm else [])
     kls: dict[str, list[torch.Tensor]] = {k: [] for k in names}
-    As, nlls, top5 = [], [], []
+    As, nlls, top5, ceiling_hats = [], [], [], []
     start = 0
     for chunk, cpu_batch, ids in zip(chunks, batches, id_rows, strict=True):
         batch = cpu_batch.to(device)
@@ -251,17 +297,26 @@ def evaluate(lens, dataset, cfg: LensConfig, mean_activation: torch.Tensor | Non
         # context is shorter). E was trained on D's texts only, so this is not an ideal decoder:
         # it shows how much of A the context's own words carry through this E.
         k = min(t_text, batch.input_ids_A.shape[1])
-        A_ctx = lens.encode_ids(batch.input_ids_A[:, -k:], batch.attention_mask_A[:, -k:])
-        patches = [
-            A_hat_all[rows],
-            torch.zeros_like(A),
-            mean_activation.to(A.dtype).expand_as(A),
-            A_ctx,
-        ]
+        ctx_ids, ctx_mask = batch.input_ids_A[:, -k:], batch.attention_mask_A[:, -k:]
+        patches = {
+            "lens": A_hat_all[rows],
+            "zero": torch.zeros_like(A),
+            "mean": mean_activation.to(A.dtype).expand_as(A),
+            "context_tokens": lens.encode_ids(ctx_ids, ctx_mask),
+        }
+        if ceiling is not None:
+            # The same input, read by an E trained on the true tokens alone: the fair reference.
+            patches["context_ceiling"] = ceiling.encode_ids(ctx_ids, ctx_mask).to(A.dtype)
+            ceiling_hats.append(patches["context_ceiling"].float().cpu())
         if perm:
-            patches.append(A_hat_all[perm[rows.start : rows.stop]])
+            patches["shuffled"] = A_hat_all[perm[rows.start : rows.stop]]
         per_sample, clean = patched_kl(
-            lens.orig, batch.input_ids_A, batch.attention_mask_A, A, patches, return_clean=True
+            lens.orig,
+            batch.input_ids_A,
+            batch.attention_mask_A,
+            A,
+            [patches[name] for name in names],
+            return_clean=True,
         )
         for name, kl in zip(names, per_sample, strict=True):
             kls[name].append(kl.cpu())
@@ -275,7 +330,16 @@ def evaluate(lens, dataset, cfg: LensConfig, mean_activation: torch.Tensor | Non
     texts = [tokenizer.decode(row) for row in ids_all.tolist()]
     cosine = metrics.cosine_per_sample(A_all, A_hat_cpu)
     boot, seed = cfg.eval.bootstrap, cfg.seed
-    baselines = {name: _kl_row(kl["lens"], kl[name], boot, seed) for name in names[1:]}
+    baselines = {
+        name: _kl_row(kl["lens"], kl[name], boot, seed)
+        for name in names[1:]
+        if name != "context_ceiling"
+    }
+    if ceiling is not None:
+        A_ceiling = torch.cat(ceiling_hats)
+        baselines["context_ceiling"] = _ceiling_row(
+            kl["lens"], kl["context_ceiling"], A_all, A_hat_cpu, A_ceiling, boot, seed
+        )
     if not perm:
         baselines["shuffled"] = {
             "kl": None,
@@ -306,6 +370,11 @@ def evaluate(lens, dataset, cfg: LensConfig, mean_activation: torch.Tensor | Non
     ]
     spec["examples"] = bucket_examples(explanations, buckets, shown, cfg.eval.examples)
     spec["context_window"] = window
+    top1 = top1_in_explanation(
+        tokenizer, ids_all.tolist(), torch.cat(top5)[:, 0].tolist(), perm, boot, seed
+    )
+    for i, row in zip(indices, top1["per_sample"], strict=True):
+        row["index"] = int(i)
 
     reference = constant_reference(A_all, A_hat_cpu, mean_activation.cpu(), boot, seed)
     return {
@@ -333,6 +402,7 @@ def evaluate(lens, dataset, cfg: LensConfig, mean_activation: torch.Tensor | Non
         "constant_mean": reference["constant"],
         "margin_over_constant": reference["margin"],
         "specificity": spec,
+        "top1_in_explanation": top1,
         "perplexity": metrics.perplexity(torch.cat(nlls)),
         "diversity": {
             "fraction_unique": metrics.fraction_unique(texts),
@@ -436,7 +506,10 @@ def evaluate_command(cfg: LensConfig, checkpoint: Path | None, output: Path | No
     refuse_lens_dir(out_dir, path, "Eval output")
     dataset = open_split(cfg, lens, "val", seed=cfg.seed, dump_missing=True)
     mean_set = mean_split(cfg, lens)
-    results = evaluate(lens, dataset, cfg, train_mean(mean_set))
+    ceiling = load_ceiling(lens, path)
+    results = evaluate(lens, dataset, cfg, train_mean(mean_set), ceiling and ceiling[0])
+    if ceiling is not None:
+        results["baselines"]["context_ceiling"]["trained"] = ceiling[1].get("trained")
     results["checkpoint"] = str(path)
     results["mean_split"] = str(mean_set.path)
     results["lens_weights_sha256"] = read_json(path / CONFIG_FILE, "Lens config").get(

@@ -12,6 +12,7 @@ from consistency_lens.config import LensConfig
 from consistency_lens.data.collate import CollateFn
 from consistency_lens.evaluation import metrics
 from consistency_lens.evaluation.html import fmt, page
+from consistency_lens.evaluation.specificity import explanation_words, normalise
 from consistency_lens.models.patching import patched_kl
 from consistency_lens.utils.io import atomic_write_text
 
@@ -23,6 +24,23 @@ def sample_indices(n_total: int, n: int, seed: int) -> list[int]:
     """The first `n` indices of a seeded permutation of the split (the same on every run)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randperm(n_total, generator=gen)[: min(n, n_total)].tolist()
+
+
+def top1_hit(tokenizer, explanation: list[int], top1: int) -> bool | None:
+    """Whether M's top-1 token is one of the explanation's words; None when it is no word."""
+    word = normalise(tokenizer.decode([top1]))
+    return (word in explanation_words(tokenizer, explanation)) if word else None
+
+
+def _top1_cell(rec: dict) -> str:
+    # Pages written before the top-1 column existed have no such field.
+    if "top1" not in rec:
+        return "<td></td>"
+    mark = {True: "in the text", False: "not in the text", None: "no word"}
+    return (
+        f"<td>{escape(repr(rec['top1']))} "
+        f"<span class='muted small'>{mark[rec['top1_in_explanation']]}</span></td>"
+    )
 
 
 @torch.no_grad()
@@ -49,7 +67,10 @@ def qualitative_samples(lens, dataset, cfg: LensConfig) -> list[dict]:
             ids = lens.decoder.generate(A, t_text, greedy=False, temperature=cfg.eval.temperature)
             sampled_ids.append(ids)
             patches.append(lens.encode_ids(ids))
-        kls = patched_kl(lens.orig, batch.input_ids_A, batch.attention_mask_A, A, patches)
+        kls, clean = patched_kl(
+            lens.orig, batch.input_ids_A, batch.attention_mask_A, A, patches, return_clean=True
+        )
+        top1 = clean.argmax(-1).tolist()
         cos = metrics.cosine_per_sample(A, greedy_hat)
         for row, index in enumerate(chunk):
             context = dataset.sample(index)[0].tolist()
@@ -65,6 +86,8 @@ def qualitative_samples(lens, dataset, cfg: LensConfig) -> list[dict]:
                     "cosine": float(cos[row]),
                     "sampled": [tokenizer.decode(ids[row].tolist()) for ids in sampled_ids],
                     "sampled_kl": [float(kl[row]) for kl in kls[1:]],
+                    "top1": tokenizer.decode([top1[row]]),
+                    "top1_in_explanation": top1_hit(tokenizer, greedy_ids[row].tolist(), top1[row]),
                 }
             )
     return records
@@ -94,11 +117,11 @@ def samples_fragment(records: list[dict]) -> str:
             f"<td class='ctx'>{context_html(rec)}</td>"
             f"<td class='expl'>{escape(repr(rec['greedy']))}</td>"
             f"<td class='num'>{fmt(rec['kl'], 3)}</td><td class='num'>{fmt(rec['cosine'], 3)}</td>"
-            f"<td>{sampled}</td></tr>"
+            f"{_top1_cell(rec)}<td>{sampled}</td></tr>"
         )
     head = (
         "<tr><th>sample</th><th>context (P highlighted)</th><th>greedy explanation</th>"
-        "<th>KL</th><th>cosine</th><th>sampled explanations</th></tr>"
+        "<th>KL</th><th>cosine</th><th>M's top-1 at P</th><th>sampled explanations</th></tr>"
     )
     return f"<table class='samples'><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
 

@@ -119,3 +119,63 @@ def bucket_examples(
                 rows.append({**records[i], "bucket": name, "matched": matched})
         out[name] = rows
     return out
+
+
+def explanation_words(tokenizer, ids: Sequence[int]) -> set[str]:
+    """Every word of an explanation, stop-words kept: each token decoded alone and each
+    whitespace-separated word of the whole decoded text, normalised ('' dropped)."""
+    pieces = [tokenizer.decode([int(t)]) for t in ids]
+    pieces += tokenizer.decode([int(t) for t in ids]).split()
+    return {w for w in map(normalise, pieces) if w}
+
+
+def top1_in_explanation(
+    tokenizer,
+    explanations: Sequence[Sequence[int]],
+    top1: Sequence[int],
+    perm: Sequence[int] | None,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """How often M's top-1 next token at P is one of its own explanation's words, against the
+    same rate for another sample's top-1 under the derangement.
+
+    The top-1 token is decoded alone and normalised like every word here (lower-cased, letters and
+    digits only); a top-1 token with nothing left (whitespace, punctuation, a newline) is no word
+    and is counted apart, never as a miss. Stop-words count: M's top-1 is often one. Rates are over
+    the samples whose top-1 is a word (a derangement is a bijection, so both have that many).
+    """
+    words = [explanation_words(tokenizer, ids) for ids in explanations]
+    top = [normalise(tokenizer.decode([int(t)])) for t in top1]
+    n = len(top)
+    valid = torch.tensor([bool(w) for w in top], dtype=torch.float64)
+    own = torch.tensor([bool(top[i]) and top[i] in words[i] for i in range(n)], dtype=torch.float64)
+    total = float(valid.sum())
+    out: dict = {
+        "own": float(own.sum()) / total if total else float("nan"),
+        "counted": int(total),
+        "not_a_word": n - int(total),
+        "per_sample": [
+            {
+                "top1": tokenizer.decode([int(t)]),
+                "in_explanation": (top[i] in words[i]) if top[i] else None,
+            }
+            for i, t in enumerate(top1)
+        ],
+    }
+    if perm is None or not total:
+        out.update(deranged=float("nan"), difference=float("nan"), difference_ci=[])
+        if not total:
+            out["unavailable"] = "no sample's top-1 token is a word (all punctuation or spaces)"
+        else:
+            out["unavailable"] = "the derangement needs at least 2 evaluated samples"
+        return out
+    other = torch.tensor(
+        [bool(top[j]) and top[j] in words[i] for i, j in enumerate(perm)], dtype=torch.float64
+    )
+    out["deranged"] = float(other.sum()) / total
+    out["difference"] = out["own"] - out["deranged"]
+    out["difference_ci"] = list(
+        metrics.bootstrap_ci(_ratio_diff, own, other, valid, resamples=resamples, seed=seed)
+    )
+    return out

@@ -10,13 +10,16 @@ BASELINE_NAMES = {
     "zero": "zero ablation",
     "mean": "mean ablation",
     "context_tokens": "context tokens",
+    "context_ceiling": "context ceiling",
     "shuffled": "lens, shuffled",
 }
 NOTE = (
     "KL(M(A) ‖ M(·)) of M's next-token distribution at P, in nats (lower is better). lens: "
     "Â = E(D(A)) with D's greedy text; zero: A = 0; mean: the per-feature mean of A over the "
     "train split; context tokens: E reads the true last T_text tokens of the context instead of "
-    "D's text (E was trained on D's texts only, so this is not an ideal decoder); lens, shuffled: "
+    "D's text (E was trained on D's texts only, so this is not an ideal decoder); context ceiling "
+    "(when the lens keeps one): the same true tokens read by an E trained on them alone (below 0: "
+    "the lens's text carries less than its input's last T_text tokens); lens, shuffled: "
     "each sample gets another sample's Â under a seeded derangement of the whole evaluated set "
     "(as good as the lens when every explanation is the same). kl_recovered = 1 − KL_lens / "
     "KL_baseline (above 0: the lens beats that baseline)."
@@ -38,6 +41,20 @@ SPEC_NOTE = (
     "its next corpus tokens after P, or M's top-5 predictions at P (own), against the same share "
     "in another sample's under the derangement (deranged). A positive difference with a CI above "
     "zero means the texts are about their own sample; a collapsed lens scores exactly 0."
+)
+
+
+CEILING_NOTE = (
+    "The context ceiling is an encoder trained on the true last T_text context tokens ending at P "
+    "only (the warm start's E, or `consistency-lens train-ceiling`), reading those tokens. gap: "
+    "the lens's figure minus the ceiling's, with a paired bootstrap CI (KL above 0 or FVE below 0: "
+    "the lens's text carries less of A than the tokens it echoes)."
+)
+TOP1_NOTE = (
+    "Whether M's top-1 next token at P (decoded alone, lower-cased, letters and digits only) is "
+    "one of the explanation's words (each token decoded alone and each whitespace-separated word, "
+    "normalised alike; stop-words count), over the samples whose top-1 is a word; deranged: "
+    "another sample's top-1 under the derangement."
 )
 
 
@@ -141,11 +158,55 @@ def _spec_table(spec: dict) -> tuple[str, list[str], list[list[Any]], str]:
     return ("Specificity of explanations", headers, rows, note)
 
 
+def _ceiling_table(results: dict) -> tuple[str, list[str], list[list[Any]], str]:
+    row = results["baselines"]["context_ceiling"]
+    rows = [
+        ["KL at P", results["kl"]["mean"], row["kl"], ci_text(row["kl_ci"])],
+        ["KL gap (lens − ceiling)", "", row["kl_gap"], ci_text(row["kl_gap_ci"])],
+        [
+            "kl_recovered of the lens over it",
+            "",
+            row["kl_recovered"],
+            ci_text(row["kl_recovered_ci"]),
+        ],
+        ["FVE", results["fve"]["mean"], row["fve"], ci_text(row["fve_ci"])],
+        ["FVE gap (lens − ceiling)", "", row["fve_gap"], ci_text(row["fve_gap_ci"])],
+    ]
+    headers = ["measure", "lens", "ceiling / gap", "95% CI"]
+    return ("Context ceiling", headers, rows, CEILING_NOTE)
+
+
+def _top1_table(top1: dict) -> tuple[str, list[str], list[list[Any]], str]:
+    rows = [
+        [
+            "M's top-1 token at P in the explanation",
+            top1["own"],
+            top1["deranged"],
+            top1["difference"],
+            ci_text(top1["difference_ci"]),
+        ]
+    ]
+    note = (
+        f"{TOP1_NOTE} Counted: {top1['counted']} samples; top-1 not a word (punctuation or "
+        f"spaces, left out): {top1['not_a_word']}."
+    )
+    if top1.get("unavailable"):
+        note += f" Unavailable: {top1['unavailable']}."
+    headers = ["measure", "own", "deranged", "difference", "95% CI"]
+    return ("M's top-1 prediction in the explanation", headers, rows, note)
+
+
 def result_tables(results: dict) -> list[tuple[str, list[str], list[list[Any]], str]]:
-    """(title, headers, rows, note) of each eval table: KL, reconstruction, texts, specificity."""
-    tables = [_kl_table(results), _recon_table(results), _text_table(results)]
+    """(title, headers, rows, note) of each eval table: KL, the context ceiling (when measured),
+    reconstruction, texts, specificity and M's top-1 in the explanation."""
+    tables = [_kl_table(results)]
+    if "context_ceiling" in results["baselines"]:
+        tables.append(_ceiling_table(results))
+    tables += [_recon_table(results), _text_table(results)]
     if "specificity" in results:
         tables.append(_spec_table(results["specificity"]))
+    if "top1_in_explanation" in results:
+        tables.append(_top1_table(results["top1_in_explanation"]))
     return tables
 
 

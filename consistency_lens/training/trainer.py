@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import threading
 import time
@@ -21,13 +22,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from consistency_lens.config import LensConfig, ScheduleConfig, dump_config
+from consistency_lens.config import (
+    LensConfig,
+    ScheduleConfig,
+    WarmStartConfig,
+    config_from_dict,
+    dump_config,
+)
 from consistency_lens.data.collate import Batch, CollateFn
 from consistency_lens.data.dataset import ActivationDataset
 from consistency_lens.data.layout import METADATA, check_matches, check_same_dump, split_dir
 from consistency_lens.data.stream import BatchStream
 from consistency_lens.errors import LensError
-from consistency_lens.models.lens import ConsistencyLens
+from consistency_lens.models.ceiling import CEILING_CONFIG, ceiling_dir, ceiling_from_lens
+from consistency_lens.models.lens import CONFIG_FILE, ConsistencyLens
 from consistency_lens.models.patching import fve, mse, patched_kl
 from consistency_lens.training import checkpoint as ckpt
 from consistency_lens.training.distributed import Engine, wrap_for_strategy
@@ -433,9 +441,78 @@ def train(cfg: LensConfig, resume: bool = False) -> TrainResult:
     With `train.warm_start.steps > 0` the warm start runs first (or resumes, or is reused when
     finished) in `<run_dir>/warm_start`, and the main objective starts from its lens.
     """
-    if cfg.train.warm_start.steps:
-        cfg = _after_warm_start(cfg, resume)
-    return _train_phase(cfg, resume)
+    if not cfg.train.warm_start.steps:
+        return _train_phase(cfg, resume)
+    result = _train_phase(_after_warm_start(cfg, resume), resume)
+    # The process group is gone by now; torchrun's RANK says which process writes.
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_warm_start_ceiling(cfg, result.lens_dir)
+    return result
+
+
+def save_warm_start_ceiling(cfg: LensConfig, lens_dir: Path) -> Path | None:
+    """Keep the warm start's E beside the lens at `lens_dir` as its context ceiling, when the warm
+    start taught the context tokens ending at P (its E then read only the true last `t_text`
+    tokens); returns the ceiling directory, or None when there is none to keep."""
+    warm_lens = Path(cfg.train.run_dir) / WARM_START_DIR / "lens"
+    # `warm_start_next` teaches the tokens after P: its E never read the context ending at P.
+    warm = cfg.train.warm_start
+    if not warm.steps or warm.objective != "warm_start" or not (warm_lens / CONFIG_FILE).is_file():
+        return None
+    if (ceiling_dir(lens_dir) / CEILING_CONFIG).is_file():
+        return ceiling_dir(lens_dir)
+    return ceiling_from_lens(warm_lens, lens_dir)
+
+
+CEILING_RUN_DIR = "context_ceiling"
+# The settings that make an E's shape: the ceiling's must be the lens's, so its weights fit.
+_E_SHAPE = (
+    "mode",
+    "t_text",
+    "prompt",
+    "inject_layer",
+    "encoder_prompt",
+    "encoder_layer",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+)
+
+
+def train_ceiling(cfg: LensConfig, lens_dir: Path, resume: bool = False) -> Path:
+    """Train an E of the lens's shape on the true last `t_text` context tokens only (objective
+    `context_ceiling`, from a fresh E, on the dump of `cfg` with its `train` budget) in
+    `<train.run_dir>/context_ceiling`, and keep it beside the lens at `lens_dir`; returns the
+    ceiling directory."""
+    lens_dir = Path(lens_dir)
+    meta = read_json(lens_dir / CONFIG_FILE, "Lens config")
+    if meta.get("base_model") != cfg.model:
+        raise LensError(
+            f"The lens at '{lens_dir}' was trained on base model '{meta.get('base_model')}' but "
+            f"the config names model '{cfg.model}'; set model={meta.get('base_model')}."
+        )
+    if cfg.distributed.strategy != "none":
+        raise LensError(
+            "train-ceiling trains E alone in one process; set distributed.strategy=none."
+        )
+    try:
+        own = config_from_dict(meta["config"]).train
+    except (LensError, KeyError, TypeError):
+        raise LensError(
+            f"Lens config '{lens_dir / CONFIG_FILE}' is damaged; save the lens again."
+        ) from None
+    update = {key: getattr(own, key) for key in _E_SHAPE}
+    update.update(
+        objective="context_ceiling",
+        run_dir=Path(cfg.train.run_dir) / CEILING_RUN_DIR,
+        init_from=None,
+        warm_start=WarmStartConfig(),
+    )
+    ceiling_cfg = cfg.model_copy(
+        update={"layer": meta["layer"], "train": cfg.train.model_copy(update=update)}
+    )
+    result = _train_phase(ceiling_cfg, resume)
+    return ceiling_from_lens(result.lens_dir, lens_dir)
 
 
 def _after_warm_start(cfg: LensConfig, resume: bool) -> LensConfig:

@@ -106,7 +106,16 @@ def test_a_lens_from_the_hub_obeys_the_folder_rules(saved, tmp_path, monkeypatch
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
     hub.resolve_lens("org/evil")
-    assert asked == [["lens_config.json", "lens.safetensors", "README.md", "eval_results.json"]]
+    assert asked == [
+        [
+            "lens_config.json",
+            "lens.safetensors",
+            "README.md",
+            "eval_results.json",
+            "context_ceiling/ceiling_config.json",
+            "context_ceiling/encoder.safetensors",
+        ]
+    ]
 
 
 def test_the_card_carries_the_hub_metadata(saved):
@@ -163,6 +172,9 @@ def test_push_uploads_exactly_the_lens_files(saved, tmp_path, monkeypatch, capsy
     (lens_dir / "notes.txt").write_text("not part of the lens")
     (lens_dir / "model.bin").write_bytes(b"pickle")
     (lens_dir / ".cache").mkdir()
+    (lens_dir / "context_ceiling").mkdir()
+    for name in ("ceiling_config.json", "encoder.safetensors", "optimizer.pt"):
+        (lens_dir / "context_ceiling" / name).write_text("{}")
     calls = []
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(repo_id))
 
@@ -180,7 +192,14 @@ def test_push_uploads_exactly_the_lens_files(saved, tmp_path, monkeypatch, capsy
         "org/tiny-lens",
         (
             "org/tiny-lens",
-            ["README.md", "eval_results.json", "lens.safetensors", "lens_config.json"],
+            [
+                "README.md",
+                "context_ceiling/ceiling_config.json",
+                "context_ceiling/encoder.safetensors",
+                "eval_results.json",
+                "lens.safetensors",
+                "lens_config.json",
+            ],
         ),
     ]
     assert capsys.readouterr().out == "pushed: https://huggingface.co/org/tiny-lens/commit/abc\n"

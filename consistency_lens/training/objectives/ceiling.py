@@ -1,0 +1,48 @@
+"""The context ceiling's objective: E alone learns to rebuild A from the true context tokens.
+
+The reference a lens's text is judged against (docs/design.md section 7): an E of the lens's
+shape that only ever reads the true last `t_text` tokens ending at P, exactly the input eval's
+`context_tokens` and `context_ceiling` rows give it (left-padded and masked when the context is
+shorter). D is not used: its weights stay as built. `consistency-lens train-ceiling` runs it.
+"""
+
+from __future__ import annotations
+
+from consistency_lens.data.collate import Batch
+from consistency_lens.models.patching import patched_kl
+from consistency_lens.training.objectives import (
+    Objective,
+    ObjectiveOutput,
+    StepInfo,
+    normalised_mse,
+    register,
+)
+
+
+@register("context_ceiling")
+class ContextCeilingObjective(Objective):
+    """`mse_weight * mse_e + alpha * kl_e` of E reading the true last `t_text` context tokens
+    (kl_e is reported as 0, not computed, while alpha is 0)."""
+
+    terms = ("mse_e", "kl_e")
+    coefficients = ("alpha",)
+    term_titles = {
+        "mse_e": "E's normalised MSE from the true context tokens",
+        "kl_e": "KL at P with E(true context tokens) patched in",
+        "alpha": "KL weight α",
+    }
+
+    def __call__(self, lens, batch: Batch, step: StepInfo) -> ObjectiveOutput:
+        """E on this batch's true last `t_text` context tokens."""
+        k = min(self.cfg.train.t_text, batch.input_ids_A.shape[1])
+        ids, mask = batch.input_ids_A[:, -k:], batch.attention_mask_A[:, -k:]
+        a = batch.A.float()
+        a_hat = lens.encoder.encode_ids(ids, mask)
+        mse = normalised_mse(a_hat, a)
+        kl = a.new_zeros(())
+        if step["alpha"] > 0:
+            (kl,) = patched_kl(
+                lens.orig, batch.input_ids_A, batch.attention_mask_A, a, [a_hat], "plan"
+            )
+        loss = self.cfg.train.mse_weight * mse + step["alpha"] * kl
+        return ObjectiveOutput(loss=loss, terms={"mse_e": mse, "kl_e": kl})

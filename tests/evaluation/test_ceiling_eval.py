@@ -1,0 +1,193 @@
+"""Eval's context ceiling row and M's top-1 in the explanation, against direct computations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import dumped_eval_config
+
+from consistency_lens.data.dataset import ActivationDataset
+from consistency_lens.data.layout import split_dir
+from consistency_lens.evaluation import metrics
+from consistency_lens.evaluation.evaluate import (
+    derangement,
+    evaluate,
+    evaluate_command,
+    model_card,
+    train_mean,
+)
+from consistency_lens.evaluation.report import eval_section
+from consistency_lens.evaluation.samples import (
+    qualitative_samples,
+    sample_indices,
+    samples_fragment,
+    top1_hit,
+)
+from consistency_lens.evaluation.specificity import top1_in_explanation
+from consistency_lens.evaluation.tables import markdown_tables
+from consistency_lens.models.ceiling import ceiling_from_lens, load_ceiling
+from consistency_lens.models.lens import ConsistencyLens
+from consistency_lens.models.patching import patched_kl
+
+
+class WordTokenizer:
+    """One word per token id, decoded with a leading space like a byte-level BPE."""
+
+    def __init__(self, words):
+        self.words = list(words)
+
+    def decode(self, ids):
+        return "".join(" " + self.words[i] for i in ids)
+
+
+VOCAB = WordTokenizer(["the", "War", "peace", ",", "\n", "trade", "gold", "bank"])
+
+
+def test_top1_in_explanation_on_a_hand_made_case():
+    explanations = [
+        [1, 2],
+        [0, 5],
+        [6, 3],
+        [7, 7],
+    ]  # "War peace", "the trade", "gold ,", "bank bank"
+    top1 = [1, 0, 3, 4]  # "War" (hit), "the" (hit, a stop-word), "," and "\n" (not words)
+    out = top1_in_explanation(VOCAB, explanations, top1, perm=[1, 0, 3, 2], resamples=50)
+    assert (out["counted"], out["not_a_word"]) == (2, 2)
+    assert out["own"] == 1.0  # case is ignored: "War" matches "war"
+    # Sample 0 gets "the" (not in "War peace"), sample 1 gets "War" (not in "the trade").
+    assert out["deranged"] == 0.0 and out["difference"] == 1.0
+    assert [r["in_explanation"] for r in out["per_sample"]] == [True, True, None, None]
+    assert [r["top1"] for r in out["per_sample"]] == [" War", " the", " ,", " \n"]
+    # A derangement that hands sample 0 its own-word top-1 through another sample counts it.
+    same = top1_in_explanation(VOCAB, [[1], [1], [2]], [1, 1, 2], perm=[1, 2, 0], resamples=50)
+    assert (same["own"], same["deranged"]) == (1.0, 1 / 3)
+    alone = top1_in_explanation(VOCAB, [[1]], [1], perm=None)
+    assert alone["own"] == 1.0 and "at least 2" in alone["unavailable"]
+
+
+def test_each_qualitative_sample_says_whether_its_top1_is_in_the_explanation():
+    assert top1_hit(VOCAB, [1, 2], 1) is True
+    assert top1_hit(VOCAB, [0, 5], 6) is False
+    assert top1_hit(VOCAB, [0, 5], 3) is None  # ',' is no word
+    rec = {"index": 0, "position": 1, "context_elided": 0, "context_tokens": [" the", " War"]}
+    rec.update(greedy=" War", kl=0.1, cosine=0.5, sampled=[], sampled_kl=[])
+    assert (
+        "<td>&#x27; War&#x27; <span class='muted small'>in the text</span></td>"
+        in samples_fragment([{**rec, "top1": " War", "top1_in_explanation": True}])
+    )
+    assert "<td></td>" in samples_fragment([rec])  # a page from before the column
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_llama_dir, corpus_dir):
+    root = tmp_path_factory.mktemp("ceiling")
+    cfg = dumped_eval_config(
+        root,
+        tiny_llama_dir,
+        corpus_dir,
+        num_samples=30,
+        val_samples=12,
+        eval={"num_samples": 9, "batch_size": 4, "bootstrap": 30, "qualitative": 0},
+    )
+    lens = ConsistencyLens.build(cfg)
+    lens_dir = root / "lens"
+    lens.save_pretrained(lens_dir)
+    # The ceiling's E: the same shape, other weights (as a warm start's E would have).
+    other = ConsistencyLens.build(cfg, loaded=lens.loaded)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in other.trainable_parameters().items():
+            if name.startswith("encoder."):
+                param.add_(0.3 * param.abs().mean() * torch.randn(param.shape, generator=gen))
+    source = root / "warm"
+    other.save_pretrained(source)
+    ceiling_from_lens(source, lens_dir)
+    val = ActivationDataset(split_dir(cfg, "val"))
+    mean = train_mean(ActivationDataset(split_dir(cfg, "train")))
+    return cfg, lens, lens_dir, other, val, mean
+
+
+def test_ceiling_row_equals_a_direct_computation(setup):
+    cfg, lens, lens_dir, _, val, mean = setup
+    twin, _ = load_ceiling(lens, lens_dir)
+    results = evaluate(lens, val, cfg, mean, twin)
+    row = results["baselines"]["context_ceiling"]
+    kls, hats, As = [], [], []
+    for i in sample_indices(len(val), 9, cfg.seed):
+        ids, A = val.sample(i)
+        ids, A = ids[None].long(), A[None]
+        with torch.no_grad():
+            # One sample, no padding: the true last T_text tokens ending at P.
+            a_hat = twin.encode_ids(ids[:, -3:])
+            (kl,) = patched_kl(lens.orig, ids, torch.ones_like(ids), A, [a_hat])
+        kls.append(kl)
+        hats.append(a_hat)
+        As.append(A)
+    kl, A_hat, A = torch.cat(kls), torch.cat(hats), torch.cat(As)
+    assert row["kl"] == pytest.approx(float(kl.mean()), rel=1e-4)
+    assert row["fve"] == pytest.approx(metrics.fve(A, A_hat), rel=1e-4, abs=1e-6)
+    assert row["kl_gap"] == pytest.approx(results["kl"]["mean"] - row["kl"], rel=1e-4)
+    assert row["kl_recovered"] == pytest.approx(1 - results["kl"]["mean"] / row["kl"], rel=1e-4)
+    assert row["fve_gap"] == pytest.approx(results["fve"]["mean"] - row["fve"], abs=1e-5)
+    for key in ("kl", "kl_recovered", "fve", "kl_gap", "fve_gap"):
+        lo, hi = row[f"{key}_ci"]
+        assert lo <= hi, key  # a percentile CI of a ratio need not hold the point on 9 samples
+    lo, hi = row["kl_ci"]
+    assert lo <= row["kl"] <= hi
+    # Another E than the lens's own: not the context_tokens row under a new name.
+    assert row["kl"] != pytest.approx(results["baselines"]["context_tokens"]["kl"], rel=1e-3)
+    table = markdown_tables(results)
+    assert "| context ceiling |" in table and "**Context ceiling**" in table
+
+
+def test_a_lens_without_a_ceiling_evaluates_as_before(setup):
+    cfg, lens, _, _, val, mean = setup
+    twin, _ = load_ceiling(lens, setup[2])
+    without = evaluate(lens, val, cfg, mean)
+    with_ceiling = evaluate(lens, val, cfg, mean, twin)
+    assert "context_ceiling" not in without["baselines"]
+    assert set(with_ceiling["baselines"]) - set(without["baselines"]) == {"context_ceiling"}
+    # Compared as JSON: an untrained lens's specificity rates are NaN, which is never == itself.
+    same = {k: v for k, v in with_ceiling.items() if k != "baselines"}
+    assert json.dumps(same, sort_keys=True) == json.dumps(
+        {k: v for k, v in without.items() if k != "baselines"}, sort_keys=True
+    )
+    for name, row in without["baselines"].items():
+        assert json.dumps(with_ceiling["baselines"][name]) == json.dumps(row), name
+    assert "Context ceiling" not in markdown_tables(without)
+    # The top-1 rows are per evaluated sample, in order.
+    top1 = without["top1_in_explanation"]
+    indices = sample_indices(len(val), 9, cfg.seed)
+    assert [r["index"] for r in top1["per_sample"]] == [int(i) for i in indices]
+    assert top1["counted"] + top1["not_a_word"] == 9
+    assert derangement(9, cfg.seed) is not None and top1["difference_ci"]
+
+
+def test_eval_command_reports_the_ceiling_kept_beside_the_lens(setup, tmp_path):
+    cfg, lens, lens_dir, _, _, _ = setup
+    results = evaluate_command(cfg, lens_dir, tmp_path)
+    saved = json.loads((tmp_path / "eval_results.json").read_text())
+    row = saved["baselines"]["context_ceiling"]
+    assert row["kl"] == results["baselines"]["context_ceiling"]["kl"] and row["kl"] > 0
+    assert row["trained"]["corpus"] == str(cfg.corpus)
+    assert "context_tokens" in saved["baselines"]  # the old row stays
+    assert "**Context ceiling**" in model_card(saved)
+    assert "M's top-1 prediction in the explanation" in model_card(saved)
+    page = eval_section(saved)  # the run's report.html shows the same tables
+    assert "<h3>Context ceiling</h3>" in page and "top-1 prediction in the explanation" in page
+
+
+def test_qualitative_records_carry_m_top1_at_p(setup):
+    cfg, lens, _, _, val, _ = setup
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"qualitative": 2})})
+    records = qualitative_samples(lens, val, cfg)
+    for rec in records:
+        ids, A = val.sample(rec["index"])
+        with torch.no_grad():
+            top1 = int(lens.orig.model(ids[None].long()).logits[0, -1].argmax())
+        assert rec["top1"] == lens.loaded.tokenizer.decode([top1])
+        greedy, _ = lens.reconstruct(A[None])  # greedy decoding is deterministic
+        want = top1_hit(lens.loaded.tokenizer, greedy[0].tolist(), top1)
+        assert rec["top1_in_explanation"] is want
