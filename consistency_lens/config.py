@@ -62,7 +62,11 @@ class WarmStartConfig(_Strict):
     steps: int = Field(0, ge=0)
     """Optimizer steps of the warm start; 0 means none."""
     objective: str = "warm_start"
-    """Registered objective of the warm start (`warm_start` or `warm_start_next`)."""
+    """Registered objective of the warm start (`warm_start`, `warm_start_next` or
+    `warm_start_predict`)."""
+    predict_tokens: int = 2
+    """`warm_start_predict`: how many of the `t_text` target tokens are M's greedy continuation
+    after P (the rest are the context tokens ending at P); 1..`t_text`."""
     alpha: float = Field(0.0, ge=0)
     """Constant KL weight α of the warm start (E's KL at P); 0 skips M's patched forward."""
 
@@ -165,6 +169,18 @@ class TrainConfig(_Strict):
         for key, settings in sections.items():
             value = extra.get(key, {})
             extra[key] = value if isinstance(value, settings) else settings.model_validate(value)
+        return self
+
+    @model_validator(mode="after")
+    def _predict_tokens_fit(self) -> TrainConfig:
+        # Checked only where it is used, so a short t_text stays valid for the other objectives.
+        k = self.warm_start.predict_tokens
+        used = "warm_start_predict" in (self.objective, self.warm_start.objective)
+        if k < 1 or (used and k > self.t_text):
+            raise ValueError(
+                f"train.warm_start.predict_tokens must be between 1 and train.t_text "
+                f"({self.t_text}), got {k}."
+            )
         return self
 
     @field_validator("tau")
@@ -402,6 +418,7 @@ FREE_KEYS = (
     "train.warm_start.steps",
     "train.warm_start.objective",
     "train.warm_start.alpha",
+    "train.warm_start.predict_tokens",
     "train.target",
     "train.mse_weight",
     "train.entropy_weight",

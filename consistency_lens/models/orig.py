@@ -278,9 +278,12 @@ class OriginalModelWrapper:
         return results
 
     @torch.no_grad()
-    def clean_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Unpatched logits (B, V) at the last column of a left-padded batch."""
-        _check_batch(input_ids, attention_mask)
+    def clean_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, check_last: bool = True
+    ) -> torch.Tensor:
+        """Unpatched logits (B, V) at the last column of a left-padded batch; `check_last=False`
+        leaves the last column unread (for a training step: reading it is a host sync)."""
+        _check_batch(input_ids, attention_mask, values=check_last)
         out = self.model(
             input_ids=input_ids,
             attention_mask=self._mask(attention_mask, input_ids.shape[1]),
@@ -288,6 +291,25 @@ class OriginalModelWrapper:
             logits_to_keep=1,
         )
         return out.logits[:, -1]
+
+    @torch.no_grad()
+    def greedy_continuation(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int
+    ) -> torch.Tensor:
+        """M's `k` greedy next tokens (B, k) after the last column of a left-padded batch.
+
+        A warm-start step calls this, so, like `forward_with_replacement`, it does not read the
+        last column back to check it.
+        """
+        tokens = []
+        for _ in range(k):
+            # Appending a real column keeps the batch left-padded, so clean_logits reads its end.
+            # k is small (a few tokens), so re-reading the context beats keeping a cache here.
+            token = self.clean_logits(input_ids, attention_mask, False).argmax(-1, keepdim=True)
+            tokens.append(token)
+            input_ids = torch.cat([input_ids, token], 1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(token)], 1)
+        return torch.cat(tokens, 1)
 
     @torch.no_grad()
     def activations(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

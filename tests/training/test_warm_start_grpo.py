@@ -34,7 +34,7 @@ from consistency_lens.training.objectives.grpo import (
     reference_kl,
     swapped,
 )
-from consistency_lens.training.objectives.warm_start import context_targets
+from consistency_lens.training.objectives.warm_start import context_targets, predict_targets
 from consistency_lens.utils.logging import METRICS, MetricsFile
 
 
@@ -310,6 +310,62 @@ def test_train_runs_the_warm_start_first_then_reuses_it(dumped, tmp_path):
         trainer.train(load_config(None, [*both, "train.warm_start.steps=1"]))
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_warm_start_predict_targets_end_with_m_s_greedy_continuation(tiny_llama_dir, k):
+    """The target is the context ending at P, then M's argmax continuation computed directly
+    (each row unpadded, one token at a time, M's full forward), equal token for token."""
+    lens = _lens(tiny_llama_dir, objective="warm_start_predict", warm_start={"predict_tokens": k})
+    batch = _batch(lens, n=4)  # rows of 6..9 tokens: left padding on all but the longest
+    targets = predict_targets(lens, batch, 3, k)
+    assert targets.shape == (4, 3)
+    # The first 3 - k tokens are the context tokens ending at P (the last 3 - k of them).
+    if k < 3:
+        assert torch.equal(targets[:, : 3 - k], context_targets(batch, 3 - k))
+    for row in range(4):
+        ids = batch.input_ids_A[row][batch.attention_mask_A[row].bool()].unsqueeze(0)
+        for _ in range(k):
+            ids = torch.cat([ids, lens.orig.token_logits(ids)[:, -1].argmax(-1, keepdim=True)], 1)
+        assert targets[row, 3 - k :].tolist() == ids[0, -k:].tolist()
+    obj = build_objective(lens, lens.cfg)
+    ids, mask = obj.targets(lens, batch)
+    assert mask is None and torch.equal(ids, targets)
+
+
+def test_warm_start_predict_tokens_must_fit_in_the_text():
+    """1..t_text where warm_start_predict is used; a short t_text stays valid for the others."""
+    for k in (0, 4):
+        with pytest.raises(
+            LensError, match=r"predict_tokens must be between 1 and train.t_text \(3\)"
+        ):
+            config_from_dict(
+                {
+                    "train": {
+                        "t_text": 3,
+                        "warm_start": {"objective": "warm_start_predict", "predict_tokens": k},
+                    }
+                }
+            )
+    with pytest.raises(LensError, match="predict_tokens must be between 1"):
+        config_from_dict(
+            {
+                "train": {
+                    "t_text": 3,
+                    "objective": "warm_start_predict",
+                    "warm_start": {"predict_tokens": 4},
+                }
+            }
+        )
+    config_from_dict({"train": {"t_text": 1}})  # default predict_tokens 2, unused
+    config_from_dict(
+        {
+            "train": {
+                "t_text": 3,
+                "warm_start": {"objective": "warm_start_predict", "predict_tokens": 3},
+            }
+        }
+    )
+
+
 def test_warm_start_next_never_teaches_padding(tiny_llama_dir):
     """Right-padded next tokens: D's CE covers only real tokens and E reads each text unpadded."""
     from consistency_lens.training.objectives.warm_start import supervised_losses
@@ -362,7 +418,7 @@ def test_text_nll_scores_every_token_after_bos(tiny_llama_dir):
     torch.testing.assert_close(lens.orig.text_nll(ids), token_nll(logits[:, :-1], ids))
 
 
-@pytest.mark.parametrize("objective", ["plan", "warm_start", "grpo"])
+@pytest.mark.parametrize("objective", ["plan", "warm_start", "warm_start_predict", "grpo"])
 def test_a_training_step_reads_nothing_back_to_the_host(tiny_llama_dir, objective):
     """Forward and backward of every objective on a left-padded batch make no host sync (what
     stalls a GPU's launch queue): no `.item()`-like read, no `nonzero`, no `masked_select`."""

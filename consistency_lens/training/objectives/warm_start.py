@@ -3,7 +3,9 @@
 Gumbel-STE on the consistency loss alone finds a few constant codes (docs/design.md section 6). The
 field's later lens-style systems start instead from supervision: here D is taught, teacher-forced,
 to write the `t_text` corpus tokens ending at P (they are in the batch already) or, with
-`warm_start_next`, the `t_text` tokens after P (`input_ids_next` in the dump); E is taught to
+`warm_start_next`, the `t_text` tokens after P (`input_ids_next` in the dump) or, with
+`warm_start_predict`, the context tokens ending at P followed by M's own greedy next tokens (so the
+text carries what M is about to predict, not what the corpus happened to say); E is taught to
 rebuild A from the *true* text, by MSE and by the KL of M at P with E's reconstruction patched in.
 The consistency objectives (`grpo`, `plan`) then continue from the saved lens (`train.init_from`).
 """
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 
 from consistency_lens.config import LensConfig
 from consistency_lens.data.collate import Batch
+from consistency_lens.errors import LensError
 from consistency_lens.models.patching import patched_kl
 from consistency_lens.training.objectives import (
     Objective,
@@ -89,13 +92,13 @@ class WarmStartObjective(Objective):
     def __init__(self, lens, cfg: LensConfig):
         super().__init__(lens, cfg)
 
-    def targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def targets(self, lens, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The text D is taught to write for each activation, and its mask (None: no padding)."""
         return context_targets(batch, self.cfg.train.t_text), None
 
     def __call__(self, lens, batch: Batch, step: StepInfo) -> ObjectiveOutput:
         """Teacher-forced D and E on this batch's target texts."""
-        ids, mask = self.targets(batch)
+        ids, mask = self.targets(lens, batch)
         ce, mse, kl = supervised_losses(lens, batch, ids, step["alpha"] > 0, mask)
         loss = ce + self.cfg.train.mse_weight * mse + step["alpha"] * kl
         return ObjectiveOutput(loss=loss, terms={"ce_d": ce, "mse_e": mse, "kl_e": kl})
@@ -107,7 +110,35 @@ class WarmStartNextObjective(WarmStartObjective):
 
     needs_next_tokens = True
 
-    def targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def targets(self, lens, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The first `t_text` corpus tokens after P (fewer, right-padded, near a sequence's end)."""
         t_text = self.cfg.train.t_text
         return batch.input_ids_next[:, :t_text], batch.attention_mask_next[:, :t_text]
+
+
+def predict_targets(lens, batch: Batch, t_text: int, k: int) -> torch.Tensor:
+    """The last `t_text - k` context tokens ending at P, then M's `k` greedy next tokens (B, t_text)."""
+    ids, mask = batch.input_ids_A, batch.attention_mask_A
+    continuation = lens.orig.greedy_continuation(ids, mask, k)
+    if k == t_text:
+        return continuation
+    return torch.cat([context_targets(batch, t_text - k), continuation], 1)
+
+
+@register("warm_start_predict")
+class WarmStartPredictObjective(WarmStartObjective):
+    """The warm start on the context ending at P followed by M's greedy continuation after P."""
+
+    def __init__(self, lens, cfg: LensConfig):
+        super().__init__(lens, cfg)
+        k, t_text = cfg.train.warm_start.predict_tokens, cfg.train.t_text
+        if not 1 <= k <= t_text:
+            raise LensError(
+                f"train.warm_start.predict_tokens must be between 1 and train.t_text ({t_text}), "
+                f"got {k}."
+            )
+
+    def targets(self, lens, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Context tokens ending at P, then M's `predict_tokens` greedy tokens after P."""
+        k = self.cfg.train.warm_start.predict_tokens
+        return predict_targets(lens, batch, self.cfg.train.t_text, k), None

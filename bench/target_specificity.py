@@ -1,0 +1,70 @@
+"""Specificity of the warm-start targets themselves: what the eval would score if D wrote each
+target text perfectly (the ceiling a warm-start target gives the eval's buckets).
+
+usage: .venv/bin/python bench/target_specificity.py key=value ...  (overrides on config/demo.yaml).
+Uses the eval's own samples, derangement, content words, buckets and bootstrap on the val split
+of the dump the config names; nothing is trained.
+"""
+
+import sys
+
+import torch
+
+from consistency_lens.config import load_config
+from consistency_lens.data.collate import CollateFn
+from consistency_lens.data.dataset import ActivationDataset
+from consistency_lens.data.layout import split_dir
+from consistency_lens.evaluation.evaluate import derangement
+from consistency_lens.evaluation.metrics import fraction_unique
+from consistency_lens.evaluation.samples import sample_indices
+from consistency_lens.evaluation.specificity import content_words, specificity
+from consistency_lens.models.lens import ConsistencyLens
+from consistency_lens.training.objectives.warm_start import context_targets, predict_targets
+
+
+def main(overrides: list[str]) -> None:
+    """Print each target's unique fraction and per-bucket own / deranged rates with their CIs."""
+    cfg = load_config(["config/demo.yaml"], overrides)
+    lens = ConsistencyLens.build(cfg)
+    tok = lens.loaded.tokenizer
+    ds = ActivationDataset(split_dir(cfg, "val"), seed=cfg.seed)
+    idx = sample_indices(len(ds), cfg.eval.num_samples, cfg.seed)
+    collate = CollateFn(pad_id=lens.loaded.pad_id)
+    t = cfg.train.t_text
+    names = ["context (warm_start)", *(f"predict k={k}" for k in (1, 2, t)), "next corpus tokens"]
+    rows: dict[str, list] = {name: [] for name in names}
+    top5 = []
+    with torch.no_grad():
+        for start in range(0, len(idx), cfg.eval.batch_size):
+            b = collate([ds[i] for i in idx[start : start + cfg.eval.batch_size]])
+            rows[names[0]].append(context_targets(b, t))
+            for name, k in zip(names[1:4], (1, 2, t), strict=True):
+                rows[name].append(predict_targets(lens, b, t, k))
+            logits = lens.orig.clean_logits(b.input_ids_A, b.attention_mask_A)
+            top5.append(logits.float().topk(5, -1).indices)
+    window = cfg.eval.context_window
+    buckets = {
+        "context": [content_words(tok, ds.sample(i)[0][-window:].tolist()) for i in idx],
+        "next_tokens": [content_words(tok, ds.next_tokens(i).tolist()) for i in idx],
+        "top5": [content_words(tok, r) for r in torch.cat(top5).tolist()],
+    }
+    perm = derangement(len(idx), cfg.seed)
+    # The corpus tokens after P, unpadded (fewer near a sequence's end), as the eval reads them.
+    rows[names[4]] = [[ds.next_tokens(i)[:t].tolist() for i in idx]]
+    for name, parts in rows.items():
+        ids = [row for part in parts for row in (part if isinstance(part, list) else part.tolist())]
+        texts = [tok.decode(r) for r in ids]
+        spec = specificity([content_words(tok, r) for r in ids], buckets, perm, 1000, cfg.seed)
+        cells = "; ".join(
+            f"{b} {v['own']:.3f}/{v['deranged']:.3f} "
+            f"[{v['difference_ci'][0]:.3f}, {v['difference_ci'][1]:.3f}]"
+            for b, v in spec["buckets"].items()
+        )
+        print(
+            f"{name}: unique {fraction_unique(texts):.2f}, words {spec['content_words']}: {cells}"
+        )
+        print("   e.g.", texts[:4])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
