@@ -26,14 +26,11 @@ import importlib.util
 import os
 import platform
 import statistics
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
 
 
 def _texts(tokenizer, sizes: list[int]) -> dict[int, str]:
@@ -88,11 +85,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import httpx
-    from serving import running
 
     from consistency_lens.config import load_config
     from consistency_lens.evaluation.explain import explain_text
     from consistency_lens.serve.app import create_app, load_lenses
+    from consistency_lens.serve.background import running
 
     cfg = load_config([], [])
     lenses = load_lenses(cfg, [])

@@ -77,9 +77,7 @@ class Train:
     def arguments(parser: argparse.ArgumentParser) -> None:
         """Add this command's arguments to its subparser."""
         _config_arguments(parser)
-        parser.add_argument(
-            "--resume", action="store_true", help="continue from the latest valid checkpoint"
-        )
+        _resume_argument(parser)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, argv: list[str]) -> Train:
@@ -87,19 +85,32 @@ class Train:
         return cls(_config(args), resume=args.resume, argv=list(argv))
 
     def execute(self) -> None:
-        from consistency_lens.training.trainer import TrainingStopped, train
+        from consistency_lens.training.trainer import train
 
-        try:
-            train(self.cfg, resume=self.resume)
-        except TrainingStopped as stopped:
-            command = resume_command(self.argv) if self.argv is not None else None
-            raise TrainingStopped(stopped.signal_name, stopped.step, command) from None
+        _stoppable(self.argv, train, self.cfg, resume=self.resume)
+
+
+def _resume_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the latest valid checkpoint"
+    )
 
 
 def resume_command(argv: list[str]) -> str:
     """The shell command that reruns `argv` (a `train` command line) with `--resume`."""
     args = list(argv) if "--resume" in argv else [*argv, "--resume"]
     return shlex.join(["consistency-lens", *args])
+
+
+def _stoppable(argv: list[str] | None, run, *args, **kwargs):
+    """`run(*args, **kwargs)`; a stop by a signal is re-raised naming the command that resumes."""
+    from consistency_lens.training.trainer import TrainingStopped
+
+    try:
+        return run(*args, **kwargs)
+    except TrainingStopped as stopped:
+        command = resume_command(argv) if argv is not None else None
+        raise TrainingStopped(stopped.signal_name, stopped.step, command) from None
 
 
 @dataclass
@@ -124,9 +135,7 @@ class TrainCeiling:
             help="saved lens directory; its E's shape and T_text are used, and the ceiling is "
             "written into it (context_ceiling/)",
         )
-        parser.add_argument(
-            "--resume", action="store_true", help="continue from the latest valid checkpoint"
-        )
+        _resume_argument(parser)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, argv: list[str]) -> TrainCeiling:
@@ -134,19 +143,11 @@ class TrainCeiling:
         return cls(_config(args), args.checkpoint, resume=args.resume, argv=list(argv))
 
     def execute(self) -> None:
-        from consistency_lens.models.lens import CONFIG_FILE
-        from consistency_lens.training.trainer import TrainingStopped, train_ceiling
+        from consistency_lens.models.lens import check_lens_dir
+        from consistency_lens.training.trainer import train_ceiling
 
-        if not (self.checkpoint / CONFIG_FILE).is_file():
-            raise LensError(
-                f"No saved lens at '{self.checkpoint}' (lens_config.json missing); pass a lens "
-                "directory with --checkpoint."
-            )
-        try:
-            path = train_ceiling(self.cfg, self.checkpoint, self.resume)
-        except TrainingStopped as stopped:
-            command = resume_command(self.argv) if self.argv is not None else None
-            raise TrainingStopped(stopped.signal_name, stopped.step, command) from None
+        check_lens_dir(self.checkpoint)
+        path = _stoppable(self.argv, train_ceiling, self.cfg, self.checkpoint, self.resume)
         print(f"context ceiling: {path}")
 
 
@@ -233,6 +234,41 @@ class Push:
         from consistency_lens.models.hub import push_lens
 
         print(f"pushed: {push_lens(self.lens, self.repo_id, self.private)}")
+
+
+@dataclass
+class Cast:
+    """Store a saved lens's weights (and its context ceiling's) in another dtype, e.g. bfloat16."""
+
+    lens: Path
+    dtype: str
+
+    @staticmethod
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        """Add this command's arguments to its subparser."""
+        from consistency_lens.models.storage import DTYPES
+
+        parser.add_argument("lens", type=Path, help="saved lens directory (rewritten in place)")
+        parser.add_argument("--dtype", required=True, choices=list(DTYPES))
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, argv: list[str]) -> Cast:
+        """The command for parsed `args` (`argv` is the whole command line)."""
+        return cls(args.lens, args.dtype)
+
+    def execute(self) -> None:
+        from consistency_lens.models.storage import store_weights_as
+
+        rewritten = store_weights_as(self.lens, self.dtype)
+        for path in rewritten:
+            print(f"stored as {self.dtype}: {path}")
+        if rewritten:
+            print(
+                f"The card's eval numbers were for the old weights; run `consistency-lens eval "
+                f"--checkpoint {self.lens}` and `consistency-lens card {self.lens} --results ...`."
+            )
+        else:
+            print(f"already {self.dtype}: {self.lens}")
 
 
 @dataclass
@@ -384,6 +420,7 @@ COMMANDS = {
     "demo": Demo,
     "card": Card,
     "push": Push,
+    "cast": Cast,
 }
 
 

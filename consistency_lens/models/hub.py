@@ -103,8 +103,11 @@ def card_metadata(meta: dict, results: dict | None = None) -> str:
 
     config = meta.get("config", {})
     base, corpus = meta["base_model"], config.get("corpus", "")
-    # Only Hub ids: a local path or an embedded alias means nothing on the Hub.
-    base_model = base if is_repo_id(base) else None
+    from consistency_lens.models.embedded import ALIAS, HUB_ID
+
+    # Only Hub ids: a local path means nothing on the Hub; the embedded alias is named by the
+    # model its GGUF was quantized from.
+    base_model = HUB_ID if base == ALIAS else base if is_repo_id(base) else None
     datasets = [corpus] if is_repo_id(corpus) else None
     name = f"consistency-lens-{Path(base.rstrip('/')).name}-L{meta['layer']}"
     evals = None

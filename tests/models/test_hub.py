@@ -144,6 +144,10 @@ def test_the_card_carries_the_hub_metadata(saved):
     local = ModelCard((saved[1] / "README.md").read_text()).data
     assert local.base_model is None and local.datasets is None and local.eval_results is None
     assert local.library_name == "consistency-lens" and local.tags[-1] == "layer-1"
+    # The embedded default's alias is named by the Hub model its GGUF was quantized from.
+    shipped = ModelCard(card_text(meta)).data
+    assert meta["base_model"] == "smollm2-135m"
+    assert shipped.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def test_the_card_command_writes_eval_results_into_the_front_matter(saved, tmp_path):

@@ -1,12 +1,8 @@
-"""Helpers of the viewer tests: two tiny random lenses saved as lens directories, and a real
-uvicorn server on a free 127.0.0.1 port that the test shuts down."""
+"""Helpers of the viewer tests: two tiny random lenses saved as lens directories, and a headless
+Chromium under Selenium."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
-import time
 from pathlib import Path
 
 import torch
@@ -33,29 +29,34 @@ def tiny_lenses(root: Path, model_dir: Path) -> tuple[LensConfig, list[Path]]:
     return cfg, paths
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+HEADLESS_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+)
+"""Chromium offline and headless: nothing looked up, nothing synced, no GPU, no sandbox (root)."""
 
 
-@contextlib.contextmanager
-def running(app, port: int | None = None):
-    """Serve `app` with uvicorn on 127.0.0.1 in a thread; yield its base URL; stop it after."""
-    import uvicorn
+def chromium(binary: str, driver: str, profile: Path, size: tuple[int, int]):
+    """A headless Chromium under Selenium with a fresh profile and a window of `size` pixels."""
+    import os
 
-    port = port or free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not look anything up
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in (
+        *HEADLESS_FLAGS,
+        f"--window-size={size[0]},{size[1]}",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=Service(driver))

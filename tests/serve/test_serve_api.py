@@ -11,10 +11,11 @@ import time
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from serving import running, tiny_lenses
+from serving import tiny_lenses
 
 from consistency_lens.cli import build_command
 from consistency_lens.serve.app import Limits, create_app, load_lenses
+from consistency_lens.serve.background import running
 
 TEXT = "the nation economy congress people"
 
@@ -204,14 +205,44 @@ def test_a_client_that_leaves_is_dropped_and_never_wedges_the_worker(lenses):
         assert worker.pending == 0
 
 
+def test_a_full_queue_answers_503_and_the_waiting_request_still_runs(lenses):
+    """With `max_queue` requests waiting, one more gets a 503 with one sentence at once; the one
+    that waited is answered when the worker is free, and the queue is empty after."""
+    import concurrent.futures
+
+    import httpx
+
+    app = create_app(lenses, Limits(max_queue=1))
+    worker = app.state.worker
+    with running(app) as base:
+        assert httpx.post(f"{base}/api/explain", json={"text": TEXT}).status_code == 200
+        gate = threading.Event()
+        worker.pool.submit(gate.wait, 30)  # the worker is busy with something else
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(
+                httpx.post, f"{base}/api/explain", json={"text": TEXT}, timeout=60
+            )
+            deadline = time.monotonic() + 20
+            while worker.pending < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert worker.pending == 1
+            refused = httpx.post(f"{base}/api/explain", json={"text": TEXT}, timeout=10)
+            gate.set()
+            answered = waiting.result()
+        assert refused.status_code == 503
+        error = refused.json()["error"]
+        assert "1 requests waiting" in error and error.count(".") == 1
+        assert answered.status_code == 200 and answered.json()["rows"]
+        assert worker.pending == 0
+
+
 def test_the_serve_command_serves_named_lenses_and_stops(tmp_path, tiny_llama_dir, capsys):
     """`consistency-lens serve` end to end in its own process; a missing lens is one sentence."""
     import subprocess
     from pathlib import Path
 
     import httpx
-    from conftest import cli_error
-    from serving import free_port
+    from conftest import cli_error, free_port
 
     cfg, paths = tiny_lenses(tmp_path, tiny_llama_dir)
     port = free_port()

@@ -9,9 +9,10 @@ import shutil
 import subprocess
 
 import pytest
-from serving import running, tiny_lenses
+from serving import chromium, tiny_lenses
 
 from consistency_lens.serve.app import create_app, load_lenses
+from consistency_lens.serve.background import running
 
 SENTENCE = "the nation economy congress people"
 
@@ -48,28 +49,8 @@ def _installed() -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     """A headless Chromium under Selenium, offline, with a fresh profile."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    chromium, driver_path = _installed()
-    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not look anything up
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        "--window-size=1280,900",
-        f"--user-data-dir={tmp_path_factory.mktemp('profile')}",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    binary, driver_path = _installed()
+    driver = chromium(binary, driver_path, tmp_path_factory.mktemp("profile"), (1280, 900))
     yield driver
     driver.quit()
 

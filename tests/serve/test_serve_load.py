@@ -8,9 +8,10 @@ import gc
 from pathlib import Path
 
 import pytest
-from serving import running, tiny_lenses
+from serving import tiny_lenses
 
 from consistency_lens.serve.app import create_app, load_lenses
+from consistency_lens.serve.background import running
 
 TEXTS = ["the nation economy congress people", "we must have peace", "trade union state year"]
 

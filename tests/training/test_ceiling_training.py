@@ -152,7 +152,7 @@ def test_train_ceiling_trains_a_fresh_e_of_the_lens_shape(dumped, tmp_path, caps
 def test_train_ceiling_refuses_bad_input_in_one_sentence(dumped, tmp_path, capsys):
     budget = _overrides(dumped, tmp_path / "work", "plan", 1)
     line = cli_error(capsys, ["train-ceiling", "--checkpoint", str(tmp_path / "none"), *budget])
-    assert "No saved lens at" in line and "--checkpoint" in line
+    assert "No saved lens at" in line and "<run_dir>/lens" in line  # and the fix
     lens_run = tmp_path / "lens_run"
     trainer.train(load_config(None, _overrides(dumped, lens_run, "warm_start", 1)))
     other = [a for a in budget if not a.startswith("model=")] + ["model=gpt2"]

@@ -1,7 +1,8 @@
 """Take the README's screenshot of `consistency-lens serve`: the shipped lens on the embedded
 model, a sentence with one token's popup open, in headless Chromium (Selenium, chromium-driver).
+It lives beside the browser tests because it drives the page with their Chromium set-up.
 
-Run: PYTHONPATH=. .venv/bin/python scripts/serve_screenshot.py [docs/serve.png]
+Run: PYTHONPATH=. .venv/bin/python tests/serve/screenshot.py [docs/serve.png]
 """
 
 from __future__ import annotations
@@ -13,43 +14,24 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
-
 TEXT = "The president told Congress that the nation's economy was strong."
 
 
 def main() -> None:
     """Serve the shipped lens on a free port, open one view by its permalink, save a PNG."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-    from serving import running
+    from serving import chromium
 
     from consistency_lens.config import load_config
     from consistency_lens.serve.app import create_app, load_lenses
+    from consistency_lens.serve.background import running
 
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/serve.png")
     torch.set_num_threads(1)
     app = create_app(load_lenses(load_config([], []), []))
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
     with tempfile.TemporaryDirectory() as profile, running(app) as base:
-        for flag in (
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--hide-scrollbars",
-            "--window-size=1100,760",
-            f"--user-data-dir={profile}",
-        ):
-            options.add_argument(flag)
-        driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+        driver = chromium("/usr/bin/chromium", "/usr/bin/chromedriver", Path(profile), (1100, 760))
         try:
             driver.get(f"{base}/?{urllib.parse.urlencode({'text': TEXT, 'pos': 3})}")
             wait = WebDriverWait(driver, 300)
