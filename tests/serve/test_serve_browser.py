@@ -65,9 +65,12 @@ def site(tmp_path_factory, tiny_llama_dir):
 
 
 def _wait(driver, condition, timeout: float = 60):
+    """Poll `condition` until truthy; an element the page re-rendered meanwhile is polled again."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout).until(condition)
+    wait = WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,))
+    return wait.until(condition)
 
 
 def test_type_hover_switch_compare_and_permalink(browser, site):
