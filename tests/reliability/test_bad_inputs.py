@@ -312,9 +312,9 @@ def test_no_space_while_checkpointing(capsys, world, tmp_path, monkeypatch):
         except OSError:
             raise RuntimeError("PytorchStreamWriter failed writing file data/0") from None
 
-    monkeypatch.setattr(ck.torch, "save", full)
+    monkeypatch.setattr(torch, "save", full)
     line = _train_error(capsys, world, tmp_path)
-    monkeypatch.setattr(ck.torch, "save", real)
+    monkeypatch.setattr(torch, "save", real)
     assert "No space left on the device while writing" in line and "step_1" in line
     assert "rerun with --resume" in line
     assert not list((tmp_path / "run" / "checkpoints").iterdir())

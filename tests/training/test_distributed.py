@@ -26,6 +26,7 @@ from consistency_lens.errors import LensError
 from consistency_lens.models import decoder
 from consistency_lens.training import checkpoint as ck
 from consistency_lens.training import distributed, trainer
+from consistency_lens.training.checkpoint.resume import rescale_position
 from consistency_lens.utils import dist
 from consistency_lens.utils.logging import METRICS, MetricsFile
 
@@ -195,7 +196,7 @@ def test_one_process_checkpoint_resumes_on_fsdp_two_ranks(dumped, reference, tmp
     state = ck.load_checkpoint(path).state
     assert state["global_batch"] == BATCH * RANKS
     assert state["train_state"]["batch_in_epoch"] == 2
-    assert ck._rescale_position(state, 2 * BATCH * RANKS)["batch_in_epoch"] == 1
+    assert rescale_position(state, 2 * BATCH * RANKS)["batch_in_epoch"] == 1
     _torchrun(dumped, run_dir, strategy="fsdp", resume=True)
     assert ck.is_sharded(ck.latest_valid(run_dir))
     _assert_close(_weights(run_dir), _weights(reference["full"]), _weights(reference["init"]))
