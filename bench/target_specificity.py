@@ -14,7 +14,7 @@ from consistency_lens.config import load_config
 from consistency_lens.data.collate import CollateFn
 from consistency_lens.data.dataset import ActivationDataset
 from consistency_lens.data.layout import split_dir
-from consistency_lens.evaluation.evaluate import derangement
+from consistency_lens.evaluation.faithfulness import derangement
 from consistency_lens.evaluation.metrics import fraction_unique
 from consistency_lens.evaluation.samples import sample_indices
 from consistency_lens.evaluation.specificity import content_words, specificity

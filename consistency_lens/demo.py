@@ -36,13 +36,10 @@ def _comparable_shipped_lens(cfg: LensConfig) -> Path | None:
 def run_demo(cfg: LensConfig) -> dict:
     """Run the whole pipeline on `cfg`; returns the paths written and the eval results."""
     from consistency_lens.data.dump import dump_activations
-    from consistency_lens.evaluation.evaluate import (
-        card_command,
-        default_checkpoint,
-        evaluate_command,
-    )
+    from consistency_lens.evaluation.commands import card_command, evaluate_command
     from consistency_lens.evaluation.explain import explain_command
     from consistency_lens.evaluation.report import write_report
+    from consistency_lens.evaluation.saved_lens import default_checkpoint
     from consistency_lens.evaluation.tables import print_comparison
     from consistency_lens.models.lens import CONFIG_FILE
     from consistency_lens.training.trainer import save_warm_start_ceiling, train

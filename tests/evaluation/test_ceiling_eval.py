@@ -11,13 +11,9 @@ from conftest import dumped_eval_config
 from consistency_lens.data.dataset import ActivationDataset
 from consistency_lens.data.layout import split_dir
 from consistency_lens.evaluation import metrics
-from consistency_lens.evaluation.evaluate import (
-    derangement,
-    evaluate,
-    evaluate_command,
-    model_card,
-    train_mean,
-)
+from consistency_lens.evaluation.card import model_card
+from consistency_lens.evaluation.commands import evaluate_command
+from consistency_lens.evaluation.faithfulness import derangement, evaluate
 from consistency_lens.evaluation.report import eval_section
 from consistency_lens.evaluation.samples import (
     qualitative_samples,
@@ -26,6 +22,7 @@ from consistency_lens.evaluation.samples import (
     top1_hit,
 )
 from consistency_lens.evaluation.specificity import top1_in_explanation
+from consistency_lens.evaluation.splits import train_mean
 from consistency_lens.evaluation.tables import markdown_tables
 from consistency_lens.models.ceiling import ceiling_from_lens, load_ceiling
 from consistency_lens.models.lens import ConsistencyLens

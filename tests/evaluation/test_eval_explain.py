@@ -13,7 +13,7 @@ from conftest import dumped_eval_config, make_text
 from consistency_lens.cli import main
 from consistency_lens.data.layout import split_dir
 from consistency_lens.errors import LensError
-from consistency_lens.evaluation.evaluate import card_command, evaluate_command
+from consistency_lens.evaluation.commands import card_command, evaluate_command
 from consistency_lens.evaluation.explain import explain_command
 from consistency_lens.evaluation.report import write_report
 from consistency_lens.models.lens import ConsistencyLens

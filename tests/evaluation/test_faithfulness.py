@@ -8,9 +8,10 @@ from conftest import dumped_eval_config
 
 from consistency_lens.data.dataset import ActivationDataset
 from consistency_lens.data.layout import split_dir
-from consistency_lens.evaluation.evaluate import derangement, evaluate, train_mean
+from consistency_lens.evaluation.faithfulness import derangement, evaluate
 from consistency_lens.evaluation.samples import sample_indices
 from consistency_lens.evaluation.specificity import content_words, specificity
+from consistency_lens.evaluation.splits import train_mean
 from consistency_lens.evaluation.tables import markdown_tables
 from consistency_lens.models.lens import ConsistencyLens
 

@@ -17,7 +17,8 @@ from huggingface_hub.utils import filter_repo_objects
 from consistency_lens.cli import main
 from consistency_lens.config import LensConfig
 from consistency_lens.errors import LensError
-from consistency_lens.evaluation.evaluate import card_command, load_lens
+from consistency_lens.evaluation.commands import card_command
+from consistency_lens.evaluation.saved_lens import load_lens
 from consistency_lens.models import hub
 from consistency_lens.models.lens import ConsistencyLens, card_text
 from consistency_lens.utils.io import sha256_file
