@@ -131,8 +131,9 @@ def main() -> None:
             times.setdefault(key, []).append(
                 (time.perf_counter() - wall, time.process_time() - cpu)
             )
-    new = _stored(split_dir(config_from_dict({**base, "output_dir": f"{work}/g0"}), "train"))
-    old = _stored(split_dir(config_from_dict({**base, "output_dir": f"{work}/p0"}), "train"))
+    where = (cfg.model, cfg.layer, cfg.corpus)
+    new = _stored(split_dir(f"{work}/g0", *where, "train"))
+    old = _stored(split_dir(f"{work}/p0", *where, "train"))
     shutil.rmtree(work)
     # Today's dump is not shape-invariant either: a sample's A depends on its batch's width.
     # The yardstick: plan-order A against each sample run alone (width P + 1), same storage dtype.

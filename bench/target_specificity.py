@@ -27,7 +27,9 @@ def main(overrides: list[str]) -> None:
     cfg = load_config(["config/demo.yaml"], overrides)
     lens = ConsistencyLens.build(cfg)
     tok = lens.loaded.tokenizer
-    ds = ActivationDataset(split_dir(cfg, "val"), seed=cfg.seed)
+    ds = ActivationDataset(
+        split_dir(cfg.output_dir, cfg.model, cfg.layer, cfg.corpus, "val"), seed=cfg.seed
+    )
     idx = sample_indices(len(ds), cfg.eval.num_samples, cfg.seed)
     collate = CollateFn(pad_id=lens.loaded.pad_id)
     t = cfg.train.t_text

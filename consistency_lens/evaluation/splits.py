@@ -3,6 +3,7 @@ missing) and the train split its mean-ablation vector comes from."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,6 +25,10 @@ def _dump_command(cfg: LensConfig) -> str:
     )
 
 
+def _split_dir(cfg: LensConfig, split: str) -> Path:
+    return split_dir(cfg.output_dir, cfg.model, cfg.layer, cfg.corpus, split)
+
+
 def open_split(
     cfg: LensConfig, lens: ConsistencyLens, split: str, seed: int = 0, dump_missing: bool = False
 ) -> ActivationDataset:
@@ -36,7 +41,7 @@ def open_split(
     from consistency_lens.data.dump import dump_activations
 
     ecfg = eval_config(cfg, lens)
-    path = split_dir(ecfg, split)
+    path = _split_dir(ecfg, split)
     if not (path / METADATA).is_file():
         if not (dump_missing and split == "val" and ecfg.val_samples > 0):
             raise LensError(
@@ -59,8 +64,8 @@ def mean_split(cfg: LensConfig, lens: ConsistencyLens) -> ActivationDataset:
 
     own = {"corpus": lens.cfg.corpus, "corpus_split": lens.cfg.corpus_split}
     candidates = [
-        split_dir(eval_config(cfg, lens).model_copy(update=own), "train"),
-        split_dir(lens.cfg, "train"),
+        _split_dir(eval_config(cfg, lens).model_copy(update=own), "train"),
+        _split_dir(lens.cfg, "train"),
     ]
     for path in candidates:
         if (path / METADATA).is_file():

@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import dumped_eval_config
+from conftest import dumped_eval_config, split_of
 
 from consistency_lens.data.dataset import ActivationDataset
-from consistency_lens.data.layout import split_dir
 from consistency_lens.evaluation import metrics
 from consistency_lens.evaluation.card import model_card
 from consistency_lens.evaluation.commands import evaluate_command
@@ -101,8 +100,8 @@ def setup(tmp_path_factory, tiny_llama_dir, corpus_dir):
     source = root / "warm"
     other.save_pretrained(source)
     ceiling_from_lens(source, lens_dir)
-    val = ActivationDataset(split_dir(cfg, "val"))
-    mean = train_mean(ActivationDataset(split_dir(cfg, "train")))
+    val = ActivationDataset(split_of(cfg, "val"))
+    mean = train_mean(ActivationDataset(split_of(cfg, "train")))
     return cfg, lens, lens_dir, other, val, mean
 
 

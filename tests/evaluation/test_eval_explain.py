@@ -8,10 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import dumped_eval_config, make_text
+from conftest import dumped_eval_config, make_text, split_of
 
 from consistency_lens.cli import main
-from consistency_lens.data.layout import split_dir
 from consistency_lens.errors import LensError
 from consistency_lens.evaluation.commands import card_command, evaluate_command
 from consistency_lens.evaluation.explain import explain_command
@@ -129,7 +128,7 @@ def test_eval_on_another_corpus_dumps_its_val_split_and_leaves_the_lens_alone(
     out = run.train.run_dir / "eval_other"
     assert json.loads((out / "eval_results.json").read_text())["kl"] == results["kl"]
     assert results["split"].endswith("other_val")
-    assert results["mean_split"] == str(split_dir(run, "train"))  # the lens's own training data
+    assert results["mean_split"] == str(split_of(run, "train"))  # the lens's own training data
     # The dump it made is the val split alone, for the lens's model and layer.
     split = results["split"]
     assert json.loads((Path(split) / "metadata.json").read_text())["count"] == run.val_samples
