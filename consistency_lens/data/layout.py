@@ -50,8 +50,17 @@ RESUME_KEYS = (
 )
 
 
-# Header keys that decide which corpus sequences a split drew: train and val must share them.
-PLAN_KEYS = ("corpus_key", "seed", "num_samples", "val_samples", "seq_len", "fingerprint", "layer")
+# Header keys that decide which corpus sequences a split drew: train and val must share them,
+# or they are not two splits of the same dump.
+SAME_DUMP_KEYS = (
+    "corpus_key",
+    "seed",
+    "num_samples",
+    "val_samples",
+    "seq_len",
+    "fingerprint",
+    "layer",
+)
 
 
 def split_dir(output_dir: str | Path, model: str, layer: int, corpus: str, split: str) -> Path:
@@ -99,7 +108,7 @@ def split_header(
 
 def check_same_dump(train: ActivationDataset, val: ActivationDataset) -> None:
     """Refuse train and val splits of different dumps, or any sequence in both (a silent leak)."""
-    for key in PLAN_KEYS:
+    for key in SAME_DUMP_KEYS:
         if train.metadata.get(key) != val.metadata.get(key):
             raise LensError(
                 f"The train split '{train.path}' and the val split '{val.path}' come from "
