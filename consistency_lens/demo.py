@@ -15,8 +15,8 @@ def _stage(name: str) -> float:
 
 def _comparable_shipped_lens(cfg: LensConfig) -> Path | None:
     """The lens shipped for `cfg.model` when it reads the demo's layer of its corpus, else None."""
-    from consistency_lens.lenses import shipped_lens
     from consistency_lens.models.lens import CONFIG_FILE
+    from consistency_lens.shipped import shipped_lens
     from consistency_lens.utils.io import read_json
 
     path = shipped_lens(cfg.model)

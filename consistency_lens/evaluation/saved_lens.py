@@ -26,12 +26,12 @@ def load_lens(
     `<train.run_dir>/lens`.
 
     With `shipped_fallback` (explain), a run directory that holds no lens and no checkpoints
-    falls back to the lens shipped in the package for `cfg.model` (`consistency_lens.lenses`);
+    falls back to the lens shipped in the package for `cfg.model` (`consistency_lens.shipped`);
     eval never does, so its results are always the run's own.
     """
-    from consistency_lens.lenses import shipped_lens
     from consistency_lens.models.hub import resolve_lens
     from consistency_lens.models.lens import ConsistencyLens
+    from consistency_lens.shipped import shipped_lens
     from consistency_lens.training.checkpoint import checkpoints_dir
 
     # A Hub repo id becomes its cached snapshot of the lens files, then reads as a folder does.

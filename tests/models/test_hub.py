@@ -24,7 +24,7 @@ from consistency_lens.models.lens import ConsistencyLens, card_text
 from consistency_lens.utils.io import sha256_file
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-SHIPPED = Path(__file__).parents[2] / "consistency_lens" / "lenses" / "smollm2-135m-sotu-L20"
+SHIPPED = Path(__file__).parents[2] / "consistency_lens" / "shipped" / "smollm2-135m-sotu-L20"
 
 
 @pytest.fixture(scope="module")
