@@ -140,7 +140,8 @@ class TrainConfig(_Strict):
     """Recompute D's and E's blocks in backward to save memory."""
     compile: bool = False
     """Compile each block of D, E and M with `torch.compile` (dynamic shapes): 3.3x fewer kernel
-    launches per step, for minutes of compilation at the first step (BENCHMARKS.md, issue 11)."""
+    launches per step, for minutes of compilation at the first step (BENCHMARKS.md, "Training
+    throughput")."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Autocast dtype: `auto` is bf16 on CUDA and fp32 elsewhere."""
     val_every: int = Field(100, ge=1)

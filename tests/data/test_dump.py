@@ -320,7 +320,7 @@ def test_old_format_dump_is_named_in_one_sentence(tmp_path, tiny_llama_dir, corp
 def test_dump_grouped_by_P_stores_what_plan_order_batches_give(
     tmp_path, tiny_llama_dir, corpus_dir, monkeypatch
 ):
-    """Issue 11: batches sorted by P within a shard store the plan-order batches' A.
+    """Batches sorted by P within a shard store the plan-order batches' A.
 
     Plan order (the dump before grouping) runs each batch of 8 to its largest P; grouped, the
     same 40 samples run in narrower batches. In fp32 on CPU a row's A is not always bitwise the

@@ -377,7 +377,7 @@ def test_explain_file_that_does_not_exist(capsys, world, tmp_path):
     assert "missing.txt' does not exist" in _one_sentence(capsys, argv)
 
 
-# --- issue 12: the remaining bad inputs ------------------------------------------------------
+# --- more bad inputs --------------------------------------------------------------------------
 
 
 def _broken_model(src: Path, out: Path, kind: str) -> Path:
