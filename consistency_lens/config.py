@@ -338,8 +338,8 @@ def objective_sections() -> dict[str, type[BaseModel]]:
     return dict(_SECTIONS)
 
 
-# Which settings define what, declared once and read by resume (`training/checkpoint.py`), the
-# lens fit check (`models/lens.py`) and the dump layout (`data/layout.py`). Every field of
+# Which settings define what, declared once and read by resume (`training/checkpoint/resume.py`),
+# the lens fit check (`models/lens.py`) and the dump layout (`data/layout.py`). Every field of
 # `LensConfig` (by dotted name, through its sections) is in `WEIGHT_KEYS` and/or `DUMP_KEYS`, or
 # else in `FREE_KEYS` or under `FREE_SECTIONS`; tests/test_config_keys.py fails on a field that is
 # not, so a new setting cannot silently escape those checks.
