@@ -2,10 +2,10 @@
 
 Run: .venv/bin/python bench/dump.py [num_samples] [layer] [--threads N] [--no-baselines]
 `dump` is `consistency-lens dump` (batches sorted by P within a shard); `dump-plan-order` is the
-same command with the batches in plan order, as before issue 11 (each runs to its largest P,
-close to seq_len). `bare` and `naive` run the plan-order batches through block L / the whole
-model. All use the same model and samples and alternate in rounds, so the printed ratios are
-robust to this machine's noise; each is timed by wall clock and by this process's CPU time (the
+same command with the batches in plan order, as before the dump grouped them (each runs to its
+largest P, close to seq_len). `bare` and `naive` run the plan-order batches through block L / the
+whole model. All use the same model and samples and alternate in rounds, so the printed ratios
+are robust to this machine's noise; each is timed by wall clock and by this process's CPU time (the
 steadier of the two on a shared machine, best with `--threads 1`). The two dumps' stored
 activations are compared at the end.
 """
@@ -45,7 +45,7 @@ def _batches(plan, batch_size, pad):
 
 
 def _plan_order_activations(loaded, cfg, plan, idx, progress, task) -> torch.Tensor:
-    """The dump's forwards before issue 11: batches of `idx` in plan order."""
+    """The dump's forwards before it grouped batches by P: batches of `idx` in plan order."""
     out = []
     for start in range(0, len(idx), cfg.batch_size):
         batch = idx[start : start + cfg.batch_size]
@@ -131,8 +131,9 @@ def main() -> None:
             times.setdefault(key, []).append(
                 (time.perf_counter() - wall, time.process_time() - cpu)
             )
-    new = _stored(split_dir(config_from_dict({**base, "output_dir": f"{work}/g0"}), "train"))
-    old = _stored(split_dir(config_from_dict({**base, "output_dir": f"{work}/p0"}), "train"))
+    where = (cfg.model, cfg.layer, cfg.corpus)
+    new = _stored(split_dir(f"{work}/g0", *where, "train"))
+    old = _stored(split_dir(f"{work}/p0", *where, "train"))
     shutil.rmtree(work)
     # Today's dump is not shape-invariant either: a sample's A depends on its batch's width.
     # The yardstick: plan-order A against each sample run alone (width P + 1), same storage dtype.

@@ -48,8 +48,9 @@ def main() -> None:
     lens = ConsistencyLens.build(cfg, loaded)
     if cfg.train.init_from is not None:
         lens.init_from(cfg.train.init_from)
-    train_ds = ActivationDataset(split_dir(cfg, "train"), seed=0)
-    val_ds = ActivationDataset(split_dir(cfg, "val"), seed=0)
+    where = (cfg.output_dir, cfg.model, cfg.layer, cfg.corpus)
+    train_ds = ActivationDataset(split_dir(*where, "train"), seed=0)
+    val_ds = ActivationDataset(split_dir(*where, "val"), seed=0)
     collate = CollateFn(pad_id=loaded.pad_id)
     log = []
     t0 = time.time()

@@ -14,7 +14,7 @@ from consistency_lens.config import load_config
 from consistency_lens.data.collate import CollateFn
 from consistency_lens.data.dataset import ActivationDataset
 from consistency_lens.data.layout import split_dir
-from consistency_lens.evaluation.evaluate import derangement
+from consistency_lens.evaluation.faithfulness import derangement
 from consistency_lens.evaluation.metrics import fraction_unique
 from consistency_lens.evaluation.samples import sample_indices
 from consistency_lens.evaluation.specificity import content_words, specificity
@@ -27,7 +27,9 @@ def main(overrides: list[str]) -> None:
     cfg = load_config(["config/demo.yaml"], overrides)
     lens = ConsistencyLens.build(cfg)
     tok = lens.loaded.tokenizer
-    ds = ActivationDataset(split_dir(cfg, "val"), seed=cfg.seed)
+    ds = ActivationDataset(
+        split_dir(cfg.output_dir, cfg.model, cfg.layer, cfg.corpus, "val"), seed=cfg.seed
+    )
     idx = sample_indices(len(ds), cfg.eval.num_samples, cfg.seed)
     collate = CollateFn(pad_id=lens.loaded.pad_id)
     t = cfg.train.t_text

@@ -177,7 +177,7 @@ class Eval:
         return cls(_config(args), checkpoint=args.checkpoint, output=args.output)
 
     def execute(self) -> None:
-        from consistency_lens.evaluation.evaluate import evaluate_command
+        from consistency_lens.evaluation.commands import evaluate_command
 
         evaluate_command(self.cfg, self.checkpoint, self.output)
 
@@ -203,7 +203,7 @@ class Card:
         return cls(args.lens, args.results)
 
     def execute(self) -> None:
-        from consistency_lens.evaluation.evaluate import card_command
+        from consistency_lens.evaluation.commands import card_command
 
         print(f"model card: {card_command(self.lens, self.results)}")
 

@@ -140,7 +140,8 @@ class TrainConfig(_Strict):
     """Recompute D's and E's blocks in backward to save memory."""
     compile: bool = False
     """Compile each block of D, E and M with `torch.compile` (dynamic shapes): 3.3x fewer kernel
-    launches per step, for minutes of compilation at the first step (BENCHMARKS.md, issue 11)."""
+    launches per step, for minutes of compilation at the first step (BENCHMARKS.md, "Training
+    throughput")."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Autocast dtype: `auto` is bf16 on CUDA and fp32 elsewhere."""
     val_every: int = Field(100, ge=1)
@@ -337,8 +338,8 @@ def objective_sections() -> dict[str, type[BaseModel]]:
     return dict(_SECTIONS)
 
 
-# Which settings define what, declared once and read by resume (`training/checkpoint.py`), the
-# lens fit check (`models/lens.py`) and the dump layout (`data/layout.py`). Every field of
+# Which settings define what, declared once and read by resume (`training/checkpoint/resume.py`),
+# the lens fit check (`models/lens.py`) and the dump layout (`data/layout.py`). Every field of
 # `LensConfig` (by dotted name, through its sections) is in `WEIGHT_KEYS` and/or `DUMP_KEYS`, or
 # else in `FREE_KEYS` or under `FREE_SECTIONS`; tests/test_config_keys.py fails on a field that is
 # not, so a new setting cannot silently escape those checks.

@@ -15,8 +15,8 @@ def _stage(name: str) -> float:
 
 def _comparable_shipped_lens(cfg: LensConfig) -> Path | None:
     """The lens shipped for `cfg.model` when it reads the demo's layer of its corpus, else None."""
-    from consistency_lens.lenses import shipped_lens
     from consistency_lens.models.lens import CONFIG_FILE
+    from consistency_lens.shipped import shipped_lens
     from consistency_lens.utils.io import read_json
 
     path = shipped_lens(cfg.model)
@@ -36,13 +36,10 @@ def _comparable_shipped_lens(cfg: LensConfig) -> Path | None:
 def run_demo(cfg: LensConfig) -> dict:
     """Run the whole pipeline on `cfg`; returns the paths written and the eval results."""
     from consistency_lens.data.dump import dump_activations
-    from consistency_lens.evaluation.evaluate import (
-        card_command,
-        default_checkpoint,
-        evaluate_command,
-    )
+    from consistency_lens.evaluation.commands import card_command, evaluate_command
     from consistency_lens.evaluation.explain import explain_command
     from consistency_lens.evaluation.report import write_report
+    from consistency_lens.evaluation.saved_lens import default_checkpoint
     from consistency_lens.evaluation.tables import print_comparison
     from consistency_lens.models.lens import CONFIG_FILE
     from consistency_lens.training.trainer import save_warm_start_ceiling, train

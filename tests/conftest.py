@@ -168,6 +168,13 @@ def dumped_eval_config(root: Path, model: Path, corpus: Path, **over: object):
     return cfg
 
 
+def split_of(cfg, split: str) -> Path:
+    """The directory of config `cfg`'s dump split `split` (`data.layout.split_dir` on its fields)."""
+    from consistency_lens.data.layout import split_dir
+
+    return split_dir(cfg.output_dir, cfg.model, cfg.layer, cfg.corpus, split)
+
+
 def tiny_dump_config(root: Path, model: Path, corpus: Path, **over: object) -> dict:
     """Config dict of a tiny fp32 CPU dump under `root`; a test passes only what it varies."""
     return {

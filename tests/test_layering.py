@@ -12,7 +12,7 @@ RANK = {
     "errors": 0,
     "config": 0,
     "utils": 1,
-    "lenses": 1,
+    "shipped": 1,
     "models": 2,
     "data": 3,
     "training": 4,

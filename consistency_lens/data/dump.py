@@ -228,7 +228,7 @@ def _join(cfg: LensConfig) -> tuple[int, int, LensConfig]:
             "device_map spreads one model over the node's GPUs in one process; "
             "launch the dump without torchrun, or drop device_map for one model per rank."
         )
-    cfg = join_process_group(cfg)
+    cfg = cfg.model_copy(update={"device": join_process_group(cfg.device)})
     return torch.distributed.get_rank(), world, cfg
 
 
@@ -375,11 +375,12 @@ def dump_activations(
         # leave a rewritten train split behind.
         jobs, error = [], None
         try:
+            where = (cfg.output_dir, cfg.model, cfg.layer, cfg.corpus)
             for split in splits:
                 if not len(plans[split].sequences):
-                    _refuse_stale_split(split_dir(cfg, split), split)
+                    _refuse_stale_split(split_dir(*where, split), split)
             for split in splits:
-                plan, directory = plans[split], split_dir(cfg, split)
+                plan, directory = plans[split], split_dir(*where, split)
                 rank_dir = directory / f"rank_{rank}" if world > 1 else directory
                 if not len(plan.sequences):
                     continue

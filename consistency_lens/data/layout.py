@@ -1,6 +1,6 @@
 """The dump's on-disk format, in one place for its writer (`dump.py`) and its readers.
 
-A split lives in `split_dir(cfg, split)` = `<output_dir>/<model>/layer_<L>/<corpus>_<split>/` and
+A split lives in `split_dir(output_dir, model, layer, corpus, split)` = `<output_dir>/<model>/layer_<L>/<corpus>_<split>/` and
 holds `metadata.json` (the `split_header` settings plus counts and shard checksums),
 `progress.json` (what a resumed dump may keep) and `shard_NNNNN.safetensors` files with `A` (n, d),
 `input_ids` (flat contexts 0..P), `offsets`, `positions`, `seq_index`, `input_ids_next` and
@@ -50,17 +50,23 @@ RESUME_KEYS = (
 )
 
 
-# Header keys that decide which corpus sequences a split drew: train and val must share them.
-PLAN_KEYS = ("corpus_key", "seed", "num_samples", "val_samples", "seq_len", "fingerprint", "layer")
+# Header keys that decide which corpus sequences a split drew: train and val must share them,
+# or they are not two splits of the same dump.
+SAME_DUMP_KEYS = (
+    "corpus_key",
+    "seed",
+    "num_samples",
+    "val_samples",
+    "seq_len",
+    "fingerprint",
+    "layer",
+)
 
 
-def split_dir(cfg: LensConfig, split: str) -> Path:
+def split_dir(output_dir: str | Path, model: str, layer: int, corpus: str, split: str) -> Path:
     """`<output_dir>/<model>/layer_<L>/<corpus>_<split>/`."""
     return (
-        Path(cfg.output_dir)
-        / model_slug(cfg.model)
-        / f"layer_{cfg.layer}"
-        / f"{corpus_slug(cfg.corpus)}_{split}"
+        Path(output_dir) / model_slug(model) / f"layer_{layer}" / f"{corpus_slug(corpus)}_{split}"
     )
 
 
@@ -102,7 +108,7 @@ def split_header(
 
 def check_same_dump(train: ActivationDataset, val: ActivationDataset) -> None:
     """Refuse train and val splits of different dumps, or any sequence in both (a silent leak)."""
-    for key in PLAN_KEYS:
+    for key in SAME_DUMP_KEYS:
         if train.metadata.get(key) != val.metadata.get(key):
             raise LensError(
                 f"The train split '{train.path}' and the val split '{val.path}' come from "

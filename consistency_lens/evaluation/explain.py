@@ -10,8 +10,8 @@ import torch
 from consistency_lens.config import LensConfig
 from consistency_lens.errors import LensError
 from consistency_lens.evaluation import metrics
-from consistency_lens.evaluation.evaluate import load_lens, refuse_lens_dir
 from consistency_lens.evaluation.html import fmt, page, table
+from consistency_lens.evaluation.saved_lens import load_lens, refuse_lens_dir
 from consistency_lens.models.hooks import run_until
 from consistency_lens.models.inputs import left_pad
 from consistency_lens.models.loading import max_positions

@@ -238,7 +238,7 @@ def markdown_tables(results: dict) -> str:
     return "\n".join(out)
 
 
-# The readable-lens targets (issue 10), each as (label, how to read it from results, target).
+# The readable-lens targets (BENCHMARKS.md, "Readable lens"), each as (label, how to read it from results, target).
 TARGETS = (
     (
         "kl_recovered over its shuffled explanations",

@@ -141,8 +141,8 @@ def _compile_blocks(models: list[nn.Module]) -> None:
     # (D's prompt chunk and one-token steps, E, M's forwards where they share blocks, with and
     # without grad, a batch of one, the rows that keep attention's graph, `models/attention.py`):
     # at its default limit of 8 entries most blocks silently fell back to eager (BENCHMARKS.md,
-    # issue 11). Dynamic shapes keep D's growing kv cache from recompiling at every generated
-    # token. The old names are the aliases every torch has.
+    # "Training throughput"). Dynamic shapes keep D's growing kv cache from recompiling at every
+    # generated token. The old names are the aliases every torch has.
     config = torch._dynamo.config
     config.cache_size_limit = max(config.cache_size_limit, 64 * len(blocks))
     config.accumulated_cache_size_limit = max(

@@ -52,27 +52,39 @@ def top_tokens(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return F.softmax(logits.float(), dim=-1).topk(min(k, logits.shape[-1]), dim=-1)
 
 
+CLEAN_PATCHED = "clean||patched"
+"""KL(M(A) || M(X)): the clean run's distribution against the patched one (eval, validation)."""
+PATCHED_CLEAN = "patched||clean"
+"""KL(M(X) || M(A)): the patched run's distribution against the clean one (training losses)."""
+_DIRECTIONS = (CLEAN_PATCHED, PATCHED_CLEAN)
+
+
 def patched_kl(
     orig,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     A: torch.Tensor,
     patches: list[torch.Tensor],
-    direction: Literal["eval", "plan"] = "eval",
+    direction: Literal["clean||patched", "patched||clean"] = "clean||patched",
     return_clean: bool = False,
     top_k: int = 0,
 ):
     """KL of M's next-token distribution at P (the last column) between A and each X in `patches`.
 
     `orig` is the lens's `OriginalModelWrapper`; the clean prefix runs once and every vector set
-    (A first) goes through one batched single-token pass. `direction="eval"` gives per-sample
-    KL(M(A) || M(X)) of shape (B,) (the eval's metric, no grad needed); `direction="plan"` gives
-    the plan's training term KL(M(X) || M(A)), batchmean, with the gradient flowing through X.
+    (A first) goes through one batched single-token pass. `direction="clean||patched"` gives
+    per-sample KL(M(A) || M(X)) of shape (B,) (the eval's metric, no grad needed);
+    `direction="patched||clean"` gives the training term KL(M(X) || M(A)), batchmean, with the
+    gradient flowing through X. Any other direction is a ValueError.
     With `return_clean`, also returns M's clean logits (B, V) at P. With `top_k > 0`, also
     returns (last) the probabilities and ids (B, top_k) of M's most likely next tokens at P, from
     the same pass, for A first and then each X: `[(probs, ids), ...]`.
     """
-    vectors = [A, *(x.to(A.dtype) for x in patches)] if direction == "eval" else [A, *patches]
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction must be one of {_DIRECTIONS}, not {direction!r}")
+    vectors = (
+        [A, *(x.to(A.dtype) for x in patches)] if direction == CLEAN_PATCHED else [A, *patches]
+    )
     logits = orig.forward_with_replacement(input_ids, attention_mask, vectors)
     return _scores(logits, direction, return_clean, top_k)
 
@@ -80,16 +92,18 @@ def patched_kl(
 def patched_kl_at(
     orig, prefix, positions: list[int], A: torch.Tensor, patches: list[torch.Tensor], top_k: int = 0
 ):
-    """`patched_kl` (eval direction) at `positions` of one text whose clean pass ran once
+    """`patched_kl` (direction clean||patched) at `positions` of one text whose clean pass ran once
     (`orig.shared_prefix`): the same KL and top-k, from one token per position and vector set."""
     vectors = [A, *(x.to(A.dtype) for x in patches)]
-    return _scores(orig.forward_at_positions(prefix, positions, vectors), "eval", False, top_k)
+    return _scores(
+        orig.forward_at_positions(prefix, positions, vectors), CLEAN_PATCHED, False, top_k
+    )
 
 
 def _scores(logits: list[torch.Tensor], direction: str, return_clean: bool, top_k: int):
     """The KLs (and clean logits, top-k) of `patched_kl` from M's logits for A and each X."""
     clean = logits[0]
-    if direction == "plan":
+    if direction == PATCHED_CLEAN:
         kls = [kl_at_p(other, clean) for other in logits[1:]]
     else:
         kls = [kl_per_sample(clean, other) for other in logits[1:]]

@@ -317,8 +317,8 @@ def create_app(
 def load_lenses(cfg, checkpoints: list[Path]) -> dict[str, Any]:
     """Load each lens directory through the project's lens loading (the shipped lens for
     `cfg.model` when none is given), keyed by a short unique name."""
-    from consistency_lens.evaluation.evaluate import load_lens
-    from consistency_lens.lenses import shipped_lens
+    from consistency_lens.evaluation.saved_lens import load_lens
+    from consistency_lens.shipped import shipped_lens
 
     if not checkpoints:
         shipped = shipped_lens(cfg.model)

@@ -8,6 +8,7 @@ noise) is saved and restored, so a resumed run ends with the same weights as an 
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import signal
@@ -159,13 +160,14 @@ def sigterm_flag() -> Iterator[threading.Event]:
 
 def load_splits(cfg: LensConfig) -> tuple[ActivationDataset, ActivationDataset | None]:
     """The dump's train split and its val split (None when the dump has no val split)."""
-    train_dir = split_dir(cfg, "train")
+    where = (cfg.output_dir, cfg.model, cfg.layer, cfg.corpus)
+    train_dir = split_dir(*where, "train")
     if not (train_dir / METADATA).is_file():
         raise LensError(
             f"No activation dump at '{train_dir}'; run `consistency-lens dump` with the same "
             "config (model, layer, corpus, output_dir) first."
         )
-    val_dir = split_dir(cfg, "val")
+    val_dir = split_dir(*where, "val")
     val = ActivationDataset(val_dir, seed=cfg.seed) if (val_dir / METADATA).is_file() else None
     train = ActivationDataset(train_dir, seed=cfg.seed)
     if val is not None:
@@ -553,7 +555,7 @@ def _settings(cfg: LensConfig | dict | None) -> dict | None:
 
 def _train_phase(cfg: LensConfig, resume: bool) -> TrainResult:
     """One training run of `cfg.train.objective` in `cfg.train.run_dir`."""
-    cfg = dist.setup(cfg)
+    cfg = cfg.model_copy(update={"device": dist.setup(cfg.distributed.strategy, cfg.device)})
     run: _Run | None = None
     clean = False
     owner = contextlib.ExitStack()
@@ -597,11 +599,19 @@ def _train_phase(cfg: LensConfig, resume: bool) -> TrainResult:
     finally:
         # Also when the loop raises (e.g. too many bad batches): a DDP module that outlives its
         # process group aborts the interpreter at exit. No barrier then: a rank may be gone.
-        dist.teardown(run, barrier=clean)
+        _drop_models(run)
+        dist.teardown(barrier=clean)
         owner.close()
     if not finished:
         raise TrainingStopped(stop.signal_name or "SIGTERM", result.steps)
     return result
+
+
+def _drop_models(run: _Run | None) -> None:
+    """Let go of the run's models and optimizer state, so they are freed before the group is."""
+    if run is not None:
+        run.model = run.engine = run.lens = run.optimizer = run.scheduler = run.ema = None
+    gc.collect()
 
 
 def _own_run_dir(run_dir: Path, owner: contextlib.ExitStack) -> None:

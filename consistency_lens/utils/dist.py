@@ -5,7 +5,6 @@ Shared by `dump` (one model per rank) and `train` (the engines in `training/dist
 
 from __future__ import annotations
 
-import gc
 import os
 import random
 
@@ -13,7 +12,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from consistency_lens.config import LensConfig
 from consistency_lens.errors import LensError
 
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -66,41 +64,36 @@ def seed_ranks(seed: int) -> None:
         seed_all(rank_seed(seed))
 
 
-def setup(cfg: LensConfig) -> LensConfig:
-    """Join the torchrun process group (gloo on CPU, nccl on CUDA); the config with this rank's device."""
-    strategy = cfg.distributed.strategy
+def setup(strategy: str, device: str) -> str:
+    """Join the torchrun process group unless `strategy` is `none`; the device this rank uses."""
     if strategy == "none":
-        return cfg
+        return device
     missing = [k for k in _TORCHRUN_ENV if k not in os.environ]
     if missing:
         raise LensError(
             f"distributed.strategy={strategy} must be launched with torchrun (or scripts/slurm.sh), "
             f"which sets {', '.join(missing)}; use distributed.strategy=none for one process."
         )
-    return join_process_group(cfg)
+    return join_process_group(device)
 
 
-def join_process_group(cfg: LensConfig) -> LensConfig:
-    """Pin this rank to its local GPU (if any), join the group; the config with that device."""
-    device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
+def join_process_group(device: str) -> str:
+    """Pin this rank to its local GPU (if any) and join the group (nccl on CUDA, gloo on CPU);
+    the device this rank uses."""
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        resolved = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(resolved)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return cfg.model_copy(update={"device": str(device)})
+        dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo")
+    return str(resolved)
 
 
-def teardown(run: object | None, barrier: bool = True) -> None:
-    """Drop the run's models, then barrier and destroy the process group.
+def teardown(barrier: bool = True) -> None:
+    """Barrier and destroy the process group, if one is running.
 
-    A DDP module that outlives its process group can abort the interpreter at exit. `barrier`
-    is False after an error, when another rank may never reach the barrier.
+    `barrier` is False after an error, when another rank may never reach the barrier.
     """
-    for name in ("model", "engine", "lens", "optimizer", "scheduler", "ema"):
-        if run is not None and hasattr(run, name):
-            setattr(run, name, None)
-    gc.collect()
     if dist.is_available() and dist.is_initialized():
         if barrier:
             dist.barrier()

@@ -11,14 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_dump_is_block_output, free_port, tiny_dump_config
+from conftest import assert_dump_is_block_output, free_port, split_of, tiny_dump_config
 from safetensors.torch import load_file
 
 from consistency_lens.config import config_from_dict
 from consistency_lens.data.collate import CollateFn
 from consistency_lens.data.dataset import ActivationDataset
 from consistency_lens.data.dump import dump_activations
-from consistency_lens.data.layout import split_dir
 from consistency_lens.errors import LensError
 from consistency_lens.models.loading import load_model
 
@@ -82,7 +81,7 @@ def test_resume_after_interruption_equals_uninterrupted(
     monkeypatch.setattr(dump_mod, "_write_shard", real)
     dump_activations(part)
     for split in ("train", "val"):
-        a, b = split_dir(full, split), split_dir(part, split)
+        a, b = split_of(full, split), split_of(part, split)
         files_a = sorted(p.name for p in a.iterdir())
         assert files_a == sorted(p.name for p in b.iterdir())
         for name in files_a:
@@ -131,7 +130,7 @@ def test_two_process_torchrun_dump_reads_back(tmp_path, tiny_llama_dir, corpus_d
     cfg = _cfg(tmp_path, tiny_llama_dir, corpus_dir)
     result = _torchrun_dump(cfg)
     assert result.returncode == 0, result.stderr[-3000:]
-    directory = split_dir(cfg, "train")
+    directory = split_of(cfg, "train")
     assert (directory / "rank_0").is_dir() and (directory / "rank_1").is_dir()
     ds = ActivationDataset(directory)
     assert len(ds) == 40
@@ -149,7 +148,7 @@ def test_torchrun_dump_refused_on_one_rank_exits_on_every_rank(
     from consistency_lens.utils.lock import dir_lock
 
     cfg = _cfg(tmp_path, tiny_llama_dir, corpus_dir)
-    directory = split_dir(cfg, "train")
+    directory = split_of(cfg, "train")
     with dir_lock(directory / "rank_1", "dump split", "wait"):
         # Before ranks agreed on the locks, rank 0 waited forever at a barrier here.
         result = _torchrun_dump(cfg)
@@ -190,7 +189,7 @@ def test_val_only_dump_needs_only_val_samples_and_equals_a_full_dumps_val(
     with pytest.raises(LensError, match="fewer than num_samples"):
         dump_activations(big)
     val_only = dump_activations(big, splits=("val",))
-    assert set(val_only) == {"val"} and not split_dir(big, "train").exists()
+    assert set(val_only) == {"val"} and not split_of(big, "train").exists()
     a, b = ActivationDataset(full["val"]), ActivationDataset(val_only["val"])
     assert len(a) == len(b) == 8
     assert a.seq_index.tolist() == b.seq_index.tolist()
@@ -321,7 +320,7 @@ def test_old_format_dump_is_named_in_one_sentence(tmp_path, tiny_llama_dir, corp
 def test_dump_grouped_by_P_stores_what_plan_order_batches_give(
     tmp_path, tiny_llama_dir, corpus_dir, monkeypatch
 ):
-    """Issue 11: batches sorted by P within a shard store the plan-order batches' A.
+    """Batches sorted by P within a shard store the plan-order batches' A.
 
     Plan order (the dump before grouping) runs each batch of 8 to its largest P; grouped, the
     same 40 samples run in narrower batches. In fp32 on CPU a row's A is not always bitwise the

@@ -5,13 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
-from conftest import tiny_dump_config
+from conftest import split_of, tiny_dump_config
 
 from consistency_lens.config import config_from_dict
 from consistency_lens.data.collate import CollateFn
 from consistency_lens.data.dataset import ActivationDataset
 from consistency_lens.data.dump import dump_activations
-from consistency_lens.data.layout import split_dir
 from consistency_lens.data.stream import BatchStream
 
 
@@ -37,7 +36,7 @@ def test_prefetching_stream_gives_the_same_batches_and_resumes_exactly(
         tiny_dump_config(tmp_path, tiny_llama_dir, corpus_dir, num_samples=12, val_samples=4)
     )
     dump_activations(cfg)
-    dataset = ActivationDataset(split_dir(cfg, "train"), seed=0)
+    dataset = ActivationDataset(split_of(cfg, "train"), seed=0)
 
     def stream(prefetch: bool) -> BatchStream:
         return BatchStream(dataset, 4, 0, CollateFn(), prefetch=prefetch)

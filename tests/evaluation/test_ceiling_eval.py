@@ -6,18 +6,13 @@ import json
 
 import pytest
 import torch
-from conftest import dumped_eval_config
+from conftest import dumped_eval_config, split_of
 
 from consistency_lens.data.dataset import ActivationDataset
-from consistency_lens.data.layout import split_dir
 from consistency_lens.evaluation import metrics
-from consistency_lens.evaluation.evaluate import (
-    derangement,
-    evaluate,
-    evaluate_command,
-    model_card,
-    train_mean,
-)
+from consistency_lens.evaluation.card import model_card
+from consistency_lens.evaluation.commands import evaluate_command
+from consistency_lens.evaluation.faithfulness import derangement, evaluate
 from consistency_lens.evaluation.report import eval_section
 from consistency_lens.evaluation.samples import (
     qualitative_samples,
@@ -26,6 +21,7 @@ from consistency_lens.evaluation.samples import (
     top1_hit,
 )
 from consistency_lens.evaluation.specificity import top1_in_explanation
+from consistency_lens.evaluation.splits import train_mean
 from consistency_lens.evaluation.tables import markdown_tables
 from consistency_lens.models.ceiling import ceiling_from_lens, load_ceiling
 from consistency_lens.models.lens import ConsistencyLens
@@ -104,8 +100,8 @@ def setup(tmp_path_factory, tiny_llama_dir, corpus_dir):
     source = root / "warm"
     other.save_pretrained(source)
     ceiling_from_lens(source, lens_dir)
-    val = ActivationDataset(split_dir(cfg, "val"))
-    mean = train_mean(ActivationDataset(split_dir(cfg, "train")))
+    val = ActivationDataset(split_of(cfg, "val"))
+    mean = train_mean(ActivationDataset(split_of(cfg, "train")))
     return cfg, lens, lens_dir, other, val, mean
 
 

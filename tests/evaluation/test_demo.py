@@ -77,7 +77,7 @@ def test_demo_compares_its_lens_with_the_shipped_one(
     the targets side by side; a shipped copy of the demo's own lens scores exactly the same."""
     import shutil
 
-    import consistency_lens.lenses as lenses
+    import consistency_lens.shipped as shipped_mod
     from consistency_lens.evaluation.tables import TARGETS, comparison_rows
 
     cfg = _demo_config(
@@ -89,8 +89,8 @@ def test_demo_compares_its_lens_with_the_shipped_one(
     )
     assert run_demo(cfg)["shipped_results"] is None
     shutil.copytree(tmp_path / "run" / "lens", tmp_path / "package" / "copy")
-    monkeypatch.setattr(lenses, "_HERE", tmp_path / "package")
-    monkeypatch.setattr(lenses, "SHIPPED", {cfg.model: "copy"})
+    monkeypatch.setattr(shipped_mod, "_HERE", tmp_path / "package")
+    monkeypatch.setattr(shipped_mod, "SHIPPED", {cfg.model: "copy"})
     out = run_demo(cfg)
     assert (tmp_path / "run" / "shipped_lens" / "eval_results.json").is_file()
     headers, rows = comparison_rows({"own": out["results"], "shipped": out["shipped_results"]})

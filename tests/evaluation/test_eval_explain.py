@@ -8,12 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import dumped_eval_config, make_text
+from conftest import dumped_eval_config, make_text, split_of
 
 from consistency_lens.cli import main
-from consistency_lens.data.layout import split_dir
 from consistency_lens.errors import LensError
-from consistency_lens.evaluation.evaluate import card_command, evaluate_command
+from consistency_lens.evaluation.commands import card_command, evaluate_command
 from consistency_lens.evaluation.explain import explain_command
 from consistency_lens.evaluation.report import write_report
 from consistency_lens.models.lens import ConsistencyLens
@@ -129,7 +128,7 @@ def test_eval_on_another_corpus_dumps_its_val_split_and_leaves_the_lens_alone(
     out = run.train.run_dir / "eval_other"
     assert json.loads((out / "eval_results.json").read_text())["kl"] == results["kl"]
     assert results["split"].endswith("other_val")
-    assert results["mean_split"] == str(split_dir(run, "train"))  # the lens's own training data
+    assert results["mean_split"] == str(split_of(run, "train"))  # the lens's own training data
     # The dump it made is the val split alone, for the lens's model and layer.
     split = results["split"]
     assert json.loads((Path(split) / "metadata.json").read_text())["count"] == run.val_samples
@@ -178,12 +177,12 @@ def test_explain_without_a_trained_lens_uses_the_one_shipped_for_the_model(
 ):
     """No --checkpoint and nothing at `<run_dir>/lens`: the package's lens for the model is used,
     and named; a model with no shipped lens still gets the clear error."""
-    import consistency_lens.lenses as lenses
+    import consistency_lens.shipped as shipped_mod
 
     shipped = tmp_path / "package" / "tiny-lens"
     shutil.copytree(run.train.run_dir / "lens", shipped)
-    monkeypatch.setattr(lenses, "_HERE", shipped.parent)
-    monkeypatch.setattr(lenses, "SHIPPED", {run.model: "tiny-lens"})
+    monkeypatch.setattr(shipped_mod, "_HERE", shipped.parent)
+    monkeypatch.setattr(shipped_mod, "SHIPPED", {run.model: "tiny-lens"})
     empty = run.model_copy(update={"train": run.train.model_copy(update={"run_dir": tmp_path})})
     before = _tree_hashes(shipped)
     rows = explain_command(empty, None, "the nation", None)
@@ -196,7 +195,7 @@ def test_explain_without_a_trained_lens_uses_the_one_shipped_for_the_model(
     with pytest.raises(LensError, match="No saved lens"):
         explain_command(empty, None, "the nation", None)
     (tmp_path / "checkpoints").rmdir()
-    monkeypatch.setattr(lenses, "SHIPPED", {})
+    monkeypatch.setattr(shipped_mod, "SHIPPED", {})
     with pytest.raises(LensError, match="No saved lens"):
         explain_command(empty, None, "the nation", None)
 
@@ -205,8 +204,8 @@ def test_the_shipped_lens_is_in_the_package_for_the_embedded_model():
     """The lens `explain` falls back to is a complete lens directory for the embedded default."""
     from safetensors import safe_open
 
-    from consistency_lens.lenses import shipped_lens
     from consistency_lens.models.embedded import ALIAS
+    from consistency_lens.shipped import shipped_lens
 
     path = shipped_lens(ALIAS)
     assert path is not None

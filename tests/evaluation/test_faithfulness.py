@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import dumped_eval_config
+from conftest import dumped_eval_config, split_of
 
 from consistency_lens.data.dataset import ActivationDataset
-from consistency_lens.data.layout import split_dir
-from consistency_lens.evaluation.evaluate import derangement, evaluate, train_mean
+from consistency_lens.evaluation.faithfulness import derangement, evaluate
 from consistency_lens.evaluation.samples import sample_indices
 from consistency_lens.evaluation.specificity import content_words, specificity
+from consistency_lens.evaluation.splits import train_mean
 from consistency_lens.evaluation.tables import markdown_tables
 from consistency_lens.models.lens import ConsistencyLens
 
@@ -118,7 +118,7 @@ def setup(tmp_path_factory, tiny_llama_dir, corpus_dir):
         eval={"num_samples": 9, "batch_size": 4, "bootstrap": 30, "qualitative": 0},
     )
     lens = ConsistencyLens.build(cfg)
-    return cfg, lens, ActivationDataset(split_dir(cfg, "val"))
+    return cfg, lens, ActivationDataset(split_of(cfg, "val"))
 
 
 def _with_eval(cfg, **update):
@@ -128,7 +128,7 @@ def _with_eval(cfg, **update):
 def test_constant_mean_row_equals_a_hand_computation(setup):
     cfg, lens, val = setup
     results = evaluate(lens, val, cfg)
-    train = ActivationDataset(split_dir(cfg, "train"))
+    train = ActivationDataset(split_of(cfg, "train"))
     mean = torch.stack([train.sample(i)[1] for i in range(len(train))]).double().mean(0).float()
     torch.testing.assert_close(train_mean(train), mean)
     A = torch.stack([val.sample(i)[1] for i in sample_indices(len(val), 9, cfg.seed)])

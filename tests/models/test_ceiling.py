@@ -110,8 +110,8 @@ def test_an_e_of_another_shape_is_never_kept_as_a_ceiling(saved, tmp_path, tiny_
 
 def test_the_shipped_lens_keeps_a_ceiling_that_fits_its_encoder():
     """Checked on the files alone (no model load): the same base, layer, T_text and E shape."""
-    from consistency_lens.lenses import shipped_lens
     from consistency_lens.models.embedded import ALIAS
+    from consistency_lens.shipped import shipped_lens
     from consistency_lens.utils.io import sha256_file
 
     lens_dir = shipped_lens(ALIAS)

@@ -19,6 +19,7 @@ from conftest import (
     decoder_full_forward,
     save_with_tokenizer,
     signal_after_step,
+    split_of,
     tiny_dump_config,
     tiny_train_config,
 )
@@ -26,7 +27,6 @@ from safetensors.torch import load_file
 
 from consistency_lens.config import config_from_dict
 from consistency_lens.data.dump import dump_activations
-from consistency_lens.data.layout import split_dir
 from consistency_lens.errors import LensError
 from consistency_lens.evaluation.explain import explain_command
 from consistency_lens.models.adapter import FAMILIES, find_parts
@@ -119,7 +119,7 @@ def loaded(family):
 def test_dump_stores_block_output_at_P(family):
     cfg = config_from_dict(family["base"])
     for split, n in (("train", 16), ("val", 8)):
-        assert assert_dump_is_block_output(family["model"], cfg, split_dir(cfg, split)) == n
+        assert assert_dump_is_block_output(family["model"], cfg, split_of(cfg, split)) == n
 
 
 # Contexts longer than the sliding window (transformers builds the mask from the 2-D one) and

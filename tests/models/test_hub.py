@@ -17,13 +17,14 @@ from huggingface_hub.utils import filter_repo_objects
 from consistency_lens.cli import main
 from consistency_lens.config import LensConfig
 from consistency_lens.errors import LensError
-from consistency_lens.evaluation.evaluate import card_command, load_lens
+from consistency_lens.evaluation.commands import card_command
+from consistency_lens.evaluation.saved_lens import load_lens
 from consistency_lens.models import hub
 from consistency_lens.models.lens import ConsistencyLens, card_text
 from consistency_lens.utils.io import sha256_file
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-SHIPPED = Path(__file__).parents[2] / "consistency_lens" / "lenses" / "smollm2-135m-sotu-L20"
+SHIPPED = Path(__file__).parents[2] / "consistency_lens" / "shipped" / "smollm2-135m-sotu-L20"
 
 
 @pytest.fixture(scope="module")

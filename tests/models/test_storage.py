@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from consistency_lens.cli import main
 from consistency_lens.config import LensConfig
 from consistency_lens.errors import LensError
-from consistency_lens.evaluation.evaluate import card_command
+from consistency_lens.evaluation.commands import card_command
 from consistency_lens.models.ceiling import ceiling_dir, ceiling_from_lens, load_ceiling
 from consistency_lens.models.lens import ConsistencyLens, check_lens_dir
 from consistency_lens.models.storage import store_weights_as

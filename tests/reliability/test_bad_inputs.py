@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_dump_config, tiny_train_config
+from conftest import split_of, tiny_dump_config, tiny_train_config
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -24,7 +24,6 @@ import consistency_lens.data.dump as dump_mod
 from consistency_lens.cli import main
 from consistency_lens.config import config_from_dict
 from consistency_lens.data.dump import dump_activations
-from consistency_lens.data.layout import split_dir
 from consistency_lens.errors import LensError
 from consistency_lens.training import checkpoint as ck
 from consistency_lens.training import trainer
@@ -199,7 +198,7 @@ def test_no_space_while_writing_a_shard(capsys, world, tmp_path, monkeypatch):
     assert "No space left on the device while writing" in line and "shard_00000" in line
     # The split directory exists, but neither the torn shard nor its temporary file is left;
     # only its lock file, released (empty).
-    train = split_dir(config_from_dict(base), "train")
+    train = split_of(config_from_dict(base), "train")
     assert [p.name for p in train.iterdir()] == [".lock"] and (train / ".lock").read_bytes() == b""
 
 
@@ -229,7 +228,7 @@ def _train_error(capsys, world: dict, tmp_path: Path, **over) -> str:
 
 def _copy_split_dirs(src_cfg, dst_cfg) -> None:
     for split in ("train", "val"):
-        shutil.copytree(split_dir(src_cfg, split), split_dir(dst_cfg, split))
+        shutil.copytree(split_of(src_cfg, split), split_of(dst_cfg, split))
 
 
 def test_train_on_a_dump_of_another_model(capsys, world, tmp_path):
@@ -271,7 +270,7 @@ def test_nan_and_inf_activations_stop_training(capsys, world, tmp_path):
         a[1::2, 3] = float("inf")
         return {**tensors, "A": a}
 
-    for shard in split_dir(target, "train").glob("shard_*.safetensors"):
+    for shard in split_of(target, "train").glob("shard_*.safetensors"):
         _rewrite_shard(shard, poison)
     line = _train_error(
         capsys,
@@ -312,9 +311,9 @@ def test_no_space_while_checkpointing(capsys, world, tmp_path, monkeypatch):
         except OSError:
             raise RuntimeError("PytorchStreamWriter failed writing file data/0") from None
 
-    monkeypatch.setattr(ck.torch, "save", full)
+    monkeypatch.setattr(torch, "save", full)
     line = _train_error(capsys, world, tmp_path)
-    monkeypatch.setattr(ck.torch, "save", real)
+    monkeypatch.setattr(torch, "save", real)
     assert "No space left on the device while writing" in line and "step_1" in line
     assert "rerun with --resume" in line
     assert not list((tmp_path / "run" / "checkpoints").iterdir())
@@ -378,7 +377,7 @@ def test_explain_file_that_does_not_exist(capsys, world, tmp_path):
     assert "missing.txt' does not exist" in _one_sentence(capsys, argv)
 
 
-# --- issue 12: the remaining bad inputs ------------------------------------------------------
+# --- more bad inputs --------------------------------------------------------------------------
 
 
 def _broken_model(src: Path, out: Path, kind: str) -> Path:

@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cli_error, tiny_dump_config
+from conftest import cli_error, split_of, tiny_dump_config
 from safetensors.torch import load_file
 
 import consistency_lens.data.dump as dump_mod
 from consistency_lens.config import config_from_dict
 from consistency_lens.data.dump import dump_activations
-from consistency_lens.data.layout import split_dir
 from consistency_lens.errors import LensError
 
 
@@ -101,7 +100,7 @@ def _interrupted_dump(monkeypatch, base: dict) -> Path:
         _interrupt_after(patch, 2)
         with pytest.raises(_Interrupt):
             dump_activations(config_from_dict(base))
-    train = split_dir(config_from_dict(base), "train")
+    train = split_of(config_from_dict(base), "train")
     assert len(list(train.glob("shard_*.safetensors"))) == 2
     assert '"shard_00000.safetensors"' in (train / "progress.json").read_text()
     return Path(base["output_dir"])
@@ -156,21 +155,21 @@ def test_interrupted_and_resumed_dump_has_disjoint_splits_equal_to_a_lone_run(
     lone = _base(tmp_path / "lone", tiny_llama_dir, corpus_dir)
     dump_activations(config_from_dict(lone))
     cfg, lone_cfg = config_from_dict(base), config_from_dict(lone)
-    train, val = split_dir(cfg, "train"), split_dir(cfg, "val")
+    train, val = split_of(cfg, "train"), split_of(cfg, "val")
     train_idx, val_idx = _seq_index(train), _seq_index(val)
     assert len(train_idx) == 24 and len(set(train_idx)) == 24
     assert len(val_idx) == 8 and len(set(val_idx)) == 8
     assert not set(train_idx) & set(val_idx)
     assert not _contexts(train) & _contexts(val)
     for split in ("train", "val"):
-        assert _contents(split_dir(cfg, split)) == _contents(split_dir(lone_cfg, split))
+        assert _contents(split_of(cfg, split)) == _contents(split_of(lone_cfg, split))
 
 
 def test_refused_val_split_leaves_the_train_split_untouched(tmp_path, tiny_llama_dir, corpus_dir):
     base = _base(tmp_path, tiny_llama_dir, corpus_dir)
     cfg = config_from_dict(base)
     dump_activations(cfg)
-    (split_dir(cfg, "val") / "progress.json").write_text('{"header": 1, "shards": []}')
+    (split_of(cfg, "val") / "progress.json").write_text('{"header": 1, "shards": []}')
     before = _snapshot(Path(base["output_dir"]))
     with pytest.raises(LensError, match="progress.json' is damaged") as err:
         dump_activations(cfg)
@@ -182,12 +181,12 @@ def test_a_val_split_left_from_another_config_is_refused(tmp_path, tiny_llama_di
     base = _base(tmp_path, tiny_llama_dir, corpus_dir)
     dump_activations(config_from_dict(base))
     # Its train split is caught by its header (val_samples=8); without it, the val split is left.
-    shutil.rmtree(split_dir(config_from_dict(base), "train"))
+    shutil.rmtree(split_of(config_from_dict(base), "train"))
     before = _snapshot(Path(base["output_dir"]))
     with pytest.raises(LensError, match="holds a val split of an earlier dump"):
         dump_activations(config_from_dict({**base, "val_samples": 0}))
     assert _snapshot(Path(base["output_dir"])) == before
-    assert not split_dir(config_from_dict(base), "train").exists()
+    assert not split_of(config_from_dict(base), "train").exists()
 
 
 def test_plans_of_every_val_size_are_disjoint(tmp_path, tiny_llama_dir, corpus_dir):
@@ -232,7 +231,7 @@ def test_concurrent_dump_exits_2_and_the_first_equals_a_lone_run(
         root = Path(base["output_dir"])
         before = _snapshot(root, locks=True)
         line = cli_error(capsys, _argv(base), sole_error_line=True)
-        train = split_dir(config_from_dict(base), "train")
+        train = split_of(config_from_dict(base), "train")
         assert f"'{train}' is in use by another consistency-lens process (PID {os.getpid()})" in (
             line
         )
@@ -245,13 +244,13 @@ def test_concurrent_dump_exits_2_and_the_first_equals_a_lone_run(
     lone = _base(tmp_path / "lone", tiny_llama_dir, corpus_dir)
     dump_activations(config_from_dict(lone))
     for split in ("train", "val"):
-        a, b = split_dir(config_from_dict(base), split), split_dir(config_from_dict(lone), split)
+        a, b = split_of(config_from_dict(base), split), split_of(config_from_dict(lone), split)
         assert _contents(a) == _contents(b)
 
 
 def test_lock_of_a_killed_owner_is_stale(tmp_path, tiny_llama_dir, corpus_dir, capsys):
     base = _base(tmp_path, tiny_llama_dir, corpus_dir)
-    train = split_dir(config_from_dict(base), "train")
+    train = split_of(config_from_dict(base), "train")
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -288,9 +287,9 @@ def test_train_refuses_splits_of_two_dumps(tmp_path, tiny_llama_dir, corpus_dir)
     other = _base(tmp_path / "b", tiny_llama_dir, corpus_dir, val_samples=4)
     dump_activations(config_from_dict(base))
     dump_activations(config_from_dict(other))
-    val = split_dir(config_from_dict(base), "val")
+    val = split_of(config_from_dict(base), "val")
     shutil.rmtree(val)
-    shutil.copytree(split_dir(config_from_dict(other), "val"), val)
+    shutil.copytree(split_of(config_from_dict(other), "val"), val)
     with pytest.raises(LensError, match=r"come from different dumps \(val_samples=8 vs 4\)"):
         trainer.train(_train_cfg(base, tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -309,8 +308,8 @@ def test_train_refuses_a_val_split_sharing_sequences_with_train(
     base = _base(tmp_path, tiny_llama_dir, corpus_dir)
     dump_activations(config_from_dict(base))
     train, val = (
-        split_dir(config_from_dict(base), "train"),
-        split_dir(config_from_dict(base), "val"),
+        split_of(config_from_dict(base), "train"),
+        split_of(config_from_dict(base), "val"),
     )
     leaked = _seq_index(train)[:3]
     shard = val / "shard_00000.safetensors"

@@ -11,10 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import split_of
 from safetensors.torch import load_file
 
 from consistency_lens.config import config_from_dict
-from consistency_lens.data.layout import split_dir
 
 
 def _args(tmp: Path, model: Path, corpus: Path) -> list[str]:
@@ -91,7 +91,7 @@ def test_sigkill_at_random_moments_then_rerun_equals_uninterrupted(
     _run(_args(clean, tiny_llama_dir, corpus_dir))
     rng = random.Random(7)
     args = _args(killed, tiny_llama_dir, corpus_dir)
-    train_dir = split_dir(config_from_dict(_cfg_dict(killed, tiny_llama_dir, corpus_dir)), "train")
+    train_dir = split_of(config_from_dict(_cfg_dict(killed, tiny_llama_dir, corpus_dir)), "train")
     targets = sorted(rng.sample(range(1, 22), 3))
     for target in targets:  # kill at growing progress points, at a random moment inside a shard
         _run(args, target, train_dir / "progress.json", extra_delay=rng.uniform(0.0, 0.05))
@@ -99,8 +99,8 @@ def test_sigkill_at_random_moments_then_rerun_equals_uninterrupted(
     assert _shards_done(train_dir / "progress.json") >= targets[-1]
     _run(args)
     for split in ("train", "val"):
-        a = split_dir(config_from_dict(_cfg_dict(clean, tiny_llama_dir, corpus_dir)), split)
-        b = split_dir(config_from_dict(_cfg_dict(killed, tiny_llama_dir, corpus_dir)), split)
+        a = split_of(config_from_dict(_cfg_dict(clean, tiny_llama_dir, corpus_dir)), split)
+        b = split_of(config_from_dict(_cfg_dict(killed, tiny_llama_dir, corpus_dir)), split)
         assert _contents(a) == _contents(b)
         assert not list(b.glob(".*.tmp"))
 

@@ -19,6 +19,7 @@ from consistency_lens.models import loading
 from consistency_lens.models.lens import ConsistencyLens
 from consistency_lens.training import checkpoint as ck
 from consistency_lens.training import trainer
+from consistency_lens.utils.io import sha256_file
 
 
 class _Evil:
@@ -69,7 +70,7 @@ def test_pickle_planted_as_checkpoint_state_is_refused_by_resume(trained, tmp_pa
     torch.save({**state, "payload": _Evil(marker)}, path / ck.STATE)
     # The attacker also fixes the checksum, so only weights_only loading stands in the way.
     manifest = json.loads((path / ck.MANIFEST).read_text())
-    manifest["files"][ck.STATE] = ck.sha256_file(path / ck.STATE)
+    manifest["files"][ck.STATE] = sha256_file(path / ck.STATE)
     (path / ck.MANIFEST).write_text(json.dumps(manifest))
     line = cli_error(capsys, ["train", *_overrides(trained, run_dir, 2), "--resume"])
     assert "Refusing to load checkpoint state" in line and "weights_only=True" in line
@@ -211,7 +212,7 @@ def test_dotted_name_dcp_payload_through_train_resume_runs_nothing(trained, tmp_
     (path / ".metadata").write_bytes(payload)
     manifest = json.loads((path / ck.MANIFEST).read_text())
     manifest["kind"] = ck.SHARDED
-    manifest["files"][".metadata"] = ck.sha256_file(path / ".metadata")
+    manifest["files"][".metadata"] = sha256_file(path / ".metadata")
     (path / ck.MANIFEST).write_text(json.dumps(manifest))
     line = cli_error(capsys, ["train", *_overrides(trained, run_dir, 2), "--resume"])
     assert "unsafe or corrupt metadata" in line and "os.system" in line

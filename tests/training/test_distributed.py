@@ -26,6 +26,7 @@ from consistency_lens.errors import LensError
 from consistency_lens.models import decoder
 from consistency_lens.training import checkpoint as ck
 from consistency_lens.training import distributed, trainer
+from consistency_lens.training.checkpoint.resume import rescale_position
 from consistency_lens.utils import dist
 from consistency_lens.utils.logging import METRICS, MetricsFile
 
@@ -195,7 +196,7 @@ def test_one_process_checkpoint_resumes_on_fsdp_two_ranks(dumped, reference, tmp
     state = ck.load_checkpoint(path).state
     assert state["global_batch"] == BATCH * RANKS
     assert state["train_state"]["batch_in_epoch"] == 2
-    assert ck._rescale_position(state, 2 * BATCH * RANKS)["batch_in_epoch"] == 1
+    assert rescale_position(state, 2 * BATCH * RANKS)["batch_in_epoch"] == 1
     _torchrun(dumped, run_dir, strategy="fsdp", resume=True)
     assert ck.is_sharded(ck.latest_valid(run_dir))
     _assert_close(_weights(run_dir), _weights(reference["full"]), _weights(reference["init"]))
@@ -303,9 +304,21 @@ def test_teardown_runs_when_training_raises(dumped, tmp_path, monkeypatch):
     def failing_loop(run, stop):
         raise LensError("too many bad batches")
 
+    built = []
+    build = trainer._build_run
+
+    def build_and_keep(*args):
+        built.append(build(*args))
+        return built[-1]
+
     monkeypatch.setattr(trainer, "_loop", failing_loop)
-    monkeypatch.setattr(dist, "teardown", lambda run, barrier=True: calls.append((run, barrier)))
+    monkeypatch.setattr(trainer, "_build_run", build_and_keep)
+    # What the run still holds when the group goes: its models must already be dropped.
+    monkeypatch.setattr(
+        dist, "teardown", lambda barrier=True: calls.append((built[0].model, barrier))
+    )
     train = _train_cfg(tmp_path / "run", "frozen_base", 1, 4, "none")
     with pytest.raises(LensError, match="too many bad batches"):
         trainer.train(config_from_dict({**dumped, "train": train}))
-    assert len(calls) == 1 and calls[0][0] is not None and calls[0][1] is False
+    assert calls == [(None, False)]
+    assert built[0].lens is None and built[0].engine is None and built[0].optimizer is None

@@ -9,7 +9,7 @@ from conftest import objective_batch, objective_lens
 
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import find_parts
-from consistency_lens.models.patching import kl_at_p
+from consistency_lens.models.patching import kl_at_p, patched_kl
 from consistency_lens.training.objectives.plan import compute_losses, lm_loss
 
 
@@ -40,6 +40,29 @@ def test_kl_helpers_against_hand_computation():
     assert float(lm_loss(shifted, orig)) < 1e-6
     assert float(lm_loss(orig, orig)) > 1e-3
     assert float(lm_loss(token[:, :1], orig[:, :1])) == 0.0
+
+
+class _FixedLogits:
+    """An `orig` whose patched pass gives fixed logits: row 0 for A (clean), then one per X."""
+
+    def __init__(self, logits: list[torch.Tensor]):
+        self.logits = logits
+
+    def forward_with_replacement(self, input_ids, attention_mask, vectors):
+        return self.logits[: len(vectors)]
+
+
+def test_patched_kl_directions_name_their_kl():
+    gen = torch.Generator().manual_seed(1)
+    clean, patched = torch.randn(3, 7, generator=gen), torch.randn(3, 7, generator=gen)
+    orig, ids, A = _FixedLogits([clean, patched]), torch.zeros(3, 2), torch.zeros(3, 4)
+    (per_sample,) = patched_kl(orig, ids, ids, A, [A], direction="clean||patched")
+    assert per_sample.shape == (3,)
+    torch.testing.assert_close(per_sample.mean(), _hand_kl(clean, patched))
+    (batchmean,) = patched_kl(orig, ids, ids, A, [A], direction="patched||clean")
+    torch.testing.assert_close(batchmean, _hand_kl(patched, clean))
+    with pytest.raises(ValueError, match="direction"):
+        patched_kl(orig, ids, ids, A, [A], direction="plan")
 
 
 def test_losses_match_hand_computation(model_dir, monkeypatch):

@@ -37,7 +37,7 @@ from consistency_lens.training.objectives.grpo import RLConfig
 from consistency_lens.training.objectives.plan import PlanObjective, compute_losses
 from consistency_lens.utils.logging import METRICS, MetricsFile
 
-SHIPPED = Path(__file__).resolve().parents[2] / "consistency_lens" / "lenses"
+SHIPPED = Path(__file__).resolve().parents[2] / "consistency_lens" / "shipped"
 
 
 @contextlib.contextmanager

@@ -100,7 +100,7 @@ def test_missing_dump_says_to_run_dump(dumped, tmp_path):
 
 
 def test_width_mismatch_is_named(dumped, tmp_path, narrow_llama_dir):
-    from consistency_lens.data.layout import split_dir
+    from conftest import split_of
 
     narrow = narrow_llama_dir
     wide, thin = (
@@ -108,7 +108,7 @@ def test_width_mismatch_is_named(dumped, tmp_path, narrow_llama_dir):
         _cfg({**dumped, "model": str(narrow)}, tmp_path / "b"),
     )
     for split in ("train", "val"):
-        shutil.copytree(split_dir(wide, split), split_dir(thin, split))
+        shutil.copytree(split_of(wide, split), split_of(thin, split))
     with pytest.raises(LensError, match="activations of width 64 but model .* has width 32"):
         trainer.train(thin)
 

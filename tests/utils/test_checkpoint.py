@@ -14,6 +14,7 @@ import torch
 
 from consistency_lens.errors import LensError
 from consistency_lens.training import checkpoint as ck
+from consistency_lens.utils.io import sha256_file
 
 
 def _save(run_dir: Path, step: int, keep: int = 5, ema: bool = False) -> Path:
@@ -51,7 +52,7 @@ def test_failed_write_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk trouble")
 
-    monkeypatch.setattr(ck.torch, "save", boom)
+    monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(OSError):
         _save(tmp_path, 2)
     assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [1]
@@ -63,7 +64,7 @@ def test_out_of_space_is_one_sentence(tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ck.torch, "save", full)
+    monkeypatch.setattr(torch, "save", full)
     with pytest.raises(LensError, match="No space left"):
         _save(tmp_path, 1)
     assert ck.list_checkpoints(tmp_path) == []
@@ -127,7 +128,7 @@ def test_malicious_pickle_is_refused_without_running(tmp_path):
     torch.save({"step": 1, "payload": _Evil(str(marker))}, path / ck.STATE)
     # The attacker also fixes the manifest so that only weights_only loading stands in the way.
     manifest = json.loads((path / ck.MANIFEST).read_text())
-    manifest["files"][ck.STATE] = ck.sha256_file(path / ck.STATE)
+    manifest["files"][ck.STATE] = sha256_file(path / ck.STATE)
     (path / ck.MANIFEST).write_text(json.dumps(manifest))
     assert ck.latest_valid(tmp_path) == path
     with pytest.raises(LensError, match="Refusing to load checkpoint state"):

@@ -42,7 +42,7 @@ class ContextCeilingObjective(Objective):
         kl = a.new_zeros(())
         if step["alpha"] > 0:
             (kl,) = patched_kl(
-                lens.orig, batch.input_ids_A, batch.attention_mask_A, a, [a_hat], "plan"
+                lens.orig, batch.input_ids_A, batch.attention_mask_A, a, [a_hat], "patched||clean"
             )
         loss = self.cfg.train.mse_weight * mse + step["alpha"] * kl
         return ObjectiveOutput(loss=loss, terms={"mse_e": mse, "kl_e": kl})

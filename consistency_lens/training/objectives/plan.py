@@ -82,7 +82,12 @@ def compute_losses(lens, batch: Batch, tau: float, alpha: float) -> LossOutput:
     else:
         a_target = a_hat
     (loss_kl,) = patched_kl(
-        lens.orig, batch.input_ids_A, batch.attention_mask_A, a, [a_target], direction="plan"
+        lens.orig,
+        batch.input_ids_A,
+        batch.attention_mask_A,
+        a,
+        [a_target],
+        direction="patched||clean",
     )
 
     token_logits = gen.token_logits[:n]

@@ -71,7 +71,7 @@ def supervised_losses(
     kl = a.new_zeros(())
     if with_kl:
         ids, mask = batch.input_ids_A, batch.attention_mask_A
-        (kl,) = patched_kl(lens.orig, ids, mask, a, [a_hat], "plan")
+        (kl,) = patched_kl(lens.orig, ids, mask, a, [a_hat], "patched||clean")
     return ce, mse, kl
 
 

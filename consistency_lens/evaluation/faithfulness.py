@@ -1,0 +1,243 @@
+"""The eval's measurement: how faithful a lens is on fixed samples of a split, against zero, mean,
+context-token and shuffled baselines (and the context ceiling when given), with a constant
+reconstruction, specificity, fluency and diversity (docs/design.md section 5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from consistency_lens.config import LensConfig
+from consistency_lens.data.collate import Batch, CollateFn
+from consistency_lens.evaluation import metrics
+from consistency_lens.evaluation.rows import baseline_rows, constant_reference
+from consistency_lens.evaluation.samples import sample_indices
+from consistency_lens.evaluation.specificity import (
+    bucket_examples,
+    content_words,
+    specificity,
+    top1_in_explanation,
+)
+from consistency_lens.evaluation.splits import mean_split, train_mean
+from consistency_lens.models.patching import patched_kl
+
+if TYPE_CHECKING:
+    from consistency_lens.data.dataset import ActivationDataset
+    from consistency_lens.models.lens import ConsistencyLens
+
+
+def derangement(n: int, seed: int) -> list[int] | None:
+    """A seeded permutation of 0..n-1 with no fixed point, uniform over derangements; None for n < 2."""
+    if n < 2:
+        return None
+    rng = np.random.default_rng([seed, n])
+    identity = np.arange(n)
+    while True:
+        # A uniform permutation is a derangement with probability ~1/e, so ~2.7 draws on average.
+        perm = rng.permutation(n)
+        if (perm != identity).all():
+            return perm.tolist()
+
+
+@torch.no_grad()
+def evaluate(
+    lens: ConsistencyLens,
+    dataset: ActivationDataset,
+    cfg: LensConfig,
+    mean_activation: torch.Tensor | None = None,
+    ceiling: torch.nn.Module | None = None,
+) -> dict:
+    """KL of the lens and of each baseline, reconstruction against a constant, specificity,
+    fluency and diversity, on `eval.num_samples` fixed samples of `dataset`.
+
+    `ceiling` (the encoder `models.ceiling.load_ceiling` returns) adds the `context_ceiling` row:
+    it reads the same true last T_text tokens as `context_tokens`, but was trained on them alone.
+    """
+    if mean_activation is None:
+        mean_activation = train_mean(mean_split(cfg, lens))
+    mean_activation = mean_activation.to(lens.device)
+    indices = sample_indices(len(dataset), cfg.eval.num_samples, cfg.seed)
+    size = cfg.eval.batch_size
+    collate = CollateFn(pad_id=lens.loaded.pad_id)
+    # Read and collated once for both passes; kept on the CPU, one chunk at a time on the device.
+    batches = [
+        collate([dataset[i] for i in indices[s : s + size]]) for s in range(0, len(indices), size)
+    ]
+    id_rows, A_hat = _explain(lens, batches)
+    # Shuffled: sample i gets the Â of sample perm[i] under a derangement of the whole evaluated
+    # set, so no sample is ever compared with itself, whatever the batch size.
+    perm = derangement(len(indices), cfg.seed)
+    patched = _patched_pass(lens, batches, id_rows, A_hat, mean_activation, ceiling, perm)
+    A, A_hat = patched.A, A_hat.cpu()
+    ids = torch.cat(id_rows)
+    texts = [lens.loaded.tokenizer.decode(row) for row in ids.tolist()]
+    boot, seed = cfg.eval.bootstrap, cfg.seed
+    spec, top1 = _specificity(lens, dataset, cfg, indices, ids, texts, patched.top5, perm)
+    reference = constant_reference(A, A_hat, mean_activation.cpu(), boot, seed)
+    return {
+        "model": lens.cfg.model,
+        "fingerprint": lens.loaded.fingerprint,
+        "layer": lens.layer,
+        "t_text": lens.cfg.train.t_text,
+        "num_samples": len(indices),
+        "split": str(dataset.path),
+        "bootstrap": boot,
+        "kl": {
+            "mean": float(patched.kl["lens"].mean()),
+            "ci": list(metrics.mean_ci(patched.kl["lens"], boot, seed)),
+        },
+        "baselines": baseline_rows(patched.kl, A, A_hat, patched.ceiling_hat, boot, seed),
+        **_reconstruction(A, A_hat, boot, seed),
+        "constant_mean": reference["constant"],
+        "margin_over_constant": reference["margin"],
+        "specificity": spec,
+        "top1_in_explanation": top1,
+        "perplexity": metrics.perplexity(patched.nll),
+        "diversity": {
+            "fraction_unique": metrics.fraction_unique(texts),
+            "distinct_1": metrics.distinct_n(ids.tolist(), 1),
+            "distinct_2": metrics.distinct_n(ids.tolist(), 2),
+        },
+    }
+
+
+def _explain(
+    lens: ConsistencyLens, batches: list[Batch]
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Pass 1: every explanation (CPU id rows) and Â, so the shuffled baseline can pair any two."""
+    id_rows, hats = [], []
+    for cpu_batch in batches:
+        ids, A_hat = lens.reconstruct(cpu_batch.A.to(lens.device), greedy=True)
+        id_rows.append(ids.cpu())
+        hats.append(A_hat.float())
+    return id_rows, torch.cat(hats)
+
+
+@dataclass
+class _Patched:
+    """What pass 2 measured, one row per evaluated sample, on the CPU."""
+
+    kl: dict[str, torch.Tensor]
+    """Per-sample KL(M(A) || M(X)) for each patch X by name, the lens's Â first."""
+    A: torch.Tensor
+    nll: torch.Tensor
+    """M's per-token NLL of each explanation (fluency)."""
+    top5: torch.Tensor
+    """M's five most likely next tokens at P under the clean run."""
+    ceiling_hat: torch.Tensor | None
+
+
+def _patched_pass(
+    lens: ConsistencyLens,
+    batches: list[Batch],
+    id_rows: list[torch.Tensor],
+    A_hat: torch.Tensor,
+    mean_activation: torch.Tensor,
+    ceiling: torch.nn.Module | None,
+    perm: list[int] | None,
+) -> _Patched:
+    """Pass 2: M's KL at P with A replaced by Â and by each baseline, chunk by chunk."""
+    device, t_text = lens.device, lens.cfg.train.t_text
+    names = ["lens", "zero", "mean", "context_tokens"]
+    names += (["context_ceiling"] if ceiling is not None else []) + (["shuffled"] if perm else [])
+    kls: dict[str, list[torch.Tensor]] = {k: [] for k in names}
+    As, nlls, top5, ceiling_hats = [], [], [], []
+    start = 0
+    for cpu_batch, ids in zip(batches, id_rows, strict=True):
+        batch = cpu_batch.to(device)
+        A, rows = batch.A, slice(start, start + len(ids))
+        start += len(ids)
+        # Context tokens: E reads the true last T_text tokens ending at P (fewer, masked, when the
+        # context is shorter). E was trained on D's texts only, so this is not an ideal decoder:
+        # it shows how much of A the context's own words carry through this E.
+        k = min(t_text, batch.input_ids_A.shape[1])
+        ctx_ids, ctx_mask = batch.input_ids_A[:, -k:], batch.attention_mask_A[:, -k:]
+        patches = {
+            "lens": A_hat[rows],
+            "zero": torch.zeros_like(A),
+            "mean": mean_activation.to(A.dtype).expand_as(A),
+            "context_tokens": lens.encode_ids(ctx_ids, ctx_mask),
+        }
+        if ceiling is not None:
+            # The same input, read by an E trained on the true tokens alone: the fair reference.
+            patches["context_ceiling"] = ceiling.encode_ids(ctx_ids, ctx_mask).to(A.dtype)
+            ceiling_hats.append(patches["context_ceiling"].float().cpu())
+        if perm:
+            patches["shuffled"] = A_hat[perm[rows.start : rows.stop]]
+        per_sample, clean = patched_kl(
+            lens.orig,
+            batch.input_ids_A,
+            batch.attention_mask_A,
+            A,
+            [patches[name] for name in names],
+            return_clean=True,
+        )
+        for name, kl in zip(names, per_sample, strict=True):
+            kls[name].append(kl.cpu())
+        top5.append(clean.float().topk(min(5, clean.shape[-1]), dim=-1).indices.cpu())
+        # Fluency: M reads the explanation after a BOS token, so every explanation token is scored.
+        nlls.append(lens.orig.text_nll(ids.to(device)).cpu())
+        As.append(A.float().cpu())
+    return _Patched(
+        kl={name: torch.cat(values) for name, values in kls.items()},
+        A=torch.cat(As),
+        nll=torch.cat(nlls),
+        top5=torch.cat(top5),
+        ceiling_hat=torch.cat(ceiling_hats) if ceiling is not None else None,
+    )
+
+
+def _reconstruction(A: torch.Tensor, A_hat: torch.Tensor, boot: int, seed: int) -> dict:
+    """How close Â is to A: MSE, normalized MSE, FVE and cosine (the last two with CIs)."""
+    cosine = metrics.cosine_per_sample(A, A_hat)
+    return {
+        "mse": metrics.mse(A, A_hat),
+        "nmse": metrics.normalized_mse(A, A_hat),
+        "fve": {
+            "mean": metrics.fve(A, A_hat),
+            "ci": list(metrics.bootstrap_ci(metrics.fve, A, A_hat, resamples=boot, seed=seed)),
+        },
+        "cosine": {"mean": float(cosine.mean()), "ci": list(metrics.mean_ci(cosine, boot, seed))},
+    }
+
+
+def _specificity(
+    lens: ConsistencyLens,
+    dataset: ActivationDataset,
+    cfg: LensConfig,
+    indices: list[int],
+    ids: torch.Tensor,
+    texts: list[str],
+    top5: torch.Tensor,
+    perm: list[int] | None,
+) -> tuple[dict, dict]:
+    """The explanation's words in its own sample's buckets vs a deranged sample's, and whether
+    M's top-1 next token appears in the explanation."""
+    tokenizer, window = lens.loaded.tokenizer, cfg.eval.context_window
+    boot, seed = cfg.eval.bootstrap, cfg.seed
+    explanations = [content_words(tokenizer, row) for row in ids.tolist()]
+    contexts = [dataset.sample(i)[0] for i in indices]
+    buckets = {
+        "context": [content_words(tokenizer, c[-window:].tolist()) for c in contexts],
+        "next_tokens": [content_words(tokenizer, dataset.next_tokens(i).tolist()) for i in indices],
+        "top5": [content_words(tokenizer, row) for row in top5.tolist()],
+    }
+    spec = specificity(explanations, buckets, perm, boot, seed)
+    shown = [
+        {
+            "index": int(i),
+            "explanation": texts[j],
+            "context": tokenizer.decode(contexts[j][-window:].tolist()),
+            "next_tokens": tokenizer.decode(dataset.next_tokens(i).tolist()),
+        }
+        for j, i in enumerate(indices)
+    ]
+    spec["examples"] = bucket_examples(explanations, buckets, shown, cfg.eval.examples)
+    spec["context_window"] = window
+    top1 = top1_in_explanation(tokenizer, ids.tolist(), top5[:, 0].tolist(), perm, boot, seed)
+    for i, row in zip(indices, top1["per_sample"], strict=True):
+        row["index"] = int(i)
+    return spec, top1
