@@ -40,12 +40,17 @@ def normalise(piece: str) -> str:
     return "".join(ch for ch in piece.lower() if ch.isalnum())
 
 
+def is_content_word(word: str) -> bool:
+    """Whether a normalised word is a content word (what `content_words` keeps)."""
+    return bool(word) and word not in STOP_WORDS and (len(word) > 1 or word.isdigit())
+
+
 def content_words(tokenizer, ids: Sequence[int]) -> set[str]:
     """The content words of token ids: each token decoded alone, normalised, stop-words dropped."""
     words = set()
     for tid in ids:
         word = normalise(tokenizer.decode([int(tid)]))
-        if word and word not in STOP_WORDS and (len(word) > 1 or word.isdigit()):
+        if is_content_word(word):
             words.add(word)
     return words
 
@@ -129,6 +134,23 @@ def explanation_words(tokenizer, ids: Sequence[int]) -> set[str]:
     return {w for w in map(normalise, pieces) if w}
 
 
+def _own_against_deranged(
+    own: torch.Tensor, other: torch.Tensor | None, valid: torch.Tensor, resamples: int, seed: int
+) -> dict:
+    """Rates of `own` and `other` hits over the `valid` samples, their difference and its CI."""
+    total = float(valid.sum())
+    out: dict = {"own": float(own.sum()) / total if total else float("nan"), "counted": int(total)}
+    if other is None or not total:
+        out.update(deranged=float("nan"), difference=float("nan"), difference_ci=[])
+        return out
+    out["deranged"] = float(other.sum()) / total
+    out["difference"] = out["own"] - out["deranged"]
+    out["difference_ci"] = list(
+        metrics.bootstrap_ci(_ratio_diff, own, other, valid, resamples=resamples, seed=seed)
+    )
+    return out
+
+
 def top1_in_explanation(
     tokenizer,
     explanations: Sequence[Sequence[int]],
@@ -144,38 +166,42 @@ def top1_in_explanation(
     digits only); a top-1 token with nothing left (whitespace, punctuation, a newline) is no word
     and is counted apart, never as a miss. Stop-words count: M's top-1 is often one. Rates are over
     the samples whose top-1 is a word (a derangement is a bijection, so both have that many).
+    `content_top1` holds the same figures over the samples whose top-1 is a content word (no
+    stop-word), where a hit names what M predicts rather than a function word any text may hold.
     """
     words = [explanation_words(tokenizer, ids) for ids in explanations]
     top = [normalise(tokenizer.decode([int(t)])) for t in top1]
     n = len(top)
     valid = torch.tensor([bool(w) for w in top], dtype=torch.float64)
+    content = torch.tensor([is_content_word(w) for w in top], dtype=torch.float64)
     own = torch.tensor([bool(top[i]) and top[i] in words[i] for i in range(n)], dtype=torch.float64)
-    total = float(valid.sum())
-    out: dict = {
-        "own": float(own.sum()) / total if total else float("nan"),
-        "counted": int(total),
-        "not_a_word": n - int(total),
-        "per_sample": [
-            {
-                "top1": tokenizer.decode([int(t)]),
-                "in_explanation": (top[i] in words[i]) if top[i] else None,
-            }
-            for i, t in enumerate(top1)
-        ],
-    }
-    if perm is None or not total:
-        out.update(deranged=float("nan"), difference=float("nan"), difference_ci=[])
-        if not total:
+    other = None
+    if perm is not None:
+        other = torch.tensor(
+            [bool(top[j]) and top[j] in words[i] for i, j in enumerate(perm)], dtype=torch.float64
+        )
+    out = _own_against_deranged(own, other, valid, resamples, seed)
+    out["not_a_word"] = n - out["counted"]
+    out["per_sample"] = [
+        {
+            "top1": tokenizer.decode([int(t)]),
+            "in_explanation": (top[i] in words[i]) if top[i] else None,
+        }
+        for i, t in enumerate(top1)
+    ]
+    if other is not None:
+        # Another sample's top-1 counts only when it is a content word too.
+        other_content = other * torch.tensor([content[j] for j in perm], dtype=torch.float64)
+        # As for all words: a derangement is a bijection, so as many deranged top-1s as own ones
+        # are content words, and both rates share that count.
+        out["content_top1"] = _own_against_deranged(
+            own * content, other_content, content, resamples, seed
+        )
+    else:
+        out["content_top1"] = _own_against_deranged(own * content, None, content, resamples, seed)
+    if perm is None or not out["counted"]:
+        if not out["counted"]:
             out["unavailable"] = "no sample's top-1 token is a word (all punctuation or spaces)"
         else:
             out["unavailable"] = "the derangement needs at least 2 evaluated samples"
-        return out
-    other = torch.tensor(
-        [bool(top[j]) and top[j] in words[i] for i, j in enumerate(perm)], dtype=torch.float64
-    )
-    out["deranged"] = float(other.sum()) / total
-    out["difference"] = out["own"] - out["deranged"]
-    out["difference_ci"] = list(
-        metrics.bootstrap_ci(_ratio_diff, own, other, valid, resamples=resamples, seed=seed)
-    )
     return out

@@ -186,6 +186,18 @@ def _top1_table(top1: dict) -> tuple[str, list[str], list[list[Any]], str]:
             ci_text(top1["difference_ci"]),
         ]
     ]
+    if "content_top1" in top1:
+        # Older results lack it; M's top-1 is most often a stop-word, which this row leaves out.
+        content = top1["content_top1"]
+        rows.append(
+            [
+                f"the same, top-1 a content word ({content['counted']} samples)",
+                content["own"],
+                content["deranged"],
+                content["difference"],
+                ci_text(content["difference_ci"]),
+            ]
+        )
     note = (
         f"{TOP1_NOTE} Counted: {top1['counted']} samples; top-1 not a word (punctuation or "
         f"spaces, left out): {top1['not_a_word']}."

@@ -63,6 +63,28 @@ def test_top1_in_explanation_on_a_hand_made_case():
     assert alone["own"] == 1.0 and "at least 2" in alone["unavailable"]
 
 
+def test_top1_in_explanation_apart_for_content_words():
+    """The content-word row leaves out samples whose top-1 is a stop-word: 'the' in 'the trade'
+    is a hit of the whole row but not of this one."""
+    explanations = [
+        [1, 2],
+        [0, 5],
+        [6, 6],
+        [7, 5],
+    ]  # "War peace", "the trade", "gold gold", "bank trade"
+    top1 = [1, 0, 5, 7]  # "War" (hit), "the" (hit, a stop-word), "trade" (miss), "bank" (hit)
+    out = top1_in_explanation(VOCAB, explanations, top1, perm=[1, 2, 3, 0], resamples=50)
+    assert (out["counted"], out["own"]) == (4, 3 / 4)
+    content = out["content_top1"]
+    assert content["counted"] == 3 and content["own"] == 2 / 3
+    # Deranged: sample 0 gets "the" (a stop-word: not counted here), 1 gets "trade" (in "the
+    # trade": a hit), 2 gets "bank" (miss), 3 gets "War" (miss).
+    assert out["deranged"] == 1 / 4 and content["deranged"] == 1 / 3
+    assert content["difference"] == 2 / 3 - 1 / 3 and len(content["difference_ci"]) == 2
+    none = top1_in_explanation(VOCAB, [[0]], [0], perm=None)["content_top1"]
+    assert none["counted"] == 0 and none["difference_ci"] == []
+
+
 def test_each_qualitative_sample_says_whether_its_top1_is_in_the_explanation():
     assert top1_hit(VOCAB, [1, 2], 1) is True
     assert top1_hit(VOCAB, [0, 5], 6) is False
