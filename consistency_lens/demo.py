@@ -42,7 +42,7 @@ def run_demo(cfg: LensConfig) -> dict:
     from consistency_lens.evaluation.saved_lens import default_checkpoint
     from consistency_lens.evaluation.tables import print_comparison
     from consistency_lens.models.lens import CONFIG_FILE
-    from consistency_lens.training.trainer import save_warm_start_ceiling, train
+    from consistency_lens.training.trainer import keep_context_ceiling, train
 
     run_dir = Path(cfg.train.run_dir)
     lens_dir = default_checkpoint(cfg)
@@ -57,7 +57,7 @@ def run_demo(cfg: LensConfig) -> dict:
     if (lens_dir / CONFIG_FILE).is_file():
         print(f"reusing the trained lens at {lens_dir} (delete it to train again)")
         # A run stopped between saving the lens and its ceiling gets the ceiling now.
-        save_warm_start_ceiling(cfg, lens_dir)
+        keep_context_ceiling(cfg, lens_dir, resume=True)
     else:
         # resume=True: a demo interrupted mid-training continues from its last checkpoint.
         train(cfg, resume=True)

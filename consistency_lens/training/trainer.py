@@ -448,22 +448,40 @@ def train(cfg: LensConfig, resume: bool = False) -> TrainResult:
     result = _train_phase(_after_warm_start(cfg, resume), resume)
     # The process group is gone by now; torchrun's RANK says which process writes.
     if int(os.environ.get("RANK", "0")) == 0:
-        save_warm_start_ceiling(cfg, result.lens_dir)
+        keep_context_ceiling(cfg, result.lens_dir, resume)
     return result
 
 
-def save_warm_start_ceiling(cfg: LensConfig, lens_dir: Path) -> Path | None:
-    """Keep the warm start's E beside the lens at `lens_dir` as its context ceiling, when the warm
-    start taught the context tokens ending at P (its E then read only the true last `t_text`
-    tokens); returns the ceiling directory, or None when there is none to keep."""
-    warm_lens = Path(cfg.train.run_dir) / WARM_START_DIR / "lens"
-    # `warm_start_next` teaches the tokens after P: its E never read the context ending at P.
+def keep_context_ceiling(cfg: LensConfig, lens_dir: Path, resume: bool = False) -> Path | None:
+    """Keep a context ceiling beside the lens at `lens_dir` when `cfg` has a warm start; returns
+    the ceiling directory, or None without one.
+
+    A warm start on the context tokens ending at P (`warm_start`) trained an E on exactly those
+    tokens: that E is the ceiling. Any other warm start (M's continuation, the next corpus tokens)
+    never let its E read the context alone, so a fresh E is trained on it with the warm start's
+    budget (`train_ceiling`, in `<run_dir>/context_ceiling`): every warm-started lens is judged
+    against the same kind of ceiling.
+    """
     warm = cfg.train.warm_start
-    if not warm.steps or warm.objective != "warm_start" or not (warm_lens / CONFIG_FILE).is_file():
+    if not warm.steps:
         return None
     if (ceiling_dir(lens_dir) / CEILING_CONFIG).is_file():
         return ceiling_dir(lens_dir)
-    return ceiling_from_lens(warm_lens, lens_dir)
+    if warm.objective == "warm_start":
+        warm_lens = Path(cfg.train.run_dir) / WARM_START_DIR / "lens"
+        return (
+            ceiling_from_lens(warm_lens, lens_dir) if (warm_lens / CONFIG_FILE).is_file() else None
+        )
+    if cfg.distributed.strategy != "none":
+        print(
+            f"No context ceiling beside '{lens_dir}': its warm start ({warm.objective}) never "
+            f"read the context alone; run `consistency-lens train-ceiling --checkpoint {lens_dir}` "
+            "in one process."
+        )
+        return None
+    budget = {"steps": warm.steps, "alpha": ScheduleConfig(kind="constant", start=warm.alpha)}
+    ceiling_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=budget)})
+    return train_ceiling(ceiling_cfg, lens_dir, resume)
 
 
 CEILING_RUN_DIR = "context_ceiling"

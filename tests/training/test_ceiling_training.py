@@ -120,13 +120,22 @@ def test_train_keeps_the_warm_start_e_as_the_ceiling(dumped, tmp_path):
     assert (meta["t_text"], meta["layer"], meta["mode"]) == (2, 1, "lora")
 
 
-def test_a_warm_start_on_the_next_tokens_keeps_no_ceiling(dumped, tmp_path):
-    extra = {"warm_start.steps": 1, "warm_start.objective": "warm_start_next"}
-    result = trainer.train(
-        load_config(None, _overrides(dumped, tmp_path / "r", "grpo", 1, **extra))
-    )
-    assert (result.lens_dir / "lens_config.json").is_file()
-    assert not ceiling_dir(result.lens_dir).exists()
+@pytest.mark.parametrize("objective", ["warm_start_next", "warm_start_predict"])
+def test_another_warm_start_gets_a_fresh_ceiling_with_its_budget(dumped, tmp_path, objective):
+    """A warm start whose E never read the context alone (the next tokens, M's continuation)
+    gets a fresh E trained on the true last tokens, with the warm start's steps, as its ceiling."""
+    extra = {"warm_start.steps": 2, "warm_start.objective": objective}
+    run_dir = tmp_path / "r"
+    result = trainer.train(load_config(None, _overrides(dumped, run_dir, "grpo", 1, **extra)))
+    ceiling = ceiling_dir(result.lens_dir)
+    meta = json.loads((ceiling / CEILING_CONFIG).read_text())
+    assert meta["trained"]["objective"] == "context_ceiling" and meta["trained"]["steps"] == 2
+    assert meta["trained"]["alpha"] == 0.0
+    saved = load_file(str(ceiling / CEILING_WEIGHTS))
+    trained = _encoder_weights(run_dir / trainer.CEILING_RUN_DIR / "lens")
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)
+    warm = _encoder_weights(run_dir / trainer.WARM_START_DIR / "lens")
+    assert any(not torch.equal(saved[k], warm[k]) for k in saved)  # not the warm start's E
 
 
 def test_train_ceiling_trains_a_fresh_e_of_the_lens_shape(dumped, tmp_path, capsys):
