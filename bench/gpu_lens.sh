@@ -31,11 +31,12 @@ pack() {
 py=${PY:-python3}
 cl=("$py" -m consistency_lens)
 cfg=config/gpu.yaml
-run=$("$py" - "$cfg" "${overrides[@]}" <<'EOF'
+read -r run ws_objective < <("$py" - "$cfg" "${overrides[@]}" <<'EOF'
 import sys
 from consistency_lens.config import load_config
 from pathlib import Path
-print(load_config([Path(sys.argv[1])], sys.argv[2:]).train.run_dir)
+train = load_config([Path(sys.argv[1])], sys.argv[2:]).train
+print(train.run_dir, train.warm_start.objective)
 EOF
 )
 
@@ -61,7 +62,7 @@ if [ "${SKIP_DUMP:-0}" != 1 ]; then
     "${cl[@]}" dump --config "$cfg" "${overrides[@]}" >"$out/dump.log" 2>&1 || { log "dump failed"; tail -20 "$out/dump.log"; pack; exit 1; }
     log "dump done"
 fi
-train_for "${WS_SECONDS:-100}" "$run/warm_start" train.objective=warm_start train.steps="${WS_STEPS:-600}" \
+train_for "${WS_SECONDS:-100}" "$run/warm_start" train.objective="$ws_objective" train.steps="${WS_STEPS:-600}" \
     train.warm_start.steps=0 train.alpha.start=0.0 train.batch_size=64
 log "warm start done"
 train_for "${RL_SECONDS:-200}" "$run" train.warm_start.steps=0 \
