@@ -17,9 +17,10 @@ from consistency_lens.data.layout import split_dir
 from consistency_lens.evaluation.faithfulness import derangement
 from consistency_lens.evaluation.metrics import fraction_unique
 from consistency_lens.evaluation.samples import sample_indices
-from consistency_lens.evaluation.specificity import content_words, specificity
+from consistency_lens.evaluation.specificity import specificity
 from consistency_lens.models.lens import ConsistencyLens
 from consistency_lens.training.objectives.warm_start import context_targets, predict_targets
+from consistency_lens.utils.words import content_words
 
 
 def main(overrides: list[str]) -> None:

@@ -17,12 +17,12 @@ from consistency_lens.evaluation.rows import baseline_rows, constant_reference
 from consistency_lens.evaluation.samples import sample_indices
 from consistency_lens.evaluation.specificity import (
     bucket_examples,
-    content_words,
     specificity,
     top1_in_explanation,
 )
 from consistency_lens.evaluation.splits import mean_split, train_mean
 from consistency_lens.models.patching import patched_kl
+from consistency_lens.utils.words import content_words
 
 if TYPE_CHECKING:
     from consistency_lens.data.dataset import ActivationDataset

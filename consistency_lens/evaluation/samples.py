@@ -12,9 +12,10 @@ from consistency_lens.config import LensConfig
 from consistency_lens.data.collate import CollateFn
 from consistency_lens.evaluation import metrics
 from consistency_lens.evaluation.html import fmt, page
-from consistency_lens.evaluation.specificity import explanation_words, normalise
+from consistency_lens.evaluation.specificity import explanation_words
 from consistency_lens.models.patching import patched_kl
 from consistency_lens.utils.io import atomic_write_text
+from consistency_lens.utils.words import normalise
 
 CONTEXT_TOKENS_SHOWN = 48
 """Tokens of context shown before P; older tokens are elided so the table stays readable."""

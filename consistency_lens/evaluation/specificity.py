@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from consistency_lens.evaluation import metrics
+from consistency_lens.utils.words import is_content_word, normalise
 
 BUCKETS = ("context", "next_tokens", "top5", "any")
 BUCKET_NAMES = {
@@ -23,36 +24,6 @@ BUCKET_NAMES = {
     "top5": "M's top-5 predictions at P",
     "any": "any of the three",
 }
-
-STOP_WORDS = frozenset(
-    """a about above after again against all am an and any are as at be because been before being
-    below between both but by can could did do does doing down during each few for from further had
-    has have having he her here hers herself him himself his how i if in into is it its itself just
-    me more most my myself no nor not now of off on once only or other our ours ourselves out over
-    own same she should so some such than that the their theirs them themselves then there these
-    they this those through to too under until up very was we were what when where which while who
-    whom why will with would you your yours yourself yourselves s t d ll m re ve also us""".split()
-)
-
-
-def normalise(piece: str) -> str:
-    """Lower-cased letters and digits of a decoded token ('' when nothing is left)."""
-    return "".join(ch for ch in piece.lower() if ch.isalnum())
-
-
-def is_content_word(word: str) -> bool:
-    """Whether a normalised word is a content word (what `content_words` keeps)."""
-    return bool(word) and word not in STOP_WORDS and (len(word) > 1 or word.isdigit())
-
-
-def content_words(tokenizer, ids: Sequence[int]) -> set[str]:
-    """The content words of token ids: each token decoded alone, normalised, stop-words dropped."""
-    words = set()
-    for tid in ids:
-        word = normalise(tokenizer.decode([int(tid)]))
-        if is_content_word(word):
-            words.add(word)
-    return words
 
 
 def _hits(expl: list[set[str]], refs: list[set[str]], order: Sequence[int]) -> torch.Tensor:

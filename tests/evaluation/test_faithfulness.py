@@ -9,10 +9,11 @@ from conftest import dumped_eval_config, split_of
 from consistency_lens.data.dataset import ActivationDataset
 from consistency_lens.evaluation.faithfulness import derangement, evaluate
 from consistency_lens.evaluation.samples import sample_indices
-from consistency_lens.evaluation.specificity import content_words, specificity
+from consistency_lens.evaluation.specificity import specificity
 from consistency_lens.evaluation.splits import train_mean
 from consistency_lens.evaluation.tables import markdown_tables
 from consistency_lens.models.lens import ConsistencyLens
+from consistency_lens.utils.words import content_words
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7])

@@ -30,12 +30,14 @@ from consistency_lens.training.objectives import (
 from consistency_lens.training.objectives.grpo import (
     distinct_fraction,
     group_advantages,
+    names_prediction,
     policy_gradient_loss,
     reference_kl,
     swapped,
 )
 from consistency_lens.training.objectives.warm_start import context_targets, predict_targets
 from consistency_lens.utils.logging import METRICS, MetricsFile
+from consistency_lens.utils.words import content_word_ids, content_words
 
 
 def _lens(model_dir, **train) -> ConsistencyLens:
@@ -407,6 +409,58 @@ def test_grpo_fluency_reward_subtracts_the_texts_nll_under_m(tiny_llama_dir):
     ids = lens.decoder.generate(batch.A.repeat_interleave(2, 0), 3, greedy=False)
     nll = lens.orig.text_nll(ids)
     assert rewards[1] == pytest.approx(rewards[0] - 1.5 * float(nll.mean()), rel=1e-5)
+
+
+def test_names_prediction_matches_hand_computation():
+    words = torch.tensor([-1, 0, 1, 0, -1, 2])  # tokens 1 and 3 are one word; 0 and 4 none
+    text = torch.tensor([[[1, 0, 0], [4, 4, 5]], [[0, 4, 0], [2, 2, 4]]])  # (n 2, K 2, T 3)
+    top = torch.tensor([[3, 4], [0, 2]])  # activation 0 predicts token 3 (word of 1) and 4
+    expected = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # wordless tokens never match (0, 4)
+    torch.testing.assert_close(names_prediction(words, text, top), expected)
+
+
+def test_content_word_ids_share_an_id_exactly_when_the_words_agree(tiny_llama_dir):
+    tok = ConsistencyLens.build(_lens(tiny_llama_dir).cfg).loaded.tokenizer
+    ids = content_word_ids(tok, 330)  # 10 rows past the tokenizer's 320 decode to no word
+    assert (ids[320:] == -1).all()
+    words = [content_words(tok, [t]) for t in range(320)]
+    assert (ids[:320] >= 0).tolist() == [bool(w) for w in words]
+    named = [t for t in range(320) if words[t]]
+    assert len(named) > 20
+    for a in named:
+        for b in named:
+            assert (ids[a] == ids[b]) == (words[a] == words[b])
+
+
+def test_grpo_prediction_reward_adds_its_weight_where_a_text_names_m_s_top5(tiny_llama_dir):
+    lens = _lens(tiny_llama_dir, objective="grpo", rl={"samples": 4})
+    batch = _batch(lens)
+    # A random model's top-5 holds few content words, so both runs read tokens through a word map
+    # where every 23rd token shares a word: hits and misses both occur (the map itself is
+    # checked against the eval's word rule above).
+    words = torch.arange(320) % 23
+    terms = []
+    for weight in (0.0, 2.5):
+        cfg = lens.cfg.model_copy(deep=True)
+        cfg.train.rl.prediction_reward = weight
+        obj = build_objective(lens, cfg)
+        obj.words = words
+        torch.manual_seed(3)
+        terms.append(obj(lens, batch, step_info(type(obj), cfg, 0)).terms)
+    # By hand: the same samples, M's clean top-5 at P under A.
+    torch.manual_seed(3)
+    ids = lens.decoder.generate(batch.A.repeat_interleave(4, 0), 3, greedy=False)
+    logits = lens.orig.forward_with_replacement(
+        batch.input_ids_A, batch.attention_mask_A, [batch.A]
+    )[0]
+    top = [{int(words[t]) for t in row} for row in logits.topk(5, dim=-1).indices.tolist()]
+    named = [bool({int(words[t]) for t in row} & top[i // 4]) for i, row in enumerate(ids.tolist())]
+    assert 0 < sum(named) < len(named)  # the check can tell a hit from a miss
+    assert float(terms[0]["named"]) == pytest.approx(sum(named) / len(named))
+    assert float(terms[1]["named"]) == float(terms[0]["named"])
+    assert float(terms[1]["reward"]) == pytest.approx(
+        float(terms[0]["reward"]) + 2.5 * sum(named) / len(named), rel=1e-5
+    )
 
 
 def test_text_nll_scores_every_token_after_bos(tiny_llama_dir):

@@ -2,7 +2,9 @@
 
 For each activation D samples `train.rl.samples` explanations. Each is scored by how well it lets E
 rebuild A: reward = -KL(M(A) || M(E(text))) at P, optionally minus `rl.mse_reward` times E's
-normalised squared error and `rl.fluency_reward` times the text's NLL under M (its fluency).
+normalised squared error and `rl.fluency_reward` times the text's NLL under M (its fluency), and
+optionally plus `rl.prediction_reward` when the text names one of M's top-5 predictions at P (a
+content word matched as the eval's specificity matches words).
 Advantages are group-relative (each sample against the mean of the other samples of its
 activation, optionally divided by the group's standard deviation), so no value network is needed.
 D's loss is the policy gradient plus `rl.kl_ref` times the KL of D's token distributions to a
@@ -31,6 +33,10 @@ from consistency_lens.training.objectives import (
     normalised_mse,
     register,
 )
+from consistency_lens.utils.words import content_word_ids
+
+PREDICTIONS = 5
+"""M's top predictions at P a text may name for `rl.prediction_reward` (the eval's top-5 bucket)."""
 
 
 class RLConfig(ObjectiveSettings):
@@ -46,6 +52,9 @@ class RLConfig(ObjectiveSettings):
     """Reward is -KL at P minus this times E's normalised squared error."""
     fluency_reward: float = Field(0.0, ge=0)
     """Reward also minus this times the text's mean NLL per token under M (read after BOS)."""
+    prediction_reward: float = Field(0.0, ge=0)
+    """Reward also plus this when the text holds a content word of M's top-5 predictions at P
+    under A (each token decoded alone and normalised, as the eval's top-5 bucket reads words)."""
     std_norm: bool = True
     """Divide each group's advantages by its reward standard deviation."""
 
@@ -60,6 +69,17 @@ def group_advantages(rewards: torch.Tensor, std_norm: bool) -> torch.Tensor:
     if std_norm:
         adv = adv / (rewards.std(1, keepdim=True) + 1e-6)
     return adv
+
+
+def names_prediction(
+    words: torch.Tensor, text_ids: torch.Tensor, top_ids: torch.Tensor
+) -> torch.Tensor:
+    """(n, K) float: 1 where sampled text (n, K, T) holds a content word of its activation's
+    predictions (n, k); `words` maps token ids to content-word ids, -1 for none
+    (`utils.words.content_word_ids`)."""
+    text, top = words[text_ids], words[top_ids]  # (n, K, T), (n, k)
+    same = text.unsqueeze(-1) == top[:, None, None, :]  # (n, K, T, k)
+    return (same & (text >= 0).unsqueeze(-1)).flatten(2).any(-1).float()
 
 
 def distinct_fraction(groups: torch.Tensor) -> torch.Tensor:
@@ -109,7 +129,7 @@ class GRPOObjective(Objective):
 
     settings_class = RLConfig
     section = "rl"
-    terms = ("pg", "kl_ref", "reward", "kl_e", "mse_e", "distinct")
+    terms = ("pg", "kl_ref", "reward", "kl_e", "mse_e", "distinct", "named")
     coefficients = ("alpha",)
     term_titles = {
         "pg": "Policy-gradient loss of D",
@@ -118,14 +138,18 @@ class GRPOObjective(Objective):
         "kl_e": "KL at P with E(sampled text) patched in",
         "mse_e": "E's normalised MSE",
         "distinct": "Distinct samples per activation (fraction)",
+        "named": "Sampled texts naming a content word of M's top-5 at P (fraction)",
         "alpha": "KL weight α",
     }
-    linear_terms = ("pg", "reward", "distinct")
+    linear_terms = ("pg", "reward", "distinct", "named")
 
     def __init__(self, lens, cfg: LensConfig):
         super().__init__(lens, cfg)
         # The reference is D as built (after `train.init_from`, before any resumed checkpoint).
         self.reference = {n: p.detach().clone() for n, p in self._decoder_params(lens).items()}
+        # Token id -> content-word id, built once on the host so a step compares integers only.
+        vocab = lens.orig.model.get_output_embeddings().weight.shape[0]
+        self.words = content_word_ids(lens.loaded.tokenizer, vocab).to(lens.orig.device)
 
     @staticmethod
     def _decoder_params(lens) -> dict[str, nn.Parameter]:
@@ -145,14 +169,17 @@ class GRPOObjective(Objective):
 
         a_hat = lens.encoder.encode_ids(ids)
         sets = list(a_hat.view(n, k, -1).unbind(1))
-        kls = torch.stack(
-            patched_kl(lens.orig, batch.input_ids_A, batch.attention_mask_A, a, sets), 1
-        )  # (n, k), differentiable through Â
+        kls, clean = patched_kl(
+            lens.orig, batch.input_ids_A, batch.attention_mask_A, a, sets, return_clean=True
+        )
+        kls = torch.stack(kls, 1)  # (n, k), differentiable through Â
+        top5 = clean.detach().topk(min(PREDICTIONS, clean.shape[-1]), dim=-1).indices
+        named = names_prediction(self.words, ids.view(n, k, -1), top5)
         err = (a_hat.view(n, k, -1) - a.unsqueeze(1)).square().sum(-1) / a.square().sum(-1, True)
         penalty = kls + rl.mse_reward * err
         if rl.fluency_reward:
             penalty = penalty + rl.fluency_reward * lens.orig.text_nll(ids).view(n, k)
-        rewards = -penalty.detach()
+        rewards = -penalty.detach() + rl.prediction_reward * named
         adv = group_advantages(rewards, rl.std_norm)
 
         logits = lens.decoder.teacher_forced_logits(a_rep, ids)
@@ -170,5 +197,6 @@ class GRPOObjective(Objective):
             "kl_e": kl_e,
             "mse_e": mse_e,
             "distinct": distinct,
+            "named": named.mean(),
         }
         return ObjectiveOutput(loss=loss, terms=terms)

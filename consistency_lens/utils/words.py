@@ -1,0 +1,58 @@
+"""Words of decoded tokens, as the eval's specificity and GRPO's prediction reward read them.
+
+A token is decoded alone, lower-cased and kept to its letters and digits; a content word is such a
+word that is no stop-word and no single letter (digits stay).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+STOP_WORDS = frozenset(
+    """a about above after again against all am an and any are as at be because been before being
+    below between both but by can could did do does doing down during each few for from further had
+    has have having he her here hers herself him himself his how i if in into is it its itself just
+    me more most my myself no nor not now of off on once only or other our ours ourselves out over
+    own same she should so some such than that the their theirs them themselves then there these
+    they this those through to too under until up very was we were what when where which while who
+    whom why will with would you your yours yourself yourselves s t d ll m re ve also us""".split()
+)
+
+
+def normalise(piece: str) -> str:
+    """Lower-cased letters and digits of a decoded token ('' when nothing is left)."""
+    return "".join(ch for ch in piece.lower() if ch.isalnum())
+
+
+def is_content_word(word: str) -> bool:
+    """Whether a normalised word is a content word (what `content_words` keeps)."""
+    return bool(word) and word not in STOP_WORDS and (len(word) > 1 or word.isdigit())
+
+
+def content_words(tokenizer, ids: Sequence[int]) -> set[str]:
+    """The content words of token ids: each token decoded alone, normalised, stop-words dropped."""
+    words = set()
+    for tid in ids:
+        word = normalise(tokenizer.decode([int(tid)]))
+        if is_content_word(word):
+            words.add(word)
+    return words
+
+
+def content_word_ids(tokenizer, vocab_size: int) -> torch.Tensor:
+    """(vocab_size,) int64: for each token id, an id of its content word (`content_words` of that
+    token alone), shared by every token with the same word, or -1 when it has none.
+
+    Two token ids map to the same value exactly when `content_words` gives both the same word, so
+    word matches between texts become integer comparisons on the device.
+    """
+    index: dict[str, int] = {}
+    out = torch.full((vocab_size,), -1, dtype=torch.long)
+    # Rows past the tokenizer's vocabulary (a head padded to a round size) decode to no word.
+    for tid in range(min(vocab_size, len(tokenizer))):
+        word = normalise(tokenizer.decode([tid]))
+        if is_content_word(word):
+            out[tid] = index.setdefault(word, len(index))
+    return out
