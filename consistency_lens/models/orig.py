@@ -301,10 +301,44 @@ class OriginalModelWrapper:
         A warm-start step calls this, so, like `forward_with_replacement`, it does not read the
         last column back to check it.
         """
+        _check_batch(input_ids, attention_mask, values=False)
+        if k > 1 and not self.shares_prefix(input_ids.shape[1] + k):
+            return self._greedy_uncached(input_ids, attention_mask, k)
+        # The context runs once, keeping its kv cache; each later token is one column over it.
+        # Appending a real column keeps the batch left-padded, so positions and masks extend.
+        cache = DynamicCache(config=self.model.config) if k > 1 else None
+        positions = position_ids(attention_mask)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=self._mask(attention_mask, input_ids.shape[1]),
+            position_ids=positions,
+            use_cache=cache is not None,
+            **(self.parts.cache_kwargs(cache) if cache is not None else {}),
+            logits_to_keep=1,
+        )
+        tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
+        position = positions[:, -1:]
+        for _ in range(k - 1):
+            attention_mask = torch.cat([attention_mask, torch.ones_like(tokens[-1])], 1)
+            position = position + 1
+            out = self.model(
+                input_ids=tokens[-1],
+                attention_mask=self._mask(attention_mask, 1),
+                position_ids=position,
+                use_cache=True,
+                **self.parts.cache_kwargs(cache),
+                logits_to_keep=1,
+            )
+            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+        return torch.cat(tokens, 1)
+
+    def _greedy_uncached(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int
+    ) -> torch.Tensor:
+        """`greedy_continuation` re-reading the whole context for each token: the reference, and
+        the path under a sliding window shorter than the text (its cache counts slots)."""
         tokens = []
         for _ in range(k):
-            # Appending a real column keeps the batch left-padded, so clean_logits reads its end.
-            # k is small (a few tokens), so re-reading the context beats keeping a cache here.
             token = self.clean_logits(input_ids, attention_mask, False).argmax(-1, keepdim=True)
             tokens.append(token)
             input_ids = torch.cat([input_ids, token], 1)

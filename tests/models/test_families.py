@@ -149,6 +149,24 @@ def test_patched_forward_equals_naive_and_clean_patch_is_a_no_op(
     assert (cheap[1] - patched).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("lengths", [(9, 5, 14), (3, 5, 4)])
+def test_greedy_continuation_equals_each_row_read_alone(loaded, lengths):
+    """M's greedy tokens after P from the kv-cached batch (the re-reading path where a sliding
+    window is shorter than the text) equal those of each row's own full forwards, unpadded."""
+    orig = OriginalModelWrapper(loaded, layer=1)
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randint(1, 320, (n,), generator=gen) for n in lengths]
+    ids, mask = left_pad(rows, 0)
+    got = orig.greedy_continuation(ids, mask, 3)
+    assert torch.equal(got, orig._greedy_uncached(ids, mask, 3))
+    for row, seq in zip(got.tolist(), rows, strict=True):
+        text = seq.unsqueeze(0)
+        for _ in range(3):
+            token = orig.token_logits(text)[:, -1].argmax(-1, keepdim=True)
+            text = torch.cat([text, token], 1)
+        assert row == text[0, -3:].tolist()
+
+
 @pytest.mark.parametrize("inject_layer", [None, 1])
 def test_soft_generation_equals_uncached_forward(loaded, inject_layer):
     ids = torch.randint(1, 320, (3, 9), generator=torch.Generator().manual_seed(0))
