@@ -570,12 +570,18 @@ def _after_warm_start(cfg: LensConfig, resume: bool) -> LensConfig:
 
 
 def _settings(cfg: LensConfig | dict | None) -> dict | None:
-    """A config as JSON without `device` (ranks of one job differ only there); a saved one with
-    its moved settings under their new keys (`migrate_saved`)."""
+    """A config as JSON without `device` (ranks of one job differ only there). A saved one is
+    read through today's schema, so a moved key (`migrate_saved`) or a setting added since (at
+    its default, which changes nothing) is no difference."""
+    if isinstance(cfg, dict):
+        try:
+            cfg = config_from_dict(cfg)
+        except LensError:
+            cfg = migrate_saved(cfg)
     data = dump_config(cfg) if isinstance(cfg, LensConfig) else cfg
     if not isinstance(data, dict):
         return None
-    return {k: v for k, v in migrate_saved(data).items() if k != "device"}
+    return {k: v for k, v in data.items() if k != "device"}
 
 
 def _first_difference(saved: dict | None, ours: dict | None, prefix: str = "") -> str | None:

@@ -583,3 +583,14 @@ def test_m_pass_keeps_the_gradients_without_a_graph_for_a(
     n = len(batch)
     assert (n * (sets + 1), True) in plain_calls
     assert (n * (sets + 1), True) not in calls and (n * sets, True) in calls
+
+
+def test_a_finished_warm_start_saved_before_a_setting_existed_is_still_the_same():
+    """A warm start's saved config lacks settings added since (here `rl.prediction_reward`):
+    read through today's schema they are at their defaults, so `train` still reuses it."""
+    cfg = config_from_dict({"train": {"t_text": 4, "warm_start": {"steps": 3}}})
+    saved = dump_config(cfg)
+    del saved["train"]["rl"]["prediction_reward"]
+    assert trainer._settings(saved) == trainer._settings(cfg)
+    saved["train"]["rl"]["kl_ref"] = 0.9
+    assert trainer._settings(saved) != trainer._settings(cfg)
