@@ -64,9 +64,6 @@ class WarmStartConfig(_Strict):
     objective: str = "warm_start"
     """Registered objective of the warm start (`warm_start`, `warm_start_next` or
     `warm_start_predict`)."""
-    predict_tokens: int = 2
-    """`warm_start_predict`: how many of the `t_text` target tokens are M's greedy continuation
-    after P (the rest are the context tokens ending at P); 1..`t_text`."""
     alpha: float = Field(0.0, ge=0)
     """Constant KL weight α of the warm start (E's KL at P); 0 skips M's patched forward."""
 
@@ -174,13 +171,15 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _predict_tokens_fit(self) -> TrainConfig:
-        # Checked only where it is used, so a short t_text stays valid for the other objectives.
-        k = self.warm_start.predict_tokens
+        # `warm_start_predict`'s `train.predict.tokens` (its settings live beside it) must fit
+        # in the text; checked only where it is used, so a short t_text stays valid otherwise.
+        predict = (self.__pydantic_extra__ or {}).get("predict")
         used = "warm_start_predict" in (self.objective, self.warm_start.objective)
-        if k < 1 or (used and k > self.t_text):
+        if used and predict is not None and not 1 <= predict.tokens <= self.t_text:
             raise ValueError(
-                f"train.warm_start.predict_tokens must be between 1 and train.t_text "
-                f"({self.t_text}), got {k}."
+                f"train.predict.tokens must be between 1 and train.t_text ({self.t_text}), got "
+                f"{predict.tokens}; set train.predict.tokens within that range or raise "
+                "train.t_text"
             )
         return self
 
@@ -419,7 +418,6 @@ FREE_KEYS = (
     "train.warm_start.steps",
     "train.warm_start.objective",
     "train.warm_start.alpha",
-    "train.warm_start.predict_tokens",
     "train.target",
     "train.mse_weight",
     "train.entropy_weight",
@@ -447,10 +445,64 @@ is every objective's own section of `train` (`objective_sections`): it steers ho
 trains, not what the weights mean."""
 
 
+MOVED_KEYS = {"train.warm_start.predict_tokens": "train.predict.tokens"}
+"""Settings that moved, old dotted key to new. A saved config (a lens's `lens_config.json`, a
+checkpoint's manifest) written before a move reads the value under the new key
+(`migrate_saved`); a user's own YAML or override naming an old key is refused (`load_config`)."""
+
+
+def migrate_saved(data: dict) -> dict:
+    """A dumped config with every `MOVED_KEYS` setting under its new key, same value (a copy; the
+    new key wins where both are present). The one place saved configs are migrated: every reader
+    of a saved config (`config_from_dict`, `setting`, the warm start's reuse check) calls it."""
+    for old, new in MOVED_KEYS.items():
+        *old_path, old_leaf = old.split(".")
+        parent = _get_path(data, old_path)
+        if not isinstance(parent, dict) or old_leaf not in parent:
+            continue
+        value = parent[old_leaf]
+        data = _set_path(data, old_path, {k: v for k, v in parent.items() if k != old_leaf})
+        *new_path, new_leaf = new.split(".")
+        target = _get_path(data, new_path)
+        target = dict(target) if isinstance(target, dict) else {}
+        target.setdefault(new_leaf, value)
+        data = _set_path(data, new_path, target)
+    return data
+
+
+def _get_path(data: Any, path: list[str]) -> Any:
+    for part in path:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(part)
+    return data
+
+
+def _set_path(data: dict, path: list[str], value: Any) -> dict:
+    """A copy of `data` with `value` at `path` (copying only the dicts along the path)."""
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    child = data.get(head)
+    return {**data, head: _set_path(child if isinstance(child, dict) else {}, rest, value)}
+
+
+def _moved_keys_in(data: dict) -> None:
+    """Refuse a user's config that names a setting by its old key, naming the new one."""
+    for old, new in MOVED_KEYS.items():
+        *path, leaf = old.split(".")
+        parent = _get_path(data, path)
+        if isinstance(parent, dict) and leaf in parent:
+            raise LensError(
+                f"Config key '{old}' moved to '{new}'; set {new}={parent[leaf]} instead."
+            )
+
+
 def setting(data: dict, key: str) -> Any:
     """The value of dotted `key` in a dumped config (`dump_config`); its default where the dump
-    lacks it (a config saved before the setting existed meant the default)."""
-    for source in (data, _defaults()):
+    lacks it (a config saved before the setting existed meant the default), under its new key
+    where it moved (`migrate_saved`)."""
+    for source in (migrate_saved(data), _defaults()):
         node: Any = source
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
@@ -533,7 +585,9 @@ def _read_yaml(path: Path) -> dict:
 
 
 def config_from_dict(data: dict) -> LensConfig:
-    """Validate a plain dict into a `LensConfig`, with one-sentence errors."""
+    """Validate a plain dict (a saved config too: moved keys are read under their new names,
+    `migrate_saved`) into a `LensConfig`, with one-sentence errors."""
+    data = migrate_saved(data)
     _check_keys(data, LensConfig)
     train = data.get("train")
     if isinstance(train, dict):
@@ -563,6 +617,7 @@ def load_config(files: list[Path] | None = None, overrides: list[str] | None = N
         data = _deep_merge(data, _read_yaml(Path(path)))
     for item in overrides or []:
         data = _deep_merge(data, _parse_override(item))
+    _moved_keys_in(data)
     return config_from_dict(data)
 
 

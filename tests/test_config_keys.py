@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pydantic import BaseModel
 
 from consistency_lens.config import (
@@ -18,6 +20,8 @@ from consistency_lens.config import (
     weight_settings,
 )
 from consistency_lens.data.layout import _HEADER_NAMES, RESUME_KEYS
+from consistency_lens.training.checkpoint.manifest import CONFIG
+from consistency_lens.training.checkpoint.resume import check_resume_config
 
 
 def _fields(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -84,3 +88,22 @@ def test_setting_reads_dotted_keys_and_defaults_what_an_old_config_lacks():
     assert setting(data, "train.inject_layer") is None
     assert weight_settings(data)["train.t_text"] == 4
     assert list(weight_settings(data)) == list(WEIGHT_KEYS)
+
+
+def test_predict_tokens_moved_beside_its_objective_and_stays_free(tmp_path):
+    """train.warm_start.predict_tokens is now warm_start_predict's train.predict.tokens: like the
+    old key (in FREE_KEYS) it is free, as its objective's section is, and a checkpoint saved
+    with the old key resumes under a config with the new one, with any value of it."""
+    assert "train.predict.tokens" in _fields(LensConfig)
+    assert _in_objective_section("train.predict.tokens")
+    assert "train.warm_start.predict_tokens" not in _fields(LensConfig)
+    assert not [k for k in (*WEIGHT_KEYS, *DUMP_KEYS, *FREE_KEYS) if "predict" in k]
+    saved = dump_config(LensConfig(train={"predict": {"tokens": 3}}))
+    del saved["train"]["predict"]
+    saved["train"]["warm_start"]["predict_tokens"] = 3
+    assert setting(saved, "train.predict.tokens") == 3
+    (tmp_path / CONFIG).write_text(json.dumps(saved))
+    for tokens in (3, 4):
+        ours = LensConfig(train={"predict": {"tokens": tokens}})
+        assert weight_settings(saved) == weight_settings(dump_config(ours))
+        check_resume_config(ours, tmp_path)  # not a mismatch: the setting is free

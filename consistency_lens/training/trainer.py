@@ -29,6 +29,7 @@ from consistency_lens.config import (
     WarmStartConfig,
     config_from_dict,
     dump_config,
+    migrate_saved,
 )
 from consistency_lens.data.collate import Batch, CollateFn
 from consistency_lens.data.dataset import ActivationDataset
@@ -555,20 +556,45 @@ def _after_warm_start(cfg: LensConfig, resume: bool) -> LensConfig:
     lens_config = warm_dir / "lens" / "lens_config.json"
     if not lens_config.is_file():
         _train_phase(warm_cfg, resume)
-    elif _settings(read_json(lens_config, "Lens config").get("config")) != _settings(warm_cfg):
-        raise LensError(
-            f"'{warm_dir}' holds a warm start trained with other settings; delete it or use "
-            "another train.run_dir."
-        )
+    else:
+        saved = _settings(read_json(lens_config, "Lens config").get("config"))
+        differ = _first_difference(saved, _settings(warm_cfg))
+        if differ is not None:
+            raise LensError(
+                f"'{warm_dir}' holds a warm start trained with other settings ({differ} differs); "
+                "delete it or use another train.run_dir."
+            )
     return cfg.model_copy(
         update={"train": cfg.train.model_copy(update={"init_from": warm_dir / "lens"})}
     )
 
 
 def _settings(cfg: LensConfig | dict | None) -> dict | None:
-    """A config as JSON without `device` (ranks of one job differ only there)."""
+    """A config as JSON without `device` (ranks of one job differ only there). A saved one is
+    read through today's schema, so a moved key (`migrate_saved`) or a setting added since (at
+    its default, which changes nothing) is no difference."""
+    if isinstance(cfg, dict):
+        try:
+            cfg = config_from_dict(cfg)
+        except LensError:
+            cfg = migrate_saved(cfg)
     data = dump_config(cfg) if isinstance(cfg, LensConfig) else cfg
-    return None if data is None else {k: v for k, v in data.items() if k != "device"}
+    if not isinstance(data, dict):
+        return None
+    return {k: v for k, v in data.items() if k != "device"}
+
+
+def _first_difference(saved: dict | None, ours: dict | None, prefix: str = "") -> str | None:
+    """The first dotted key whose value differs between two dumped configs (None: equal)."""
+    if saved == ours:
+        return None
+    if not (isinstance(saved, dict) and isinstance(ours, dict)):
+        return prefix.rstrip(".") or "config"
+    for key in [*saved, *(k for k in ours if k not in saved)]:
+        differ = _first_difference(saved.get(key), ours.get(key), f"{prefix}{key}.")
+        if differ is not None:
+            return differ
+    return prefix.rstrip(".") or "config"
 
 
 def _train_phase(cfg: LensConfig, resume: bool) -> TrainResult:

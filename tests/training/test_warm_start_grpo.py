@@ -14,7 +14,15 @@ import torch.nn.functional as F
 from conftest import no_host_reads, record_sdpa, tiny_dump_config
 from safetensors.torch import load_file
 
-from consistency_lens.config import LensConfig, config_from_dict, load_config
+from consistency_lens.config import (
+    LensConfig,
+    ScheduleConfig,
+    config_from_dict,
+    dump_config,
+    load_config,
+    migrate_saved,
+    setting,
+)
 from consistency_lens.data.collate import CollateFn
 from consistency_lens.data.dump import dump_activations
 from consistency_lens.errors import LensError
@@ -316,7 +324,7 @@ def test_train_runs_the_warm_start_first_then_reuses_it(dumped, tmp_path):
 def test_warm_start_predict_targets_end_with_m_s_greedy_continuation(tiny_llama_dir, k):
     """The target is the context ending at P, then M's argmax continuation computed directly
     (each row unpadded, one token at a time, M's full forward), equal token for token."""
-    lens = _lens(tiny_llama_dir, objective="warm_start_predict", warm_start={"predict_tokens": k})
+    lens = _lens(tiny_llama_dir, objective="warm_start_predict", predict={"tokens": k})
     batch = _batch(lens, n=4)  # rows of 6..9 tokens: left padding on all but the longest
     targets = predict_targets(lens, batch, 3, k)
     assert targets.shape == (4, 3)
@@ -334,38 +342,98 @@ def test_warm_start_predict_targets_end_with_m_s_greedy_continuation(tiny_llama_
 
 
 def test_warm_start_predict_tokens_must_fit_in_the_text():
-    """1..t_text where warm_start_predict is used; a short t_text stays valid for the others."""
-    for k in (0, 4):
-        with pytest.raises(
-            LensError, match=r"predict_tokens must be between 1 and train.t_text \(3\)"
-        ):
-            config_from_dict(
-                {
-                    "train": {
-                        "t_text": 3,
-                        "warm_start": {"objective": "warm_start_predict", "predict_tokens": k},
-                    }
-                }
-            )
-    with pytest.raises(LensError, match="predict_tokens must be between 1"):
-        config_from_dict(
-            {
-                "train": {
-                    "t_text": 3,
-                    "objective": "warm_start_predict",
-                    "warm_start": {"predict_tokens": 4},
-                }
-            }
-        )
-    config_from_dict({"train": {"t_text": 1}})  # default predict_tokens 2, unused
-    config_from_dict(
+    """train.predict.tokens is 1..t_text where warm_start_predict is used (as the warm start's
+    objective or the main one); a short t_text stays valid for the others."""
+    fit = "train.predict.tokens must be between 1 and train.t_text \\(3\\), got 4; set "
+    for train in (
+        {"warm_start": {"objective": "warm_start_predict"}, "predict": {"tokens": 4}},
+        {"objective": "warm_start_predict", "predict": {"tokens": 4}},
+    ):
+        with pytest.raises(LensError, match=fit):
+            config_from_dict({"train": {"t_text": 3, **train}})
+    with pytest.raises(LensError, match=r"'train.predict.tokens': Input should be greater than"):
+        config_from_dict({"train": {"predict": {"tokens": 0}}})
+    # Unused: a t_text below the tokens is fine, the default 2 or an explicit 4.
+    assert config_from_dict({"train": {"t_text": 1}}).train.predict.tokens == 2
+    cfg = config_from_dict({"train": {"t_text": 3, "objective": "grpo", "predict": {"tokens": 4}}})
+    assert cfg.train.predict.tokens == 4
+    cfg = config_from_dict(
         {
             "train": {
                 "t_text": 3,
-                "warm_start": {"objective": "warm_start_predict", "predict_tokens": 3},
+                "warm_start": {"objective": "warm_start_predict"},
+                "predict": {"tokens": 3},
             }
         }
     )
+    assert cfg.train.predict.tokens == 3
+
+
+def test_a_saved_config_with_the_old_predict_tokens_key_loads_under_the_new_one(tmp_path):
+    """train.warm_start.predict_tokens (before it moved beside its objective) reads as
+    train.predict.tokens, same value, wherever a saved config is read; a user's own config naming
+    it is refused with the new key."""
+    new = dump_config(LensConfig(train={"t_text": 4, "predict": {"tokens": 3}}))
+    old = json.loads(json.dumps(new))
+    del old["train"]["predict"]
+    old["train"]["warm_start"]["predict_tokens"] = 3
+    assert migrate_saved(old) == new
+    assert "predict_tokens" in old["train"]["warm_start"]  # the saved dict is not modified
+    assert config_from_dict(old).train.predict.tokens == 3
+    assert config_from_dict(old) == config_from_dict(new)
+    assert setting(old, "train.predict.tokens") == 3
+    # The range check reads the migrated value.
+    old["train"]["warm_start"]["objective"] = "warm_start_predict"
+    old["train"]["t_text"] = 2
+    with pytest.raises(LensError, match=r"train.predict.tokens must be between 1 .* got 3;"):
+        config_from_dict(old)
+    # A user's own YAML or override: one sentence naming the new key.
+    moved = (
+        r"^Config key 'train.warm_start.predict_tokens' moved to 'train.predict.tokens'; "
+        r"set train.predict.tokens=2 instead\.$"
+    )
+    with pytest.raises(LensError, match=moved):
+        load_config(None, ["train.warm_start.predict_tokens=2"])
+    yaml_file = tmp_path / "old.yaml"
+    yaml_file.write_text("train:\n  warm_start: {predict_tokens: 2}\n")
+    with pytest.raises(LensError, match=moved):
+        load_config([yaml_file])
+    assert load_config(None, ["train.predict.tokens=3"]).train.predict.tokens == 3
+
+
+def test_a_warm_start_saved_with_the_old_key_is_reused_only_with_the_same_value(tmp_path):
+    """The warm start's reuse check compares its saved lens config (old key) with the run's."""
+    run_dir = tmp_path / "run"
+    base = {
+        "run_dir": str(run_dir),
+        "t_text": 3,
+        "warm_start": {"steps": 1, "objective": "warm_start_predict"},
+    }
+    cfg = config_from_dict({"train": {**base, "predict": {"tokens": 2}}})
+    warm_cfg = cfg.model_copy(
+        update={
+            "train": cfg.train.model_copy(
+                update={
+                    "objective": "warm_start_predict",
+                    "steps": 1,
+                    "run_dir": run_dir / trainer.WARM_START_DIR,
+                    "warm_start": cfg.train.warm_start.model_copy(update={"steps": 0}),
+                    "alpha": ScheduleConfig(kind="constant", start=0.0),
+                }
+            )
+        }
+    )
+    saved = dump_config(warm_cfg)
+    del saved["train"]["predict"]
+    saved["train"]["warm_start"]["predict_tokens"] = 2
+    lens_dir = run_dir / trainer.WARM_START_DIR / "lens"
+    lens_dir.mkdir(parents=True)
+    (lens_dir / "lens_config.json").write_text(json.dumps({"config": saved}))
+    reused = trainer._after_warm_start(cfg, resume=False)
+    assert reused.train.init_from == lens_dir
+    other = config_from_dict({"train": {**base, "predict": {"tokens": 3}}})
+    with pytest.raises(LensError, match=r"other settings \(train\.predict\.tokens differs\)"):
+        trainer._after_warm_start(other, resume=False)
 
 
 def test_warm_start_next_never_teaches_padding(tiny_llama_dir):
@@ -515,3 +583,14 @@ def test_m_pass_keeps_the_gradients_without_a_graph_for_a(
     n = len(batch)
     assert (n * (sets + 1), True) in plain_calls
     assert (n * (sets + 1), True) not in calls and (n * sets, True) in calls
+
+
+def test_a_finished_warm_start_saved_before_a_setting_existed_is_still_the_same():
+    """A warm start's saved config lacks settings added since (here `rl.prediction_reward`):
+    read through today's schema they are at their defaults, so `train` still reuses it."""
+    cfg = config_from_dict({"train": {"t_text": 4, "warm_start": {"steps": 3}}})
+    saved = dump_config(cfg)
+    del saved["train"]["rl"]["prediction_reward"]
+    assert trainer._settings(saved) == trainer._settings(cfg)
+    saved["train"]["rl"]["kl_ref"] = 0.9
+    assert trainer._settings(saved) != trainer._settings(cfg)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from consistency_lens.config import LensConfig
+from consistency_lens.config import LensConfig, ObjectiveSettings
 from consistency_lens.data.collate import Batch
 from consistency_lens.errors import LensError
 from consistency_lens.models.patching import patched_kl
@@ -125,20 +126,31 @@ def predict_targets(lens, batch: Batch, t_text: int, k: int) -> torch.Tensor:
     return torch.cat([context_targets(batch, t_text - k), continuation], 1)
 
 
+class PredictConfig(ObjectiveSettings):
+    """Settings of the `warm_start_predict` objective (`train.predict`)."""
+
+    tokens: int = Field(2, ge=1)
+    """How many of the `t_text` target tokens are M's greedy continuation after P (the rest are
+    the context tokens ending at P); 1..`t_text`, checked where `warm_start_predict` is used."""
+
+
 @register("warm_start_predict")
 class WarmStartPredictObjective(WarmStartObjective):
     """The warm start on the context ending at P followed by M's greedy continuation after P."""
 
+    settings_class = PredictConfig
+    section = "predict"
+
     def __init__(self, lens, cfg: LensConfig):
         super().__init__(lens, cfg)
-        k, t_text = cfg.train.warm_start.predict_tokens, cfg.train.t_text
+        k, t_text = self.settings.tokens, cfg.train.t_text
         if not 1 <= k <= t_text:
             raise LensError(
-                f"train.warm_start.predict_tokens must be between 1 and train.t_text ({t_text}), "
-                f"got {k}."
+                f"train.predict.tokens must be between 1 and train.t_text ({t_text}), got {k}; "
+                "set train.predict.tokens within that range or raise train.t_text."
             )
 
     def targets(self, lens, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Context tokens ending at P, then M's `predict_tokens` greedy tokens after P."""
-        k = self.cfg.train.warm_start.predict_tokens
+        """Context tokens ending at P, then M's `train.predict.tokens` greedy tokens after P."""
+        k = self.settings.tokens
         return predict_targets(lens, batch, self.cfg.train.t_text, k), None
