@@ -173,9 +173,10 @@ class TrainConfig(_Strict):
     def _predict_tokens_fit(self) -> TrainConfig:
         # `warm_start_predict`'s `train.predict.tokens` (its settings live beside it) must fit
         # in the text; checked only where it is used, so a short t_text stays valid otherwise.
-        predict = (self.__pydantic_extra__ or {}).get("predict")
+        # `_objective_sections`, defined (so run) before this validator, filled the section in.
+        predict = self.__pydantic_extra__["predict"]
         used = "warm_start_predict" in (self.objective, self.warm_start.objective)
-        if used and predict is not None and not 1 <= predict.tokens <= self.t_text:
+        if used and not 1 <= predict.tokens <= self.t_text:
             raise ValueError(
                 f"train.predict.tokens must be between 1 and train.t_text ({self.t_text}), got "
                 f"{predict.tokens}; set train.predict.tokens within that range or raise "
@@ -452,8 +453,9 @@ checkpoint's manifest) written before a move reads the value under the new key
 
 
 def migrate_saved(data: dict) -> dict:
-    """A dumped config with every `MOVED_KEYS` setting under its new key, same value (a copy; the
-    new key wins where both are present). The one place saved configs are migrated: every reader
+    """A dumped config with every `MOVED_KEYS` setting under its new key, same value (a new dict,
+    copying only the dicts along a moved key's path, where a key moved; else `data` itself; `data`
+    is never changed; the new key wins where both are present). The one place saved configs are migrated: every reader
     of a saved config (`config_from_dict`, `setting`, the warm start's reuse check) calls it."""
     for old, new in MOVED_KEYS.items():
         *old_path, old_leaf = old.split(".")

@@ -29,7 +29,6 @@ from consistency_lens.config import (
     WarmStartConfig,
     config_from_dict,
     dump_config,
-    migrate_saved,
 )
 from consistency_lens.data.collate import Batch, CollateFn
 from consistency_lens.data.dataset import ActivationDataset
@@ -572,12 +571,10 @@ def _after_warm_start(cfg: LensConfig, resume: bool) -> LensConfig:
 def _settings(cfg: LensConfig | dict | None) -> dict | None:
     """A config as JSON without `device` (ranks of one job differ only there). A saved one is
     read through today's schema, so a moved key (`migrate_saved`) or a setting added since (at
-    its default, which changes nothing) is no difference."""
+    its default, which changes nothing) is no difference; one that no longer validates raises
+    its own error rather than a misleading difference."""
     if isinstance(cfg, dict):
-        try:
-            cfg = config_from_dict(cfg)
-        except LensError:
-            cfg = migrate_saved(cfg)
+        cfg = config_from_dict(cfg)
     data = dump_config(cfg) if isinstance(cfg, LensConfig) else cfg
     if not isinstance(data, dict):
         return None

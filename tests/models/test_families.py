@@ -149,7 +149,8 @@ def test_patched_forward_equals_naive_and_clean_patch_is_a_no_op(
     assert (cheap[1] - patched).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("lengths", [(9, 5, 14), (3, 5, 4)])
+# (2, 1, 3) with 3 tokens after it fits the sliding-window families' window of 6: the cached path.
+@pytest.mark.parametrize("lengths", [(9, 5, 14), (3, 5, 4), (2, 1, 3)])
 def test_greedy_continuation_equals_each_row_read_alone(loaded, lengths):
     """M's greedy tokens after P from the kv-cached batch (the re-reading path where a sliding
     window is shorter than the text) equal those of each row's own full forwards, unpadded."""

@@ -174,12 +174,14 @@ class GRPOObjective(Objective):
         )
         kls = torch.stack(kls, 1)  # (n, k), differentiable through Â
         top5 = clean.detach().topk(min(PREDICTIONS, clean.shape[-1]), dim=-1).indices
+        # Under a device_map M's head (the logits) may sit on another device than its embedding.
+        top5 = top5.to(self.words.device)
         named = names_prediction(self.words, ids.view(n, k, -1), top5)
         err = (a_hat.view(n, k, -1) - a.unsqueeze(1)).square().sum(-1) / a.square().sum(-1, True)
         penalty = kls + rl.mse_reward * err
         if rl.fluency_reward:
             penalty = penalty + rl.fluency_reward * lens.orig.text_nll(ids).view(n, k)
-        rewards = -penalty.detach() + rl.prediction_reward * named
+        rewards = -penalty.detach() + rl.prediction_reward * named.to(penalty.device)
         adv = group_advantages(rewards, rl.std_norm)
 
         logits = lens.decoder.teacher_forced_logits(a_rep, ids)
