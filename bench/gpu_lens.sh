@@ -39,6 +39,7 @@ train = load_config([Path(sys.argv[1])], sys.argv[2:]).train
 print(train.run_dir, train.warm_start.objective)
 EOF
 )
+[ -n "$run" ] || { echo "could not read $cfg with the overrides given" >&2; exit 2; }
 
 # train_for SECONDS RUN_DIR [overrides...]: train within SECONDS, then make sure RUN_DIR/lens exists.
 train_for() {

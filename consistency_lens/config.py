@@ -57,7 +57,9 @@ class ScheduleConfig(_Strict):
 
 class WarmStartConfig(_Strict):
     """A supervised warm start that `train` runs first, in `<run_dir>/warm_start`; its lens is
-    where the main objective starts (`init_from`) and, for `grpo`, D's reference."""
+    where the main objective starts (`init_from`) and, for `grpo`, D's reference. After the main
+    run, `train` keeps a context ceiling beside the lens: the warm start's E for `warm_start`, else
+    a fresh E trained on the true context tokens with the warm start's steps."""
 
     steps: int = Field(0, ge=0)
     """Optimizer steps of the warm start; 0 means none."""
@@ -609,6 +611,10 @@ def _validated(model: type[BaseModel], data: dict, prefix: str) -> Any:
         first = err.errors()[0]
         where = (prefix + ".".join(str(p) for p in first["loc"])).rstrip(".") or "config"
         got = first.get("input")
+        if first["type"] == "value_error" and isinstance(got, dict):
+            # A check across the keys of a section: the section, echoed whole, would bury it.
+            msg = first["msg"].removeprefix("Value error, ").rstrip(".")
+            raise LensError(f"Config key '{where}': {msg}.") from None
         raise LensError(f"Config key '{where}': {first['msg']} (got {got!r}).") from None
 
 

@@ -198,8 +198,9 @@ class OriginalModelWrapper:
         return list(out.logits[:, -1].split(batch, dim=0))
 
     def shares_prefix(self, length: int) -> bool:
-        """Whether `forward_at_positions` is exact for a text of `length` tokens: always, except
-        under a sliding window shorter than the text (its window counts cache slots, not positions)."""
+        """Whether a kv cache over a text of `length` tokens is exact (`forward_at_positions`,
+        `greedy_continuation`): always, except under a sliding window shorter than the text (its
+        window counts cache slots, not positions)."""
         window = getattr(text_config(self.model.config), "sliding_window", None)
         return window is None or length <= window
 

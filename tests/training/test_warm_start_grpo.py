@@ -344,7 +344,11 @@ def test_warm_start_predict_targets_end_with_m_s_greedy_continuation(tiny_llama_
 def test_warm_start_predict_tokens_must_fit_in_the_text():
     """train.predict.tokens is 1..t_text where warm_start_predict is used (as the warm start's
     objective or the main one); a short t_text stays valid for the others."""
-    fit = "train.predict.tokens must be between 1 and train.t_text \\(3\\), got 4; set "
+    # One sentence: the section is named, not echoed back whole.
+    fit = (
+        r"^Config key 'train': train.predict.tokens must be between 1 and train.t_text \(3\), "
+        r"got 4; set train.predict.tokens within that range or raise train.t_text\.$"
+    )
     for train in (
         {"warm_start": {"objective": "warm_start_predict"}, "predict": {"tokens": 4}},
         {"objective": "warm_start_predict", "predict": {"tokens": 4}},
