@@ -22,7 +22,7 @@ from consistency_lens.evaluation.specificity import (
 )
 from consistency_lens.evaluation.splits import mean_split, train_mean
 from consistency_lens.models.patching import patched_kl
-from consistency_lens.utils.words import content_words
+from consistency_lens.utils.words import TOP_PREDICTIONS, content_words
 
 if TYPE_CHECKING:
     from consistency_lens.data.dataset import ActivationDataset
@@ -177,7 +177,7 @@ def _patched_pass(
         )
         for name, kl in zip(names, per_sample, strict=True):
             kls[name].append(kl.cpu())
-        top5.append(clean.float().topk(min(5, clean.shape[-1]), dim=-1).indices.cpu())
+        top5.append(clean.float().topk(min(TOP_PREDICTIONS, clean.shape[-1]), dim=-1).indices.cpu())
         # Fluency: M reads the explanation after a BOS token, so every explanation token is scored.
         nlls.append(lens.orig.text_nll(ids.to(device)).cpu())
         As.append(A.float().cpu())

@@ -21,6 +21,11 @@ STOP_WORDS = frozenset(
 )
 
 
+TOP_PREDICTIONS = 5
+"""M's top predictions at P that count as its prediction: the eval's top-5 bucket and top-1
+counts read them, and GRPO's prediction reward rewards naming one."""
+
+
 def normalise(piece: str) -> str:
     """Lower-cased letters and digits of a decoded token ('' when nothing is left)."""
     return "".join(ch for ch in piece.lower() if ch.isalnum())

@@ -215,3 +215,7 @@ def test_the_shipped_lens_is_in_the_package_for_the_embedded_model():
         assert any(k.startswith("decoder.") for k in f.keys())
         assert any(k.startswith("encoder.") for k in f.keys())
     assert "FVE" in (path / "README.md").read_text()
+    # Shipped in bf16 (its card's figures were recomputed so), the context ceiling too.
+    for weights in (path / "lens.safetensors", path / "context_ceiling" / "encoder.safetensors"):
+        with safe_open(weights, "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}, weights

@@ -33,10 +33,7 @@ from consistency_lens.training.objectives import (
     normalised_mse,
     register,
 )
-from consistency_lens.utils.words import content_word_ids
-
-PREDICTIONS = 5
-"""M's top predictions at P a text may name for `rl.prediction_reward` (the eval's top-5 bucket)."""
+from consistency_lens.utils.words import TOP_PREDICTIONS, content_word_ids
 
 
 class RLConfig(ObjectiveSettings):
@@ -173,7 +170,7 @@ class GRPOObjective(Objective):
             lens.orig, batch.input_ids_A, batch.attention_mask_A, a, sets, return_clean=True
         )
         kls = torch.stack(kls, 1)  # (n, k), differentiable through Â
-        top5 = clean.detach().topk(min(PREDICTIONS, clean.shape[-1]), dim=-1).indices
+        top5 = clean.detach().topk(min(TOP_PREDICTIONS, clean.shape[-1]), dim=-1).indices
         # Under a device_map M's head (the logits) may sit on another device than its embedding.
         top5 = top5.to(self.words.device)
         named = names_prediction(self.words, ids.view(n, k, -1), top5)
