@@ -457,8 +457,9 @@ checkpoint's manifest) written before a move reads the value under the new key
 def migrate_saved(data: dict) -> dict:
     """A dumped config with every `MOVED_KEYS` setting under its new key, same value (a new dict,
     copying only the dicts along a moved key's path, where a key moved; else `data` itself; `data`
-    is never changed; the new key wins where both are present). The one place saved configs are migrated: every reader
-    of a saved config (`config_from_dict`, `setting`, the warm start's reuse check) calls it."""
+    is never changed; the new key wins where both are present). The one place saved configs are
+    migrated: every reader of a saved config (`config_from_dict`, `setting`, the warm start's
+    reuse check) calls it."""
     for old, new in MOVED_KEYS.items():
         *old_path, old_leaf = old.split(".")
         parent = _get_path(data, old_path)

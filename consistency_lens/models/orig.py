@@ -280,15 +280,22 @@ class OriginalModelWrapper:
 
     @torch.no_grad()
     def clean_logits(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, check_last: bool = True
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        check_last: bool = True,
+        cache: DynamicCache | None = None,
     ) -> torch.Tensor:
         """Unpatched logits (B, V) at the last column of a left-padded batch; `check_last=False`
-        leaves the last column unread (for a training step: reading it is a host sync)."""
+        leaves the last column unread (for a training step: reading it is a host sync); `cache`,
+        when given, is filled with the batch's kv cache."""
         _check_batch(input_ids, attention_mask, values=check_last)
         out = self.model(
             input_ids=input_ids,
             attention_mask=self._mask(attention_mask, input_ids.shape[1]),
             position_ids=position_ids(attention_mask),
+            use_cache=cache is not None,
+            **(self.parts.cache_kwargs(cache) if cache is not None else {}),
             logits_to_keep=1,
         )
         return out.logits[:, -1]
@@ -302,23 +309,15 @@ class OriginalModelWrapper:
         A warm-start step calls this, so, like `forward_with_replacement`, it does not read the
         last column back to check it.
         """
-        _check_batch(input_ids, attention_mask, values=False)
         if k > 1 and not self.shares_prefix(input_ids.shape[1] + k):
             return self._greedy_uncached(input_ids, attention_mask, k)
         # The context runs once, keeping its kv cache; each later token is one column over it.
         # Appending a real column keeps the batch left-padded, so positions and masks extend.
         cache = DynamicCache(config=self.model.config) if k > 1 else None
-        positions = position_ids(attention_mask)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=self._mask(attention_mask, input_ids.shape[1]),
-            position_ids=positions,
-            use_cache=cache is not None,
-            **(self.parts.cache_kwargs(cache) if cache is not None else {}),
-            logits_to_keep=1,
-        )
-        tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
-        position = positions[:, -1:]
+        tokens = [
+            self.clean_logits(input_ids, attention_mask, False, cache).argmax(-1, keepdim=True)
+        ]
+        position = position_ids(attention_mask)[:, -1:]
         for _ in range(k - 1):
             attention_mask = torch.cat([attention_mask, torch.ones_like(tokens[-1])], 1)
             position = position + 1

@@ -573,11 +573,9 @@ def _settings(cfg: LensConfig | dict | None) -> dict | None:
     read through today's schema, so a moved key (`migrate_saved`) or a setting added since (at
     its default, which changes nothing) is no difference; one that no longer validates raises
     its own error rather than a misleading difference."""
-    if isinstance(cfg, dict):
-        cfg = config_from_dict(cfg)
-    data = dump_config(cfg) if isinstance(cfg, LensConfig) else cfg
-    if not isinstance(data, dict):
+    if cfg is None:
         return None
+    data = dump_config(config_from_dict(cfg) if isinstance(cfg, dict) else cfg)
     return {k: v for k, v in data.items() if k != "device"}
 
 

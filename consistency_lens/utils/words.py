@@ -36,14 +36,15 @@ def is_content_word(word: str) -> bool:
     return bool(word) and word not in STOP_WORDS and (len(word) > 1 or word.isdigit())
 
 
+def content_word(tokenizer, tid: int) -> str:
+    """The content word of one token id, decoded alone and normalised ('' when it has none)."""
+    word = normalise(tokenizer.decode([int(tid)]))
+    return word if is_content_word(word) else ""
+
+
 def content_words(tokenizer, ids: Sequence[int]) -> set[str]:
     """The content words of token ids: each token decoded alone, normalised, stop-words dropped."""
-    words = set()
-    for tid in ids:
-        word = normalise(tokenizer.decode([int(tid)]))
-        if is_content_word(word):
-            words.add(word)
-    return words
+    return {word for word in (content_word(tokenizer, tid) for tid in ids) if word}
 
 
 def content_word_ids(tokenizer, vocab_size: int) -> torch.Tensor:
@@ -57,7 +58,6 @@ def content_word_ids(tokenizer, vocab_size: int) -> torch.Tensor:
     out = torch.full((vocab_size,), -1, dtype=torch.long)
     # Rows past the tokenizer's vocabulary (a head padded to a round size) decode to no word.
     for tid in range(min(vocab_size, len(tokenizer))):
-        word = normalise(tokenizer.decode([tid]))
-        if is_content_word(word):
+        if word := content_word(tokenizer, tid):
             out[tid] = index.setdefault(word, len(index))
     return out
