@@ -2,6 +2,7 @@
 target text perfectly (the ceiling a warm-start target gives the eval's buckets).
 
 usage: .venv/bin/python bench/target_specificity.py key=value ...  (overrides on config/demo.yaml).
+The `first content` rows pick M's first predicted token as `train.predict.first=content` does.
 Uses the eval's own samples, derangement, content words, buckets and bootstrap on the val split
 of the dump the config names; nothing is trained.
 """
@@ -19,8 +20,12 @@ from consistency_lens.evaluation.metrics import fraction_unique
 from consistency_lens.evaluation.samples import sample_indices
 from consistency_lens.evaluation.specificity import specificity
 from consistency_lens.models.lens import ConsistencyLens
-from consistency_lens.training.objectives.warm_start import context_targets, predict_targets
-from consistency_lens.utils.words import content_words
+from consistency_lens.training.objectives.warm_start import (
+    context_targets,
+    first_content_token,
+    predict_targets,
+)
+from consistency_lens.utils.words import content_word_ids, content_words
 
 
 def main(overrides: list[str]) -> None:
@@ -34,15 +39,21 @@ def main(overrides: list[str]) -> None:
     idx = sample_indices(len(ds), cfg.eval.num_samples, cfg.seed)
     collate = CollateFn(pad_id=lens.loaded.pad_id)
     t = cfg.train.t_text
-    names = ["context (warm_start)", *(f"predict k={k}" for k in (1, 2, t)), "next corpus tokens"]
+    ks = (1, 2, t)
+    names = ["context (warm_start)", *(f"predict k={k}" for k in ks), "next corpus tokens"]
+    names += [f"predict k={k}, first content" for k in (1, 2)]
     rows: dict[str, list] = {name: [] for name in names}
+    vocab = lens.orig.model.get_output_embeddings().weight.shape[0]
+    content = first_content_token(content_word_ids(tok, vocab))
     top5 = []
     with torch.no_grad():
         for start in range(0, len(idx), cfg.eval.batch_size):
             b = collate([ds[i] for i in idx[start : start + cfg.eval.batch_size]])
             rows[names[0]].append(context_targets(b, t))
-            for name, k in zip(names[1:4], (1, 2, t), strict=True):
+            for name, k in zip(names[1:4], ks, strict=True):
                 rows[name].append(predict_targets(lens, b, t, k))
+            for name, k in zip(names[5:], (1, 2), strict=True):
+                rows[name].append(predict_targets(lens, b, t, k, content))
             logits = lens.orig.clean_logits(b.input_ids_A, b.attention_mask_A)
             top5.append(logits.float().topk(5, -1).indices)
     window = cfg.eval.context_window

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -302,21 +303,25 @@ class OriginalModelWrapper:
 
     @torch.no_grad()
     def greedy_continuation(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        k: int,
+        first: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """M's `k` greedy next tokens (B, k) after the last column of a left-padded batch.
 
-        A warm-start step calls this, so, like `forward_with_replacement`, it does not read the
-        last column back to check it.
+        `first`, when given, picks the first token from M's logits at the last column ((B, V) to
+        (B,) ids) instead of their argmax; the later tokens are greedy after it. A warm-start step
+        calls this, so, like `forward_with_replacement`, it does not read the last column back.
         """
+        pick = first or (lambda logits: logits.argmax(-1))
         if k > 1 and not self.shares_prefix(input_ids.shape[1] + k):
-            return self._greedy_uncached(input_ids, attention_mask, k)
+            return self._greedy_uncached(input_ids, attention_mask, k, pick)
         # The context runs once, keeping its kv cache; each later token is one column over it.
         # Appending a real column keeps the batch left-padded, so positions and masks extend.
         cache = DynamicCache(config=self.model.config) if k > 1 else None
-        tokens = [
-            self.clean_logits(input_ids, attention_mask, False, cache).argmax(-1, keepdim=True)
-        ]
+        tokens = [pick(self.clean_logits(input_ids, attention_mask, False, cache)).unsqueeze(-1)]
         position = position_ids(attention_mask)[:, -1:]
         for _ in range(k - 1):
             attention_mask = torch.cat([attention_mask, torch.ones_like(tokens[-1])], 1)
@@ -333,13 +338,18 @@ class OriginalModelWrapper:
         return torch.cat(tokens, 1)
 
     def _greedy_uncached(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        k: int,
+        first: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """`greedy_continuation` re-reading the whole context for each token: the reference, and
         the path under a sliding window shorter than the text (its cache counts slots)."""
         tokens = []
-        for _ in range(k):
-            token = self.clean_logits(input_ids, attention_mask, False).argmax(-1, keepdim=True)
+        for i in range(k):
+            logits = self.clean_logits(input_ids, attention_mask, False)
+            token = (first(logits) if first and i == 0 else logits.argmax(-1)).unsqueeze(-1)
             tokens.append(token)
             input_ids = torch.cat([input_ids, token], 1)
             attention_mask = torch.cat([attention_mask, torch.ones_like(token)], 1)

@@ -1,7 +1,7 @@
 """Words of decoded tokens, as the eval's specificity and GRPO's prediction reward read them.
 
-A token is decoded alone, lower-cased and kept to its letters and digits; a content word is such a
-word that is no stop-word and no single letter (digits stay).
+A token is decoded alone (special tokens decode to nothing), lower-cased and kept to its letters and
+digits; a content word is such a word that is no stop-word and no single letter (digits stay).
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ def is_content_word(word: str) -> bool:
 
 
 def content_word(tokenizer, tid: int) -> str:
-    """The content word of one token id, decoded alone and normalised ('' when it has none)."""
-    word = normalise(tokenizer.decode([int(tid)]))
+    """The content word of one token id, decoded alone and normalised ('' when it has none: a
+    special token such as `<|im_end|>` is no word)."""
+    word = normalise(tokenizer.decode([int(tid)], skip_special_tokens=True))
     return word if is_content_word(word) else ""
 
 

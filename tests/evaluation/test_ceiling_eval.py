@@ -29,13 +29,17 @@ from consistency_lens.models.patching import patched_kl
 
 
 class WordTokenizer:
-    """One word per token id, decoded with a leading space like a byte-level BPE."""
+    """One word per token id, decoded with a leading space like a byte-level BPE; words written
+    `<|...|>` are special tokens (dropped under `skip_special_tokens`, as a HF tokenizer does)."""
 
     def __init__(self, words):
         self.words = list(words)
 
-    def decode(self, ids):
-        return "".join(" " + self.words[i] for i in ids)
+    def decode(self, ids, skip_special_tokens=False):
+        words = [self.words[i] for i in ids]
+        if skip_special_tokens:
+            words = [w for w in words if not w.startswith("<|")]
+        return "".join(" " + w for w in words)
 
 
 VOCAB = WordTokenizer(["the", "War", "peace", ",", "\n", "trade", "gold", "bank"])

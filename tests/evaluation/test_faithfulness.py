@@ -29,13 +29,17 @@ def test_derangement_has_no_fixed_point_for_every_size(seed):
 
 
 class WordTokenizer:
-    """One word per token id, decoded with a leading space like a byte-level BPE."""
+    """One word per token id, decoded with a leading space like a byte-level BPE; words written
+    `<|...|>` are special tokens (dropped under `skip_special_tokens`, as a HF tokenizer does)."""
 
     def __init__(self, words):
         self.words = list(words)
 
-    def decode(self, ids):
-        return "".join(" " + self.words[i] for i in ids)
+    def decode(self, ids, skip_special_tokens=False):
+        words = [self.words[i] for i in ids]
+        if skip_special_tokens:
+            words = [w for w in words if not w.startswith("<|")]
+        return "".join(" " + w for w in words)
 
 
 VOCAB = WordTokenizer(
@@ -60,6 +64,7 @@ VOCAB = WordTokenizer(
         "a",
         "s",
         "2024",
+        "<|im_end|>",
     ]
 )
 
@@ -69,6 +74,8 @@ def test_content_words_drop_stop_words_punctuation_and_case():
         content_words(VOCAB, [0, 1, 2, 3, 4, 17, 18]) == set()
     )  # stop-words, punctuation, letters
     assert content_words(VOCAB, [5, 6, 5, 19]) == {"taxes", "war", "2024"}
+    # A special token is no word (normalised, `<|im_end|>` would read as "imend").
+    assert content_words(VOCAB, [20, 6]) == {"war"}
 
 
 def test_specificity_copying_explanations_beat_their_derangement():

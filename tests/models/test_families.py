@@ -166,6 +166,18 @@ def test_greedy_continuation_equals_each_row_read_alone(loaded, lengths):
             token = orig.token_logits(text)[:, -1].argmax(-1, keepdim=True)
             text = torch.cat([text, token], 1)
         assert row == text[0, -3:].tolist()
+    # A chosen first token (here M's second-ranked one): the later tokens are greedy after it.
+    second = lambda logits: logits.topk(2, dim=-1).indices[:, 1]  # noqa: E731
+    picked = orig.greedy_continuation(ids, mask, 3, second)
+    assert torch.equal(picked, orig._greedy_uncached(ids, mask, 3, second))
+    for row, seq in zip(picked.tolist(), rows, strict=True):
+        text = seq.unsqueeze(0)
+        for i in range(3):
+            logits = orig.token_logits(text)[:, -1]
+            token = (second(logits) if i == 0 else logits.argmax(-1)).unsqueeze(-1)
+            text = torch.cat([text, token], 1)
+        assert row == text[0, -3:].tolist()
+    assert picked[:, 0].tolist() != got[:, 0].tolist()
 
 
 @pytest.mark.parametrize("inject_layer", [None, 1])

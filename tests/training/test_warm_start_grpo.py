@@ -43,7 +43,11 @@ from consistency_lens.training.objectives.grpo import (
     reference_kl,
     swapped,
 )
-from consistency_lens.training.objectives.warm_start import context_targets, predict_targets
+from consistency_lens.training.objectives.warm_start import (
+    context_targets,
+    first_content_token,
+    predict_targets,
+)
 from consistency_lens.utils.logging import METRICS, MetricsFile
 from consistency_lens.utils.words import content_word_ids, content_words
 
@@ -341,6 +345,51 @@ def test_warm_start_predict_targets_end_with_m_s_greedy_continuation(tiny_llama_
     assert mask is None and torch.equal(ids, targets)
 
 
+def test_first_content_token_picks_m_s_best_ranked_content_word():
+    """Among M's top-5, the highest-ranked token whose word is a content word; the top-1 when none
+    of the five is (ids 0-9; 2, 5 and 7 carry content words)."""
+    word_ids = torch.tensor([-1, -1, 0, -1, -1, 1, -1, 2, -1, -1])
+    logits = torch.tensor(
+        [
+            [9.0, 8, 1, 7, 6, 5, 0, 0, 0, 0],  # top-5 0,1,3,4,5: 5 is the first content word
+            [0.0, 0, 9, 0, 0, 8, 0, 0, 0, 0],  # the top-1 (2) is a content word itself
+            [9.0, 8, 7, 6, 5, 1, 1, 1, 1, 1],  # 2 is third: it wins over 0 and 1
+            [9.0, 8, 0, 7, 6, 0, 5, 0, 1, 1],  # no content word in 0,1,3,4,6: the top-1
+            [1.0, 1, 1, 1, 1, 1, 1, 9, 1, 1],  # 7 first
+        ]
+    )
+    assert first_content_token(word_ids)(logits).tolist() == [5, 2, 2, 0, 7]
+
+
+@pytest.mark.parametrize("order", ["context_first", "prediction_first"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_warm_start_predict_first_content_names_a_content_word(tiny_llama_dir, k, order):
+    """With `train.predict.first=content` the first predicted token is the pick on M's logits at P
+    (each row unpadded), the later ones M's greedy tokens after it; the context tokens ending at P
+    fill the rest of the text, before M's tokens or, with `prediction_first`, after them."""
+    predict = {"tokens": k, "first": "content", "order": order}
+    lens = _lens(tiny_llama_dir, objective="warm_start_predict", predict=predict)
+    batch = _batch(lens, n=4)
+    obj = build_objective(lens, lens.cfg)
+    ids, mask = obj.targets(lens, batch)
+    assert mask is None and ids.shape == (4, 3)
+    if order == "prediction_first":
+        ids = torch.cat([ids[:, k:], ids[:, :k]], 1)  # back to context, then M's tokens
+    assert torch.equal(ids[:, : 3 - k], context_targets(batch, 3 - k))
+    vocab = lens.orig.model.get_output_embeddings().weight.shape[0]
+    pick = first_content_token(content_word_ids(lens.loaded.tokenizer, vocab))
+    moved = 0  # rows whose pick is not M's top-1: the choice is exercised, not only the argmax
+    for row in range(4):
+        text = batch.input_ids_A[row][batch.attention_mask_A[row].bool()].unsqueeze(0)
+        for i in range(k):
+            logits = lens.orig.token_logits(text)[:, -1]
+            token = (pick(logits) if i == 0 else logits.argmax(-1)).unsqueeze(-1)
+            moved += i == 0 and int(token) != int(logits.argmax())
+            text = torch.cat([text, token], 1)
+        assert ids[row, 3 - k :].tolist() == text[0, -k:].tolist()
+    assert moved > 0
+
+
 def test_warm_start_predict_tokens_must_fit_in_the_text():
     """train.predict.tokens is 1..t_text where warm_start_predict is used (as the warm start's
     objective or the main one); a short t_text stays valid for the others."""
@@ -381,7 +430,9 @@ def test_a_saved_config_with_the_old_predict_tokens_key_loads_under_the_new_one(
     old = json.loads(json.dumps(new))
     del old["train"]["predict"]
     old["train"]["warm_start"]["predict_tokens"] = 3
-    assert migrate_saved(old) == new
+    moved = json.loads(json.dumps(new))
+    del moved["train"]["predict"]["first"]  # a setting added after the move
+    assert migrate_saved(old) == moved
     assert "predict_tokens" in old["train"]["warm_start"]  # the saved dict is not modified
     assert config_from_dict(old).train.predict.tokens == 3
     assert config_from_dict(old) == config_from_dict(new)

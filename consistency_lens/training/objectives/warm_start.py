@@ -12,6 +12,9 @@ The consistency objectives (`grpo`, `plan`) then continue from the saved lens (`
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -27,6 +30,7 @@ from consistency_lens.training.objectives import (
     normalised_mse,
     register,
 )
+from consistency_lens.utils.words import TOP_PREDICTIONS, content_word_ids
 
 
 def context_targets(batch: Batch, t_text: int) -> torch.Tensor:
@@ -117,13 +121,36 @@ class WarmStartNextObjective(WarmStartObjective):
         return batch.input_ids_next[:, :t_text], batch.attention_mask_next[:, :t_text]
 
 
-def predict_targets(lens, batch: Batch, t_text: int, k: int) -> torch.Tensor:
-    """The last `t_text - k` context tokens ending at P, then M's `k` greedy next tokens (B, t_text)."""
+def first_content_token(word_ids: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A pick for `greedy_continuation`: M's highest-ranked token among its top predictions whose
+    word is a content word (`word_ids`, from `content_word_ids`), else its top-1."""
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        top = logits.topk(min(TOP_PREDICTIONS, logits.shape[-1]), dim=-1).indices
+        content = word_ids.to(top.device)[top] >= 0
+        # argmax of a bool row is its first True (rank order), 0 (the top-1) when none is.
+        return top.gather(1, content.long().argmax(1, keepdim=True)).squeeze(1)
+
+    return pick
+
+
+def predict_targets(
+    lens,
+    batch: Batch,
+    t_text: int,
+    k: int,
+    first: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    prediction_first: bool = False,
+) -> torch.Tensor:
+    """The last `t_text - k` context tokens ending at P, then M's `k` greedy next tokens (B, t_text)
+    (the first of them chosen by `first` when given; the continuation before the context tokens
+    with `prediction_first`)."""
     ids, mask = batch.input_ids_A, batch.attention_mask_A
-    continuation = lens.orig.greedy_continuation(ids, mask, k)
+    continuation = lens.orig.greedy_continuation(ids, mask, k, first)
     if k == t_text:
         return continuation
-    return torch.cat([context_targets(batch, t_text - k), continuation], 1)
+    parts = [context_targets(batch, t_text - k), continuation]
+    return torch.cat(parts[::-1] if prediction_first else parts, 1)
 
 
 class PredictConfig(ObjectiveSettings):
@@ -132,6 +159,16 @@ class PredictConfig(ObjectiveSettings):
     tokens: int = Field(2, ge=1)
     """How many of the `t_text` target tokens are M's greedy continuation after P (the rest are
     the context tokens ending at P); 1..`t_text`, checked where `warm_start_predict` is used."""
+
+    first: Literal["greedy", "content"] = "greedy"
+    """M's first predicted token: its top-1 (`greedy`), or its highest-ranked content word among
+    its top-5 predictions at P, its top-1 when none is (`content`: the text then names a word a
+    reader can use, where M's top-1 is often ` the` or `,`); the later tokens are greedy after it."""
+
+    order: Literal["context_first", "prediction_first"] = "context_first"
+    """Where M's tokens go in the target: after the context tokens (`context_first`, a text that
+    reads on from the context), or before them (`prediction_first`: D's first token, where D with A
+    written at block L reads M's own prediction, is taught that prediction)."""
 
 
 @register("warm_start_predict")
@@ -149,8 +186,13 @@ class WarmStartPredictObjective(WarmStartObjective):
                 f"train.predict.tokens must be between 1 and train.t_text ({t_text}), got {k}; "
                 "set train.predict.tokens within that range or raise train.t_text."
             )
+        self.first = None
+        if self.settings.first == "content":
+            vocab = lens.orig.model.get_output_embeddings().weight.shape[0]
+            self.first = first_content_token(content_word_ids(lens.loaded.tokenizer, vocab))
 
     def targets(self, lens, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Context tokens ending at P, then M's `train.predict.tokens` greedy tokens after P."""
         k = self.settings.tokens
-        return predict_targets(lens, batch, self.cfg.train.t_text, k), None
+        before = self.settings.order == "prediction_first"
+        return predict_targets(lens, batch, self.cfg.train.t_text, k, self.first, before), None
