@@ -2,7 +2,8 @@
 target text perfectly (the ceiling a warm-start target gives the eval's buckets).
 
 usage: .venv/bin/python bench/target_specificity.py key=value ...  (overrides on config/demo.yaml).
-The `first content` and `prediction first` rows build the targets of `train.predict.first=content`\nand `train.predict.order=prediction_first`.
+The `first content` and `prediction first` rows build the targets of
+`train.predict.first=content` and `train.predict.order=prediction_first`.
 Uses the eval's own samples, derangement, content words, buckets and bootstrap on the val split
 of the dump the config names; nothing is trained.
 """
@@ -25,7 +26,7 @@ from consistency_lens.training.objectives.warm_start import (
     first_content_token,
     predict_targets,
 )
-from consistency_lens.utils.words import content_word_ids, content_words
+from consistency_lens.utils.words import content_words
 
 
 def main(overrides: list[str]) -> None:
@@ -40,8 +41,7 @@ def main(overrides: list[str]) -> None:
     idx = sample_indices(len(ds), cfg.eval.num_samples, cfg.seed)
     collate = CollateFn(pad_id=lens.loaded.pad_id)
     t = cfg.train.t_text
-    vocab = lens.orig.model.get_output_embeddings().weight.shape[0]
-    content = first_content_token(content_word_ids(tok, vocab))
+    content = first_content_token(lens.orig.content_word_ids())
     # Each target as `warm_start` / `warm_start_predict` builds it (k, first, prediction_first).
     targets = {"context (warm_start)": lambda b: context_targets(b, t)}
     for k in (1, 2, t):

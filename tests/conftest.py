@@ -383,3 +383,17 @@ def assert_dump_is_block_output(model_dir: Path, cfg, split: Path) -> int:
             hidden = model(ids[None], output_hidden_states=True).hidden_states
         torch.testing.assert_close(act, hidden[cfg.layer + 1][0, pos], rtol=1e-5, atol=1e-5)
     return len(ds)
+
+
+class WordTokenizer:
+    """One word per token id, decoded with a leading space like a byte-level BPE; words written
+    `<|...|>` are special tokens (dropped under `skip_special_tokens`, as a HF tokenizer does)."""
+
+    def __init__(self, words):
+        self.words = list(words)
+
+    def decode(self, ids, skip_special_tokens=False):
+        words = [self.words[i] for i in ids]
+        if skip_special_tokens:
+            words = [w for w in words if not w.startswith("<|")]
+        return "".join(" " + w for w in words)

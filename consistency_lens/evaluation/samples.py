@@ -15,7 +15,7 @@ from consistency_lens.evaluation.html import fmt, page
 from consistency_lens.evaluation.specificity import explanation_words
 from consistency_lens.models.patching import patched_kl
 from consistency_lens.utils.io import atomic_write_text
-from consistency_lens.utils.words import normalise
+from consistency_lens.utils.words import token_word
 
 CONTEXT_TOKENS_SHOWN = 48
 """Tokens of context shown before P; older tokens are elided so the table stays readable."""
@@ -29,7 +29,7 @@ def sample_indices(n_total: int, n: int, seed: int) -> list[int]:
 
 def top1_hit(tokenizer, explanation: list[int], top1: int) -> bool | None:
     """Whether M's top-1 token is one of the explanation's words; None when it is no word."""
-    word = normalise(tokenizer.decode([top1]))
+    word = token_word(tokenizer, top1)
     return (word in explanation_words(tokenizer, explanation)) if word else None
 
 

@@ -1,9 +1,10 @@
 """Specificity (docs/design.md section 5): is a sample's explanation about *that* sample?
 
-An explanation's content words (each token decoded alone, lower-cased, letters and digits only,
-stop-words and single letters dropped) are looked up in three buckets of its own sample: the context
-window ending at P, the corpus tokens after P (`input_ids_next`) and M's top-5 predictions at P,
-and in the same buckets of another sample under the eval's derangement. A lens whose texts say
+An explanation's content words (each token decoded alone, special tokens dropped, lower-cased,
+letters and digits only, stop-words and single letters dropped) are looked up in three buckets of
+its own sample: the context window ending at P, the corpus tokens after P (`input_ids_next`) and
+M's top-5 predictions at P, and in the same buckets of another sample under the eval's
+derangement. A lens whose texts say
 something about their activation hits its own buckets more often; a collapsed lens (one text for
 every sample) hits both equally, exactly, because a derangement is a bijection.
 """
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from consistency_lens.evaluation import metrics
-from consistency_lens.utils.words import is_content_word, normalise
+from consistency_lens.utils.words import Tokenizer, is_content_word, normalise, token_word
 
 BUCKETS = ("context", "next_tokens", "top5", "any")
 BUCKET_NAMES = {
@@ -97,12 +98,14 @@ def bucket_examples(
     return out
 
 
-def explanation_words(tokenizer, ids: Sequence[int]) -> set[str]:
+def explanation_words(tokenizer: Tokenizer, ids: Sequence[int]) -> set[str]:
     """Every word of an explanation, stop-words kept: each token decoded alone and each
-    whitespace-separated word of the whole decoded text, normalised ('' dropped)."""
-    pieces = [tokenizer.decode([int(t)]) for t in ids]
-    pieces += tokenizer.decode([int(t) for t in ids]).split()
-    return {w for w in map(normalise, pieces) if w}
+    whitespace-separated word of the whole decoded text, normalised (special tokens and '' dropped)."""
+    words = [token_word(tokenizer, t) for t in ids]
+    words += map(
+        normalise, tokenizer.decode([int(t) for t in ids], skip_special_tokens=True).split()
+    )
+    return {w for w in words if w}
 
 
 def _own_against_deranged(
@@ -141,7 +144,7 @@ def top1_in_explanation(
     stop-word), where a hit names what M predicts rather than a function word any text may hold.
     """
     words = [explanation_words(tokenizer, ids) for ids in explanations]
-    top = [normalise(tokenizer.decode([int(t)])) for t in top1]
+    top = [token_word(tokenizer, t) for t in top1]
     n = len(top)
     valid = torch.tensor([bool(w) for w in top], dtype=torch.float64)
     content = torch.tensor([is_content_word(w) for w in top], dtype=torch.float64)

@@ -18,6 +18,7 @@ from consistency_lens.models.inputs import causal_mask, no_logits, position_ids
 from consistency_lens.models.loading import LoadedModel, hf_attention
 from consistency_lens.models.patching import token_nll
 from consistency_lens.utils.dist import resolve_device
+from consistency_lens.utils.words import content_word_ids
 
 
 def load_8bit(
@@ -136,6 +137,12 @@ class OriginalModelWrapper:
     def device(self) -> torch.device:
         """Device of M's input embedding."""
         return self.parts.embed.weight.device
+
+    def content_word_ids(self) -> torch.Tensor:
+        """(V,) for each row of M's output head, the id of its token's content word (-1: none;
+        `utils.words.content_word_ids`), on M's device: built once, so a step compares integers."""
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        return content_word_ids(self.loaded.tokenizer, vocab).to(self.device)
 
     def _mask(self, attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:
         """M's attention mask for a left-padded batch whose last `query_length` columns are read."""

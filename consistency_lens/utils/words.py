@@ -7,8 +7,17 @@ digits; a content word is such a word that is no stop-word and no single letter 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
+
+
+class Tokenizer(Protocol):
+    """What the word rules need of a tokenizer: decoding ids, special tokens dropped on request
+    (a Hugging Face tokenizer; the tests' word-per-id stand-ins)."""
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
+
 
 STOP_WORDS = frozenset(
     """a about above after again against all am an and any are as at be because been before being
@@ -23,7 +32,8 @@ STOP_WORDS = frozenset(
 
 TOP_PREDICTIONS = 5
 """M's top predictions at P that count as its prediction: the eval's top-5 bucket and top-1
-counts read them, and GRPO's prediction reward rewards naming one."""
+counts read them, GRPO's prediction reward rewards naming one, and `warm_start_predict` with
+`train.predict.first=content` picks its first token among them."""
 
 
 def normalise(piece: str) -> str:
@@ -36,19 +46,24 @@ def is_content_word(word: str) -> bool:
     return bool(word) and word not in STOP_WORDS and (len(word) > 1 or word.isdigit())
 
 
-def content_word(tokenizer, tid: int) -> str:
-    """The content word of one token id, decoded alone and normalised ('' when it has none: a
-    special token such as `<|im_end|>` is no word)."""
-    word = normalise(tokenizer.decode([int(tid)], skip_special_tokens=True))
+def token_word(tokenizer: Tokenizer, tid: int) -> str:
+    """The word of one token id, decoded alone and normalised, stop-words kept ('' when nothing is
+    left: punctuation, whitespace, or a special token such as `<|im_end|>`, which is no word)."""
+    return normalise(tokenizer.decode([int(tid)], skip_special_tokens=True))
+
+
+def content_word(tokenizer: Tokenizer, tid: int) -> str:
+    """The content word of one token id, decoded alone and normalised ('' when it has none)."""
+    word = token_word(tokenizer, tid)
     return word if is_content_word(word) else ""
 
 
-def content_words(tokenizer, ids: Sequence[int]) -> set[str]:
+def content_words(tokenizer: Tokenizer, ids: Sequence[int]) -> set[str]:
     """The content words of token ids: each token decoded alone, normalised, stop-words dropped."""
     return {word for word in (content_word(tokenizer, tid) for tid in ids) if word}
 
 
-def content_word_ids(tokenizer, vocab_size: int) -> torch.Tensor:
+def content_word_ids(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
     """(vocab_size,) int64: for each token id, an id of its content word (`content_words` of that
     token alone), shared by every token with the same word, or -1 when it has none.
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import dumped_eval_config, split_of
+from conftest import WordTokenizer, dumped_eval_config, split_of
 
 from consistency_lens.data.dataset import ActivationDataset
 from consistency_lens.evaluation import metrics
@@ -27,22 +27,7 @@ from consistency_lens.models.ceiling import ceiling_from_lens, load_ceiling
 from consistency_lens.models.lens import ConsistencyLens
 from consistency_lens.models.patching import patched_kl
 
-
-class WordTokenizer:
-    """One word per token id, decoded with a leading space like a byte-level BPE; words written
-    `<|...|>` are special tokens (dropped under `skip_special_tokens`, as a HF tokenizer does)."""
-
-    def __init__(self, words):
-        self.words = list(words)
-
-    def decode(self, ids, skip_special_tokens=False):
-        words = [self.words[i] for i in ids]
-        if skip_special_tokens:
-            words = [w for w in words if not w.startswith("<|")]
-        return "".join(" " + w for w in words)
-
-
-VOCAB = WordTokenizer(["the", "War", "peace", ",", "\n", "trade", "gold", "bank"])
+VOCAB = WordTokenizer(["the", "War", "peace", ",", "\n", "trade", "gold", "bank", "<|im_end|>"])
 
 
 def test_top1_in_explanation_on_a_hand_made_case():
@@ -85,6 +70,10 @@ def test_top1_in_explanation_apart_for_content_words():
     # trade": a hit), 2 gets "bank" (miss), 3 gets "War" (miss).
     assert out["deranged"] == 1 / 4 and content["deranged"] == 1 / 3
     assert content["difference"] == 2 / 3 - 1 / 3 and len(content["difference_ci"]) == 2
+    # A special-token top-1 is no word: counted apart, as punctuation is, never a content word.
+    special = top1_in_explanation(VOCAB, [[8, 1], [1]], [8, 1], perm=[1, 0], resamples=50)
+    assert (special["counted"], special["not_a_word"]) == (1, 1)
+    assert special["content_top1"]["counted"] == 1
     none = top1_in_explanation(VOCAB, [[0]], [0], perm=None)["content_top1"]
     assert none["counted"] == 0 and none["difference_ci"] == []
 
@@ -93,6 +82,7 @@ def test_each_qualitative_sample_says_whether_its_top1_is_in_the_explanation():
     assert top1_hit(VOCAB, [1, 2], 1) is True
     assert top1_hit(VOCAB, [0, 5], 6) is False
     assert top1_hit(VOCAB, [0, 5], 3) is None  # ',' is no word
+    assert top1_hit(VOCAB, [8, 5], 8) is None  # nor a special token ("imend" once it was)
     rec = {"index": 0, "position": 1, "context_elided": 0, "context_tokens": [" the", " War"]}
     rec.update(greedy=" War", kl=0.1, cosine=0.5, sampled=[], sampled_kl=[])
     assert (

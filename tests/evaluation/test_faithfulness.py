@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import dumped_eval_config, split_of
+from conftest import WordTokenizer, dumped_eval_config, split_of
 
 from consistency_lens.data.dataset import ActivationDataset
 from consistency_lens.evaluation.faithfulness import derangement, evaluate
@@ -26,20 +26,6 @@ def test_derangement_has_no_fixed_point_for_every_size(seed):
         assert derangement(n, seed) == perm  # seeded
     # Not always the same shift: a uniform derangement, not a roll.
     assert len({tuple(derangement(6, s)) for s in range(20)}) > 3
-
-
-class WordTokenizer:
-    """One word per token id, decoded with a leading space like a byte-level BPE; words written
-    `<|...|>` are special tokens (dropped under `skip_special_tokens`, as a HF tokenizer does)."""
-
-    def __init__(self, words):
-        self.words = list(words)
-
-    def decode(self, ids, skip_special_tokens=False):
-        words = [self.words[i] for i in ids]
-        if skip_special_tokens:
-            words = [w for w in words if not w.startswith("<|")]
-        return "".join(" " + w for w in words)
 
 
 VOCAB = WordTokenizer(

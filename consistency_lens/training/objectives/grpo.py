@@ -33,7 +33,7 @@ from consistency_lens.training.objectives import (
     normalised_mse,
     register,
 )
-from consistency_lens.utils.words import TOP_PREDICTIONS, content_word_ids
+from consistency_lens.utils.words import TOP_PREDICTIONS
 
 
 class RLConfig(ObjectiveSettings):
@@ -144,9 +144,7 @@ class GRPOObjective(Objective):
         super().__init__(lens, cfg)
         # The reference is D as built (after `train.init_from`, before any resumed checkpoint).
         self.reference = {n: p.detach().clone() for n, p in self._decoder_params(lens).items()}
-        # Token id -> content-word id, built once on the host so a step compares integers only.
-        vocab = lens.orig.model.get_output_embeddings().weight.shape[0]
-        self.words = content_word_ids(lens.loaded.tokenizer, vocab).to(lens.orig.device)
+        self.words = lens.orig.content_word_ids()
 
     @staticmethod
     def _decoder_params(lens) -> dict[str, nn.Parameter]:

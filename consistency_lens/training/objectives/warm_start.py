@@ -4,8 +4,9 @@ Gumbel-STE on the consistency loss alone finds a few constant codes (docs/design
 field's later lens-style systems start instead from supervision: here D is taught, teacher-forced,
 to write the `t_text` corpus tokens ending at P (they are in the batch already) or, with
 `warm_start_next`, the `t_text` tokens after P (`input_ids_next` in the dump) or, with
-`warm_start_predict`, the context tokens ending at P followed by M's own greedy next tokens (so the
-text carries what M is about to predict, not what the corpus happened to say); E is taught to
+`warm_start_predict`, the context tokens ending at P and M's own next tokens (so the text carries
+what M is about to predict, not what the corpus happened to say; `train.predict` chooses how many,
+the first of them and their place); E is taught to
 rebuild A from the *true* text, by MSE and by the KL of M at P with E's reconstruction patched in.
 The consistency objectives (`grpo`, `plan`) then continue from the saved lens (`train.init_from`).
 """
@@ -30,7 +31,7 @@ from consistency_lens.training.objectives import (
     normalised_mse,
     register,
 )
-from consistency_lens.utils.words import TOP_PREDICTIONS, content_word_ids
+from consistency_lens.utils.words import TOP_PREDICTIONS
 
 
 def context_targets(batch: Batch, t_text: int) -> torch.Tensor:
@@ -127,7 +128,7 @@ def first_content_token(word_ids: torch.Tensor) -> Callable[[torch.Tensor], torc
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
         top = logits.topk(min(TOP_PREDICTIONS, logits.shape[-1]), dim=-1).indices
-        content = word_ids.to(top.device)[top] >= 0
+        content = word_ids[top.to(word_ids.device)].to(top.device) >= 0
         # argmax of a bool row is its first True (rank order), 0 (the top-1) when none is.
         return top.gather(1, content.long().argmax(1, keepdim=True)).squeeze(1)
 
@@ -157,8 +158,8 @@ class PredictConfig(ObjectiveSettings):
     """Settings of the `warm_start_predict` objective (`train.predict`)."""
 
     tokens: int = Field(2, ge=1)
-    """How many of the `t_text` target tokens are M's greedy continuation after P (the rest are
-    the context tokens ending at P); 1..`t_text`, checked where `warm_start_predict` is used."""
+    """How many of the `t_text` target tokens are M's continuation after P (the rest are the
+    context tokens ending at P); 1..`t_text`, checked where `warm_start_predict` is used."""
 
     first: Literal["greedy", "content"] = "greedy"
     """M's first predicted token: its top-1 (`greedy`), or its highest-ranked content word among
@@ -173,7 +174,7 @@ class PredictConfig(ObjectiveSettings):
 
 @register("warm_start_predict")
 class WarmStartPredictObjective(WarmStartObjective):
-    """The warm start on the context ending at P followed by M's greedy continuation after P."""
+    """The warm start on the context ending at P and M's continuation after P (`train.predict`)."""
 
     settings_class = PredictConfig
     section = "predict"
@@ -188,11 +189,10 @@ class WarmStartPredictObjective(WarmStartObjective):
             )
         self.first = None
         if self.settings.first == "content":
-            vocab = lens.orig.model.get_output_embeddings().weight.shape[0]
-            self.first = first_content_token(content_word_ids(lens.loaded.tokenizer, vocab))
+            self.first = first_content_token(lens.orig.content_word_ids())
 
     def targets(self, lens, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Context tokens ending at P, then M's `train.predict.tokens` greedy tokens after P."""
+        """Context tokens ending at P and M's `train.predict.tokens` next tokens, in the set order."""
         k = self.settings.tokens
         before = self.settings.order == "prediction_first"
         return predict_targets(lens, batch, self.cfg.train.t_text, k, self.first, before), None
