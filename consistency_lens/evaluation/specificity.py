@@ -4,9 +4,9 @@ An explanation's content words (each token decoded alone, special tokens dropped
 letters and digits only, stop-words and single letters dropped) are looked up in three buckets of
 its own sample: the context window ending at P, the corpus tokens after P (`input_ids_next`) and
 M's top-5 predictions at P, and in the same buckets of another sample under the eval's
-derangement. A lens whose texts say
-something about their activation hits its own buckets more often; a collapsed lens (one text for
-every sample) hits both equally, exactly, because a derangement is a bijection.
+derangement. A lens whose texts say something about their activation hits its own buckets more
+often; a collapsed lens (one text for every sample) hits both equally, exactly, because a
+derangement is a bijection.
 """
 
 from __future__ import annotations
