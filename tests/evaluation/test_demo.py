@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from conftest import tiny_dump_config
@@ -10,6 +11,7 @@ from conftest import tiny_dump_config
 import consistency_lens.training.trainer as trainer
 from consistency_lens.config import config_from_dict
 from consistency_lens.demo import run_demo
+from consistency_lens.models.ceiling import CEILING_CONFIG, ceiling_dir
 
 
 def _demo_config(tmp_path, model_dir, corpus_dir, train: dict, eval: dict, **over):
@@ -75,8 +77,6 @@ def test_demo_compares_its_lens_with_the_shipped_one(
 ):
     """With a lens shipped for the model, the demo evaluates it on the same samples and prints
     the targets side by side; a shipped copy of the demo's own lens scores exactly the same."""
-    import shutil
-
     import consistency_lens.shipped as shipped_mod
     from consistency_lens.evaluation.tables import TARGETS, comparison_rows
 
@@ -123,3 +123,42 @@ def test_specificity_ratio_without_own_hits_is_no_ratio():
         {"a": results(0.0, 0.0), "b": results(0.4, 0.0), "c": results(0.4, 0.1)}
     )
     assert rows[-1][1:4] == ["n/a", float("inf"), 4.0]
+
+
+def test_demo_stopped_before_its_ceiling_gets_it_without_training_the_lens_again(
+    tmp_path, tiny_llama_dir, corpus_dir, monkeypatch
+):
+    """A demo whose lens was saved but whose context ceiling was not (a run stopped between the
+    two) trains only the ceiling on the next run, and its eval then reports the ceiling row."""
+    cfg = _demo_config(
+        tmp_path,
+        tiny_llama_dir,
+        corpus_dir,
+        batch_size=16,
+        shard_size=4096,
+        train={
+            "objective": "grpo",
+            "steps": 1,
+            "batch_size": 4,
+            "val_every": 1,
+            "val_batches": 1,
+            "prompt": "thought <embed> is",
+            "warm_start": {"steps": 1, "objective": "warm_start_predict"},
+            "predict": {"tokens": 1},
+        },
+        eval={"num_samples": 8, "batch_size": 8, "bootstrap": 20, "qualitative": 0},
+    )
+    first = run_demo(cfg)
+    lens_dir = tmp_path / "run" / "lens"
+    assert "context_ceiling" in first["results"]["baselines"]
+    weights = (lens_dir / "lens.safetensors").read_bytes()
+    shutil.rmtree(ceiling_dir(lens_dir))  # as if stopped after the lens, before its ceiling
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the lens is trained already: only its ceiling may be")
+
+    monkeypatch.setattr(trainer, "train", no_training)
+    again = run_demo(cfg)
+    assert (ceiling_dir(lens_dir) / CEILING_CONFIG).is_file()
+    assert (lens_dir / "lens.safetensors").read_bytes() == weights
+    assert "context_ceiling" in again["results"]["baselines"]
