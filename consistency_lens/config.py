@@ -178,12 +178,8 @@ class TrainConfig(_Strict):
         # `_objective_sections`, defined (so run) before this validator, filled the section in.
         predict = self.__pydantic_extra__["predict"]
         used = "warm_start_predict" in (self.objective, self.warm_start.objective)
-        if used and not 1 <= predict.tokens <= self.t_text:
-            raise ValueError(
-                f"train.predict.tokens must be between 1 and train.t_text ({self.t_text}), got "
-                f"{predict.tokens}; set train.predict.tokens within that range or raise "
-                "train.t_text"
-            )
+        if used and (problem := predict.fit_problem(self.t_text)):
+            raise ValueError(problem)
         return self
 
     @field_validator("tau")

@@ -19,6 +19,12 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
 
 
+class Vocabulary(Tokenizer, Protocol):
+    """A tokenizer whose vocabulary size is known (`content_word_ids` reads every entry)."""
+
+    def __len__(self) -> int: ...
+
+
 STOP_WORDS = frozenset(
     """a about above after again against all am an and any are as at be because been before being
     below between both but by can could did do does doing down during each few for from further had
@@ -63,7 +69,7 @@ def content_words(tokenizer: Tokenizer, ids: Sequence[int]) -> set[str]:
     return {word for word in (content_word(tokenizer, tid) for tid in ids) if word}
 
 
-def content_word_ids(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
+def content_word_ids(tokenizer: Vocabulary, vocab_size: int) -> torch.Tensor:
     """(vocab_size,) int64: for each token id, an id of its content word (`content_words` of that
     token alone), shared by every token with the same word, or -1 when it has none.
 

@@ -421,6 +421,21 @@ def test_warm_start_predict_tokens_must_fit_in_the_text():
     assert cfg.train.predict.tokens == 3
 
 
+def test_the_objective_refuses_tokens_that_do_not_fit_in_a_config_built_unvalidated(
+    tiny_llama_dir,
+):
+    """A warm start's config is made by `model_copy`, which skips TrainConfig's check: the
+    objective runs the same check itself, with the same sentence."""
+    lens = _lens(tiny_llama_dir, objective="warm_start_predict")  # t_text 3, tokens 2
+    short = lens.cfg.model_copy(update={"train": lens.cfg.train.model_copy(update={"t_text": 1})})
+    with pytest.raises(
+        LensError,
+        match=r"^train.predict.tokens must be between 1 and train.t_text \(1\), got 2; set "
+        r"train.predict.tokens within that range or raise train.t_text\.$",
+    ):
+        build_objective(lens, short)
+
+
 def test_a_saved_config_with_the_old_predict_tokens_key_loads_under_the_new_one(tmp_path):
     """train.warm_start.predict_tokens (before it moved beside its objective) reads as
     train.predict.tokens, same value, wherever a saved config is read; a user's own config naming

@@ -171,6 +171,16 @@ class PredictConfig(ObjectiveSettings):
     reads on from the context), or before them (`prediction_first`: D's first token, where D with A
     written at block L reads M's own prediction, is taught that prediction)."""
 
+    def fit_problem(self, t_text: int) -> str | None:
+        """Why `tokens` does not fit in a text of `t_text` tokens (one sentence, no full stop), or
+        None when it does: the one check, run by `TrainConfig` and by the objective."""
+        if 1 <= self.tokens <= t_text:
+            return None
+        return (
+            f"train.predict.tokens must be between 1 and train.t_text ({t_text}), got "
+            f"{self.tokens}; set train.predict.tokens within that range or raise train.t_text"
+        )
+
 
 @register("warm_start_predict")
 class WarmStartPredictObjective(WarmStartObjective):
@@ -181,12 +191,9 @@ class WarmStartPredictObjective(WarmStartObjective):
 
     def __init__(self, lens, cfg: LensConfig):
         super().__init__(lens, cfg)
-        k, t_text = self.settings.tokens, cfg.train.t_text
-        if not 1 <= k <= t_text:
-            raise LensError(
-                f"train.predict.tokens must be between 1 and train.t_text ({t_text}), got {k}; "
-                "set train.predict.tokens within that range or raise train.t_text."
-            )
+        # The warm start's config is built by `model_copy`, which skips TrainConfig's validators.
+        if problem := self.settings.fit_problem(cfg.train.t_text):
+            raise LensError(f"{problem}.")
         self.first = None
         if self.settings.first == "content":
             self.first = first_content_token(lens.orig.content_word_ids())
