@@ -96,6 +96,12 @@ class TrainConfig(_Strict):
     """Optional text whose embeddings initialise a trainable soft prompt before E's input."""
     encoder_layer: int | None = None
     """Block whose final-token output E reads; `None` means the lens layer. Later blocks are dropped."""
+    encoder_rotate: int = Field(0, ge=0)
+    """E reads D's text with its last `encoder_rotate` tokens moved to the front. With a text that
+    ends in M's `k` predicted tokens (`warm_start_predict`, `context_first`), `k` lets D write the
+    fluent order (context, then prediction) while E reads the prediction before the context, so
+    its last state is the token at P, the position where E rebuilds A best. The context ceiling
+    always reads the true context in order."""
     steps: int = Field(1000, ge=1)
     """Optimizer steps."""
     batch_size: int = Field(8, ge=1)
@@ -180,6 +186,16 @@ class TrainConfig(_Strict):
         used = "warm_start_predict" in (self.objective, self.warm_start.objective)
         if used and (problem := predict.fit_problem(self.t_text)):
             raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _rotate_fits(self) -> TrainConfig:
+        if self.encoder_rotate >= self.t_text:
+            raise ValueError(
+                f"train.encoder_rotate={self.encoder_rotate} must be less than "
+                f"train.t_text={self.t_text}: it moves that many of the text's last tokens to the "
+                "front."
+            )
         return self
 
     @field_validator("tau")
@@ -352,6 +368,7 @@ WEIGHT_KEYS = (
     "train.inject_layer",
     "train.encoder_prompt",
     "train.encoder_layer",
+    "train.encoder_rotate",
     "train.lora_r",
     "train.lora_alpha",
 )

@@ -15,8 +15,28 @@ from consistency_lens.models.inputs import causal_mask, position_ids
 from consistency_lens.models.projection import near_identity
 
 
+def rotate_text(x: torch.Tensor, k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`x` (B, T, ...) with the last `k` of each row's real tokens moved before the others.
+
+    `mask` (B, T) marks real tokens, left-padded (the padding stays where it is); without it every
+    token is real. A row with fewer than `k` real tokens is rotated by `k` modulo its length.
+    """
+    if k == 0:
+        return x
+    if mask is None:
+        return x.roll(k, 1)
+    t = x.shape[1]
+    start = t - mask.sum(1, keepdim=True)  # (B, 1): the first real column
+    cols = torch.arange(t, device=x.device).expand_as(mask)
+    within = cols - start
+    length = (t - start).clamp(min=1)
+    src = torch.where(within >= 0, start + (within - k) % length, cols)
+    return x.gather(1, src.view(*src.shape, *[1] * (x.dim() - 2)).expand_as(x))
+
+
 class EncoderModel(nn.Module):
-    """E: optional soft prompt + text, final-token output of block `layer`, `Proj_E_hidden_to_A`."""
+    """E: optional soft prompt + text (its last `rotate` tokens first), final-token output of block
+    `layer`, `Proj_E_hidden_to_A`."""
 
     def __init__(
         self,
@@ -27,6 +47,7 @@ class EncoderModel(nn.Module):
         proj_scale: float,
         prompt: str = "",
         gradient_checkpointing: bool = False,
+        rotate: int = 0,
     ):
         super().__init__()
         self.model = model
@@ -42,6 +63,8 @@ class EncoderModel(nn.Module):
             self.prompt = nn.Parameter(rows)
         self.proj = near_identity(self.parts.d_model, d_activation, proj_scale).to(device)
         self.gradient_checkpointing = gradient_checkpointing
+        # `train.encoder_rotate`: how many of the text's last tokens E reads first.
+        self.rotate = rotate
 
     def _read(
         self,
@@ -50,6 +73,7 @@ class EncoderModel(nn.Module):
         grad_rows: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         batch = embeds.shape[0]
+        embeds = rotate_text(embeds, self.rotate, attention_mask)
         if attention_mask is None:
             # An explicit mask, even without padding: from none, transformers reads the positions
             # back to the host to look for packed sequences (a sync in every training step).

@@ -223,6 +223,7 @@ class ConsistencyLens(nn.Module):
             proj_scale=norm_l / norm_e,
             prompt=train.encoder_prompt,
             gradient_checkpointing=train.gradient_checkpointing,
+            rotate=train.encoder_rotate,
         )
         if train.compile:
             # M's blocks too (its prefix and patched passes), unless bitsandbytes quantised them.

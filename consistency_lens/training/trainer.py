@@ -467,7 +467,9 @@ def keep_context_ceiling(cfg: LensConfig, lens_dir: Path, resume: bool = False) 
         return None
     if (ceiling_dir(lens_dir) / CEILING_CONFIG).is_file():
         return ceiling_dir(lens_dir)
-    if warm.objective == "warm_start":
+    # A warm-start E that read the context rotated (`train.encoder_rotate`) is no ceiling, which
+    # reads it in order: then one is trained like any other.
+    if warm.objective == "warm_start" and not cfg.train.encoder_rotate:
         warm_lens = Path(cfg.train.run_dir) / WARM_START_DIR / "lens"
         return (
             ceiling_from_lens(warm_lens, lens_dir) if (warm_lens / CONFIG_FILE).is_file() else None
@@ -524,6 +526,7 @@ def train_ceiling(cfg: LensConfig, lens_dir: Path, resume: bool = False) -> Path
     update = {key: getattr(own, key) for key in _E_SHAPE}
     update.update(
         objective="context_ceiling",
+        encoder_rotate=0,
         run_dir=Path(cfg.train.run_dir) / CEILING_RUN_DIR,
         init_from=None,
         warm_start=WarmStartConfig(),

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import cli_error
 
+from consistency_lens.config import config_from_dict
 from consistency_lens.errors import LensError
-from consistency_lens.models.encoder import EncoderModel
+from consistency_lens.models.encoder import EncoderModel, rotate_text
 from consistency_lens.models.inputs import left_pad
 from consistency_lens.models.loading import load_model
 from consistency_lens.models.orig import OriginalModelWrapper
@@ -75,3 +77,58 @@ def test_bad_inputs(loaded):
     enc = EncoderModel(loaded.model, loaded.tokenizer, 0, 64, 1.0)
     with pytest.raises(LensError, match="one-hots"):
         enc(torch.zeros(2, 3, 10))
+
+
+def test_rotate_text_moves_the_last_real_tokens_first():
+    x = torch.tensor([[1, 2, 3, 4, 5], [0, 0, 7, 8, 9], [0, 0, 0, 0, 6]])
+    mask = (x != 0).long()
+    # Unpadded: a plain roll; padded: only the real tokens turn, the padding stays in front.
+    assert torch.equal(rotate_text(x[:1], 2), torch.tensor([[4, 5, 1, 2, 3]]))
+    assert torch.equal(
+        rotate_text(x, 2, mask), torch.tensor([[4, 5, 1, 2, 3], [0, 0, 8, 9, 7], [0, 0, 0, 0, 6]])
+    )
+    assert torch.equal(rotate_text(x, 0, mask), x)
+    # Trailing dimensions (embeddings) travel with their token.
+    emb = x.unsqueeze(-1).expand(-1, -1, 3).float()
+    assert torch.equal(rotate_text(emb, 2, mask)[..., 1], rotate_text(x, 2, mask).float())
+
+
+def test_rotated_encoder_reads_the_rotated_text(loaded):
+    """`rotate=k` is E without rotation reading the text with its last k tokens first, on every
+    path (ids, one-hots, left-padded ids), and the gradient reaches each one-hot in its place."""
+    enc = EncoderModel(loaded.model, loaded.tokenizer, 1, 64, 1.0, prompt="the people")
+    rot = EncoderModel(loaded.model, loaded.tokenizer, 1, 64, 1.0, prompt="the people", rotate=2)
+    rot.load_state_dict(enc.state_dict())
+    ids = _ids(2, 5)
+    moved = torch.cat([ids[:, -2:], ids[:, :-2]], 1)
+    assert torch.equal(rot.encode_ids(ids), enc.encode_ids(moved))
+    assert not torch.allclose(rot.encode_ids(ids), enc.encode_ids(ids))
+    assert torch.equal(rot(F.one_hot(ids, 320).float(), ids), enc.encode_ids(moved))
+    short = _ids(1, 3, 3)[0]
+    padded, mask = left_pad([short, ids[0]], pad_id=0)
+    torch.testing.assert_close(
+        rot.encode_ids(padded, mask)[0],
+        enc.encode_ids(torch.cat([short[-2:], short[:-2]]).unsqueeze(0))[0],
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    onehots = F.one_hot(ids, 320).float().requires_grad_(True)
+    shifted = F.one_hot(moved, 320).float().requires_grad_(True)
+    rot(onehots).square().sum().backward()
+    enc(shifted).square().sum().backward()
+    torch.testing.assert_close(onehots.grad, shifted.grad.roll(-2, 1))
+
+
+def test_encoder_rotate_must_leave_a_token_in_place(capsys, tmp_path):
+    """train.encoder_rotate is 0..t_text-1: refused in one sentence, exit 2, nothing written."""
+    with pytest.raises(LensError, match=r"train.encoder_rotate=3 must be less than train.t_text=3"):
+        config_from_dict({"train": {"t_text": 3, "encoder_rotate": 3}})
+    assert config_from_dict({"train": {"t_text": 3, "encoder_rotate": 2}}).train.encoder_rotate == 2
+    run_dir = tmp_path / "run"
+    line = cli_error(
+        capsys,
+        ["train", "train.t_text=2", "train.encoder_rotate=2", f"train.run_dir={run_dir}"],
+        sole_error_line=True,
+    )
+    assert "train.encoder_rotate=2 must be less than train.t_text=2" in line
+    assert not run_dir.exists()

@@ -15,8 +15,13 @@ from consistency_lens.cli import main
 from consistency_lens.config import LensConfig, config_from_dict, load_config
 from consistency_lens.data.collate import CollateFn
 from consistency_lens.data.dump import dump_activations
-from consistency_lens.models.ceiling import CEILING_CONFIG, CEILING_WEIGHTS, ceiling_dir
-from consistency_lens.models.lens import ConsistencyLens
+from consistency_lens.models.ceiling import (
+    CEILING_CONFIG,
+    CEILING_WEIGHTS,
+    ceiling_dir,
+    load_ceiling,
+)
+from consistency_lens.models.lens import CONFIG_FILE, ConsistencyLens
 from consistency_lens.training import trainer
 from consistency_lens.training.objectives import build_objective, normalised_mse, step_info
 
@@ -120,11 +125,16 @@ def test_train_keeps_the_warm_start_e_as_the_ceiling(dumped, tmp_path):
     assert (meta["t_text"], meta["layer"], meta["mode"]) == (2, 1, "lora")
 
 
-@pytest.mark.parametrize("objective", ["warm_start_next", "warm_start_predict"])
-def test_another_warm_start_gets_a_fresh_ceiling_with_its_budget(dumped, tmp_path, objective):
-    """A warm start whose E never read the context alone (the next tokens, M's continuation)
-    gets a fresh E trained on the true last tokens, with the warm start's steps, as its ceiling."""
-    extra = {"warm_start.steps": 2, "warm_start.objective": objective}
+@pytest.mark.parametrize(
+    ("objective", "rotate"), [("warm_start_next", 0), ("warm_start_predict", 0), ("warm_start", 1)]
+)
+def test_another_warm_start_gets_a_fresh_ceiling_with_its_budget(
+    dumped, tmp_path, objective, rotate
+):
+    """A warm start whose E never read the context alone, in order (the next tokens, M's
+    continuation, the context rotated by `train.encoder_rotate`) gets a fresh E trained on the
+    true last tokens, with the warm start's steps, as its ceiling; it reads them unrotated."""
+    extra = {"warm_start.steps": 2, "warm_start.objective": objective, "encoder_rotate": rotate}
     run_dir = tmp_path / "r"
     result = trainer.train(load_config(None, _overrides(dumped, run_dir, "grpo", 1, **extra)))
     ceiling = ceiling_dir(result.lens_dir)
@@ -136,6 +146,11 @@ def test_another_warm_start_gets_a_fresh_ceiling_with_its_budget(dumped, tmp_pat
     assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)
     warm = _encoder_weights(run_dir / trainer.WARM_START_DIR / "lens")
     assert any(not torch.equal(saved[k], warm[k]) for k in saved)  # not the warm start's E
+    ceiling_run = json.loads((run_dir / trainer.CEILING_RUN_DIR / "lens" / CONFIG_FILE).read_text())
+    assert ceiling_run["config"]["train"]["encoder_rotate"] == 0
+    lens = ConsistencyLens.from_pretrained(result.lens_dir, device="cpu")
+    twin, _ = load_ceiling(lens, result.lens_dir)
+    assert (lens.encoder.rotate, twin.rotate) == (rotate, 0)
 
 
 def test_train_ceiling_trains_a_fresh_e_of_the_lens_shape(dumped, tmp_path, capsys):
