@@ -152,18 +152,20 @@ def _patched_pass(
         start += len(ids)
         # Context tokens: E reads the true last T_text tokens ending at P (fewer, masked, when the
         # context is shorter). E was trained on D's texts only, so this is not an ideal decoder:
-        # it shows how much of A the context's own words carry through this E.
+        # it shows how much of A the context's own words carry through this E. Both rows read
+        # them in order, ending on the token at P, even where E reads D's text rotated
+        # (`train.encoder_rotate`): D's texts then end on that token once rotated.
         k = min(t_text, batch.input_ids_A.shape[1])
         ctx_ids, ctx_mask = batch.input_ids_A[:, -k:], batch.attention_mask_A[:, -k:]
         patches = {
             "lens": A_hat[rows],
             "zero": torch.zeros_like(A),
             "mean": mean_activation.to(A.dtype).expand_as(A),
-            "context_tokens": lens.encode_ids(ctx_ids, ctx_mask),
+            "context_tokens": lens.encode_ids(ctx_ids, ctx_mask, rotate=0),
         }
         if ceiling is not None:
             # The same input, read by an E trained on the true tokens alone: the fair reference.
-            patches["context_ceiling"] = ceiling.encode_ids(ctx_ids, ctx_mask).to(A.dtype)
+            patches["context_ceiling"] = ceiling.encode_ids(ctx_ids, ctx_mask, rotate=0).to(A.dtype)
             ceiling_hats.append(patches["context_ceiling"].float().cpu())
         if perm:
             patches["shuffled"] = A_hat[perm[rows.start : rows.stop]]

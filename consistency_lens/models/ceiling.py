@@ -174,8 +174,6 @@ def load_ceiling(lens, lens_dir: str | Path) -> tuple[torch.nn.Module, dict] | N
             "it again with `consistency-lens train-ceiling`."
         ) from None
     twin = encoder_twin(lens.encoder)
-    # The ceiling was trained on the true context in its order (`train_ceiling`), never rotated.
-    twin.rotate = 0
     own = {name: p for name, p in twin.named_parameters() if p.requires_grad}
     if set(own) != set(state) or any(state[n].shape != p.shape for n, p in own.items()):
         raise LensError(

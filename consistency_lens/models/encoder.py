@@ -21,6 +21,7 @@ def rotate_text(x: torch.Tensor, k: int, mask: torch.Tensor | None = None) -> to
     `mask` (B, T) marks real tokens, left-padded (the padding stays where it is); without it every
     token is real. A row with fewer than `k` real tokens is rotated by `k` modulo its length.
     """
+    mask = None if mask is None else mask.long()  # a bool or float mask indexes as well
     if k == 0:
         return x
     if mask is None:
@@ -35,8 +36,7 @@ def rotate_text(x: torch.Tensor, k: int, mask: torch.Tensor | None = None) -> to
 
 
 class EncoderModel(nn.Module):
-    """E: optional soft prompt + text (its last `rotate` tokens first), final-token output of block
-    `layer`, `Proj_E_hidden_to_A`."""
+    """E: soft prompt + text (last `rotate` tokens first), block `layer`'s last state, projection."""
 
     def __init__(
         self,
@@ -71,9 +71,10 @@ class EncoderModel(nn.Module):
         embeds: torch.Tensor,
         attention_mask: torch.Tensor | None,
         grad_rows: tuple[int, int] | None = None,
+        rotate: int | None = None,
     ) -> torch.Tensor:
         batch = embeds.shape[0]
-        embeds = rotate_text(embeds, self.rotate, attention_mask)
+        embeds = rotate_text(embeds, self.rotate if rotate is None else rotate, attention_mask)
         if attention_mask is None:
             # An explicit mask, even without padding: from none, transformers reads the positions
             # back to the host to look for packed sequences (a sync in every training step).
@@ -121,9 +122,13 @@ class EncoderModel(nn.Module):
         return self._read(self.parts.embed_onehots(onehots, ids), None, grad_rows)
 
     def encode_ids(
-        self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        rotate: int | None = None,
     ) -> torch.Tensor:
-        """Â (B, d_A) from token ids (B, T), left-padded when `attention_mask` is given."""
+        """Â (B, d_A) from token ids (B, T), left-padded when `attention_mask` is given; `rotate`
+        overrides E's own (0: the true context, read in order, as the context rows read it)."""
         if ids.dim() != 2:
             raise LensError(f"Token ids have shape {tuple(ids.shape)} but need (batch, tokens).")
-        return self._read(self.parts.embed_ids(ids), attention_mask)
+        return self._read(self.parts.embed_ids(ids), attention_mask, rotate=rotate)

@@ -313,10 +313,13 @@ class ConsistencyLens(nn.Module):
 
     @torch.no_grad()
     def encode_ids(
-        self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        rotate: int | None = None,
     ) -> torch.Tensor:
-        """E's Â (B, d) for given (left-padded when masked) token ids."""
-        return self.encoder.encode_ids(ids, attention_mask)
+        """E's Â (B, d) for given (left-padded when masked) token ids (`rotate`: as E's own)."""
+        return self.encoder.encode_ids(ids, attention_mask, rotate)
 
     def _metadata(self) -> dict:
         return {

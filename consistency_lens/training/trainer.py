@@ -459,9 +459,9 @@ def keep_context_ceiling(cfg: LensConfig, lens_dir: Path, resume: bool = False) 
     A warm start on the context tokens ending at P (`warm_start`) trained an E on exactly those
     tokens: that E is the ceiling (unless it read them rotated, `train.encoder_rotate`). Any other
     warm start (M's continuation, the next corpus tokens) never let its E read the context alone,
-    in order, so a fresh E is trained on it with the warm start's
-    budget (`train_ceiling`, in `<run_dir>/context_ceiling`): every warm-started lens is judged
-    against the same kind of ceiling.
+    in order, so a fresh E is trained on it with the warm start's budget (`train_ceiling`, in
+    `<run_dir>/context_ceiling`): every warm-started lens is judged against the same kind of
+    ceiling.
     """
     warm = cfg.train.warm_start
     if not warm.steps:

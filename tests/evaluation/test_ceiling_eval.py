@@ -154,6 +154,22 @@ def test_ceiling_row_equals_a_direct_computation(setup):
     assert "| context ceiling |" in table and "**Context ceiling**" in table
 
 
+def test_context_rows_read_the_true_context_in_order_under_a_rotated_e(setup):
+    """With `train.encoder_rotate`, E reads D's text rotated, but the `context_tokens` and
+    `context_ceiling` rows read the true context in order, ending on the token at P."""
+    cfg, lens, lens_dir, _, val, mean = setup
+    twin, _ = load_ceiling(lens, lens_dir)
+    plain = evaluate(lens, val, cfg, mean, twin)
+    lens.encoder.rotate = twin.rotate = 2
+    try:
+        rotated = evaluate(lens, val, cfg, mean, twin)
+    finally:
+        lens.encoder.rotate = 0
+    for row in ("context_tokens", "context_ceiling"):
+        assert rotated["baselines"][row]["kl"] == plain["baselines"][row]["kl"], row
+    assert rotated["kl"]["mean"] != pytest.approx(plain["kl"]["mean"], rel=1e-4)  # D's text
+
+
 def test_a_lens_without_a_ceiling_evaluates_as_before(setup):
     cfg, lens, _, _, val, mean = setup
     twin, _ = load_ceiling(lens, setup[2])

@@ -51,7 +51,8 @@ def test_gpu_config_validates_and_uses_the_same_recipe():
     demo = load_config([CONFIG / "demo.yaml"])
     gpu = load_config([CONFIG / "gpu.yaml"])
     assert gpu.device == "cuda" and gpu.train.precision == "bf16"
-    for key in ("mode", "inject_layer", "prompt", "objective", "t_text"):
+    keys = ("mode", "inject_layer", "prompt", "encoder_prompt", "encoder_rotate", "objective")
+    for key in (*keys, "t_text"):
         assert getattr(gpu.train, key) == getattr(demo.train, key)
     for key in ("temperature", "kl_ref"):
         assert getattr(gpu.train.rl, key) == getattr(demo.train.rl, key)

@@ -80,13 +80,14 @@ def test_bad_inputs(loaded):
 
 
 def test_rotate_text_moves_the_last_real_tokens_first():
-    x = torch.tensor([[1, 2, 3, 4, 5], [0, 0, 7, 8, 9], [0, 0, 0, 0, 6]])
-    mask = (x != 0).long()
-    # Unpadded: a plain roll; padded: only the real tokens turn, the padding stays in front.
+    x = torch.tensor([[1, 2, 3, 4, 5], [0, 0, 7, 8, 9], [0, 0, 0, 0, 6], [0, 0, 0, 2, 3]])
+    mask = x != 0
+    # Unpadded: a plain roll; padded: only the real tokens turn, the padding stays in front; a
+    # row shorter than k turns by k modulo its length.
     assert torch.equal(rotate_text(x[:1], 2), torch.tensor([[4, 5, 1, 2, 3]]))
-    assert torch.equal(
-        rotate_text(x, 2, mask), torch.tensor([[4, 5, 1, 2, 3], [0, 0, 8, 9, 7], [0, 0, 0, 0, 6]])
-    )
+    turned = torch.tensor([[4, 5, 1, 2, 3], [0, 0, 8, 9, 7], [0, 0, 0, 0, 6], [0, 0, 0, 2, 3]])
+    assert torch.equal(rotate_text(x, 2, mask), turned)
+    assert torch.equal(rotate_text(x, 3, mask.float())[3], torch.tensor([0, 0, 0, 3, 2]))
     assert torch.equal(rotate_text(x, 0, mask), x)
     # Trailing dimensions (embeddings) travel with their token.
     emb = x.unsqueeze(-1).expand(-1, -1, 3).float()

@@ -19,7 +19,6 @@ from consistency_lens.models.ceiling import (
     CEILING_CONFIG,
     CEILING_WEIGHTS,
     ceiling_dir,
-    load_ceiling,
 )
 from consistency_lens.models.lens import CONFIG_FILE, ConsistencyLens
 from consistency_lens.training import trainer
@@ -40,8 +39,10 @@ def _lens(model_dir, **train) -> ConsistencyLens:
     return ConsistencyLens.build(cfg)
 
 
-def test_ceiling_objective_reads_the_true_last_tokens_and_trains_e_only(tiny_llama_dir):
-    lens = _lens(tiny_llama_dir, alpha={"kind": "constant", "start": 0.0})
+@pytest.mark.parametrize("rotate", [0, 2])
+def test_ceiling_objective_reads_the_true_last_tokens_and_trains_e_only(tiny_llama_dir, rotate):
+    """In order, even where the lens's E reads its texts rotated (`train.encoder_rotate`)."""
+    lens = _lens(tiny_llama_dir, alpha={"kind": "constant", "start": 0.0}, encoder_rotate=rotate)
     gen = torch.Generator().manual_seed(0)
     seqs = [torch.randint(1, 320, (n,), generator=gen) for n in (7, 2, 5)]
     items = []
@@ -53,7 +54,9 @@ def test_ceiling_objective_reads_the_true_last_tokens_and_trains_e_only(tiny_lla
     out = objective(lens, batch, step_info(type(objective), lens.cfg, 0))
     # By hand: each sample alone, unpadded, its last 3 tokens (the 2-token one: both).
     with torch.no_grad():
-        hand = torch.cat([lens.encoder.encode_ids(ids[None, -3:]) for ids in seqs])
+        hand = torch.cat([lens.encoder.encode_ids(ids[None, -3:], rotate=0) for ids in seqs])
+        as_own = torch.cat([lens.encoder.encode_ids(ids[None, -3:]) for ids in seqs])
+    assert torch.equal(as_own, hand) == (rotate == 0)
     mse = normalised_mse(hand, batch.A.float())
     assert float(out.terms["mse_e"].detach()) == pytest.approx(float(mse), rel=1e-5)
     assert float(out.loss.detach()) == pytest.approx(2.0 * float(mse), rel=1e-5)
@@ -148,9 +151,7 @@ def test_another_warm_start_gets_a_fresh_ceiling_with_its_budget(
     assert any(not torch.equal(saved[k], warm[k]) for k in saved)  # not the warm start's E
     ceiling_run = json.loads((run_dir / trainer.CEILING_RUN_DIR / "lens" / CONFIG_FILE).read_text())
     assert ceiling_run["config"]["train"]["encoder_rotate"] == 0
-    lens = ConsistencyLens.from_pretrained(result.lens_dir, device="cpu")
-    twin, _ = load_ceiling(lens, result.lens_dir)
-    assert (lens.encoder.rotate, twin.rotate) == (rotate, 0)
+    assert ConsistencyLens.from_pretrained(result.lens_dir, device="cpu").encoder.rotate == rotate
 
 
 def test_train_ceiling_trains_a_fresh_e_of_the_lens_shape(dumped, tmp_path, capsys):

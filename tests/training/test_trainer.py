@@ -245,6 +245,7 @@ _CHANGED = {
     "train.inject_layer": 0,
     "train.encoder_prompt": "a note",
     "train.encoder_layer": 0,
+    "train.encoder_rotate": 1,
     "train.lora_r": 4,
     "train.lora_alpha": 8,
 }

@@ -37,7 +37,8 @@ class ContextCeilingObjective(Objective):
         k = min(self.cfg.train.t_text, batch.input_ids_A.shape[1])
         ids, mask = batch.input_ids_A[:, -k:], batch.attention_mask_A[:, -k:]
         a = batch.A.float()
-        a_hat = lens.encoder.encode_ids(ids, mask)
+        # In order whatever `train.encoder_rotate` says: the ceiling reads the context as it is.
+        a_hat = lens.encoder.encode_ids(ids, mask, rotate=0)
         mse = normalised_mse(a_hat, a)
         kl = a.new_zeros(())
         if step["alpha"] > 0:
