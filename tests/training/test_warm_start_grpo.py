@@ -667,3 +667,34 @@ def test_a_finished_warm_start_saved_before_a_setting_existed_is_still_the_same(
     assert trainer._settings(saved) == trainer._settings(cfg)
     saved["train"]["rl"]["kl_ref"] = 0.9
     assert trainer._settings(saved) != trainer._settings(cfg)
+
+
+def test_grpo_reference_kl_guard_drops_the_policy_gradient_past_its_bound(tiny_llama_dir):
+    """`rl.max_kl_ref`: under the bound the loss is unchanged; past it the policy-gradient term
+    leaves the loss (D is pulled back by the reference KL alone) and `held` says so."""
+    lens = _lens(tiny_llama_dir, objective="grpo", rl={"samples": 3, "kl_ref": 0.5}, lr=0.05)
+    batch = _batch(lens)
+    # Move D away from its reference first, so the reference KL is above 0.
+    obj = build_objective(lens, lens.cfg)
+    with torch.no_grad():
+        for param in obj._decoder_params(lens).values():
+            param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(0)))
+    outs = {}
+    for bound in (None, 1e6, 1e-6):
+        cfg = lens.cfg.model_copy(deep=True)
+        cfg.train.rl.max_kl_ref = bound
+        guarded = build_objective(lens, cfg)
+        guarded.reference = obj.reference  # the same reference for every bound
+        torch.manual_seed(5)
+        outs[bound] = guarded(lens, batch, step_info(type(guarded), cfg, 0))
+    off, under, past = outs[None], outs[1e6], outs[1e-6]
+    assert float(off.terms["kl_ref"]) > 1e-6
+    assert (float(off.terms["held"]), float(under.terms["held"]), float(past.terms["held"])) == (
+        0.0,
+        0.0,
+        1.0,
+    )
+    torch.testing.assert_close(under.loss, off.loss)
+    pg = off.terms["pg"]
+    assert abs(float(pg)) > 1e-6  # the dropped term is not zero anyway
+    torch.testing.assert_close(past.loss, off.loss - pg)

@@ -9,8 +9,9 @@ Advantages are group-relative (each sample against the mean of the other samples
 activation, optionally divided by the group's standard deviation), so no value network is needed.
 D's loss is the policy gradient plus `rl.kl_ref` times the KL of D's token distributions to a
 frozen reference D (the lens D started from: the warm-started one when
-`train.init_from` is set), which keeps the text readable. E learns on the same samples by MSE and
-by the KL at P, with the gradient flowing through its reconstruction only.
+`train.init_from` is set), which keeps the text readable; with `rl.max_kl_ref`, a step whose KL is
+past that bound drops the policy gradient and only pulls D back. E learns on the same samples by
+MSE and by the KL at P, with the gradient flowing through its reconstruction only.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ class RLConfig(ObjectiveSettings):
     under A (each token decoded alone and normalised, as the eval's top-5 bucket reads words)."""
     std_norm: bool = True
     """Divide each group's advantages by its reward standard deviation."""
+    max_kl_ref: float | None = Field(None, gt=0)
+    """A guard against divergence: on a step whose KL of D to its reference exceeds this, D is
+    trained on that KL alone (no policy gradient) until it is back under, as PPO stops its policy
+    updates past a target KL. `None`: off."""
 
 
 def group_advantages(rewards: torch.Tensor, std_norm: bool) -> torch.Tensor:
@@ -126,7 +131,7 @@ class GRPOObjective(Objective):
 
     settings_class = RLConfig
     section = "rl"
-    terms = ("pg", "kl_ref", "reward", "kl_e", "mse_e", "distinct", "named")
+    terms = ("pg", "kl_ref", "reward", "kl_e", "mse_e", "distinct", "named", "held")
     coefficients = ("alpha",)
     term_titles = {
         "pg": "Policy-gradient loss of D",
@@ -136,9 +141,10 @@ class GRPOObjective(Objective):
         "mse_e": "E's normalised MSE",
         "distinct": "Distinct samples per activation (fraction)",
         "named": "Sampled texts naming a content word of M's top-5 at P (fraction)",
+        "held": "Steps whose policy gradient the reference-KL guard dropped (fraction)",
         "alpha": "KL weight α",
     }
-    linear_terms = ("pg", "reward", "distinct", "named")
+    linear_terms = ("pg", "reward", "distinct", "named", "held")
 
     def __init__(self, lens, cfg: LensConfig):
         super().__init__(lens, cfg)
@@ -183,9 +189,14 @@ class GRPOObjective(Objective):
         # Mean log-probability per token of each sampled text under D.
         pg = policy_gradient_loss(-token_nll(logits, ids).view(n, k), adv)
         kl_ref = reference_kl(logits, ref_logits)
+        # The guard is a 0/1 factor on the device (a Python branch would read the KL back).
+        held = kl_ref.new_zeros(())
+        if rl.max_kl_ref is not None:
+            held = (kl_ref.detach() > rl.max_kl_ref).float()
         kl_e = kls.mean()
         mse_e = normalised_mse(a_hat, a_rep)
-        loss = pg + rl.kl_ref * kl_ref + self.cfg.train.mse_weight * mse_e + step["alpha"] * kl_e
+        loss = (1 - held) * pg + rl.kl_ref * kl_ref + self.cfg.train.mse_weight * mse_e
+        loss = loss + step["alpha"] * kl_e
         distinct = distinct_fraction(ids.view(n, k, -1))
         terms = {
             "pg": pg,
@@ -195,5 +206,6 @@ class GRPOObjective(Objective):
             "mse_e": mse_e,
             "distinct": distinct,
             "named": named.mean(),
+            "held": held,
         }
         return ObjectiveOutput(loss=loss, terms=terms)
