@@ -118,9 +118,11 @@ def test_grpo_owns_its_settings_and_saved_configs_still_read():
     saved = json.loads((SHIPPED / "smollm2-135m-sotu-L20" / "lens_config.json").read_text())
     cfg = config_from_dict(saved["config"])
     assert cfg.train.rl == RLConfig(**saved["config"]["train"]["rl"])
-    # A setting added since (`prediction_reward`) reads as its default, which changes nothing.
+    # Settings added since (`prediction_reward`, `max_kl_ref`) read as their defaults, which
+    # change nothing.
     assert dump_config(cfg)["train"]["rl"] == {
         "prediction_reward": 0.0,
+        "max_kl_ref": None,
         **saved["config"]["train"]["rl"],
     }
 
