@@ -195,8 +195,9 @@ class GRPOObjective(Objective):
             held = (kl_ref.detach() > rl.max_kl_ref).float()
         kl_e = kls.mean()
         mse_e = normalised_mse(a_hat, a_rep)
-        loss = (1 - held) * pg + rl.kl_ref * kl_ref + self.cfg.train.mse_weight * mse_e
-        loss = loss + step["alpha"] * kl_e
+        # `where`, not a product: a held step drops the term even where it is not finite.
+        kept = torch.where(held > 0, torch.zeros_like(pg), pg)
+        loss = kept + rl.kl_ref * kl_ref + self.cfg.train.mse_weight * mse_e + step["alpha"] * kl_e
         distinct = distinct_fraction(ids.view(n, k, -1))
         terms = {
             "pg": pg,
