@@ -139,7 +139,8 @@ def _load_all() -> None:
 def available() -> list[str]:
     """Registered objective names, the plan's first."""
     _load_all()
-    return list(_REGISTRY)
+    # Registration order follows imports, which a caller's own import of a module can reorder.
+    return sorted(_REGISTRY, key=lambda name: name != "plan")
 
 
 def objective_class(name: str) -> type[Objective]:
@@ -147,7 +148,7 @@ def objective_class(name: str) -> type[Objective]:
     _load_all()
     if name not in _REGISTRY:
         raise LensError(
-            f"Unknown train.objective '{name}'; registered objectives: {', '.join(_REGISTRY)}."
+            f"Unknown train.objective '{name}'; registered objectives: {', '.join(available())}."
         )
     return _REGISTRY[name]
 
