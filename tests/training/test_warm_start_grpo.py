@@ -689,12 +689,27 @@ def test_grpo_reference_kl_guard_drops_the_policy_gradient_past_its_bound(tiny_l
         outs[bound] = guarded(lens, batch, step_info(type(guarded), cfg, 0))
     off, under, past = outs[None], outs[1e6], outs[1e-6]
     assert float(off.terms["kl_ref"]) > 1e-6
-    assert (float(off.terms["held"]), float(under.terms["held"]), float(past.terms["held"])) == (
-        0.0,
-        0.0,
-        1.0,
-    )
+    held = [float(out.terms["held"]) for out in (off, under, past)]
+    assert held == [0.0, 0.0, 1.0]
     torch.testing.assert_close(under.loss, off.loss)
     pg = off.terms["pg"]
     assert abs(float(pg)) > 1e-6  # the dropped term is not zero anyway
     torch.testing.assert_close(past.loss, off.loss - pg)
+    # The gradient too: D's is the one of the loss without the policy-gradient term.
+    params = list(obj._decoder_params(lens).values())
+    held_grads = torch.autograd.grad(past.loss, params, allow_unused=True)
+    want = torch.autograd.grad(off.loss - pg, params, allow_unused=True)
+    with_pg = torch.autograd.grad(under.loss, params, allow_unused=True)
+    moved = False
+    for got, exp, full in zip(held_grads, want, with_pg, strict=True):
+        if exp is None:
+            continue
+        torch.testing.assert_close(got, exp)
+        moved |= not torch.allclose(got, full)
+    assert moved
+
+
+def test_grpo_reference_kl_guard_needs_a_reference_weight():
+    with pytest.raises(LensError, match=r"train.rl.max_kl_ref needs train.rl.kl_ref above 0"):
+        config_from_dict({"train": {"rl": {"max_kl_ref": 2.0, "kl_ref": 0.0}}})
+    assert config_from_dict({"train": {"rl": {"max_kl_ref": 2.0}}}).train.rl.max_kl_ref == 2.0

@@ -20,7 +20,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from consistency_lens.config import LensConfig, ObjectiveSettings
@@ -56,9 +56,19 @@ class RLConfig(ObjectiveSettings):
     std_norm: bool = True
     """Divide each group's advantages by its reward standard deviation."""
     max_kl_ref: float | None = Field(None, gt=0)
-    """A guard against divergence: on a step whose KL of D to its reference exceeds this, D is
-    trained on that KL alone (no policy gradient) until it is back under, as PPO stops its policy
-    updates past a target KL. `None`: off."""
+    """A guard against divergence: on a micro-batch whose KL of D to its reference exceeds this
+    (decided per process), D is trained on that KL alone (no policy gradient) until it is back
+    under, as PPO stops its policy updates past a target KL. `None`: off."""
+
+    @model_validator(mode="after")
+    def _guard_pulls_back(self) -> RLConfig:
+        # A held step trains D on the reference KL alone: with weight 0, D would stay held.
+        if self.max_kl_ref is not None and self.kl_ref == 0:
+            raise ValueError(
+                "train.rl.max_kl_ref needs train.rl.kl_ref above 0 (a held step trains D on the "
+                "reference KL alone); set train.rl.kl_ref or unset train.rl.max_kl_ref."
+            )
+        return self
 
 
 def group_advantages(rewards: torch.Tensor, std_norm: bool) -> torch.Tensor:
@@ -189,14 +199,15 @@ class GRPOObjective(Objective):
         # Mean log-probability per token of each sampled text under D.
         pg = policy_gradient_loss(-token_nll(logits, ids).view(n, k), adv)
         kl_ref = reference_kl(logits, ref_logits)
-        # The guard is a 0/1 factor on the device (a Python branch would read the KL back).
-        held = kl_ref.new_zeros(())
+        # The guard is decided on the device (a Python branch would read the KL back).
+        held = kl_ref.new_zeros(())  # a declared term: logged (as 0) with the guard off too
+        kept = pg
         if rl.max_kl_ref is not None:
             held = (kl_ref.detach() > rl.max_kl_ref).float()
+            # `where`, not a product: a held step drops the term even where it is not finite.
+            kept = torch.where(held > 0, torch.zeros_like(pg), pg)
         kl_e = kls.mean()
         mse_e = normalised_mse(a_hat, a_rep)
-        # `where`, not a product: a held step drops the term even where it is not finite.
-        kept = torch.where(held > 0, torch.zeros_like(pg), pg)
         loss = kept + rl.kl_ref * kl_ref + self.cfg.train.mse_weight * mse_e + step["alpha"] * kl_e
         distinct = distinct_fraction(ids.view(n, k, -1))
         terms = {
