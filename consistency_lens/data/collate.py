@@ -39,6 +39,12 @@ class Batch:
             }
         )
 
+    def last_context(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The true last `k` context tokens ending at P and their mask (fewer, left-padded,
+        where a context is shorter): what the eval's context rows and the ceiling read."""
+        k = min(k, self.input_ids_A.shape[1])
+        return self.input_ids_A[:, -k:], self.attention_mask_A[:, -k:]
+
     def to(self, device: torch.device | str) -> Batch:
         """Move every tensor to `device` (asynchronously from pinned memory)."""
         return self._map(lambda t: t.to(device, non_blocking=t.is_pinned()))

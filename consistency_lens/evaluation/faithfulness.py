@@ -155,8 +155,7 @@ def _patched_pass(
         # it shows how much of A the context's own words carry through this E. Both rows read
         # them in order, ending on the token at P, even where E reads D's text rotated
         # (`train.encoder_rotate`): D's texts then end on that token once rotated.
-        k = min(t_text, batch.input_ids_A.shape[1])
-        ctx_ids, ctx_mask = batch.input_ids_A[:, -k:], batch.attention_mask_A[:, -k:]
+        ctx_ids, ctx_mask = batch.last_context(t_text)
         patches = {
             "lens": A_hat[rows],
             "zero": torch.zeros_like(A),

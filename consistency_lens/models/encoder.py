@@ -21,11 +21,11 @@ def rotate_text(x: torch.Tensor, k: int, mask: torch.Tensor | None = None) -> to
     `mask` (B, T) marks real tokens, left-padded (the padding stays where it is); without it every
     token is real. A row with fewer than `k` real tokens is rotated by `k` modulo its length.
     """
-    mask = None if mask is None else mask.long()  # a bool or float mask indexes as well
     if k == 0:
         return x
     if mask is None:
         return x.roll(k, 1)
+    mask = mask.long()  # a bool or float mask indexes as well
     t = x.shape[1]
     start = t - mask.sum(1, keepdim=True)  # (B, 1): the first real column
     cols = torch.arange(t, device=x.device).expand_as(mask)

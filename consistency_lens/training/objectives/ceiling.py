@@ -34,8 +34,7 @@ class ContextCeilingObjective(Objective):
 
     def __call__(self, lens, batch: Batch, step: StepInfo) -> ObjectiveOutput:
         """E on this batch's true last `t_text` context tokens."""
-        k = min(self.cfg.train.t_text, batch.input_ids_A.shape[1])
-        ids, mask = batch.input_ids_A[:, -k:], batch.attention_mask_A[:, -k:]
+        ids, mask = batch.last_context(self.cfg.train.t_text)
         a = batch.A.float()
         # In order whatever `train.encoder_rotate` says: the ceiling reads the context as it is.
         a_hat = lens.encoder.encode_ids(ids, mask, rotate=0)
