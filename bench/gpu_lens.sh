@@ -9,7 +9,8 @@
 # Budget knobs (seconds): WS_SECONDS (warm start, default 100), RL_SECONDS (GRPO, default 200),
 # EVAL_SECONDS (each eval, default 100), PROFILE_SECONDS (bench/gpu.py --part profile, default
 # 180; PROFILE=0 skips it), CEIL_SECONDS (the context ceiling, default 100; CEIL_STEPS its steps,
-# default WS_STEPS). WS_STEPS caps the warm start's steps (default 600); EVAL_CORPORA
+# default WS_STEPS; CEILING=0 skips it, e.g. when an existing ceiling of the same E shape is copied
+# beside the lens afterwards). WS_STEPS caps the warm start's steps (default 600); EVAL_CORPORA
 # (default "sotu pydoc"); PY the Python (default python3); PROFILE_ARGS extra profile arguments;
 # SKIP_DUMP=1 when the dump is already complete (bench/gpu_lens_sweep.sh runs it once for all).
 # With PACK_DIR set, the lens, logs and results end packed there as parts under 15 MB.
@@ -73,10 +74,12 @@ log "grpo done"
 pack  # the lens comes back even if a later stage outruns the call's limit
 # Its context ceiling (an E on the true last t_text tokens alone, at the warm start's step cap and
 # batch), so that eval reports the lens's gap to it; one that outruns CEIL_SECONDS is left out.
-timeout "${CEIL_SECONDS:-100}" "${cl[@]}" train-ceiling --config "$cfg" --checkpoint "$run/lens" \
-    "${overrides[@]}" train.run_dir="$run" train.steps="${CEIL_STEPS:-${WS_STEPS:-600}}" \
-    train.batch_size=64 train.alpha.start=0.0 >"$out/ceiling.log" 2>&1
-log "ceiling rc $?"
+if [ "${CEILING:-1}" = 1 ]; then
+    timeout "${CEIL_SECONDS:-100}" "${cl[@]}" train-ceiling --config "$cfg" --checkpoint "$run/lens" \
+        "${overrides[@]}" train.run_dir="$run" train.steps="${CEIL_STEPS:-${WS_STEPS:-600}}" \
+        train.batch_size=64 train.alpha.start=0.0 >"$out/ceiling.log" 2>&1
+    log "ceiling rc $?"
+fi
 for corpus in ${EVAL_CORPORA:-sotu pydoc}; do
     dest=$run/eval_$corpus
     timeout "${EVAL_SECONDS:-100}" "${cl[@]}" eval --config "$cfg" --checkpoint "$run/lens" --output "$dest" \
