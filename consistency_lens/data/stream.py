@@ -7,6 +7,7 @@ what a checkpoint stores, so a resumed run reads exactly the batches an uninterr
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -60,6 +61,14 @@ class EpochBatchSampler(Sampler[list[int]]):
         return max(0, self.num_batches() - self.skip)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A prefetch worker ignores SIGTERM: the main process checkpoints on it and then stops the
+    worker itself."""
+    # `timeout`, Slurm and a shell's job control signal the whole process group; a worker killed
+    # by it makes the main process raise at its next step instead of saving a checkpoint.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class BatchStream:
     """Endless micro-batches over epochs; the position lives in (and resumes from) `state`."""
 
@@ -109,6 +118,7 @@ class BatchStream:
             num_workers=1 if self.prefetch else 0,
             pin_memory=self.prefetch and torch.cuda.is_available(),
             multiprocessing_context="fork" if self.prefetch else None,
+            worker_init_fn=_ignore_stop_signals if self.prefetch else None,
         )
         self._it = iter(loader)
 

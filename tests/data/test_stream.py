@@ -1,7 +1,11 @@
-"""The training stream: prefetching in a background process changes no batch, resume included."""
+"""The training stream: prefetching in a background process changes no batch, resume included,
+and survives the SIGTERM that asks the trainer to checkpoint."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from dataclasses import dataclass, fields
 
 import torch
@@ -53,3 +57,28 @@ def test_prefetching_stream_gives_the_same_batches_and_resumes_exactly(
             else:
                 assert got[name] == value, name
     assert plain[3]["position"] == (1, 1)
+
+
+def test_prefetch_worker_survives_the_sigterm_sent_to_the_process_group(
+    tmp_path, tiny_llama_dir, corpus_dir
+):
+    # `timeout` (and Slurm) signal the whole group: the worker must live on so that the trainer,
+    # which checkpoints on SIGTERM, still gets its batches; a dead worker makes `next` raise.
+    cfg = config_from_dict(
+        tiny_dump_config(tmp_path, tiny_llama_dir, corpus_dir, num_samples=12, val_samples=4)
+    )
+    dump_activations(cfg)
+    dataset = ActivationDataset(split_of(cfg, "train"), seed=0)
+    plain = _batches(BatchStream(dataset, 4, 0, CollateFn()), Position(), 3)
+    stream = BatchStream(dataset, 4, 0, CollateFn(), prefetch=True)
+    state = Position()
+    first = _batches(stream, state, 1)
+    workers = stream._it._workers
+    assert len(workers) == 1
+    os.kill(workers[0].pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert workers[0].is_alive()
+    rest = _batches(stream, state, 2)
+    for got, want in zip([*first, *rest], plain, strict=True):
+        assert torch.equal(got["A"], want["A"])
+        assert got["position"] == want["position"]
