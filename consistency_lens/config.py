@@ -102,6 +102,12 @@ class TrainConfig(_Strict):
     fluent order (context, then prediction) while E reads the prediction before the context, so
     its last state is the token at P, the position where E rebuilds A best. The context ceiling
     always reads the true context in order."""
+    decoder_rotate: int = Field(0, ge=0)
+    """D writes its text's last `decoder_rotate` tokens first; the text (what a reader, E and the
+    fluency terms get) is in reading order. With a text that ends in M's `k` predicted tokens, `k`
+    lets D write M's prediction first, as its first token already reads it from A at block
+    `inject_layer`, while the reader gets context, then prediction. Only for texts of fixed length
+    that D writes by sampling (the `warm_start`, `warm_start_predict` and `grpo` objectives)."""
     steps: int = Field(1000, ge=1)
     """Optimizer steps."""
     batch_size: int = Field(8, ge=1)
@@ -190,11 +196,22 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _rotate_fits(self) -> TrainConfig:
-        if self.encoder_rotate >= self.t_text:
+        for name in ("encoder_rotate", "decoder_rotate"):
+            if getattr(self, name) >= self.t_text:
+                raise ValueError(
+                    f"train.{name}={getattr(self, name)} must be less than "
+                    f"train.t_text={self.t_text}: it moves that many of the text's last tokens "
+                    "to the front."
+                )
+        # The plan objective's soft generation and warm_start_next's right-padded targets
+        # assume D writes in reading order.
+        fixed = {"warm_start", "warm_start_predict", "grpo"}
+        used = {self.objective} | ({self.warm_start.objective} if self.warm_start.steps else set())
+        if self.decoder_rotate and not used <= fixed:
             raise ValueError(
-                f"train.encoder_rotate={self.encoder_rotate} must be less than "
-                f"train.t_text={self.t_text}: it moves that many of the text's last tokens to the "
-                "front."
+                f"train.decoder_rotate={self.decoder_rotate} works only with the "
+                f"{', '.join(sorted(fixed))} objectives, not {', '.join(sorted(used - fixed))}; "
+                "set train.decoder_rotate=0."
             )
         return self
 
@@ -369,6 +386,7 @@ WEIGHT_KEYS = (
     "train.encoder_prompt",
     "train.encoder_layer",
     "train.encoder_rotate",
+    "train.decoder_rotate",
     "train.lora_r",
     "train.lora_alpha",
 )

@@ -116,9 +116,13 @@ class DecoderModel(nn.Module):
         proj_scale: float,
         gradient_checkpointing: bool = False,
         inject_layer: int | None = None,
+        rotate: int = 0,
     ):
+        """`rotate`: D writes the text's last `rotate` tokens first (`train.decoder_rotate`);
+        `generate` and `teacher_forced_logits` take and give texts in reading order."""
         super().__init__()
         self.model = model
+        self.rotate = rotate
         self.parts = find_parts(model)
         left_ids, right_ids = prompt_token_ids(tokenizer, prompt)
         device = self.parts.embed.weight.device
@@ -234,11 +238,14 @@ class DecoderModel(nn.Module):
     def teacher_forced_logits(
         self, activations: torch.Tensor, target_ids: torch.Tensor
     ) -> torch.Tensor:
-        """Logits (B, T, V) with which D would write `target_ids` (B, T), in one forward pass."""
+        """Logits (B, T, V) with which D would write `target_ids` (B, T), in one forward pass;
+        column t scores target token t (in reading order, whatever order D writes in)."""
         length = target_ids.shape[1]
-        extra = self.parts.embed_ids(target_ids[:, :-1]) if length > 1 else None
+        written = target_ids.roll(self.rotate, dims=1) if self.rotate else target_ids
+        extra = self.parts.embed_ids(written[:, :-1]) if length > 1 else None
         logits, _ = self._start(activations, extra, keep=length)
-        return logits if length > 1 else logits.unsqueeze(1)
+        logits = logits if length > 1 else logits.unsqueeze(1)
+        return logits.roll(-self.rotate, dims=1) if self.rotate else logits
 
     def generate_soft(
         self,
@@ -276,7 +283,7 @@ class DecoderModel(nn.Module):
         greedy: bool = True,
         temperature: float = 1.0,
     ) -> torch.Tensor:
-        """Token ids (B, max_length) for inference: greedy, or sampled at `temperature`."""
+        """Token ids (B, max_length), greedy or sampled at `temperature`, in reading order."""
         logits, kv = self._start(activations)
         ids = []
         for t in range(max_length):
@@ -287,4 +294,6 @@ class DecoderModel(nn.Module):
             ids.append(next_ids)
             if t + 1 < max_length:
                 logits, kv = self._step(self.parts.embed_ids(next_ids.unsqueeze(1)), kv)
-        return torch.stack(ids, dim=1)
+        written = torch.stack(ids, dim=1)
+        # D wrote the text's last `rotate` tokens first: move them back to the end.
+        return written.roll(-self.rotate, dims=1) if self.rotate else written

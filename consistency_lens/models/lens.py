@@ -214,6 +214,7 @@ class ConsistencyLens(nn.Module):
             proj_scale=d_scale,
             gradient_checkpointing=train.gradient_checkpointing,
             inject_layer=train.inject_layer,
+            rotate=train.decoder_rotate,
         )
         self.encoder = EncoderModel(
             e_model,

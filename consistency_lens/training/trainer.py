@@ -528,6 +528,7 @@ def train_ceiling(cfg: LensConfig, lens_dir: Path, resume: bool = False) -> Path
     update.update(
         objective="context_ceiling",
         encoder_rotate=0,
+        decoder_rotate=0,
         run_dir=Path(cfg.train.run_dir) / CEILING_RUN_DIR,
         init_from=None,
         warm_start=WarmStartConfig(),

@@ -248,3 +248,25 @@ def test_the_prompt_pass_before_the_slot_computes_no_logits(setup):
         handle.remove()
     d = loaded.parts.d_model
     assert rows == [(1, 0, d), (3, 1, d), (3, 1, d)]
+
+
+def test_rotated_decoder_writes_the_last_tokens_first_and_gives_reading_order(setup):
+    """`rotate=k`: D writes the text's last k tokens first; `generate` returns the text in reading
+    order (its written order with the first k moved to the end), greedy and sampled alike, and
+    `teacher_forced_logits` scores a reading-order text as D writes it, column t for token t."""
+    loaded, acts = setup
+    plain = _decoder(loaded, inject_layer=1)
+    rot = _decoder(loaded, inject_layer=1, rotate=2)
+    rot.load_state_dict(plain.state_dict())
+    written = plain.generate(acts, max_length=4)
+    text = rot.generate(acts, max_length=4)
+    assert torch.equal(text, torch.cat([written[:, 2:], written[:, :2]], 1))
+    torch.manual_seed(5)
+    sampled_written = plain.generate(acts, max_length=4, greedy=False, temperature=2.0)
+    torch.manual_seed(5)
+    sampled_text = rot.generate(acts, max_length=4, greedy=False, temperature=2.0)
+    assert torch.equal(sampled_text, sampled_written.roll(-2, 1))
+    assert not torch.equal(sampled_text, sampled_written)
+    forced = rot.teacher_forced_logits(acts, text)
+    assert torch.equal(forced.argmax(-1), text)
+    torch.testing.assert_close(forced, plain.teacher_forced_logits(acts, written).roll(-2, 1))

@@ -133,3 +133,32 @@ def test_encoder_rotate_must_leave_a_token_in_place(capsys, tmp_path):
     )
     assert "train.encoder_rotate=2 must be less than train.t_text=2" in line
     assert not run_dir.exists()
+
+
+def test_decoder_rotate_fits_the_text_and_its_objectives(capsys, tmp_path):
+    """train.decoder_rotate is 0..t_text-1 and only for the objectives whose D samples texts of
+    fixed length: refused in one sentence otherwise, exit 2, nothing written."""
+    with pytest.raises(LensError, match=r"train.decoder_rotate=3 must be less than train.t_text=3"):
+        config_from_dict({"train": {"t_text": 3, "decoder_rotate": 3}})
+    with pytest.raises(LensError, match=r"works only with .* not plan; set train.decoder_rotate=0"):
+        config_from_dict({"train": {"t_text": 4, "decoder_rotate": 2, "objective": "plan"}})
+    ok = {"t_text": 4, "decoder_rotate": 2, "objective": "grpo"}
+    ok["warm_start"] = {"steps": 10, "objective": "warm_start_predict"}
+    assert config_from_dict({"train": ok}).train.decoder_rotate == 2
+    ok["warm_start"] = {"steps": 10, "objective": "warm_start_next"}
+    with pytest.raises(LensError, match=r"not warm_start_next;"):
+        config_from_dict({"train": ok})
+    run_dir = tmp_path / "run"
+    line = cli_error(
+        capsys,
+        [
+            "train",
+            "train.t_text=4",
+            "train.decoder_rotate=1",
+            "train.objective=plan",
+            f"train.run_dir={run_dir}",
+        ],
+        sole_error_line=True,
+    )
+    assert "train.decoder_rotate=1 works only with" in line
+    assert not run_dir.exists()

@@ -151,6 +151,7 @@ def test_another_warm_start_gets_a_fresh_ceiling_with_its_budget(
     assert any(not torch.equal(saved[k], warm[k]) for k in saved)  # not the warm start's E
     ceiling_run = json.loads((run_dir / trainer.CEILING_RUN_DIR / "lens" / CONFIG_FILE).read_text())
     assert ceiling_run["config"]["train"]["encoder_rotate"] == 0
+    assert ceiling_run["config"]["train"]["decoder_rotate"] == 0
     assert ConsistencyLens.from_pretrained(result.lens_dir, device="cpu").encoder.rotate == rotate
 
 

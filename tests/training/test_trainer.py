@@ -246,6 +246,7 @@ _CHANGED = {
     "train.encoder_prompt": "a note",
     "train.encoder_layer": 0,
     "train.encoder_rotate": 1,
+    "train.decoder_rotate": 1,
     "train.lora_r": 4,
     "train.lora_alpha": 8,
 }
@@ -255,6 +256,9 @@ def _changed(base: dict, run_dir: Path, key: str, value: object) -> LensConfig:
     data = {**base, "train": tiny_train_config(run_dir, mode="frozen_base", steps=2)}
     section, _, name = key.rpartition(".")
     (data[section] if section else data)[name] = value
+    if key == "train.decoder_rotate":
+        # Refused with the tiny run's `plan` objective; the objective is not weight-defining.
+        data["train"]["objective"] = "grpo"
     return config_from_dict(data)
 
 

@@ -47,6 +47,7 @@ from consistency_lens.training.objectives.warm_start import (
     context_targets,
     first_content_token,
     predict_targets,
+    supervised_losses,
 )
 from consistency_lens.utils.logging import METRICS, MetricsFile
 from consistency_lens.utils.words import content_word_ids, content_words
@@ -511,8 +512,6 @@ def test_a_warm_start_saved_with_the_old_key_is_reused_only_with_the_same_value(
 
 def test_warm_start_next_never_teaches_padding(tiny_llama_dir):
     """Right-padded next tokens: D's CE covers only real tokens and E reads each text unpadded."""
-    from consistency_lens.training.objectives.warm_start import supervised_losses
-
     lens = _lens(tiny_llama_dir, objective="warm_start_next")
     batch = _batch(lens, n=2)
     ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
@@ -713,3 +712,48 @@ def test_grpo_reference_kl_guard_needs_a_reference_weight():
     with pytest.raises(LensError, match=r"train.rl.max_kl_ref needs train.rl.kl_ref above 0"):
         config_from_dict({"train": {"rl": {"max_kl_ref": 2.0, "kl_ref": 0.0}}})
     assert config_from_dict({"train": {"rl": {"max_kl_ref": 2.0}}}).train.rl.max_kl_ref == 2.0
+
+
+def test_decoder_rotate_warm_start_is_prediction_first_read_in_reading_order(tiny_llama_dir):
+    """`decoder_rotate=k` with `encoder_rotate=k` on the context-first target is, term for term,
+    the prediction-first warm start without rotation: D is taught the same written order and E
+    reads the same tokens; only the text a reader gets differs (context, then prediction)."""
+    base = {"objective": "warm_start_predict", "alpha": {"kind": "constant", "start": 1.0}}
+    pf = _lens(tiny_llama_dir, **base, predict={"tokens": 2, "order": "prediction_first"})
+    dr = _lens(tiny_llama_dir, **base, predict={"tokens": 2}, decoder_rotate=2, encoder_rotate=2)
+    dr.load_state_dict(pf.state_dict())
+    batch = _batch(pf)
+    pf_ids, _ = build_objective(pf, pf.cfg).targets(pf, batch)
+    dr_ids, _ = build_objective(dr, dr.cfg).targets(dr, batch)
+    assert torch.equal(dr_ids, pf_ids.roll(-2, 1))
+    for got, want in zip(
+        supervised_losses(dr, batch, dr_ids), supervised_losses(pf, batch, pf_ids), strict=True
+    ):
+        torch.testing.assert_close(got, want)
+
+
+def test_grpo_fluency_reward_scores_the_text_in_reading_order(tiny_llama_dir):
+    """With `decoder_rotate`, the fluency term is M's NLL of the text as read, not as written."""
+    lens = _lens(
+        tiny_llama_dir,
+        objective="grpo",
+        rl={"samples": 2, "fluency_reward": 1.0},
+        decoder_rotate=1,
+    )
+    batch = _batch(lens)
+    obj = build_objective(lens, lens.cfg)
+    torch.manual_seed(3)
+    reward = float(obj(lens, batch, step_info(type(obj), lens.cfg, 0)).terms["reward"])
+    no_fluency = lens.cfg.model_copy(deep=True)
+    no_fluency.train.rl.fluency_reward = 0.0
+    torch.manual_seed(3)
+    plain = float(
+        build_objective(lens, no_fluency)(lens, batch, step_info(type(obj), no_fluency, 0)).terms[
+            "reward"
+        ]
+    )
+    torch.manual_seed(3)
+    text = lens.decoder.generate(batch.A.repeat_interleave(2, 0), 3, greedy=False)
+    read, written = lens.orig.text_nll(text), lens.orig.text_nll(text.roll(1, 1))
+    assert not torch.allclose(read, written)
+    assert reward == pytest.approx(plain - float(read.mean()), rel=1e-5)
