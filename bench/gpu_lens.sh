@@ -74,7 +74,7 @@ log "grpo done"
 pack  # the lens comes back even if a later stage outruns the call's limit
 # Its context ceiling (an E on the true last t_text tokens alone, at the warm start's step cap and
 # batch), so that eval reports the lens's gap to it; one that outruns CEIL_SECONDS is left out.
-if [ "${CEILING:-1}" = 1 ]; then
+if [ "${CEILING:-1}" != 0 ]; then
     timeout "${CEIL_SECONDS:-100}" "${cl[@]}" train-ceiling --config "$cfg" --checkpoint "$run/lens" \
         "${overrides[@]}" train.run_dir="$run" train.steps="${CEIL_STEPS:-${WS_STEPS:-600}}" \
         train.batch_size=64 train.alpha.start=0.0 >"$out/ceiling.log" 2>&1

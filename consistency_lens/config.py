@@ -213,6 +213,19 @@ class TrainConfig(_Strict):
                 f"{', '.join(sorted(fixed))} objectives, not {', '.join(sorted(used - fixed))}; "
                 "set train.decoder_rotate=0."
             )
+        predict = self.__pydantic_extra__.get("predict")
+        if (
+            self.decoder_rotate
+            and "warm_start_predict" in used
+            and predict is not None
+            and predict.order == "prediction_first"
+        ):
+            # Rotating a prediction-first text undoes it: D would write the context first.
+            raise ValueError(
+                f"train.decoder_rotate={self.decoder_rotate} with "
+                "train.predict.order=prediction_first has D write the context first; set "
+                "train.predict.order=context_first (D then writes the prediction first)."
+            )
         return self
 
     @field_validator("tau")

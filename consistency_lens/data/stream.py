@@ -65,7 +65,10 @@ def _ignore_stop_signals(worker_id: int) -> None:
     """A prefetch worker ignores SIGTERM: the main process checkpoints on it and then stops the
     worker itself."""
     # `timeout`, Slurm and a shell's job control signal the whole process group; a worker killed
-    # by it makes the main process raise at its next step instead of saving a checkpoint.
+    # by it makes the main process raise at its next step instead of saving a checkpoint. The
+    # cost: the DataLoader's last-resort `terminate()` of a worker that will not stop no longer
+    # works (a stuck worker exits when it sees the trainer gone). SIGINT needs nothing here: the
+    # worker is forked under the trainer's own SIGINT handler, which only sets a flag.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 

@@ -259,6 +259,12 @@ class DecoderModel(nn.Module):
         `grad_rows` (start, stop): the only rows whose outputs any loss differentiates; the others'
         attention runs without autograd (same values, a cheaper backward).
         """
+        if self.rotate:
+            # Its outputs are indexed in written order; the plan objective reads them as read.
+            raise LensError(
+                f"generate_soft writes in D's own order; it cannot serve a decoder with "
+                f"train.decoder_rotate={self.rotate}: set train.decoder_rotate=0."
+            )
         logits, kv = self._start(activations, grad_rows=grad_rows)
         all_logits, all_ids, all_onehots = [], [], []
         for t in range(max_length):

@@ -145,9 +145,14 @@ def test_decoder_rotate_fits_the_text_and_its_objectives(capsys, tmp_path):
     ok = {"t_text": 4, "decoder_rotate": 2, "objective": "grpo"}
     ok["warm_start"] = {"steps": 10, "objective": "warm_start_predict"}
     assert config_from_dict({"train": ok}).train.decoder_rotate == 2
+    ok["predict"] = {"tokens": 2, "order": "prediction_first"}
+    with pytest.raises(LensError, match=r"set train.predict.order=context_first"):
+        config_from_dict({"train": ok})
     ok["warm_start"] = {"steps": 10, "objective": "warm_start_next"}
     with pytest.raises(LensError, match=r"not warm_start_next;"):
         config_from_dict({"train": ok})
+    ok["warm_start"] = {"steps": 0, "objective": "warm_start_next"}  # never run: accepted
+    assert config_from_dict({"train": ok}).train.decoder_rotate == 2
     run_dir = tmp_path / "run"
     line = cli_error(
         capsys,

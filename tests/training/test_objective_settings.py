@@ -114,17 +114,30 @@ def test_grpo_owns_its_settings_and_saved_configs_still_read():
     assert objective_class("grpo").settings_class is RLConfig
     assert "rl" not in TrainConfig.model_fields
     assert LensConfig().train.rl == RLConfig()
-    # The shipped lens was saved with `train.rl` when it was a field of TrainConfig.
-    saved = json.loads((SHIPPED / "smollm2-135m-sotu-L20" / "lens_config.json").read_text())
-    cfg = config_from_dict(saved["config"])
-    assert cfg.train.rl == RLConfig(**saved["config"]["train"]["rl"])
-    # Settings added since (`prediction_reward`, `max_kl_ref`) read as their defaults, which
-    # change nothing.
+    # The lens shipped until 2026-12-04 saved `train.rl` as it was when `rl` was a field of
+    # TrainConfig, before `prediction_reward` and `max_kl_ref` existed.
+    old_rl = {
+        "fluency_reward": 0.2,
+        "kl_ref": 0.3,
+        "mse_reward": 0.0,
+        "samples": 8,
+        "std_norm": True,
+        "temperature": 1.0,
+    }
+    cfg = config_from_dict({"train": {"objective": "grpo", "rl": old_rl}})
+    assert cfg.train.rl == RLConfig(**old_rl)
+    # Settings added since read as their defaults, which change nothing.
     assert dump_config(cfg)["train"]["rl"] == {
         "prediction_reward": 0.0,
         "max_kl_ref": None,
-        **saved["config"]["train"]["rl"],
+        **old_rl,
     }
+    # The lens shipped now reads back to the settings it saved.
+    saved = json.loads((SHIPPED / "smollm2-135m-sotu-L20" / "lens_config.json").read_text())
+    assert (
+        dump_config(config_from_dict(saved["config"]))["train"]["rl"]
+        == saved["config"]["train"]["rl"]
+    )
 
 
 def test_a_run_reads_its_objectives_settings_and_may_change_them_on_resume(
