@@ -33,14 +33,28 @@ def _batches(stream: BatchStream, state: Position, n: int) -> list[dict]:
     return out
 
 
+def _train_split(tmp_path, model_dir, corpus_dir, num_samples: int) -> ActivationDataset:
+    cfg = config_from_dict(
+        tiny_dump_config(tmp_path, model_dir, corpus_dir, num_samples=num_samples, val_samples=4)
+    )
+    dump_activations(cfg)
+    return ActivationDataset(split_of(cfg, "train"), seed=0)
+
+
+def _assert_same(got: list[dict], want: list[dict]) -> None:
+    for got_batch, want_batch in zip(got, want, strict=True):
+        assert got_batch.keys() == want_batch.keys()
+        for name, value in want_batch.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(got_batch[name], value), name
+            else:
+                assert got_batch[name] == value, name
+
+
 def test_prefetching_stream_gives_the_same_batches_and_resumes_exactly(
     tmp_path, tiny_llama_dir, corpus_dir
 ):
-    cfg = config_from_dict(
-        tiny_dump_config(tmp_path, tiny_llama_dir, corpus_dir, num_samples=12, val_samples=4)
-    )
-    dump_activations(cfg)
-    dataset = ActivationDataset(split_of(cfg, "train"), seed=0)
+    dataset = _train_split(tmp_path, tiny_llama_dir, corpus_dir, 12)
 
     def stream(prefetch: bool) -> BatchStream:
         return BatchStream(dataset, 4, 0, CollateFn(), prefetch=prefetch)
@@ -49,13 +63,8 @@ def test_prefetching_stream_gives_the_same_batches_and_resumes_exactly(
     plain = _batches(stream(False), Position(), 8)
     ahead = _batches(stream(True), Position(), 8)
     resumed = _batches(stream(True), Position(epoch=1, batch_in_epoch=1), 3)
-    for got, want in [*zip(ahead, plain, strict=True), *zip(resumed, plain[4:7], strict=True)]:
-        assert got.keys() == want.keys()
-        for name, value in want.items():
-            if isinstance(value, torch.Tensor):
-                assert torch.equal(got[name], value), name
-            else:
-                assert got[name] == value, name
+    _assert_same(ahead, plain)
+    _assert_same(resumed, plain[4:7])
     assert plain[3]["position"] == (1, 1)
 
 
@@ -64,11 +73,7 @@ def test_prefetch_worker_survives_the_sigterm_sent_to_the_process_group(
 ):
     # `timeout` (and Slurm) signal the whole group: the worker must live on so that the trainer,
     # which checkpoints on SIGTERM, still gets its batches; a dead worker makes `next` raise.
-    cfg = config_from_dict(
-        tiny_dump_config(tmp_path, tiny_llama_dir, corpus_dir, num_samples=40, val_samples=4)
-    )
-    dump_activations(cfg)
-    dataset = ActivationDataset(split_of(cfg, "train"), seed=0)
+    dataset = _train_split(tmp_path, tiny_llama_dir, corpus_dir, 40)
     plain = _batches(BatchStream(dataset, 4, 0, CollateFn()), Position(), 7)
     stream = BatchStream(dataset, 4, 0, CollateFn(), prefetch=True)
     state = Position()
@@ -79,6 +84,4 @@ def test_prefetch_worker_survives_the_sigterm_sent_to_the_process_group(
     time.sleep(0.5)
     assert workers[0].is_alive()
     rest = _batches(stream, state, 6)  # more than the two it had read ahead
-    for got, want in zip([*first, *rest], plain, strict=True):
-        assert torch.equal(got["A"], want["A"])
-        assert got["position"] == want["position"]
+    _assert_same([*first, *rest], plain)
