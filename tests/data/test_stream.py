@@ -3,6 +3,7 @@ and survives the SIGTERM that asks the trainer to checkpoint."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import time
@@ -75,10 +76,11 @@ def test_prefetch_worker_survives_the_sigterm_sent_to_the_process_group(
     # which checkpoints on SIGTERM, still gets its batches; a dead worker makes `next` raise.
     dataset = _train_split(tmp_path, tiny_llama_dir, corpus_dir, 40)
     plain = _batches(BatchStream(dataset, 4, 0, CollateFn()), Position(), 7)
+    before = set(multiprocessing.active_children())
     stream = BatchStream(dataset, 4, 0, CollateFn(), prefetch=True)
     state = Position()
     first = _batches(stream, state, 1)
-    workers = stream._it._workers
+    workers = [p for p in multiprocessing.active_children() if p not in before]
     assert len(workers) == 1
     os.kill(workers[0].pid, signal.SIGTERM)
     time.sleep(0.5)
