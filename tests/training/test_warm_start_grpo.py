@@ -551,6 +551,25 @@ def test_grpo_fluency_reward_subtracts_the_texts_nll_under_m(tiny_llama_dir):
     assert rewards[1] == pytest.approx(rewards[0] - 1.5 * float(nll.mean()), rel=1e-5)
 
 
+def test_grpo_fluency_margin_charges_only_the_nll_above_it(tiny_llama_dir):
+    lens = _lens(tiny_llama_dir, objective="grpo", rl={"samples": 2})
+    batch = _batch(lens)
+    torch.manual_seed(3)  # the samples every run below draws first
+    ids = lens.decoder.generate(batch.A.repeat_interleave(2, 0), 3, greedy=False)
+    nll = lens.orig.text_nll(ids)
+    margin = float(nll.median())  # some texts under it (free), some over (charged the excess)
+    assert (nll < margin).any() and (nll > margin).any()
+    rewards = []
+    for weight, fluency_margin in ((0.0, None), (1.5, margin)):
+        cfg = lens.cfg.model_copy(deep=True)
+        cfg.train.rl.fluency_reward, cfg.train.rl.fluency_margin = weight, fluency_margin
+        obj = build_objective(lens, cfg)
+        torch.manual_seed(3)
+        rewards.append(float(obj(lens, batch, step_info(type(obj), cfg, 0)).terms["reward"]))
+    excess = (nll - margin).clamp(min=0).mean()
+    assert rewards[1] == pytest.approx(rewards[0] - 1.5 * float(excess), rel=1e-5)
+
+
 def test_names_prediction_matches_hand_computation():
     words = torch.tensor([-1, 0, 1, 0, -1, 2])  # tokens 1 and 3 are one word; 0 and 4 none
     text = torch.tensor([[[1, 0, 0], [4, 4, 5]], [[0, 4, 0], [2, 2, 4]]])  # (n 2, K 2, T 3)

@@ -2,7 +2,8 @@
 
 For each activation D samples `train.rl.samples` explanations. Each is scored by how well it lets E
 rebuild A: reward = -KL(M(A) || M(E(text))) at P, optionally minus `rl.mse_reward` times E's
-normalised squared error and `rl.fluency_reward` times the text's NLL under M (its fluency), and
+normalised squared error and `rl.fluency_reward` times the text's NLL under M (its fluency; only
+the part above `rl.fluency_margin` when set), and
 optionally plus `rl.prediction_reward` when the text names one of M's top-5 predictions at P (a
 content word matched as the eval's specificity matches words).
 Advantages are group-relative (each sample against the mean of the other samples of its
@@ -50,6 +51,10 @@ class RLConfig(ObjectiveSettings):
     """Reward is -KL at P minus this times E's normalised squared error."""
     fluency_reward: float = Field(0.0, ge=0)
     """Reward also minus this times the text's mean NLL per token under M (read after BOS)."""
+    fluency_margin: float | None = Field(None, ge=0)
+    """Mean NLL per token under M that a text may reach before it pays for fluency: the penalty
+    is `fluency_reward * max(0, NLL - fluency_margin)`, so a text fluent enough competes on the
+    KL alone (4.6 nats is perplexity 100). `None`: the whole NLL is paid for."""
     prediction_reward: float = Field(0.0, ge=0)
     """Reward also plus this when the text holds a content word of M's top-5 predictions at P
     under A (each token decoded alone and normalised, as the eval's top-5 bucket reads words)."""
@@ -191,7 +196,10 @@ class GRPOObjective(Objective):
         err = (a_hat.view(n, k, -1) - a.unsqueeze(1)).square().sum(-1) / a.square().sum(-1, True)
         penalty = kls + rl.mse_reward * err
         if rl.fluency_reward:
-            penalty = penalty + rl.fluency_reward * lens.orig.text_nll(ids).view(n, k)
+            nll = lens.orig.text_nll(ids).view(n, k)
+            if rl.fluency_margin is not None:
+                nll = (nll - rl.fluency_margin).clamp(min=0)
+            penalty = penalty + rl.fluency_reward * nll
         rewards = -penalty.detach() + rl.prediction_reward * named.to(penalty.device)
         adv = group_advantages(rewards, rl.std_norm)
 
