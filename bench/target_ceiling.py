@@ -2,9 +2,10 @@
 the target text alone (as `train-ceiling` trains one on the true context), then KL at P and FVE
 on held-out activations of several genres, each against the context ceiling trained the same way.
 
-A target whose E cannot beat the context ceiling cannot make a lens that copies it beat that
-ceiling either: the gap is then the target's, not D's. One that does sets how far a perfect D
-could go.
+Under the same E training (MSE only, the ceiling's budget), a target whose E cannot beat the
+context ceiling is no text to copy to beat it: that part of the gap is the target's, not D's. A
+lens's own E also trains on the KL at P and on GRPO's samples, so this bounds the targets, not
+every lens.
 
 usage: OMP_NUM_THREADS=1 .venv/bin/python bench/target_ceiling.py [--corpora sotu,pydoc,...]
            key=value ...   (overrides on config/demo.yaml; train.steps and train.batch_size are
@@ -38,7 +39,7 @@ from consistency_lens.training.optim import build_optimizer
 def targets(lens: ConsistencyLens, t: int) -> dict:
     """Each target as `warm_start` / `warm_start_predict` builds it (reading order), with the
     rotation E reads it by: the recipes' `train.encoder_rotate=k`, M's k tokens first, so that E
-    ends on the token at P as the ceiling's E does."""
+    ends on the token at P as the ceiling's E does (M's continuation alone has no such token)."""
     content = first_content_token(lens.orig.content_word_ids())
     return {
         "context (the ceiling)": (lambda b: context_targets(b, t), 0),

@@ -35,6 +35,13 @@ def main(argv: list[str]) -> None:
     for path in args.lenses:
         lens = ConsistencyLens.from_pretrained(path, device="cpu").eval()
         own = lens.cfg.train  # the config the lens was trained with
+        warm = own.warm_start.objective if own.warm_start.steps else own.objective
+        if warm != "warm_start_predict" and own.objective != "warm_start_predict":
+            print(f"{path}: its warm start is {warm}, not warm_start_predict; skipped")
+            continue
+        if (lens.cfg.model, lens.cfg.layer) != (cfg.model, cfg.layer):
+            print(f"{path}: a lens of {lens.cfg.model} block {lens.cfg.layer}; set model/layer")
+            continue
         predict, t = own.predict, own.t_text
         first = (
             first_content_token(lens.orig.content_word_ids())

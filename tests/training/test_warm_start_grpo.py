@@ -733,6 +733,15 @@ def test_grpo_reference_kl_guard_needs_a_reference_weight():
     assert config_from_dict({"train": {"rl": {"max_kl_ref": 2.0}}}).train.rl.max_kl_ref == 2.0
 
 
+def test_grpo_fluency_margin_needs_a_fluency_weight():
+    with pytest.raises(LensError, match=r"fluency_margin has no effect with .*fluency_reward 0"):
+        config_from_dict({"train": {"rl": {"fluency_margin": 4.6}}})
+    rl = config_from_dict(
+        {"train": {"rl": {"fluency_margin": 4.6, "fluency_reward": 0.2}}}
+    ).train.rl
+    assert (rl.fluency_margin, rl.fluency_reward) == (4.6, 0.2)
+
+
 def test_decoder_rotate_warm_start_is_prediction_first_read_in_reading_order(tiny_llama_dir):
     """`decoder_rotate=k` with `encoder_rotate=k` on the context-first target is, term for term,
     the prediction-first warm start without rotation: D is taught the same written order and E

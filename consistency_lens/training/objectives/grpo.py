@@ -66,12 +66,18 @@ class RLConfig(ObjectiveSettings):
     under, as PPO stops its policy updates past a target KL. `None`: off."""
 
     @model_validator(mode="after")
-    def _guard_pulls_back(self) -> RLConfig:
+    def _settings_take_effect(self) -> RLConfig:
         # A held step trains D on the reference KL alone: with weight 0, D would stay held.
         if self.max_kl_ref is not None and self.kl_ref == 0:
             raise ValueError(
                 "train.rl.max_kl_ref needs train.rl.kl_ref above 0 (a held step trains D on the "
                 "reference KL alone); set train.rl.kl_ref or unset train.rl.max_kl_ref."
+            )
+        # A margin only shapes the fluency penalty: without one it would silently do nothing.
+        if self.fluency_margin is not None and self.fluency_reward == 0:
+            raise ValueError(
+                "train.rl.fluency_margin has no effect with train.rl.fluency_reward 0; set "
+                "train.rl.fluency_reward or unset train.rl.fluency_margin."
             )
         return self
 
