@@ -13,6 +13,11 @@
 # beside the lens afterwards). WS_STEPS caps the warm start's steps (default 600); EVAL_CORPORA
 # (default "sotu pydoc"); PY the Python (default python3); PROFILE_ARGS extra profile arguments;
 # SKIP_DUMP=1 when the dump is already complete (bench/gpu_lens_sweep.sh runs it once for all).
+# WS_BATCH is the warm start's batch (default 64; a launch-bound GPU step costs about the same at
+# 256, so a larger batch buys examples, not time). WS_ONLY=1 stops after the warm start;
+# WS_LENS=DIR skips it and starts GRPO from that warm-started lens (one warm start shared by the
+# variants of bench/gpu_lens_sweep.sh's SHARED_WS=1). STORE_DTYPE (e.g. bfloat16) stores each lens
+# copy in that dtype (`consistency-lens cast`) into LOG_DIR, packed instead of the fp32 lens.
 # With PACK_DIR set, the lens, logs and results end packed there as parts under 15 MB.
 # CPU dry run:  WS_SECONDS=30 RL_SECONDS=30 bash bench/gpu_lens.sh runs/gpu_dry device=cpu \
 #                 num_samples=64 val_samples=32 eval.num_samples=32 ...
@@ -26,8 +31,21 @@ log() { echo "[$(($(date +%s) - t0)) s] $*" | tee -a "$out/timeline.txt"; }
 pack() {
     [ -n "${PACK_DIR:-}" ] || return 0
     rm -f "$PACK_DIR"/all.tar*
-    tar -cf "$PACK_DIR/all.tar" "$out" "$run/lens" "$run/metrics.jsonl" \
-        "$run/warm_start/metrics.jsonl" "$run/warm_start/lens/lens_config.json" 2>/dev/null
+    local lenses=("$run/lens" "$run/warm_start/lens/lens_config.json")
+    [ "${WS_ONLY:-0}" = 1 ] && lenses=("$run/warm_start/lens")
+    if [ -n "${STORE_DTYPE:-}" ]; then
+        # A cast copy travels; the fp32 lens stays for the stages after (GRPO from a shared warm start).
+        local cast=()
+        for lens in "${lenses[@]}"; do
+            [ -f "$lens/lens_config.json" ] || continue
+            local copy=$out/$(basename "$(dirname "$lens")")_lens_$STORE_DTYPE
+            rm -rf "$copy" && cp -r "$lens" "$copy" &&
+                "${cl[@]}" cast "$copy" --dtype "$STORE_DTYPE" >>"$out/cast.log" 2>&1 && cast+=("$lens")
+        done
+        [ ${#cast[@]} -gt 0 ] && lenses=("$run/warm_start/lens/lens_config.json")
+    fi
+    tar -cf "$PACK_DIR/all.tar" "$out" "${lenses[@]}" "$run/metrics.jsonl" \
+        "$run/warm_start/metrics.jsonl" 2>/dev/null
     split -b 15M "$PACK_DIR/all.tar" "$PACK_DIR/all.tar.part" && rm "$PACK_DIR/all.tar"
 }
 py=${PY:-python3}
@@ -65,11 +83,18 @@ if [ "${SKIP_DUMP:-0}" != 1 ]; then
     "${cl[@]}" dump --config "$cfg" "${overrides[@]}" >"$out/dump.log" 2>&1 || { log "dump failed"; tail -20 "$out/dump.log"; pack; exit 1; }
     log "dump done"
 fi
-train_for "${WS_SECONDS:-100}" "$run/warm_start" train.objective="$ws_objective" train.steps="${WS_STEPS:-600}" \
-    train.warm_start.steps=0 train.alpha.start=0.0 train.batch_size=64
-log "warm start done"
-train_for "${RL_SECONDS:-200}" "$run" train.warm_start.steps=0 \
-    train.init_from="$run/warm_start/lens"
+ws_lens=${WS_LENS:-$run/warm_start/lens}
+if [ -z "${WS_LENS:-}" ]; then
+    train_for "${WS_SECONDS:-100}" "$run/warm_start" train.objective="$ws_objective" train.steps="${WS_STEPS:-600}" \
+        train.warm_start.steps=0 train.alpha.start=0.0 train.batch_size="${WS_BATCH:-64}"
+    log "warm start done"
+fi
+if [ "${WS_ONLY:-0}" = 1 ]; then
+    pack
+    [ -f "$ws_lens/lens_config.json" ] || { log "no warm-start lens in $ws_lens"; exit 1; }
+    exit 0
+fi
+train_for "${RL_SECONDS:-200}" "$run" train.warm_start.steps=0 train.init_from="$ws_lens"
 log "grpo done"
 pack  # the lens comes back even if a later stage outruns the call's limit
 # Its context ceiling (an E on the true last t_text tokens alone, at the warm start's step cap and

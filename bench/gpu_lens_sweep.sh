@@ -10,7 +10,10 @@
 # EVAL_CORPORA to sotu (the dumped corpus: variants evaluating another corpus at once would each
 # dump its validation split into the same directory). Override values cannot hold a comma
 # (variants) or a space (OVERRIDES). Exits 1 if any variant ended without a lens.
-# With PACK_DIR set, each variant's results end packed in PACK_DIR/NAME. OVERRIDES (space-separated)
+# With PACK_DIR set, each variant's results end packed in PACK_DIR/NAME. SHARED_WS=1 trains one
+# warm start first (its overrides: OVERRIDES alone; packed in PACK_DIR/warm_start) and every
+# variant runs GRPO from it, so the variants differ in GRPO alone and the warm start gets the
+# chip to itself (WS_BATCH and WS_SECONDS apply to it). OVERRIDES (space-separated)
 # go to the dump and to every variant, e.g. a CPU dry run:
 #   OVERRIDES="device=cpu num_samples=64 val_samples=32 eval.num_samples=32" WS_SECONDS=30 \
 #     RL_SECONDS=30 EVAL_CORPORA=sotu bash bench/gpu_lens_sweep.sh runs/sweep_dry a b:train.t_text=8
@@ -22,6 +25,14 @@ py=${PY:-python3}
 read -ra common <<<"${OVERRIDES:-}"
 pids=()
 "$py" -m consistency_lens dump --config config/gpu.yaml "${common[@]}" >"$out/dump.log" 2>&1 || { tail -20 "$out/dump.log"; exit 1; }
+if [ "${SHARED_WS:-0}" = 1 ]; then
+    pack_dir=
+    [ -n "${PACK_DIR:-}" ] && pack_dir=$PACK_DIR/warm_start && mkdir -p "$pack_dir"
+    SKIP_DUMP=1 WS_ONLY=1 PROFILE=0 PACK_DIR=$pack_dir bash bench/gpu_lens.sh "$out/warm_start" \
+        "${common[@]}" train.run_dir=runs/gpu_shared_ws >"$out/warm_start.log" 2>&1 ||
+        { cat "$out/warm_start.log"; exit 1; }
+    export WS_LENS=runs/gpu_shared_ws/warm_start/lens
+fi
 for variant in "$@"; do
     name=${variant%%:*}
     overrides=()
