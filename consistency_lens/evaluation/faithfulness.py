@@ -96,6 +96,7 @@ def evaluate(
         "specificity": spec,
         "top1_in_explanation": top1,
         "perplexity": metrics.perplexity(patched.nll),
+        "perplexity_context": _context_perplexity(patched.context_nll),
         "diversity": {
             "fraction_unique": metrics.fraction_unique(texts),
             "distinct_1": metrics.distinct_n(ids.tolist(), 1),
@@ -125,6 +126,9 @@ class _Patched:
     A: torch.Tensor
     nll: torch.Tensor
     """M's per-token NLL of each explanation (fluency)."""
+    context_nll: torch.Tensor
+    """M's per-token NLL of each sample's true last T_text context tokens, read as the explanations
+    are (NaN where the context is shorter): the fluency of the words a lens would copy."""
     top5: torch.Tensor
     """M's five most likely next tokens at P under the clean run."""
     ceiling_hat: torch.Tensor | None
@@ -144,7 +148,7 @@ def _patched_pass(
     names = ["lens", "zero", "mean", "context_tokens"]
     names += (["context_ceiling"] if ceiling is not None else []) + (["shuffled"] if perm else [])
     kls: dict[str, list[torch.Tensor]] = {k: [] for k in names}
-    As, nlls, top5, ceiling_hats = [], [], [], []
+    As, nlls, context_nlls, top5, ceiling_hats = [], [], [], [], []
     start = 0
     for cpu_batch, ids in zip(batches, id_rows, strict=True):
         batch = cpu_batch.to(device)
@@ -181,14 +185,26 @@ def _patched_pass(
         top5.append(clean.float().topk(min(TOP_PREDICTIONS, clean.shape[-1]), dim=-1).indices.cpu())
         # Fluency: M reads the explanation after a BOS token, so every explanation token is scored.
         nlls.append(lens.orig.text_nll(ids.to(device)).cpu())
+        full = ctx_mask.bool().all(dim=1)
+        context_nll = lens.orig.text_nll(ctx_ids).float()
+        context_nlls.append(torch.where(full, context_nll, float("nan")).cpu())
         As.append(A.float().cpu())
     return _Patched(
         kl={name: torch.cat(values) for name, values in kls.items()},
         A=torch.cat(As),
         nll=torch.cat(nlls),
+        context_nll=torch.cat(context_nlls),
         top5=torch.cat(top5),
         ceiling_hat=torch.cat(ceiling_hats) if ceiling is not None else None,
     )
+
+
+def _context_perplexity(context_nll: torch.Tensor) -> dict:
+    """The perplexity baseline: M's perplexity of the true last T_text context tokens, over the
+    samples whose context has that many (a lens copying the context exactly would read so)."""
+    kept = context_nll[~context_nll.isnan()]
+    value = metrics.perplexity(kept) if len(kept) else None
+    return {"value": value, "samples": len(kept)}
 
 
 def _reconstruction(A: torch.Tensor, A_hat: torch.Tensor, boot: int, seed: int) -> dict:

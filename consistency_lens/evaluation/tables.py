@@ -32,8 +32,10 @@ RECON_NOTE = (
     "reconstructs less than a constant."
 )
 TEXT_NOTE = (
-    "Perplexity of D's greedy texts under M after a BOS token; diversity over the greedy texts "
-    "(a low unique fraction means mode collapse)."
+    "Perplexity of D's greedy texts under M after a BOS token, beside that of each sample's true "
+    "last T_text context tokens read the same way (what a lens copying the context would score; "
+    "samples with a shorter context left out); diversity over the greedy texts (a low unique "
+    "fraction means mode collapse)."
 )
 SPEC_NOTE = (
     "Specificity: the share of an explanation's content words (each token lower-cased, letters "
@@ -122,8 +124,14 @@ def _recon_table(results: dict) -> tuple[str, list[str], list[list[Any]], str]:
 
 
 def _text_table(results: dict) -> tuple[str, list[str], list[list[Any]], str]:
+    # Results written before the context's perplexity was measured have none.
+    context = (results.get("perplexity_context") or {}).get("value")
     rows = [
         ["perplexity of explanations under M", results["perplexity"]],
+        [
+            "perplexity of the true last T_text context tokens under M",
+            "n/a" if context is None else context,
+        ],
         ["unique explanations (fraction)", results["diversity"]["fraction_unique"]],
         ["distinct-1", results["diversity"]["distinct_1"]],
         ["distinct-2", results["diversity"]["distinct_2"]],

@@ -219,3 +219,35 @@ def test_the_shipped_lens_is_in_the_package_for_the_embedded_model():
     for weights in (path / "lens.safetensors", path / "context_ceiling" / "encoder.safetensors"):
         with safe_open(weights, "pt") as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}, weights
+
+
+def test_eval_reports_the_perplexity_of_the_true_context_against_a_hand_computation(run):
+    """`perplexity_context` is exp of the mean, over samples, of M's mean NLL of each sample's true
+    last T_text context tokens read after BOS, as the explanations' perplexity is read."""
+    import math
+
+    import torch
+
+    from consistency_lens.data.dataset import ActivationDataset
+    from consistency_lens.evaluation.samples import sample_indices
+
+    results = evaluate_command(run, None)
+    lens = ConsistencyLens.build(run)
+    t_text = run.train.t_text
+    dataset = ActivationDataset(Path(results["split"]), seed=run.seed)
+    nlls = []
+    for i in sample_indices(len(dataset), run.eval.num_samples, run.seed):
+        context = torch.as_tensor(dataset[i]["input_ids_A"]).long()
+        assert len(context) >= t_text  # p_min >= T_text here: every sample counts
+        ids = torch.cat([torch.tensor([lens.orig.bos_id]), context[-t_text:]]).unsqueeze(0)
+        with torch.no_grad():
+            logits = lens.orig.model(input_ids=ids).logits[0, :-1].double()
+        logp = torch.log_softmax(logits, -1)
+        nlls.append(-float(logp.gather(-1, ids[0, 1:, None]).mean()))
+    expected = math.exp(sum(nlls) / len(nlls))
+    assert results["perplexity_context"]["samples"] == run.eval.num_samples
+    assert results["perplexity_context"]["value"] == pytest.approx(expected, rel=1e-3)
+    assert (
+        "perplexity of the true last T_text context tokens"
+        in write_report(run.train.run_dir).read_text()
+    )
