@@ -39,8 +39,13 @@ pack() {
         for lens in "${lenses[@]}"; do
             [ -f "$lens/lens_config.json" ] || continue
             local copy=$out/$(basename "$(dirname "$lens")")_lens_$STORE_DTYPE
-            rm -rf "$copy" && cp -r "$lens" "$copy" &&
-                "${cl[@]}" cast "$copy" --dtype "$STORE_DTYPE" >>"$out/cast.log" 2>&1 && cast+=("$lens")
+            # A copy that failed to cast is removed: the fp32 lens travels instead.
+            if rm -rf "$copy" && cp -r "$lens" "$copy" &&
+                "${cl[@]}" cast "$copy" --dtype "$STORE_DTYPE" >>"$out/cast.log" 2>&1; then
+                cast+=("$lens")
+            else
+                rm -rf "$copy"
+            fi
         done
         [ ${#cast[@]} -gt 0 ] && lenses=("$run/warm_start/lens/lens_config.json")
     fi
@@ -102,7 +107,7 @@ pack  # the lens comes back even if a later stage outruns the call's limit
 if [ "${CEILING:-1}" != 0 ]; then
     timeout "${CEIL_SECONDS:-100}" "${cl[@]}" train-ceiling --config "$cfg" --checkpoint "$run/lens" \
         "${overrides[@]}" train.run_dir="$run" train.steps="${CEIL_STEPS:-${WS_STEPS:-600}}" \
-        train.batch_size=64 train.alpha.start=0.0 >"$out/ceiling.log" 2>&1
+        train.batch_size="${WS_BATCH:-64}" train.alpha.start=0.0 >"$out/ceiling.log" 2>&1
     log "ceiling rc $?"
 fi
 for corpus in ${EVAL_CORPORA:-sotu pydoc}; do

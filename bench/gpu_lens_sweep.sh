@@ -28,7 +28,7 @@ pids=()
 if [ "${SHARED_WS:-0}" = 1 ]; then
     pack_dir=
     [ -n "${PACK_DIR:-}" ] && pack_dir=$PACK_DIR/warm_start && mkdir -p "$pack_dir"
-    SKIP_DUMP=1 WS_ONLY=1 PROFILE=0 PACK_DIR=$pack_dir bash bench/gpu_lens.sh "$out/warm_start" \
+    WS_LENS= SKIP_DUMP=1 WS_ONLY=1 PROFILE=0 PACK_DIR=$pack_dir bash bench/gpu_lens.sh "$out/warm_start" \
         "${common[@]}" train.run_dir=runs/gpu_shared_ws >"$out/warm_start.log" 2>&1 ||
         { cat "$out/warm_start.log"; exit 1; }
     export WS_LENS=runs/gpu_shared_ws/warm_start/lens

@@ -44,8 +44,10 @@ def main(corpora: list[str], lenses: list[str]) -> None:
         )
         idx = sample_indices(len(ds), 128, cfg.seed)
         print(corpus)
-        for n, lens_dir in enumerate(lenses):
+        reported: set[int] = set()  # the context is printed once per T_text among the lenses
+        for lens_dir in lenses:
             lens, _ = load_lens(cfg, Path(lens_dir))
+            t_text = lens.cfg.train.t_text
             collate = CollateFn(pad_id=lens.loaded.pad_id)
             texts, contexts = [], []
             with torch.no_grad():
@@ -53,12 +55,17 @@ def main(corpora: list[str], lenses: list[str]) -> None:
                     b = collate([ds[i] for i in idx[s : s + 32]])
                     ids, _ = lens.reconstruct(b.A, greedy=True)
                     texts.append(position_nll(lens, ids))
-                    if n == 0:
-                        # p_min ≥ T_text, so every context has T_text real tokens (no padding).
-                        ctx, _ = b.last_context(lens.cfg.train.t_text)
-                        contexts.append(position_nll(lens, ctx))
-            if n == 0:
-                report(f"true last {lens.cfg.train.t_text} context tokens", torch.cat(contexts))
+                    if t_text not in reported:
+                        # Rows with fewer than T_text real tokens are left out, as eval does.
+                        ctx, mask = b.last_context(t_text)
+                        keep = mask.sum(dim=1) == t_text
+                        if keep.any():
+                            contexts.append(position_nll(lens, ctx[keep]))
+            if t_text not in reported:
+                reported.add(t_text)
+                if contexts:
+                    nll = torch.cat(contexts)
+                    report(f"true last {t_text} context tokens ({len(nll)} samples)", nll)
             report(lens_dir, torch.cat(texts))
 
 

@@ -27,6 +27,7 @@ from consistency_lens.utils.words import TOP_PREDICTIONS, content_words
 if TYPE_CHECKING:
     from consistency_lens.data.dataset import ActivationDataset
     from consistency_lens.models.lens import ConsistencyLens
+    from consistency_lens.models.orig import OriginalModelWrapper
 
 
 def derangement(n: int, seed: int) -> list[int] | None:
@@ -185,9 +186,7 @@ def _patched_pass(
         top5.append(clean.float().topk(min(TOP_PREDICTIONS, clean.shape[-1]), dim=-1).indices.cpu())
         # Fluency: M reads the explanation after a BOS token, so every explanation token is scored.
         nlls.append(lens.orig.text_nll(ids.to(device)).cpu())
-        full = ctx_mask.bool().all(dim=1)
-        context_nll = lens.orig.text_nll(ctx_ids).float()
-        context_nlls.append(torch.where(full, context_nll, float("nan")).cpu())
+        context_nlls.append(context_text_nll(lens.orig, ctx_ids, ctx_mask, t_text).cpu())
         As.append(A.float().cpu())
     return _Patched(
         kl={name: torch.cat(values) for name, values in kls.items()},
@@ -197,6 +196,16 @@ def _patched_pass(
         top5=torch.cat(top5),
         ceiling_hat=torch.cat(ceiling_hats) if ceiling is not None else None,
     )
+
+
+def context_text_nll(
+    orig: OriginalModelWrapper, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, t_text: int
+) -> torch.Tensor:
+    """M's mean NLL (B,) of each row's last context tokens read as an explanation is (after BOS),
+    NaN for a row with fewer than `t_text` real tokens (`last_context` clips to the batch width, so
+    a row can be all real and still short)."""
+    full = ctx_mask.sum(dim=1) == t_text
+    return torch.where(full, orig.text_nll(ctx_ids).float(), float("nan"))
 
 
 def _context_perplexity(context_nll: torch.Tensor) -> dict:

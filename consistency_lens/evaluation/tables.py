@@ -125,12 +125,15 @@ def _recon_table(results: dict) -> tuple[str, list[str], list[list[Any]], str]:
 
 def _text_table(results: dict) -> tuple[str, list[str], list[list[Any]], str]:
     # Results written before the context's perplexity was measured have none.
-    context = (results.get("perplexity_context") or {}).get("value")
+    context = results.get("perplexity_context") or {}
+    value = context.get("value")
     rows = [
         ["perplexity of explanations under M", results["perplexity"]],
         [
-            "perplexity of the true last T_text context tokens under M",
-            "n/a" if context is None else context,
+            f"perplexity of the true last {results.get('t_text', 'T_text')} context tokens under M "
+            f"({context.get('samples', 0)} samples)",
+            # Plain digits: fmt writes values of 1000 and more in e-notation.
+            "n/a" if value is None else f"{value:.1f}",
         ],
         ["unique explanations (fraction)", results["diversity"]["fraction_unique"]],
         ["distinct-1", results["diversity"]["distinct_1"]],

@@ -247,7 +247,29 @@ def test_eval_reports_the_perplexity_of_the_true_context_against_a_hand_computat
     expected = math.exp(sum(nlls) / len(nlls))
     assert results["perplexity_context"]["samples"] == run.eval.num_samples
     assert results["perplexity_context"]["value"] == pytest.approx(expected, rel=1e-3)
-    assert (
-        "perplexity of the true last T_text context tokens"
-        in write_report(run.train.run_dir).read_text()
-    )
+    report = write_report(run.train.run_dir).read_text()
+    row = f"perplexity of the true last {t_text} context tokens under M ({run.eval.num_samples} samples)"
+    assert row in report and f"{results['perplexity_context']['value']:.1f}" in report
+
+
+def test_the_context_perplexity_leaves_out_rows_shorter_than_t_text():
+    """A row counts only with t_text real context tokens, also where `last_context` clipped the
+    batch to fewer columns (every row short); the perplexity is exp of the kept rows' mean NLL."""
+    import math
+
+    import torch
+
+    from consistency_lens.evaluation.faithfulness import _context_perplexity, context_text_nll
+
+    class Orig:  # a stand-in M: each row's "mean NLL" is its first token id
+        def text_nll(self, ids: torch.Tensor) -> torch.Tensor:
+            return ids[:, 0].float()
+
+    ids = torch.tensor([[0, 5, 6], [1, 7, 8], [2, 9, 9]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1], [1, 1, 1]])
+    nll = context_text_nll(Orig(), ids, mask, t_text=3)
+    assert nll[0].isnan() and nll[1:].tolist() == [1.0, 2.0]
+    # Clipped to 3 columns for t_text 4: every row is short, none counts.
+    assert context_text_nll(Orig(), ids, torch.ones_like(mask), t_text=4).isnan().all()
+    assert _context_perplexity(nll) == {"value": pytest.approx(math.exp(1.5)), "samples": 2}
+    assert _context_perplexity(torch.full((2,), float("nan"))) == {"value": None, "samples": 0}
