@@ -270,6 +270,49 @@ class EvalConfig(_Strict):
     """Sentence explained by `demo`."""
 
 
+class DecodeConfig(_Strict):
+    """How a lens writes its explanation (`reconstruct`, hence eval, explain and serve): D's greedy
+    text, or the best of it and `samples` sampled texts by a score that reads A alone.
+
+    Every key left unset (null) is the lens's own, saved with it (`evaluation/saved_lens.py`), or
+    else its default (`DECODE_DEFAULTS`): a config that sets none leaves a lens writing as shipped.
+    """
+
+    samples: int | None = Field(None, ge=0)
+    """Texts D samples beside its greedy one; the explanation is the one of highest score
+    `mean log p_D(text | A) - fluency * max(0, NLL_M(text) - fluency_margin) + content *
+    [text holds a content word]` (`models/decoding.py`). 0 (the default): the greedy text alone."""
+    temperature: float | None = Field(None, gt=0)
+    """Sampling temperature of the sampled candidates (default 1)."""
+    fluency: float | None = Field(None, ge=0)
+    """Weight of a candidate's mean NLL per token under M (read after BOS) above the margin
+    (default 1)."""
+    fluency_margin: float | None = Field(None, ge=0)
+    """Mean NLL per token a candidate may reach before it pays for fluency (default 4.6:
+    perplexity 100)."""
+    content: float | None = Field(None, ge=0)
+    """Score a candidate gains when it holds a content word, what the eval's specificity reads
+    (default 1)."""
+    seed: int | None = Field(None, ge=0, lt=2**31)
+    """Seed of the candidates' sampling, so that an explanation is the same on every call
+    (default 0)."""
+
+    def filled(self) -> DecodeConfig:
+        """These settings with every unset key at its default (`DECODE_DEFAULTS`)."""
+        return DecodeConfig(**{**DECODE_DEFAULTS, **self.model_dump(exclude_none=True)})
+
+
+DECODE_DEFAULTS = {
+    "samples": 0,
+    "temperature": 1.0,
+    "fluency": 1.0,
+    "fluency_margin": 4.6,
+    "content": 1.0,
+    "seed": 0,
+}
+"""What an unset `decode` key means when the lens has none saved either."""
+
+
 class DistributedConfig(_Strict):
     """Multi-process training under `torchrun`."""
 
@@ -350,6 +393,9 @@ class LensConfig(_Strict):
     """Training of the lens."""
     eval: EvalConfig = EvalConfig()
     """Evaluation of the lens."""
+    decode: DecodeConfig = DecodeConfig()
+    """How the lens writes its explanations; a lens keeps its own (saved with it), and the keys a
+    user's config or command line sets (not null) replace them for that run."""
     distributed: DistributedConfig = DistributedConfig()
     """Multi-process settings."""
     wandb: WandbConfig = WandbConfig()
@@ -486,10 +532,10 @@ FREE_KEYS = (
 """Settings free to change between an interrupted and a resumed run: they steer how training,
 the dump or loading run (numerics, schedules, hardware), not what the weights or a dump mean."""
 
-FREE_SECTIONS = ("eval", "wandb")
-"""Sections whose every field is free: evaluation and logging never touch weights or dumps. So
-is every objective's own section of `train` (`objective_sections`): it steers how the objective
-trains, not what the weights mean."""
+FREE_SECTIONS = ("eval", "decode", "wandb")
+"""Sections whose every field is free: evaluation, decoding and logging never touch weights or
+dumps. So is every objective's own section of `train` (`objective_sections`): it steers how the
+objective trains, not what the weights mean."""
 
 
 MOVED_KEYS = {"train.warm_start.predict_tokens": "train.predict.tokens"}

@@ -83,6 +83,7 @@ def evaluate(
         "fingerprint": lens.loaded.fingerprint,
         "layer": lens.layer,
         "t_text": lens.cfg.train.t_text,
+        "decode": lens.cfg.decode.filled().model_dump(),
         "num_samples": len(indices),
         "split": str(dataset.path),
         "bootstrap": boot,

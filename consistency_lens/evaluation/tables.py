@@ -32,10 +32,10 @@ RECON_NOTE = (
     "reconstructs less than a constant."
 )
 TEXT_NOTE = (
-    "Perplexity of D's greedy texts under M after a BOS token, beside that of each sample's true "
-    "last T_text context tokens read the same way (what a lens copying the context would score; "
-    "samples with a shorter context left out); diversity over the greedy texts (a low unique "
-    "fraction means mode collapse)."
+    "Perplexity of the explanations (written as the first row says) under M after a BOS token, "
+    "beside that of each sample's true last T_text context tokens read the same way (what a lens "
+    "copying the context would score; samples with a shorter context left out); diversity over "
+    "the explanations (a low unique fraction means mode collapse)."
 )
 SPEC_NOTE = (
     "Specificity: the share of an explanation's content words (each token lower-cased, letters "
@@ -123,11 +123,23 @@ def _recon_table(results: dict) -> tuple[str, list[str], list[list[Any]], str]:
     return ("Reconstruction against a constant", headers, rows, RECON_NOTE)
 
 
+def decode_text(decode: dict | None) -> str:
+    """How the explanations were written (`decode` of an eval's results), in words."""
+    if not decode or not decode.get("samples"):
+        return "D's greedy text"
+    return (
+        f"best of D's greedy text and {decode['samples']} samples (T {decode['temperature']:g}) "
+        f"by log p_D - {decode['fluency']:g} x NLL_M above {decode['fluency_margin']:g} "
+        f"+ {decode['content']:g} x content word"
+    )
+
+
 def _text_table(results: dict) -> tuple[str, list[str], list[list[Any]], str]:
     # Results written before the context's perplexity was measured have none.
     context = results.get("perplexity_context") or {}
     value = context.get("value")
     rows = [
+        ["explanations written as", decode_text(results.get("decode"))],
         ["perplexity of explanations under M", results["perplexity"]],
         [
             f"perplexity of the true last {results.get('t_text', 'T_text')} context tokens under M "

@@ -23,6 +23,7 @@ from consistency_lens.config import (
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import check_layer, find_parts
 from consistency_lens.models.decoder import EMBED_SLOT, DecoderModel, split_prompt
+from consistency_lens.models.decoding import best_of_samples
 from consistency_lens.models.encoder import EncoderModel
 from consistency_lens.models.hub import card_metadata, resolve_lens
 from consistency_lens.models.loading import LoadedModel, load_for_config, max_positions
@@ -306,10 +307,17 @@ class ConsistencyLens(nn.Module):
     def reconstruct(
         self, activations: torch.Tensor, greedy: bool = True, temperature: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Direct reconstruction: D's text ids (B, T_text) for A and E's Â (B, d) from that text."""
-        ids = self.decoder.generate(
-            activations, self.cfg.train.t_text, greedy=greedy, temperature=temperature
-        )
+        """Direct reconstruction: D's text ids (B, T_text) for A and E's Â (B, d) from that text.
+
+        The greedy explanation is the best of D's greedy and sampled texts when `decode.samples`
+        is set (`models/decoding.py`); a sampled one (`greedy=False`) is always D's own draw."""
+        decode = self.cfg.decode.filled()
+        if greedy and decode.samples:
+            ids = best_of_samples(self, activations, decode)
+        else:
+            ids = self.decoder.generate(
+                activations, self.cfg.train.t_text, greedy=greedy, temperature=temperature
+            )
         return ids, self.encoder.encode_ids(ids)
 
     @torch.no_grad()

@@ -127,6 +127,7 @@ class OriginalModelWrapper:
         check_layer(self.parts, layer)
         self.layer = layer
         self.block = self.parts.blocks[layer]
+        self._content_words: torch.Tensor | None = None
 
     @property
     def d_model(self) -> int:
@@ -140,9 +141,12 @@ class OriginalModelWrapper:
 
     def content_word_ids(self) -> torch.Tensor:
         """(V,) for each row of M's output head, the id of its token's content word (-1: none;
-        `utils.words.content_word_ids`), on M's device: built once, so a step compares integers."""
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        return content_word_ids(self.loaded.tokenizer, vocab).to(self.device)
+        `utils.words.content_word_ids`), on M's device: built on the first call and kept, so a step
+        or a decode compares integers."""
+        if self._content_words is None:
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            self._content_words = content_word_ids(self.loaded.tokenizer, vocab).to(self.device)
+        return self._content_words
 
     def _mask(self, attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:
         """M's attention mask for a left-padded batch whose last `query_length` columns are read."""

@@ -1,0 +1,63 @@
+"""Best-of-N explanations: D's greedy text and `decode.samples` sampled texts, of which the lens
+keeps the one of highest score. The score reads A alone (D's likelihood of the text given A, the
+text's fluency under M, whether it holds a content word), never the context or E, so the
+explanation stays a function of the activation; the eval's KL is measured on the text kept."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from consistency_lens.config import DecodeConfig
+from consistency_lens.models.patching import token_nll
+
+if TYPE_CHECKING:
+    from consistency_lens.models.lens import ConsistencyLens
+
+
+def explanation_scores(
+    d_logprob: torch.Tensor, text_nll: torch.Tensor, has_content: torch.Tensor, cfg: DecodeConfig
+) -> torch.Tensor:
+    """`d_logprob - fluency * max(0, text_nll - fluency_margin) + content * has_content`, per
+    candidate (all tensors of one shape; `d_logprob` and `text_nll` are means per token)."""
+    cfg = cfg.filled()
+    over = (text_nll - cfg.fluency_margin).clamp(min=0)
+    return d_logprob - cfg.fluency * over + cfg.content * has_content.to(d_logprob.dtype)
+
+
+@torch.no_grad()
+def best_of_samples(lens: ConsistencyLens, activations: torch.Tensor, cfg: DecodeConfig):
+    """Token ids (B, T_text) of the best-scoring text among D's greedy one and `cfg.samples`
+    sampled ones for each activation (ties go to the greedy text, then to the earlier sample)."""
+    cfg = cfg.filled()
+    t_text, n = lens.cfg.train.t_text, cfg.samples + 1
+    batch = activations.shape[0]
+    candidates = [lens.decoder.generate(activations, t_text, greedy=True)]
+    devices = [activations.device] if activations.device.type == "cuda" else []
+    # A private, seeded stream: the same activation batch gets the same text on every call, and
+    # the caller's random state (training's, the eval's seeded samples) is left as it was.
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg.seed)
+        for _ in range(cfg.samples):
+            candidates.append(
+                lens.decoder.generate(
+                    activations, t_text, greedy=False, temperature=cfg.temperature
+                )
+            )
+    ids = torch.stack(candidates, 1)  # (B, n, T)
+    flat = ids.flatten(0, 1)
+    d_logprob = -token_nll(
+        lens.decoder.teacher_forced_logits(activations.repeat_interleave(n, 0), flat), flat
+    )
+    nll = lens.orig.text_nll(flat.to(lens.orig.device))
+    words = lens.orig.content_word_ids()
+    has_content = (words[flat.to(words.device)] >= 0).any(-1)
+    scores = explanation_scores(
+        d_logprob.view(batch, n).float(),
+        nll.view(batch, n).float().to(d_logprob.device),
+        has_content.view(batch, n).to(d_logprob.device),
+        cfg,
+    )
+    best = scores.argmax(1)  # the first of equal maxima: the greedy text wins a tie
+    return ids[torch.arange(batch, device=ids.device), best]

@@ -1,0 +1,123 @@
+"""Best-of-N explanations (`decode`): the score, what it keeps, its seeded draws, its settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import objective_batch, objective_lens
+
+from consistency_lens.config import DecodeConfig, LensConfig, load_config
+from consistency_lens.evaluation.saved_lens import decode_settings
+from consistency_lens.evaluation.tables import decode_text
+from consistency_lens.models.decoding import best_of_samples, explanation_scores
+from consistency_lens.models.lens import ConsistencyLens
+from consistency_lens.models.patching import token_nll
+
+CONFIG = Path(__file__).parents[2] / "config"
+
+
+def test_scores_match_a_hand_computation():
+    cfg = DecodeConfig(samples=2, fluency=0.5, fluency_margin=4.0, content=2.0)
+    d_logprob = torch.tensor([[-1.0, -2.0, -0.5]])
+    nll = torch.tensor([[3.0, 6.0, 5.0]])
+    content = torch.tensor([[False, True, False]])
+    # -1 - 0 + 0; -2 - 0.5 * 2 + 2; -0.5 - 0.5 * 1 + 0
+    expected = torch.tensor([[-1.0, -1.0, -1.0]])
+    assert torch.equal(explanation_scores(d_logprob, nll, content, cfg), expected)
+
+
+def _candidates(lens, acts, cfg: DecodeConfig) -> torch.Tensor:
+    """The candidates `best_of_samples` scores, drawn here the same documented way: the greedy
+    text, then `samples` draws after seeding with `cfg.seed`."""
+    t = lens.cfg.train.t_text
+    rows = [lens.decoder.generate(acts, t, greedy=True)]
+    torch.manual_seed(cfg.seed)
+    rows += [lens.decoder.generate(acts, t, greedy=False) for _ in range(cfg.samples)]
+    return torch.stack(rows, 1)
+
+
+@pytest.mark.parametrize(
+    "weights", [(0.0, 0.0), (1e4, 0.0), (0.0, 1e4)], ids=["d only", "fluency", "content"]
+)
+def test_the_kept_text_is_the_candidate_of_highest_score(weights, tiny_llama_dir):
+    lens = objective_lens(tiny_llama_dir)
+    acts = objective_batch(lens).A
+    fluency, content = weights
+    cfg = DecodeConfig(samples=6, fluency=fluency, fluency_margin=0.0, content=content, seed=3)
+    kept = best_of_samples(lens, acts, cfg)
+    cands = _candidates(lens, acts, cfg)
+    batch, n, t = cands.shape
+    flat = cands.flatten(0, 1)
+    d = -token_nll(lens.decoder.teacher_forced_logits(acts.repeat_interleave(n, 0), flat), flat)
+    nll = lens.orig.text_nll(flat)
+    words = (lens.orig.content_word_ids()[flat] >= 0).any(-1)
+    # The criterion each weight setting must optimise, read off the candidates independently.
+    key = {(0.0, 0.0): d, (1e4, 0.0): -nll + 1e-4 * d, (0.0, 1e4): words.float() + 1e-4 * d}[
+        weights
+    ]
+    key = key.view(batch, n)
+    for row in range(batch):
+        match = [j for j in range(n) if torch.equal(cands[row, j], kept[row])]
+        assert match, "the kept text is one of the candidates"
+        assert key[row, match[0]] >= key[row].max() - 1e-5
+    # The draws differ from the greedy text somewhere, so the choice was a real one.
+    assert not torch.equal(cands[:, 1:], cands[:, :1].expand(-1, n - 1, -1))
+
+
+def test_draws_are_seeded_and_leave_the_callers_random_state(tiny_llama_dir):
+    lens = objective_lens(tiny_llama_dir)
+    acts = objective_batch(lens).A
+    cfg = DecodeConfig(samples=4, seed=5)
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    first = best_of_samples(lens, acts, cfg)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(best_of_samples(lens, acts, cfg), first)
+
+
+def test_reconstruct_decodes_as_the_lens_config_says(tiny_llama_dir):
+    lens = objective_lens(tiny_llama_dir)
+    acts = objective_batch(lens).A
+    greedy = lens.decoder.generate(acts, lens.cfg.train.t_text, greedy=True)
+    assert torch.equal(lens.reconstruct(acts)[0], greedy)
+    cfg = DecodeConfig(samples=6, fluency=0.0, content=0.0)
+    lens.cfg = lens.cfg.model_copy(update={"decode": cfg})
+    ids, a_hat = lens.reconstruct(acts)
+    assert torch.equal(ids, best_of_samples(lens, acts, cfg))
+    torch.testing.assert_close(a_hat, lens.encode_ids(ids))
+    # A sampled explanation stays D's own draw.
+    torch.manual_seed(0)
+    sampled = lens.reconstruct(acts, greedy=False)[0]
+    torch.manual_seed(0)
+    assert torch.equal(sampled, lens.decoder.generate(acts, lens.cfg.train.t_text, greedy=False))
+
+
+def test_a_lens_keeps_its_decode_settings_unless_the_user_sets_a_key(tiny_llama_dir, tmp_path):
+    cfg = LensConfig(
+        model=str(tiny_llama_dir),
+        device="cpu",
+        model_dtype="float32",
+        layer=1,
+        train={"t_text": 3},
+        decode={"samples": 8, "content": 2.0},
+    )
+    ConsistencyLens.build(cfg).save_pretrained(tmp_path / "lens")
+    saved = ConsistencyLens.from_pretrained(tmp_path / "lens", device="cpu").cfg
+    assert saved.decode == DecodeConfig(samples=8, content=2.0)
+    assert decode_settings(saved, load_config([], [])) == saved.decode
+    # The documented config lists every key, unset: it changes nothing of the lens's own.
+    assert decode_settings(saved, load_config([CONFIG / "lens.yaml"])) == saved.decode
+    user = load_config([], ["decode.samples=0", "decode.fluency=0.25"])
+    assert decode_settings(saved, user) == DecodeConfig(samples=0, fluency=0.25, content=2.0)
+
+
+def test_the_tables_say_how_the_explanations_were_written():
+    assert decode_text(None) == "D's greedy text"
+    assert decode_text(DecodeConfig().filled().model_dump()) == "D's greedy text"
+    text = decode_text(DecodeConfig(samples=8).filled().model_dump())
+    assert text == (
+        "best of D's greedy text and 8 samples (T 1) by log p_D - 1 x NLL_M above 4.6 "
+        "+ 1 x content word"
+    )
