@@ -1,8 +1,9 @@
 """Lenses shipped inside the package, so that `explain` has a trained lens on first use, offline.
 
 Each is a saved lens directory (`lens.safetensors`, `lens_config.json`, its model card
-`README.md`) trained by `bench/gpu_lens.sh` on one GPU; BENCHMARKS.md records the run and its
-numbers, and `make demo` compares it with the demo's own lens on the same samples.
+`README.md`, its `context_ceiling/`) trained with `config/gpu.yaml`'s recipe; BENCHMARKS.md
+records the run and its numbers, and `make demo` compares it with the demo's own lens on the same
+samples.
 """
 
 from __future__ import annotations
