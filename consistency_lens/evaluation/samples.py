@@ -121,7 +121,7 @@ def samples_fragment(records: list[dict]) -> str:
             f"{_top1_cell(rec)}<td>{sampled}</td></tr>"
         )
     head = (
-        "<tr><th>sample</th><th>context (P highlighted)</th><th>greedy explanation</th>"
+        "<tr><th>sample</th><th>context (P highlighted)</th><th>explanation</th>"
         "<th>KL</th><th>cosine</th><th>M's top-1 at P</th><th>sampled explanations</th></tr>"
     )
     return f"<table class='samples'><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
@@ -164,8 +164,9 @@ def write_samples(
     html_path = Path(out_dir) / "samples.html"
     atomic_write_text(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     note = (
-        "<p class='muted'>Each row: a validation activation A (block L, position P), the decoder's "
-        "greedy explanation, the KL(M(A) ‖ M(Â)) of its reconstruction at P, and sampled "
+        "<p class='muted'>Each row: a validation activation A (block L, position P), the lens's "
+        "explanation (written as its `decode` says), the KL(M(A) ‖ M(Â)) of its "
+        "reconstruction at P, and D's own sampled "
         "explanations with theirs.</p>"
     )
     atomic_write_text(

@@ -15,7 +15,8 @@ BASELINE_NAMES = {
 }
 NOTE = (
     "KL(M(A) ‖ M(·)) of M's next-token distribution at P, in nats (lower is better). lens: "
-    "Â = E(D(A)) with D's greedy text; zero: A = 0; mean: the per-feature mean of A over the "
+    "Â = E(D(A)) with the lens's explanation (D's greedy text, or the best of its samples as "
+    "`decode` says); zero: A = 0; mean: the per-feature mean of A over the "
     "train split; context tokens: E reads the true last T_text tokens of the context instead of "
     "D's text (E was trained on D's texts only, so this is not an ideal decoder); context ceiling "
     "(when the lens keeps one): the same true tokens read by an E trained on them alone (below 0: "
@@ -281,7 +282,7 @@ TARGETS = (
         ">= 0.25",
     ),
     ("FVE (a constant mean scores ~0)", lambda r: r["fve"]["mean"], ">= 0.2"),
-    ("unique greedy explanations", lambda r: r["diversity"]["fraction_unique"], ">= 0.6"),
+    ("unique explanations", lambda r: r["diversity"]["fraction_unique"], ">= 0.6"),
     ("perplexity of the explanations under M", lambda r: r["perplexity"], "<= 150"),
     (
         "specificity own / deranged (any bucket)",

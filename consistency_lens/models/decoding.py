@@ -20,31 +20,35 @@ def explanation_scores(
     d_logprob: torch.Tensor, text_nll: torch.Tensor, has_content: torch.Tensor, cfg: DecodeConfig
 ) -> torch.Tensor:
     """`d_logprob - fluency * max(0, text_nll - fluency_margin) + content * has_content`, per
-    candidate (all tensors of one shape; `d_logprob` and `text_nll` are means per token)."""
-    cfg = cfg.filled()
+    candidate (all tensors of one shape; `d_logprob` and `text_nll` are means per token; `cfg`
+    filled, `DecodeConfig.filled`)."""
     over = (text_nll - cfg.fluency_margin).clamp(min=0)
     return d_logprob - cfg.fluency * over + cfg.content * has_content.to(d_logprob.dtype)
 
 
 @torch.no_grad()
-def best_of_samples(lens: ConsistencyLens, activations: torch.Tensor, cfg: DecodeConfig):
+def best_of_samples(
+    lens: ConsistencyLens, activations: torch.Tensor, cfg: DecodeConfig
+) -> torch.Tensor:
     """Token ids (B, T_text) of the best-scoring text among D's greedy one and `cfg.samples`
-    sampled ones for each activation (ties go to the greedy text, then to the earlier sample)."""
+    sampled ones for each activation (ties go to the greedy text, then to the earlier sample).
+
+    The draws come from a private generator seeded with `cfg.seed`, one noise row per step
+    shared by the batch: a row's explanation depends on its activation and the settings alone
+    (not on its batch or the caller's random state), so a sentence is explained the same way on
+    every call, and the caller's random state is left as it was.
+    """
     cfg = cfg.filled()
     t_text, n = lens.cfg.train.t_text, cfg.samples + 1
     batch = activations.shape[0]
+    generator = torch.Generator(device=activations.device).manual_seed(cfg.seed)
     candidates = [lens.decoder.generate(activations, t_text, greedy=True)]
-    devices = [activations.device] if activations.device.type == "cuda" else []
-    # A private, seeded stream: the same activation batch gets the same text on every call, and
-    # the caller's random state (training's, the eval's seeded samples) is left as it was.
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(cfg.seed)
-        for _ in range(cfg.samples):
-            candidates.append(
-                lens.decoder.generate(
-                    activations, t_text, greedy=False, temperature=cfg.temperature
-                )
+    for _ in range(cfg.samples):
+        candidates.append(
+            lens.decoder.generate(
+                activations, t_text, greedy=False, temperature=cfg.temperature, generator=generator
             )
+        )
     ids = torch.stack(candidates, 1)  # (B, n, T)
     flat = ids.flatten(0, 1)
     d_logprob = -token_nll(

@@ -341,7 +341,8 @@ class ConsistencyLens(nn.Module):
             "mode": self.cfg.train.mode,
             "prompt": self.cfg.train.prompt,
             "t_text": self.cfg.train.t_text,
-            "config": dump_config(self.cfg),
+            # Decode settings are saved filled in: the lens writes the same under later defaults.
+            "config": dump_config(self.cfg.model_copy(update={"decode": self.cfg.decode.filled()})),
         }
 
     def _card(self, extra: str) -> str:

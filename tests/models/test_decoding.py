@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import objective_batch, objective_lens
 
-from consistency_lens.config import DecodeConfig, LensConfig, load_config
-from consistency_lens.evaluation.saved_lens import decode_settings
+from consistency_lens.config import DECODE_DEFAULTS, DecodeConfig, LensConfig, load_config
+from consistency_lens.evaluation.saved_lens import decode_settings, load_lens
 from consistency_lens.evaluation.tables import decode_text
 from consistency_lens.models.decoding import best_of_samples, explanation_scores
 from consistency_lens.models.lens import ConsistencyLens
@@ -29,12 +29,16 @@ def test_scores_match_a_hand_computation():
 
 
 def _candidates(lens, acts, cfg: DecodeConfig) -> torch.Tensor:
-    """The candidates `best_of_samples` scores, drawn here the same documented way: the greedy
-    text, then `samples` draws after seeding with `cfg.seed`."""
+    """The candidates `best_of_samples` scores, drawn here the documented way: the greedy text,
+    then `samples` draws from one generator seeded with `cfg.seed`."""
+    cfg = cfg.filled()
     t = lens.cfg.train.t_text
+    gen = torch.Generator().manual_seed(cfg.seed)
     rows = [lens.decoder.generate(acts, t, greedy=True)]
-    torch.manual_seed(cfg.seed)
-    rows += [lens.decoder.generate(acts, t, greedy=False) for _ in range(cfg.samples)]
+    rows += [
+        lens.decoder.generate(acts, t, greedy=False, temperature=cfg.temperature, generator=gen)
+        for _ in range(cfg.samples)
+    ]
     return torch.stack(rows, 1)
 
 
@@ -45,7 +49,9 @@ def test_the_kept_text_is_the_candidate_of_highest_score(weights, tiny_llama_dir
     lens = objective_lens(tiny_llama_dir)
     acts = objective_batch(lens).A
     fluency, content = weights
-    cfg = DecodeConfig(samples=6, fluency=fluency, fluency_margin=0.0, content=content, seed=3)
+    cfg = DecodeConfig(
+        samples=6, fluency=fluency, fluency_margin=0.0, content=content, seed=3, temperature=1.5
+    )
     kept = best_of_samples(lens, acts, cfg)
     cands = _candidates(lens, acts, cfg)
     batch, n, t = cands.shape
@@ -66,15 +72,25 @@ def test_the_kept_text_is_the_candidate_of_highest_score(weights, tiny_llama_dir
     assert not torch.equal(cands[:, 1:], cands[:, :1].expand(-1, n - 1, -1))
 
 
-def test_draws_are_seeded_and_leave_the_callers_random_state(tiny_llama_dir):
-    lens = objective_lens(tiny_llama_dir)
+@pytest.mark.parametrize("rotate", [0, 2])
+def test_a_rows_explanation_depends_on_its_activation_and_seed_alone(rotate, tiny_llama_dir):
+    lens = objective_lens(tiny_llama_dir, decoder_rotate=rotate, objective="grpo")
     acts = objective_batch(lens).A
-    cfg = DecodeConfig(samples=4, seed=5)
+    cfg = DecodeConfig(samples=6, fluency=1e4, fluency_margin=0.0, seed=5, temperature=1.5)
     torch.manual_seed(11)
     before = torch.get_rng_state()
-    first = best_of_samples(lens, acts, cfg)
-    assert torch.equal(torch.get_rng_state(), before)
-    assert torch.equal(best_of_samples(lens, acts, cfg), first)
+    kept = best_of_samples(lens, acts, cfg)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's stream is untouched
+    torch.manual_seed(12)  # another caller state, the same explanations
+    assert torch.equal(best_of_samples(lens, acts, cfg), kept)
+    # Alone, or in a batch in another order, each activation gets the same explanation.
+    for row in range(acts.shape[0]):
+        assert torch.equal(best_of_samples(lens, acts[row : row + 1], cfg)[0], kept[row])
+    assert torch.equal(best_of_samples(lens, acts.flip(0), cfg), kept.flip(0))
+    # The seed decides the draws.
+    drawn = _candidates(lens, acts, cfg)
+    other = cfg.model_copy(update={"seed": 6})
+    assert not torch.equal(_candidates(lens, acts, other)[:, 1:], drawn[:, 1:])
 
 
 def test_reconstruct_decodes_as_the_lens_config_says(tiny_llama_dir):
@@ -82,10 +98,11 @@ def test_reconstruct_decodes_as_the_lens_config_says(tiny_llama_dir):
     acts = objective_batch(lens).A
     greedy = lens.decoder.generate(acts, lens.cfg.train.t_text, greedy=True)
     assert torch.equal(lens.reconstruct(acts)[0], greedy)
-    cfg = DecodeConfig(samples=6, fluency=0.0, content=0.0)
+    cfg = DecodeConfig(samples=6, fluency=1e4, fluency_margin=0.0)
     lens.cfg = lens.cfg.model_copy(update={"decode": cfg})
     ids, a_hat = lens.reconstruct(acts)
     assert torch.equal(ids, best_of_samples(lens, acts, cfg))
+    assert not torch.equal(ids, greedy)  # the setting made a difference
     torch.testing.assert_close(a_hat, lens.encode_ids(ids))
     # A sampled explanation stays D's own draw.
     torch.manual_seed(0)
@@ -105,12 +122,19 @@ def test_a_lens_keeps_its_decode_settings_unless_the_user_sets_a_key(tiny_llama_
     )
     ConsistencyLens.build(cfg).save_pretrained(tmp_path / "lens")
     saved = ConsistencyLens.from_pretrained(tmp_path / "lens", device="cpu").cfg
-    assert saved.decode == DecodeConfig(samples=8, content=2.0)
+    # Saved filled in: later defaults do not change how this lens writes.
+    assert saved.decode == DecodeConfig(**{**DECODE_DEFAULTS, "samples": 8, "content": 2.0})
     assert decode_settings(saved, load_config([], [])) == saved.decode
     # The documented config lists every key, unset: it changes nothing of the lens's own.
     assert decode_settings(saved, load_config([CONFIG / "lens.yaml"])) == saved.decode
     user = load_config([], ["decode.samples=0", "decode.fluency=0.25"])
-    assert decode_settings(saved, user) == DecodeConfig(samples=0, fluency=0.25, content=2.0)
+    expected = saved.decode.model_copy(update={"samples": 0, "fluency": 0.25})
+    assert decode_settings(saved, user) == expected
+    # eval, explain and serve load through `load_lens`, which applies exactly that.
+    base = cfg.model_copy(update={"decode": DecodeConfig()})
+    assert load_lens(base, tmp_path / "lens")[0].cfg.decode == saved.decode
+    told = cfg.model_copy(update={"decode": DecodeConfig(samples=0, fluency=0.25)})
+    assert load_lens(told, tmp_path / "lens")[0].cfg.decode == expected
 
 
 def test_the_tables_say_how_the_explanations_were_written():

@@ -140,7 +140,7 @@ function show(pos, anchor) {
     context.append(el("mark", "", row.token));
     block.append(context);
     const greedy = el("div");
-    greedy.append(el("b", "", "greedy: "), el("span", "expl greedy", JSON.stringify(row.explanation)));
+    greedy.append(el("b", "", "explanation: "), el("span", "expl greedy", JSON.stringify(row.explanation)));
     block.append(greedy);
     block.append(el("div", "scores", `KL ${row.kl.toFixed(3)} · cosine ${row.cosine.toFixed(3)}`));
     const samples = el("div", "samples");
