@@ -577,10 +577,12 @@ def _settings(cfg: LensConfig | dict | None) -> dict | None:
     """A config as JSON without `device` (ranks of one job differ only there). A saved one is
     read through today's schema, so a moved key (`migrate_saved`) or a setting added since (at
     its default, which changes nothing) is no difference; one that no longer validates raises
-    its own error rather than a misleading difference."""
+    its own error rather than a misleading difference. Decode settings compare filled in (a
+    lens saves them so), so an unset key and its default are no difference either."""
     if cfg is None:
         return None
-    data = dump_config(config_from_dict(cfg) if isinstance(cfg, dict) else cfg)
+    cfg = config_from_dict(cfg) if isinstance(cfg, dict) else cfg
+    data = dump_config(cfg.model_copy(update={"decode": cfg.decode.filled()}))
     return {k: v for k, v in data.items() if k != "device"}
 
 
