@@ -725,6 +725,12 @@ def dump_config(cfg: LensConfig) -> dict:
     return cfg.model_dump(mode="json")
 
 
+def saved_lens_config(cfg: LensConfig) -> dict:
+    """The config as a lens saves it: `dump_config` with the decode settings filled in, so the
+    lens writes the same under later defaults (and an unset key equals its default)."""
+    return dump_config(cfg.model_copy(update={"decode": cfg.decode.filled()}))
+
+
 @functools.cache
 def _defaults() -> dict:
     return dump_config(LensConfig())

@@ -18,6 +18,7 @@ from consistency_lens.config import (
     LensConfig,
     config_from_dict,
     dump_config,
+    saved_lens_config,
     weight_settings,
 )
 from consistency_lens.errors import LensError
@@ -341,8 +342,7 @@ class ConsistencyLens(nn.Module):
             "mode": self.cfg.train.mode,
             "prompt": self.cfg.train.prompt,
             "t_text": self.cfg.train.t_text,
-            # Decode settings are saved filled in: the lens writes the same under later defaults.
-            "config": dump_config(self.cfg.model_copy(update={"decode": self.cfg.decode.filled()})),
+            "config": saved_lens_config(self.cfg),
         }
 
     def _card(self, extra: str) -> str:

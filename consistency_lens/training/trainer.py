@@ -29,6 +29,7 @@ from consistency_lens.config import (
     WarmStartConfig,
     config_from_dict,
     dump_config,
+    saved_lens_config,
 )
 from consistency_lens.data.collate import Batch, CollateFn
 from consistency_lens.data.dataset import ActivationDataset
@@ -577,12 +578,11 @@ def _settings(cfg: LensConfig | dict | None) -> dict | None:
     """A config as JSON without `device` (ranks of one job differ only there). A saved one is
     read through today's schema, so a moved key (`migrate_saved`) or a setting added since (at
     its default, which changes nothing) is no difference; one that no longer validates raises
-    its own error rather than a misleading difference. Decode settings compare filled in (a
-    lens saves them so), so an unset key and its default are no difference either."""
+    its own error rather than a misleading difference. Both sides compare as a lens saves its
+    config (`saved_lens_config`), so an unset decode key and its default are no difference."""
     if cfg is None:
         return None
-    cfg = config_from_dict(cfg) if isinstance(cfg, dict) else cfg
-    data = dump_config(cfg.model_copy(update={"decode": cfg.decode.filled()}))
+    data = saved_lens_config(config_from_dict(cfg) if isinstance(cfg, dict) else cfg)
     return {k: v for k, v in data.items() if k != "device"}
 
 
