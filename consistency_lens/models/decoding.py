@@ -12,6 +12,10 @@ import torch
 from consistency_lens.config import DecodeConfig
 from consistency_lens.models.patching import token_nll
 
+# The most fp32 log-probabilities (candidates x batch x T x vocabulary) one scoring forward holds:
+# 2^28 elements, 1 GiB; 64 activations x 9 candidates x 4 tokens x 49,152 fit in one.
+_LOGITS_BUDGET = 1 << 28
+
 if TYPE_CHECKING:
     from consistency_lens.models.lens import ConsistencyLens
 
@@ -39,7 +43,7 @@ def best_of_samples(
     every call, and the caller's random state is left as it was.
     """
     cfg = cfg.filled()
-    t_text, n = lens.cfg.train.t_text, cfg.samples + 1
+    t_text = lens.cfg.train.t_text
     batch = activations.shape[0]
     generator = torch.Generator(device=activations.device).manual_seed(cfg.seed)
     candidates = [lens.decoder.generate(activations, t_text, greedy=True)]
@@ -50,18 +54,35 @@ def best_of_samples(
             )
         )
     ids = torch.stack(candidates, 1)  # (B, n, T)
-    flat = ids.flatten(0, 1)
-    d_logprob = -token_nll(
-        lens.decoder.teacher_forced_logits(activations.repeat_interleave(n, 0), flat), flat
-    )
-    nll = lens.orig.text_nll(flat.to(lens.orig.device))
+    d_logprob, nll = _candidate_likelihoods(lens, activations, ids)
     words = lens.orig.content_word_ids()
-    has_content = (words[flat.to(words.device)] >= 0).any(-1)
+    has_content = (words[ids.to(words.device)] >= 0).any(-1)
     scores = explanation_scores(
-        d_logprob.view(batch, n).float(),
-        nll.view(batch, n).float().to(d_logprob.device),
-        has_content.view(batch, n).to(d_logprob.device),
+        d_logprob.float(),
+        nll.float(),
+        has_content.to(d_logprob.device),
         cfg,
     )
     best = scores.argmax(1)  # the first of equal maxima: the greedy text wins a tie
     return ids[torch.arange(batch, device=ids.device), best]
+
+
+def _candidate_likelihoods(
+    lens: ConsistencyLens, activations: torch.Tensor, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, n) mean log p_D(text | A) and M's mean NLL of each candidate text of `ids` (B, n, T),
+    as many candidates per forward as keep its fp32 log-probabilities within `_LOGITS_BUDGET`
+    elements (all of them at the shipped sizes, so a large vocabulary or batch cannot run out of
+    memory while smaller ones score exactly as one forward does)."""
+    batch, n, t = ids.shape
+    vocab = lens.orig.content_word_ids().shape[0]
+    per = max(1, min(n, _LOGITS_BUDGET // (batch * t * vocab)))
+    d_parts, m_parts = [], []
+    for start in range(0, n, per):
+        chunk = ids[:, start : start + per]
+        k = chunk.shape[1]
+        flat = chunk.flatten(0, 1)
+        logits = lens.decoder.teacher_forced_logits(activations.repeat_interleave(k, 0), flat)
+        d_parts.append(-token_nll(logits, flat).view(batch, k))
+        m_parts.append(lens.orig.text_nll(flat.to(lens.orig.device)).view(batch, k))
+    return torch.cat(d_parts, 1), torch.cat(m_parts, 1).to(d_parts[0].device)

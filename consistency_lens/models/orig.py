@@ -142,10 +142,12 @@ class OriginalModelWrapper:
     def content_word_ids(self) -> torch.Tensor:
         """(V,) for each row of M's output head, the id of its token's content word (-1: none;
         `utils.words.content_word_ids`), on M's device: built on the first call and kept, so a step
-        or a decode compares integers."""
+        or a decode compares integers; moved along when M has moved since."""
         if self._content_words is None:
             vocab = self.model.get_output_embeddings().weight.shape[0]
-            self._content_words = content_word_ids(self.loaded.tokenizer, vocab).to(self.device)
+            self._content_words = content_word_ids(self.loaded.tokenizer, vocab)
+        if self._content_words.device != self.device:
+            self._content_words = self._content_words.to(self.device)
         return self._content_words
 
     def _mask(self, attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:

@@ -145,3 +145,37 @@ def test_the_tables_say_how_the_explanations_were_written():
         "best of D's greedy text and 8 samples (T 1) by log p_D - 1 x NLL_M above 4.6 "
         "+ 1 x content word"
     )
+
+
+def test_content_word_ids_follow_m_to_its_device(tiny_llama_dir):
+    lens = objective_lens(tiny_llama_dir)
+    before = lens.orig.content_word_ids().clone()
+    lens.orig.model.to("meta")  # a device move after the first call (as .to("cuda") would be)
+    moved = lens.orig.content_word_ids()
+    assert moved.device.type == "meta"
+    assert moved.shape == before.shape
+
+
+def test_candidates_are_scored_in_chunks_within_the_logits_budget(tiny_llama_dir, monkeypatch):
+    from consistency_lens.models import decoding
+
+    lens = objective_lens(tiny_llama_dir)
+    acts = objective_batch(lens).A
+    cfg = DecodeConfig(samples=4, seed=1).filled()
+    ids = _candidates(lens, acts, cfg)
+    batch, n, t = ids.shape
+    whole = decoding._candidate_likelihoods(lens, acts, ids)
+    vocab = lens.orig.content_word_ids().shape[0]
+    calls = []
+    forward = lens.decoder.teacher_forced_logits
+    monkeypatch.setattr(
+        lens.decoder,
+        "teacher_forced_logits",
+        lambda a, x: calls.append(x.shape[0]) or forward(a, x),
+    )
+    monkeypatch.setattr(decoding, "_LOGITS_BUDGET", 2 * batch * t * vocab)
+    chunked = decoding._candidate_likelihoods(lens, acts, ids)
+    assert calls == [2 * batch, 2 * batch, batch]  # candidates 2 + 2 + 1
+    for a, b in zip(whole, chunked, strict=True):
+        assert a.shape == (batch, n)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
