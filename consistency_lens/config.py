@@ -281,7 +281,8 @@ class DecodeConfig(_Strict):
     samples: int | None = Field(None, ge=0)
     """Texts D samples beside its greedy one; the explanation is the one of highest score
     `mean log p_D(text | A) - fluency * max(0, NLL_M(text) - fluency_margin) + content *
-    [text holds a content word]` (`models/decoding.py`). 0 (the default): the greedy text alone."""
+    [text holds a content word] + prediction * [it names M's prediction from A alone]`
+    (`models/decoding.py`). 0 (the default): the greedy text alone."""
     temperature: float | None = Field(None, gt=0)
     """Sampling temperature of the sampled candidates (default 1)."""
     fluency: float | None = Field(None, ge=0)
@@ -296,6 +297,12 @@ class DecodeConfig(_Strict):
     seed: int | None = Field(None, ge=0, lt=2**31)
     """Seed of the candidates' sampling, so that an explanation is the same on every call
     (default 0)."""
+    prediction: float | None = Field(None, ge=0)
+    """Score a candidate gains when it holds a content word of the next tokens M predicts from A
+    alone: M's blocks after L on D's prompt up to its slot, A written at the slot (a
+    patchscope; `models/decoding.py`), its top `prediction_top` (default 0: not read)."""
+    prediction_top: int | None = Field(None, ge=1)
+    """How many of M's next tokens from A alone count for `prediction` (default 10)."""
 
     def filled(self) -> DecodeConfig:
         """These settings with every unset key at its default (`DECODE_DEFAULTS`)."""
@@ -309,6 +316,8 @@ DECODE_DEFAULTS = {
     "fluency_margin": 4.6,
     "content": 1.0,
     "seed": 0,
+    "prediction": 0.0,
+    "prediction_top": 10,
 }
 """What an unset `decode` key means when the lens has none saved either."""
 

@@ -109,6 +109,11 @@ def prompt_token_ids(
     return list(left_ids), list(right_ids)
 
 
+def placeholder_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token an `inject_layer` slot holds before A overwrites its state (`PLACEHOLDER`'s first)."""
+    return tokenizer(PLACEHOLDER, add_special_tokens=False)["input_ids"][0]
+
+
 class DecoderModel(nn.Module):
     """D: `prompt_left + Proj_A_to_D_emb(A) + prompt_right`, then `T_text` generated tokens."""
 
@@ -144,9 +149,10 @@ class DecoderModel(nn.Module):
         if inject_layer is not None:
             check_layer(self.parts, inject_layer, "train.inject_layer")
             # The slot's input is an ordinary token (trainable); A overwrites its state after block k.
-            slot_id = tokenizer(PLACEHOLDER, add_special_tokens=False)["input_ids"][:1]
             with torch.no_grad():
-                slot_t = torch.tensor([slot_id], dtype=torch.long, device=device)
+                slot_t = torch.tensor(
+                    [[placeholder_id(tokenizer)]], dtype=torch.long, device=device
+                )
                 self.slot = nn.Parameter(self.parts.embed_ids(slot_t).float()[0])
         self.proj = near_identity(d_activation, self.parts.d_model, proj_scale).to(device)
         self.gradient_checkpointing = gradient_checkpointing

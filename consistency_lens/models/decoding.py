@@ -1,6 +1,7 @@
 """Best-of-N explanations: D's greedy text and `decode.samples` sampled texts, of which the lens
 keeps the one of highest score. The score reads A alone (D's likelihood of the text given A, the
-text's fluency under M, whether it holds a content word), never the context or E, so the
+text's fluency under M, whether it holds a content word, whether it names what M predicts from A
+written into a fixed prompt), never the context or E, so the
 explanation stays a function of the activation; the eval's KL is measured on the text kept."""
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from consistency_lens.config import DecodeConfig
+from consistency_lens.models.decoder import placeholder_id, prompt_token_ids
 from consistency_lens.models.patching import token_nll
+from consistency_lens.utils.words import names_prediction
 
 # The most fp32 log-probabilities (candidates x batch x T x vocabulary) one scoring forward holds:
 # 2^28 elements, 1 GiB; 64 activations x 9 candidates x 4 tokens x 49,152 fit in one.
@@ -21,13 +24,38 @@ if TYPE_CHECKING:
 
 
 def explanation_scores(
-    d_logprob: torch.Tensor, text_nll: torch.Tensor, has_content: torch.Tensor, cfg: DecodeConfig
+    d_logprob: torch.Tensor,
+    text_nll: torch.Tensor,
+    has_content: torch.Tensor,
+    cfg: DecodeConfig,
+    names_prediction: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`d_logprob - fluency * max(0, text_nll - fluency_margin) + content * has_content`, per
-    candidate (all tensors of one shape; `d_logprob` and `text_nll` are means per token; `cfg`
-    filled, `DecodeConfig.filled`)."""
+    """`d_logprob - fluency * max(0, text_nll - fluency_margin) + content * has_content +
+    prediction * names_prediction`, per candidate (all tensors of one shape; `d_logprob` and
+    `text_nll` are means per token; `names_prediction` may be None while `cfg.prediction` is 0;
+    `cfg` filled, `DecodeConfig.filled`)."""
     over = (text_nll - cfg.fluency_margin).clamp(min=0)
-    return d_logprob - cfg.fluency * over + cfg.content * has_content.to(d_logprob.dtype)
+    score = d_logprob - cfg.fluency * over + cfg.content * has_content.to(d_logprob.dtype)
+    if cfg.prediction:
+        score = score + cfg.prediction * names_prediction.to(d_logprob.dtype)
+    return score
+
+
+@torch.no_grad()
+def prediction_from_activation(
+    lens: ConsistencyLens, activations: torch.Tensor, top: int
+) -> torch.Tensor:
+    """(B, top) the token ids M ranks highest next with A alone: D's prompt up to its slot (the
+    slot holding `PLACEHOLDER`) through M, A written over the slot's state after block L, M's
+    next-token logits there (a patchscope). The context of A is never read."""
+    tokenizer = lens.loaded.tokenizer
+    left, _ = prompt_token_ids(tokenizer, lens.cfg.train.prompt)
+    prompt = torch.tensor([[*left, placeholder_id(tokenizer)]], device=lens.orig.device)
+    prompt = prompt.expand(activations.shape[0], -1)
+    (logits,) = lens.orig.forward_with_replacement(
+        prompt, torch.ones_like(prompt), [activations.to(lens.orig.device)]
+    )
+    return logits.topk(min(top, logits.shape[-1]), dim=-1).indices
 
 
 @torch.no_grad()
@@ -56,12 +84,14 @@ def best_of_samples(
     ids = torch.stack(candidates, 1)  # (B, n, T)
     d_logprob, nll = _candidate_likelihoods(lens, activations, ids)
     words = lens.orig.content_word_ids()
-    has_content = (words[ids.to(words.device)] >= 0).any(-1)
+    text = ids.to(words.device)
+    has_content = (words[text] >= 0).any(-1)
+    named = None
+    if cfg.prediction:
+        top = prediction_from_activation(lens, activations, cfg.prediction_top)
+        named = names_prediction(words, text, top.to(words.device)).to(d_logprob.device)
     scores = explanation_scores(
-        d_logprob.float(),
-        nll.float(),
-        has_content.to(d_logprob.device),
-        cfg,
+        d_logprob.float(), nll.float(), has_content.to(d_logprob.device), cfg, named
     )
     best = scores.argmax(1)  # the first of equal maxima: the greedy text wins a tie
     return ids[torch.arange(batch, device=ids.device), best]

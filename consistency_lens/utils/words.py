@@ -83,3 +83,14 @@ def content_word_ids(tokenizer: Vocabulary, vocab_size: int) -> torch.Tensor:
         if word := content_word(tokenizer, tid):
             out[tid] = index.setdefault(word, len(index))
     return out
+
+
+def names_prediction(
+    words: torch.Tensor, text_ids: torch.Tensor, top_ids: torch.Tensor
+) -> torch.Tensor:
+    """(n, K) float: 1 where text j of row i (`text_ids` (n, K, T)) holds a content word of row
+    i's predictions (`top_ids` (n, k)); `words` maps token ids to content-word ids, -1 for none
+    (`content_word_ids`)."""
+    text, top = words[text_ids], words[top_ids]  # (n, K, T), (n, k)
+    same = text.unsqueeze(-1) == top[:, None, None, :]  # (n, K, T, k)
+    return (same & (text >= 0).unsqueeze(-1)).flatten(2).any(-1).float()

@@ -26,6 +26,12 @@ def test_scores_match_a_hand_computation():
     # -1 - 0 + 0; -2 - 0.5 * 2 + 2; -0.5 - 0.5 * 1 + 0
     expected = torch.tensor([[-1.0, -1.0, -1.0]])
     assert torch.equal(explanation_scores(d_logprob, nll, content, cfg), expected)
+    named = torch.tensor([[True, False, True]])
+    with_prediction = cfg.model_copy(update={"prediction": 0.25})
+    expected = torch.tensor([[-0.75, -1.0, -0.75]])
+    assert torch.equal(
+        explanation_scores(d_logprob, nll, content, with_prediction, named), expected
+    )
 
 
 def _candidates(lens, acts, cfg: DecodeConfig) -> torch.Tensor:
@@ -179,3 +185,45 @@ def test_candidates_are_scored_in_chunks_within_the_logits_budget(tiny_llama_dir
     for a, b in zip(whole, chunked, strict=True):
         assert a.shape == (batch, n)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_prediction_from_activation_is_m_reading_its_own_state_at_the_slot(tiny_llama_dir):
+    from consistency_lens.models.decoder import placeholder_id, prompt_token_ids
+    from consistency_lens.models.decoding import prediction_from_activation
+
+    lens = objective_lens(tiny_llama_dir, prompt="thought <embed> is")
+    tok = lens.loaded.tokenizer
+    left, _ = prompt_token_ids(tok, lens.cfg.train.prompt)
+    prompt = torch.tensor([[*left, placeholder_id(tok)]])
+    with torch.no_grad():
+        out = lens.orig.model(input_ids=prompt, output_hidden_states=True)
+    # A = M's own state after block L at the slot: the patchscope is then M's plain forward.
+    own = out.hidden_states[lens.layer + 1][:, -1]
+    expected = out.logits[:, -1].topk(7, dim=-1).indices
+    assert torch.equal(prediction_from_activation(lens, own, 7), expected)
+    # Another activation gives another prediction: A is read, not the prompt alone.
+    other = prediction_from_activation(lens, own + 50 * torch.randn_like(own), 7)
+    assert not torch.equal(other, expected)
+
+
+def test_the_prediction_term_keeps_a_text_naming_ms_prediction_from_a(tiny_llama_dir):
+    from consistency_lens.models.decoding import prediction_from_activation
+    from consistency_lens.utils.words import names_prediction
+
+    lens = objective_lens(tiny_llama_dir)
+    acts = objective_batch(lens).A
+    cfg = DecodeConfig(samples=12, seed=2, temperature=2.0, prediction=1e4, prediction_top=40)
+    cands = _candidates(lens, acts, cfg)
+    words = lens.orig.content_word_ids()
+    top = prediction_from_activation(lens, acts, 40)
+    named = names_prediction(words, cands, top)  # (B, n)
+    kept = best_of_samples(lens, acts, cfg)
+    kept_named = names_prediction(words, kept[:, None], top)[:, 0]
+    assert named.any(1).any(), "the test needs a candidate that names the prediction"
+    assert torch.equal(kept_named, named.any(1).float())
+    # Weight 0 scores as before the term existed.
+    plain = DecodeConfig(samples=12, seed=2, temperature=2.0)
+    assert torch.equal(
+        best_of_samples(lens, acts, plain),
+        best_of_samples(lens, acts, plain.model_copy(update={"prediction": 0.0})),
+    )

@@ -38,7 +38,6 @@ from consistency_lens.training.objectives import (
 from consistency_lens.training.objectives.grpo import (
     distinct_fraction,
     group_advantages,
-    names_prediction,
     policy_gradient_loss,
     reference_kl,
     swapped,
@@ -50,7 +49,7 @@ from consistency_lens.training.objectives.warm_start import (
     supervised_losses,
 )
 from consistency_lens.utils.logging import METRICS, MetricsFile
-from consistency_lens.utils.words import content_word_ids, content_words
+from consistency_lens.utils.words import content_word_ids, content_words, names_prediction
 
 
 def _lens(model_dir, **train) -> ConsistencyLens:

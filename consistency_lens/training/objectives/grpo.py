@@ -35,7 +35,7 @@ from consistency_lens.training.objectives import (
     normalised_mse,
     register,
 )
-from consistency_lens.utils.words import TOP_PREDICTIONS
+from consistency_lens.utils.words import TOP_PREDICTIONS, names_prediction
 
 
 class RLConfig(ObjectiveSettings):
@@ -92,17 +92,6 @@ def group_advantages(rewards: torch.Tensor, std_norm: bool) -> torch.Tensor:
     if std_norm:
         adv = adv / (rewards.std(1, keepdim=True) + 1e-6)
     return adv
-
-
-def names_prediction(
-    words: torch.Tensor, text_ids: torch.Tensor, top_ids: torch.Tensor
-) -> torch.Tensor:
-    """(n, K) float: 1 where sampled text (n, K, T) holds a content word of its activation's
-    predictions (n, k); `words` maps token ids to content-word ids, -1 for none
-    (`utils.words.content_word_ids`)."""
-    text, top = words[text_ids], words[top_ids]  # (n, K, T), (n, k)
-    same = text.unsqueeze(-1) == top[:, None, None, :]  # (n, K, T, k)
-    return (same & (text >= 0).unsqueeze(-1)).flatten(2).any(-1).float()
 
 
 def distinct_fraction(groups: torch.Tensor) -> torch.Tensor:
