@@ -300,7 +300,9 @@ class DecodeConfig(_Strict):
     prediction: float | None = Field(None, ge=0)
     """Score a candidate gains when it holds a content word of the next tokens M predicts from A
     alone: M's blocks after L on D's prompt up to its slot, A written at the slot (a
-    patchscope; `models/decoding.py`), its top `prediction_top` (default 0: not read)."""
+    patchscope; `models/decoding.py`), its top `prediction_top`. Above 0 the candidates also
+    hold D's greedy text begun with the best-ranked of those that is a content word (default 0:
+    not read)."""
     prediction_top: int | None = Field(None, ge=1)
     """How many of M's next tokens from A alone count for `prediction` (default 10)."""
 

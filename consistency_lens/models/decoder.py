@@ -300,13 +300,18 @@ class DecoderModel(nn.Module):
         greedy: bool = True,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
+        first: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token ids (B, max_length), greedy or sampled at `temperature`, in reading order
-        (sampled with `generator`: one noise row per step shared by the batch, `sample_ids`)."""
+        (sampled with `generator`: one noise row per step shared by the batch, `sample_ids`).
+
+        `first` (B,): the token D writes first, given instead of chosen; D continues from it."""
         logits, kv = self._start(activations)
         ids = []
         for t in range(max_length):
-            if greedy:
+            if t == 0 and first is not None:
+                next_ids = first.to(logits.device)
+            elif greedy:
                 next_ids = logits.argmax(dim=-1)
             else:
                 next_ids = sample_ids(logits, temperature, generator)

@@ -63,7 +63,8 @@ def best_of_samples(
     lens: ConsistencyLens, activations: torch.Tensor, cfg: DecodeConfig
 ) -> torch.Tensor:
     """Token ids (B, T_text) of the best-scoring text among D's greedy one and `cfg.samples`
-    sampled ones for each activation (ties go to the greedy text, then to the earlier sample).
+    sampled ones for each activation (ties go to the greedy text, then to the earlier sample),
+    and, with `cfg.prediction`, D's greedy text begun with M's prediction from A alone.
 
     The draws come from a private generator seeded with `cfg.seed`, one noise row per step
     shared by the batch: a row's explanation depends on its activation and the settings alone
@@ -81,15 +82,20 @@ def best_of_samples(
                 activations, t_text, greedy=False, temperature=cfg.temperature, generator=generator
             )
         )
+    words = lens.orig.content_word_ids()
+    top = None
+    if cfg.prediction:
+        top = prediction_from_activation(lens, activations, cfg.prediction_top).to(words.device)
+        # One more candidate: D's greedy text from the best-ranked of those predictions that is
+        # a content word (the top-1 when none is), which D then continues as it would its own.
+        content = words[top] >= 0
+        first = top.gather(1, content.long().argmax(1, keepdim=True)).squeeze(1)
+        candidates.append(lens.decoder.generate(activations, t_text, greedy=True, first=first))
     ids = torch.stack(candidates, 1)  # (B, n, T)
     d_logprob, nll = _candidate_likelihoods(lens, activations, ids)
-    words = lens.orig.content_word_ids()
     text = ids.to(words.device)
     has_content = (words[text] >= 0).any(-1)
-    named = None
-    if cfg.prediction:
-        top = prediction_from_activation(lens, activations, cfg.prediction_top)
-        named = names_prediction(words, text, top.to(words.device)).to(d_logprob.device)
+    named = None if top is None else names_prediction(words, text, top).to(d_logprob.device)
     scores = explanation_scores(
         d_logprob.float(), nll.float(), has_content.to(d_logprob.device), cfg, named
     )

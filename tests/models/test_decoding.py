@@ -45,6 +45,16 @@ def _candidates(lens, acts, cfg: DecodeConfig) -> torch.Tensor:
         lens.decoder.generate(acts, t, greedy=False, temperature=cfg.temperature, generator=gen)
         for _ in range(cfg.samples)
     ]
+    if cfg.prediction:
+        # Then D's greedy text from the patchscope's best-ranked content word (its top-1 if none).
+        from consistency_lens.models.decoding import prediction_from_activation
+
+        words = lens.orig.content_word_ids()
+        first = []
+        for row in prediction_from_activation(lens, acts, cfg.prediction_top):
+            hits = [tid for tid in row.tolist() if words[tid] >= 0]
+            first.append(hits[0] if hits else int(row[0]))
+        rows.append(lens.decoder.generate(acts, t, greedy=True, first=torch.tensor(first)))
     return torch.stack(rows, 1)
 
 
@@ -219,7 +229,9 @@ def test_the_prediction_term_keeps_a_text_naming_ms_prediction_from_a(tiny_llama
     named = names_prediction(words, cands, top)  # (B, n)
     kept = best_of_samples(lens, acts, cfg)
     kept_named = names_prediction(words, kept[:, None], top)[:, 0]
-    assert named.any(1).any(), "the test needs a candidate that names the prediction"
+    # D's sampled texts name it in one row only; the candidate written from it, in every row.
+    assert named[:, :-1].any(1).tolist() == [False, True, False]
+    assert named[:, -1].all()
     assert torch.equal(kept_named, named.any(1).float())
     # Weight 0 scores as before the term existed.
     plain = DecodeConfig(samples=12, seed=2, temperature=2.0)
@@ -227,3 +239,16 @@ def test_the_prediction_term_keeps_a_text_naming_ms_prediction_from_a(tiny_llama
         best_of_samples(lens, acts, plain),
         best_of_samples(lens, acts, plain.model_copy(update={"prediction": 0.0})),
     )
+
+
+def test_generate_continues_from_a_given_first_token(tiny_llama_dir):
+    lens = objective_lens(tiny_llama_dir, t_text=4)
+    acts = objective_batch(lens).A
+    first = torch.tensor([5, 17, 260])
+    forced = lens.decoder.generate(acts, 4, greedy=True, first=first)
+    assert torch.equal(forced[:, 0], first)
+    # The rest is D's greedy continuation: under teacher forcing (logits[:, t] predicts token t)
+    # each later token is D's argmax, while the given first token is not D's own pick.
+    logits = lens.decoder.teacher_forced_logits(acts, forced)
+    assert torch.equal(logits[:, 1:].argmax(-1), forced[:, 1:])
+    assert not torch.equal(logits[:, 0].argmax(-1), first)
