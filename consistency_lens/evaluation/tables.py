@@ -126,13 +126,22 @@ def _recon_table(results: dict) -> tuple[str, list[str], list[list[Any]], str]:
 
 def decode_text(decode: dict | None) -> str:
     """How the explanations were written (`decode` of an eval's results), in words."""
-    if not decode or not decode.get("samples"):
+    prediction = (decode or {}).get("prediction") or 0
+    if not decode or not (decode.get("samples") or prediction):
         return "D's greedy text"
-    return (
+    text = (
         f"best of D's greedy text and {decode['samples']} samples (T {decode['temperature']:g}) "
         f"by log p_D - {decode['fluency']:g} x NLL_M above {decode['fluency_margin']:g} "
         f"+ {decode['content']:g} x content word"
     )
+    if prediction:
+        # Results written before `decode.prediction` existed have no such key.
+        text = text.replace(
+            "best of D's greedy text and",
+            "best of D's greedy text, its text begun with M's prediction from A and",
+        )
+        text += f" + {prediction:g} x names M's top-{decode['prediction_top']} from A"
+    return text
 
 
 def _text_table(results: dict) -> tuple[str, list[str], list[list[Any]], str]:

@@ -310,10 +310,11 @@ class ConsistencyLens(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Direct reconstruction: D's text ids (B, T_text) for A and E's Â (B, d) from that text.
 
-        The greedy explanation is the best of D's greedy and sampled texts when `decode.samples`
-        is set (`models/decoding.py`); a sampled one (`greedy=False`) is always D's own draw."""
+        The greedy explanation is the best of D's greedy and sampled texts (and the text begun
+        with M's prediction from A) when `decode.samples` or `decode.prediction` is set
+        (`models/decoding.py`); a sampled one (`greedy=False`) is always D's own draw."""
         decode = self.cfg.decode.filled()
-        if greedy and decode.samples:
+        if greedy and (decode.samples or decode.prediction):
             ids = best_of_samples(self, activations, decode)
         else:
             ids = self.decoder.generate(

@@ -56,8 +56,10 @@ def test_gpu_config_validates_and_uses_the_same_recipe():
         assert getattr(gpu.train, key) == getattr(demo.train, key)
     for key in ("temperature", "kl_ref"):
         assert getattr(gpu.train.rl, key) == getattr(demo.train.rl, key)
-    # Both lenses write the best of nine texts (BENCHMARKS.md, "Best of nine").
-    assert gpu.decode == demo.decode and demo.decode.filled().samples == 8
+    # Both lenses write the best of 18 texts, one begun with M's prediction from A alone
+    # (BENCHMARKS.md, "Naming M's prediction from A alone").
+    assert gpu.decode == demo.decode
+    assert demo.decode.filled().samples == 16 and demo.decode.filled().prediction == 3.0
     # The fluency weight is tuned per scale (BENCHMARKS.md, "The recipe on one GPU").
     assert demo.train.rl.fluency_reward > 0 and gpu.train.rl.fluency_reward > 0
     assert gpu.num_samples > demo.num_samples and gpu.train.warm_start.steps > 0

@@ -161,6 +161,20 @@ def test_the_tables_say_how_the_explanations_were_written():
         "best of D's greedy text and 8 samples (T 1) by log p_D - 1 x NLL_M above 4.6 "
         "+ 1 x content word"
     )
+    shipped = DecodeConfig(samples=16, fluency=2.0, prediction=3.0).filled().model_dump()
+    assert decode_text(shipped) == (
+        "best of D's greedy text, its text begun with M's prediction from A and 16 samples (T 1) "
+        "by log p_D - 2 x NLL_M above 4.6 + 1 x content word + 3 x names M's top-10 from A"
+    )
+
+
+def test_the_prediction_alone_also_writes_the_best_candidate(tiny_llama_dir):
+    lens = objective_lens(tiny_llama_dir)
+    acts = objective_batch(lens).A
+    lens.cfg = lens.cfg.model_copy(update={"decode": DecodeConfig(samples=0, prediction=1e4)})
+    ids, _ = lens.reconstruct(acts)
+    assert torch.equal(ids, best_of_samples(lens, acts, lens.cfg.decode))
+    assert not torch.equal(ids, lens.decoder.generate(acts, lens.cfg.train.t_text))
 
 
 def test_content_word_ids_follow_m_to_its_device(tiny_llama_dir):
