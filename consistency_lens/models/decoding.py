@@ -43,13 +43,14 @@ def explanation_scores(
 
 @torch.no_grad()
 def prediction_from_activation(
-    lens: ConsistencyLens, activations: torch.Tensor, top: int
+    lens: ConsistencyLens, activations: torch.Tensor, top: int, prompt: str | None = None
 ) -> torch.Tensor:
-    """(B, top) the token ids M ranks highest next with A alone: D's prompt up to its slot (the
-    slot holding `PLACEHOLDER`) through M, A written over the slot's state after block L, M's
-    next-token logits there (a patchscope). The context of A is never read."""
+    """(B, top) the token ids M ranks highest next with A alone: D's prompt (or `prompt`, with
+    its `<embed>` slot) up to its slot (the slot holding `PLACEHOLDER`) through M, A written over
+    the slot's state after block L, M's next-token logits there (a patchscope). The context of A
+    is never read."""
     tokenizer = lens.loaded.tokenizer
-    left, _ = prompt_token_ids(tokenizer, lens.cfg.train.prompt)
+    left, _ = prompt_token_ids(tokenizer, prompt or lens.cfg.train.prompt)
     prompt = torch.tensor([[*left, placeholder_id(tokenizer)]], device=lens.orig.device)
     prompt = prompt.expand(activations.shape[0], -1)
     (logits,) = lens.orig.forward_with_replacement(

@@ -230,6 +230,23 @@ def test_prediction_from_activation_is_m_reading_its_own_state_at_the_slot(tiny_
     assert not torch.equal(other, expected)
 
 
+def test_prediction_from_activation_reads_a_given_prompt_instead_of_ds(tiny_llama_dir):
+    from consistency_lens.models.decoder import placeholder_id, prompt_token_ids
+    from consistency_lens.models.decoding import prediction_from_activation
+
+    lens = objective_lens(tiny_llama_dir, prompt="thought <embed> is")
+    tok = lens.loaded.tokenizer
+    left, _ = prompt_token_ids(tok, "the next word <embed>")
+    prompt = torch.tensor([[*left, placeholder_id(tok)]])
+    with torch.no_grad():
+        out = lens.orig.model(input_ids=prompt, output_hidden_states=True)
+    own = out.hidden_states[lens.layer + 1][:, -1]
+    expected = out.logits[:, -1].topk(7, dim=-1).indices
+    assert torch.equal(prediction_from_activation(lens, own, 7, "the next word <embed>"), expected)
+    # The same A after D's own prompt is another forward: the given prompt is the one read.
+    assert not torch.equal(prediction_from_activation(lens, own, 7), expected)
+
+
 def test_the_prediction_term_keeps_a_text_naming_ms_prediction_from_a(tiny_llama_dir):
     from consistency_lens.models.decoding import prediction_from_activation
     from consistency_lens.utils.words import names_prediction
