@@ -34,7 +34,13 @@ from consistency_lens.models.adapter import check_layer
 from consistency_lens.models.hooks import run_until
 from consistency_lens.models.loading import LoadedModel, load_for_config, max_positions
 from consistency_lens.utils.dist import join_process_group
-from consistency_lens.utils.io import atomic_write, atomic_write_json, read_json, sha256_file
+from consistency_lens.utils.io import (
+    atomic_write,
+    atomic_write_json,
+    read_json,
+    remove_stray_temps,
+    sha256_file,
+)
 from consistency_lens.utils.lock import LOCK_FILE, dir_lock
 
 _FP16_MAX = 65504.0
@@ -320,8 +326,7 @@ def _dump_rank(
     # `shards`: the valid ones of an earlier run, from `_resume_state` (checked once, under the lock).
     shards = list(shards)
     # Temporary files of a killed run; only now, after the checks and under the lock.
-    for stray in directory.glob(".*.tmp"):
-        stray.unlink()
+    remove_stray_temps(directory)
     dtype = getattr(torch, cfg.dtype)
     n_shards = math.ceil(len(span) / cfg.shard_size)
     task = progress.add_task(label, total=len(span), rate=0.0)

@@ -72,6 +72,20 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+# Names of the temporary files a killed write can leave: `atomic_write`'s own, and the
+# `.tmpXXXXXX` of the Rust `tempfile` crate, through which safetensors (0.8) writes a file before
+# renaming it into place (inside `atomic_write`'s temporary path, so into the same directory).
+STRAY_TEMPS = (".*.tmp", ".tmp??????")
+
+
+def remove_stray_temps(directory: Path) -> None:
+    """Delete the temporary files (`STRAY_TEMPS`) a killed write left in `directory`."""
+    for pattern in STRAY_TEMPS:
+        for stray in Path(directory).glob(pattern):
+            if stray.is_file():
+                stray.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a text file atomically."""
     atomic_write(path, lambda tmp: tmp.write_text(text))

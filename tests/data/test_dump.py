@@ -72,7 +72,11 @@ def test_resume_after_interruption_equals_uninterrupted(
     def dying(path, tensors):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise KeyboardInterrupt  # killed while writing the second shard
+            # Killed while writing the second shard: a SIGKILL there leaves atomic_write's
+            # temporary file and, inside safetensors' own write, its `.tmpXXXXXX` file.
+            (path.parent / f".{path.name}.a1b2c3.tmp").write_bytes(b"")
+            (path.parent / ".tmpq1W2e3").write_bytes(b"partial safetensors")
+            raise KeyboardInterrupt
         return real(path, tensors)
 
     monkeypatch.setattr(dump_mod, "_write_shard", dying)
