@@ -11,15 +11,17 @@ corpus's val split, dumped by `eval corpus=C` already). Nothing is trained.
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
-from consistency_lens.config import load_config
+from consistency_lens.config import LensConfig, load_config
 from consistency_lens.data.collate import CollateFn
 from consistency_lens.data.dataset import ActivationDataset
 from consistency_lens.data.layout import split_dir
 from consistency_lens.evaluation.metrics import mean_ci
 from consistency_lens.evaluation.samples import sample_indices
+from consistency_lens.evaluation.saved_lens import load_lens
 from consistency_lens.models.decoding import prediction_from_activation
 from consistency_lens.models.lens import ConsistencyLens
 from consistency_lens.utils.words import names_prediction
@@ -27,7 +29,9 @@ from consistency_lens.utils.words import names_prediction
 TRUE_TOP = 5
 
 
-def measure(lens: ConsistencyLens, ds: ActivationDataset, cfg, prompts: list[str]) -> dict:
+def measure(
+    lens: ConsistencyLens, ds: ActivationDataset, cfg: LensConfig, prompts: list[str]
+) -> dict[str, torch.Tensor]:
     """Per-sample 0/1 rows: each prompt's top-1 in M's true top-5, each prompt's top-5 / top-10
     holding a content word of M's true top-5, and the lens's explanation holding one."""
     collate = CollateFn(pad_id=lens.loaded.pad_id)
@@ -66,7 +70,8 @@ def main(argv: list[str]) -> None:
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(["config/demo.yaml"], overrides)
     torch.manual_seed(cfg.seed)
-    lens = ConsistencyLens.from_pretrained(args.lens, device="cpu")
+    # As eval loads it: on cfg.device, with any decode.* override applied to its explanations.
+    lens, _ = load_lens(cfg, Path(args.lens))
     lens.eval()
     for corpus in args.corpora.split(","):
         ds = ActivationDataset(

@@ -282,7 +282,8 @@ class DecodeConfig(_Strict):
     """Texts D samples beside its greedy one; the explanation is the one of highest score
     `mean log p_D(text | A) - fluency * max(0, NLL_M(text) - fluency_margin) + content *
     [text holds a content word] + prediction * [it names M's prediction from A alone]`
-    (`models/decoding.py`). 0 (the default): the greedy text alone."""
+    (`models/decoding.py`). 0 (the default): the greedy text alone, unless `prediction` is above
+    0."""
     temperature: float | None = Field(None, gt=0)
     """Sampling temperature of the sampled candidates (default 1)."""
     fluency: float | None = Field(None, ge=0)
@@ -301,8 +302,8 @@ class DecodeConfig(_Strict):
     """Score a candidate gains when it holds a content word of the next tokens M predicts from A
     alone: M's blocks after L on D's prompt up to its slot, A written at the slot (a
     patchscope; `models/decoding.py`), its top `prediction_top`. Above 0 the candidates also
-    hold D's greedy text begun with the best-ranked of those that is a content word (default 0:
-    not read)."""
+    hold D's greedy text whose first written token is the best-ranked of those that is a content
+    word (the text's third token read under `train.decoder_rotate: 2`) (default 0: not read)."""
     prediction_top: int | None = Field(None, ge=1)
     """How many of M's next tokens from A alone count for `prediction` (default 10)."""
 

@@ -16,7 +16,7 @@ from consistency_lens.models.patching import token_nll
 from consistency_lens.utils.words import names_prediction
 
 # The most fp32 log-probabilities (candidates x batch x T x vocabulary) one scoring forward holds:
-# 2^28 elements, 1 GiB; 64 activations x 9 candidates x 4 tokens x 49,152 fit in one.
+# 2^28 elements, 1 GiB; 64 activations x 18 candidates x 4 tokens x 49,152 fit in one.
 _LOGITS_BUDGET = 1 << 28
 
 if TYPE_CHECKING:
@@ -28,16 +28,17 @@ def explanation_scores(
     text_nll: torch.Tensor,
     has_content: torch.Tensor,
     cfg: DecodeConfig,
-    names_prediction: torch.Tensor | None = None,
+    named: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`d_logprob - fluency * max(0, text_nll - fluency_margin) + content * has_content +
-    prediction * names_prediction`, per candidate (all tensors of one shape; `d_logprob` and
-    `text_nll` are means per token; `names_prediction` may be None while `cfg.prediction` is 0;
+    prediction * named`, per candidate (all tensors of one shape; `d_logprob` and `text_nll` are
+    means per token; `named`, 1 where the text names M's prediction, may be None while
+    `cfg.prediction` is 0;
     `cfg` filled, `DecodeConfig.filled`)."""
     over = (text_nll - cfg.fluency_margin).clamp(min=0)
     score = d_logprob - cfg.fluency * over + cfg.content * has_content.to(d_logprob.dtype)
     if cfg.prediction:
-        score = score + cfg.prediction * names_prediction.to(d_logprob.dtype)
+        score = score + cfg.prediction * named.to(d_logprob.dtype)
     return score
 
 
@@ -51,10 +52,10 @@ def prediction_from_activation(
     is never read."""
     tokenizer = lens.loaded.tokenizer
     left, _ = prompt_token_ids(tokenizer, prompt or lens.cfg.train.prompt)
-    prompt = torch.tensor([[*left, placeholder_id(tokenizer)]], device=lens.orig.device)
-    prompt = prompt.expand(activations.shape[0], -1)
+    ids = torch.tensor([[*left, placeholder_id(tokenizer)]], device=lens.orig.device)
+    ids = ids.expand(activations.shape[0], -1)
     (logits,) = lens.orig.forward_with_replacement(
-        prompt, torch.ones_like(prompt), [activations.to(lens.orig.device)]
+        ids, torch.ones_like(ids), [activations.to(lens.orig.device)]
     )
     return logits.topk(min(top, logits.shape[-1]), dim=-1).indices
 
