@@ -281,8 +281,8 @@ class DecodeConfig(_Strict):
     samples: int | None = Field(None, ge=0)
     """Texts D samples beside its greedy one; the explanation is the one of highest score
     `mean log p_D(text | A) - fluency * max(0, NLL_M(text) - fluency_margin) + content *
-    [text holds a content word] + prediction * [it names M's prediction from A alone]`
-    (`models/decoding.py`). 0 (the default): the greedy text alone, unless `prediction` is above
+    [text holds a content word] + prediction * [it names M's prediction from A alone] -
+    reconstruction * ||E(text) - A||^2 / ||A||^2` (`models/decoding.py`). 0 (the default): the greedy text alone, unless `prediction` is above
     0."""
     temperature: float | None = Field(None, gt=0)
     """Sampling temperature of the sampled candidates (default 1)."""
@@ -306,6 +306,11 @@ class DecodeConfig(_Strict):
     word (the text's third token read under `train.decoder_rotate: 2`) (default 0: not read)."""
     prediction_top: int | None = Field(None, ge=1)
     """How many of M's next tokens from A alone count for `prediction` (default 10)."""
+    reconstruction: float | None = Field(None, ge=0)
+    """Weight of how far E's reconstruction from a candidate is from A, `||E(text) - A||^2 /
+    ||A||^2`, taken off its score: the lens keeps the text that passes its own consistency check
+    best (still A alone: neither the context nor M's output at P is read) (default 0: E is not
+    read)."""
 
     def filled(self) -> DecodeConfig:
         """These settings with every unset key at its default (`DECODE_DEFAULTS`)."""
@@ -321,6 +326,7 @@ DECODE_DEFAULTS = {
     "seed": 0,
     "prediction": 0.0,
     "prediction_top": 10,
+    "reconstruction": 0.0,
 }
 """What an unset `decode` key means when the lens has none saved either."""
 

@@ -138,9 +138,12 @@ def decode_text(decode: dict | None) -> str:
         # Results written before `decode.prediction` existed have no such key.
         text = text.replace(
             "best of D's greedy text and",
-            "best of D's greedy text, its text begun with M's prediction from A and",
+            "best of D's greedy text, its text written from M's prediction from A and",
         )
         text += f" + {prediction:g} x names M's top-{decode['prediction_top']} from A"
+    # Results written before `decode.reconstruction` existed have no such key.
+    if decode.get("reconstruction"):
+        text += f" - {decode['reconstruction']:g} x E's error |E(text) - A|^2 / |A|^2"
     return text
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -293,6 +294,30 @@ class DecoderModel(nn.Module):
         )
 
     @torch.no_grad()
+    def write(
+        self,
+        activations: torch.Tensor,
+        max_length: int,
+        choose: Callable[[int, torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, max_length) in reading order, each written token chosen by
+        `choose(t, logits)` from D's logits (B, V) at written step t, and the mean log-probability
+        per token D gave the tokens chosen (B,), read off the same logits (KV-cached)."""
+        logits, kv = self._start(activations)
+        ids, logprobs = [], []
+        for t in range(max_length):
+            next_ids = choose(t, logits).to(logits.device)
+            picked = logits.float().gather(-1, next_ids.unsqueeze(-1)).squeeze(-1)
+            logprobs.append(picked - logits.float().logsumexp(dim=-1))
+            ids.append(next_ids)
+            if t + 1 < max_length:
+                logits, kv = self._step(self.parts.embed_ids(next_ids.unsqueeze(1)), kv)
+        written = torch.stack(ids, dim=1)
+        # D wrote the text's last `rotate` tokens first: move them back to the end.
+        text = written.roll(-self.rotate, dims=1) if self.rotate else written
+        return text, torch.stack(logprobs, dim=1).mean(dim=1)
+
+    @torch.no_grad()
     def generate(
         self,
         activations: torch.Tensor,
@@ -306,18 +331,12 @@ class DecoderModel(nn.Module):
         (sampled with `generator`: one noise row per step shared by the batch, `sample_ids`).
 
         `first` (B,): the token D writes first, given instead of chosen; D continues from it."""
-        logits, kv = self._start(activations)
-        ids = []
-        for t in range(max_length):
+
+        def choose(t: int, logits: torch.Tensor) -> torch.Tensor:
             if t == 0 and first is not None:
-                next_ids = first.to(logits.device)
-            elif greedy:
-                next_ids = logits.argmax(dim=-1)
-            else:
-                next_ids = sample_ids(logits, temperature, generator)
-            ids.append(next_ids)
-            if t + 1 < max_length:
-                logits, kv = self._step(self.parts.embed_ids(next_ids.unsqueeze(1)), kv)
-        written = torch.stack(ids, dim=1)
-        # D wrote the text's last `rotate` tokens first: move them back to the end.
-        return written.roll(-self.rotate, dims=1) if self.rotate else written
+                return first
+            if greedy:
+                return logits.argmax(dim=-1)
+            return sample_ids(logits, temperature, generator)
+
+        return self.write(activations, max_length, choose)[0]

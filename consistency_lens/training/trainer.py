@@ -292,7 +292,7 @@ def _val_pass(run: _Run) -> dict:
             for name, value in {"loss": out.loss, **out.terms}.items():
                 sums[name] = sums.get(name, 0.0) + float(value) * len(batch)
                 counts[name] = counts.get(name, 0) + len(batch)
-            _, a_hat = run.lens.reconstruct(batch.A)
+            a_hat = run.objective.reconstruct(run.lens, batch)
             # The eval's direction, KL(M(A) || M(Â)), so curves and eval tables are one metric.
             (kl,) = patched_kl(
                 run.lens.orig, batch.input_ids_A, batch.attention_mask_A, batch.A, [a_hat]
@@ -310,7 +310,8 @@ def _val_pass(run: _Run) -> dict:
 
 
 def validate(run: _Run) -> None:
-    """KL of the direct reconstruction, MSE and FVE on the first `val_batches` of the val split."""
+    """KL of the objective's reconstruction (E reading D's explanation, or what the objective
+    says), MSE and FVE on the first `val_batches` of the val split."""
     if run.val_set is None:
         return
     was_training = run.lens.training

@@ -56,7 +56,7 @@ def test_gpu_config_validates_and_uses_the_same_recipe():
         assert getattr(gpu.train, key) == getattr(demo.train, key)
     for key in ("temperature", "kl_ref"):
         assert getattr(gpu.train.rl, key) == getattr(demo.train.rl, key)
-    # Both lenses write the best of 18 texts, one begun with M's prediction from A alone
+    # Both lenses write the best of 18 texts, one written from M's prediction from A alone
     # (BENCHMARKS.md, "Naming M's prediction from A alone").
     assert gpu.decode == demo.decode
     assert demo.decode.filled().samples == 16 and demo.decode.filled().prediction == 3.0

@@ -32,6 +32,12 @@ def test_scores_match_a_hand_computation():
     assert torch.equal(
         explanation_scores(d_logprob, nll, content, with_prediction, named), expected
     )
+    error = torch.tensor([[0.5, 0.25, 1.0]])
+    with_error = with_prediction.model_copy(update={"reconstruction": 2.0})
+    expected = torch.tensor([[-1.75, -1.5, -2.75]])
+    assert torch.equal(
+        explanation_scores(d_logprob, nll, content, with_error, named, error), expected
+    )
 
 
 def _candidates(lens, acts, cfg: DecodeConfig) -> torch.Tensor:
@@ -59,14 +65,22 @@ def _candidates(lens, acts, cfg: DecodeConfig) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "weights", [(0.0, 0.0), (1e4, 0.0), (0.0, 1e4)], ids=["d only", "fluency", "content"]
+    "weights",
+    [(0.0, 0.0, 0.0), (1e4, 0.0, 0.0), (0.0, 1e4, 0.0), (0.0, 0.0, 1e4)],
+    ids=["d only", "fluency", "content", "reconstruction"],
 )
 def test_the_kept_text_is_the_candidate_of_highest_score(weights, tiny_llama_dir):
     lens = objective_lens(tiny_llama_dir)
     acts = objective_batch(lens).A
-    fluency, content = weights
+    fluency, content, reconstruction = weights
     cfg = DecodeConfig(
-        samples=6, fluency=fluency, fluency_margin=0.0, content=content, seed=3, temperature=1.5
+        samples=6,
+        fluency=fluency,
+        fluency_margin=0.0,
+        content=content,
+        reconstruction=reconstruction,
+        seed=3,
+        temperature=1.5,
     )
     kept = best_of_samples(lens, acts, cfg)
     cands = _candidates(lens, acts, cfg)
@@ -75,10 +89,15 @@ def test_the_kept_text_is_the_candidate_of_highest_score(weights, tiny_llama_dir
     d = -token_nll(lens.decoder.teacher_forced_logits(acts.repeat_interleave(n, 0), flat), flat)
     nll = lens.orig.text_nll(flat)
     words = (lens.orig.content_word_ids()[flat] >= 0).any(-1)
+    a = acts.repeat_interleave(n, 0)
+    error = (lens.encoder.encode_ids(flat) - a).pow(2).sum(-1) / a.pow(2).sum(-1)
     # The criterion each weight setting must optimise, read off the candidates independently.
-    key = {(0.0, 0.0): d, (1e4, 0.0): -nll + 1e-4 * d, (0.0, 1e4): words.float() + 1e-4 * d}[
-        weights
-    ]
+    key = {
+        (0.0, 0.0, 0.0): d,
+        (1e4, 0.0, 0.0): -nll + 1e-4 * d,
+        (0.0, 1e4, 0.0): words.float() + 1e-4 * d,
+        (0.0, 0.0, 1e4): -error + 1e-4 * d,
+    }[weights]
     key = key.view(batch, n)
     for row in range(batch):
         match = [j for j in range(n) if torch.equal(cands[row, j], kept[row])]
@@ -88,11 +107,16 @@ def test_the_kept_text_is_the_candidate_of_highest_score(weights, tiny_llama_dir
     assert not torch.equal(cands[:, 1:], cands[:, :1].expand(-1, n - 1, -1))
 
 
+@pytest.mark.parametrize("prediction", [0.0, 2.0], ids=["samples", "with prediction"])
 @pytest.mark.parametrize("rotate", [0, 2])
-def test_a_rows_explanation_depends_on_its_activation_and_seed_alone(rotate, tiny_llama_dir):
+def test_a_rows_explanation_depends_on_its_activation_and_seed_alone(
+    rotate, prediction, tiny_llama_dir
+):
     lens = objective_lens(tiny_llama_dir, decoder_rotate=rotate, objective="grpo")
     acts = objective_batch(lens).A
-    cfg = DecodeConfig(samples=6, fluency=1e4, fluency_margin=0.0, seed=5, temperature=1.5)
+    cfg = DecodeConfig(
+        samples=6, fluency=1e4, fluency_margin=0.0, seed=5, temperature=1.5, prediction=prediction
+    )
     torch.manual_seed(11)
     before = torch.get_rng_state()
     kept = best_of_samples(lens, acts, cfg)
@@ -161,9 +185,14 @@ def test_the_tables_say_how_the_explanations_were_written():
         "best of D's greedy text and 8 samples (T 1) by log p_D - 1 x NLL_M above 4.6 "
         "+ 1 x content word"
     )
+    checked = DecodeConfig(samples=8, reconstruction=5.0).filled().model_dump()
+    assert decode_text(checked) == (
+        "best of D's greedy text and 8 samples (T 1) by log p_D - 1 x NLL_M above 4.6 "
+        "+ 1 x content word - 5 x E's error |E(text) - A|^2 / |A|^2"
+    )
     shipped = DecodeConfig(samples=16, fluency=2.0, prediction=3.0).filled().model_dump()
     assert decode_text(shipped) == (
-        "best of D's greedy text, its text begun with M's prediction from A and 16 samples (T 1) "
+        "best of D's greedy text, its text written from M's prediction from A and 16 samples (T 1) "
         "by log p_D - 2 x NLL_M above 4.6 + 1 x content word + 3 x names M's top-10 from A"
     )
 
@@ -186,29 +215,70 @@ def test_content_word_ids_follow_m_to_its_device(tiny_llama_dir):
     assert moved.shape == before.shape
 
 
-def test_candidates_are_scored_in_chunks_within_the_logits_budget(tiny_llama_dir, monkeypatch):
+@pytest.mark.parametrize("prediction", [0.0, 2.0], ids=["samples", "with prediction"])
+def test_the_batched_candidates_are_the_ones_drawn_one_at_a_time(prediction, tiny_llama_dir):
+    from consistency_lens.models.decoding import _write_candidates
+
+    lens = objective_lens(tiny_llama_dir, decoder_rotate=2, t_text=4, objective="grpo")
+    acts = objective_batch(lens).A
+    cfg = DecodeConfig(samples=5, seed=4, temperature=1.5, prediction=prediction).filled()
+    expected = _candidates(lens, acts, cfg)
+    first = expected[:, -1, 2] if prediction else None  # written first: read at T - rotate
+    ids, d_logprob = _write_candidates(lens, acts, cfg, first)
+    assert torch.equal(ids, expected)
+    # D's log-probabilities read at generation are those of a teacher-forced pass.
+    batch, n, t = ids.shape
+    flat = ids.flatten(0, 1)
+    forced = -token_nll(
+        lens.decoder.teacher_forced_logits(acts.repeat_interleave(n, 0), flat), flat
+    )
+    torch.testing.assert_close(d_logprob, forced.view(batch, n), atol=1e-5, rtol=1e-5)
+
+
+def test_rows_are_written_in_chunks_within_the_logits_budget(tiny_llama_dir, monkeypatch):
+    from consistency_lens.models import decoding
+
+    lens = objective_lens(tiny_llama_dir)
+    acts = torch.cat([objective_batch(lens).A] * 2)  # 6 rows
+    cfg = DecodeConfig(samples=4, seed=1, prediction=1.0).filled()
+    whole = best_of_samples(lens, acts, cfg)
+    calls = []
+    write = decoding._write_candidates
+    monkeypatch.setattr(
+        decoding,
+        "_write_candidates",
+        lambda lens, a, cfg, first: calls.append(a.shape[0]) or write(lens, a, cfg, first),
+    )
+    vocab = lens.orig.content_word_ids().shape[0]
+    n, t = 1 + 4 + 1, lens.cfg.train.t_text
+    monkeypatch.setattr(decoding, "_LOGITS_BUDGET", 4 * n * t * vocab)
+    assert torch.equal(best_of_samples(lens, acts, cfg), whole)
+    assert calls == [4, 2]
+    assert best_of_samples(lens, acts[:0], cfg).shape == (0, t)
+
+
+def test_the_extra_candidate_starts_with_the_best_ranked_content_word(tiny_llama_dir, monkeypatch):
     from consistency_lens.models import decoding
 
     lens = objective_lens(tiny_llama_dir)
     acts = objective_batch(lens).A
-    cfg = DecodeConfig(samples=4, seed=1).filled()
-    ids = _candidates(lens, acts, cfg)
-    batch, n, t = ids.shape
-    whole = decoding._candidate_likelihoods(lens, acts, ids)
-    vocab = lens.orig.content_word_ids().shape[0]
-    calls = []
-    forward = lens.decoder.teacher_forced_logits
-    monkeypatch.setattr(
-        lens.decoder,
-        "teacher_forced_logits",
-        lambda a, x: calls.append(x.shape[0]) or forward(a, x),
+    words = lens.orig.content_word_ids()
+    content = (words >= 0).nonzero().flatten().tolist()
+    other = (words < 0).nonzero().flatten().tolist()
+    # Row 0: a content word second; row 1: first; row 2: none, so its top-1.
+    top = torch.tensor(
+        [[other[0], content[0], content[1]], [content[2], other[1], content[3]], other[2:5]]
     )
-    monkeypatch.setattr(decoding, "_LOGITS_BUDGET", 2 * batch * t * vocab)
-    chunked = decoding._candidate_likelihoods(lens, acts, ids)
-    assert calls == [2 * batch, 2 * batch, batch]  # candidates 2 + 2 + 1
-    for a, b in zip(whole, chunked, strict=True):
-        assert a.shape == (batch, n)
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(decoding, "prediction_from_activation", lambda lens, a, k: top)
+    given = []
+    write = decoding._write_candidates
+    monkeypatch.setattr(
+        decoding,
+        "_write_candidates",
+        lambda lens, a, cfg, first: given.append(first) or write(lens, a, cfg, first),
+    )
+    best_of_samples(lens, acts, DecodeConfig(samples=2, prediction=1.0, prediction_top=3))
+    assert given[0].tolist() == [content[0], content[2], other[2]]
 
 
 def test_prediction_from_activation_is_m_reading_its_own_state_at_the_slot(tiny_llama_dir):
@@ -264,12 +334,23 @@ def test_the_prediction_term_keeps_a_text_naming_ms_prediction_from_a(tiny_llama
     assert named[:, :-1].any(1).tolist() == [False, True, False]
     assert named[:, -1].all()
     assert torch.equal(kept_named, named.any(1).float())
-    # Weight 0 scores as before the term existed.
-    plain = DecodeConfig(samples=12, seed=2, temperature=2.0)
-    assert torch.equal(
-        best_of_samples(lens, acts, plain),
-        best_of_samples(lens, acts, plain.model_copy(update={"prediction": 0.0})),
-    )
+
+
+def test_weight_0_never_reads_the_prediction(tiny_llama_dir, monkeypatch):
+    from consistency_lens.models import decoding
+
+    lens = objective_lens(tiny_llama_dir)
+    acts = objective_batch(lens).A
+    cfg = DecodeConfig(samples=4, seed=2, prediction=0.0)
+    expected = _candidates(lens, acts, cfg)  # the greedy text and the draws, nothing more
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("the patchscope ran with decode.prediction 0")
+
+    monkeypatch.setattr(decoding, "prediction_from_activation", refuse)
+    kept = best_of_samples(lens, acts, cfg)
+    for row in range(acts.shape[0]):
+        assert any(torch.equal(kept[row], c) for c in expected[row])
 
 
 def test_generate_continues_from_a_given_first_token(tiny_llama_dir):
@@ -283,3 +364,15 @@ def test_generate_continues_from_a_given_first_token(tiny_llama_dir):
     logits = lens.decoder.teacher_forced_logits(acts, forced)
     assert torch.equal(logits[:, 1:].argmax(-1), forced[:, 1:])
     assert not torch.equal(logits[:, 0].argmax(-1), first)
+
+
+def test_generate_under_rotate_writes_the_given_token_first(tiny_llama_dir):
+    lens = objective_lens(tiny_llama_dir, t_text=4, decoder_rotate=2, objective="grpo")
+    acts = objective_batch(lens).A
+    first = torch.tensor([5, 17, 260])
+    forced = lens.decoder.generate(acts, 4, greedy=True, first=first)
+    # D writes the text's last 2 tokens first: its first written token is read third.
+    assert torch.equal(forced[:, 2], first)
+    logits = lens.decoder.teacher_forced_logits(acts, forced)
+    written_later = [3, 0, 1]  # reading positions of written steps 1, 2, 3
+    assert torch.equal(logits[:, written_later].argmax(-1), forced[:, written_later])

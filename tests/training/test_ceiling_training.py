@@ -61,6 +61,10 @@ def test_ceiling_objective_reads_the_true_last_tokens_and_trains_e_only(tiny_lla
     assert float(out.terms["mse_e"].detach()) == pytest.approx(float(mse), rel=1e-5)
     assert float(out.loss.detach()) == pytest.approx(2.0 * float(mse), rel=1e-5)
     assert float(out.terms["kl_e"].detach()) == 0.0  # alpha 0: M's patched forward is skipped
+    # Validation scores the same Â: E on the true tokens, never D's text.
+    with torch.no_grad():
+        torch.testing.assert_close(objective.reconstruct(lens, batch), hand, rtol=1e-4, atol=1e-5)
+        assert not torch.equal(hand, lens.reconstruct(batch.A)[1])
     out.loss.backward()
     grads = {n: p.grad for n, p in lens.trainable_parameters().items()}
     assert all(g is None for n, g in grads.items() if n.startswith("decoder."))
@@ -155,9 +159,14 @@ def test_another_warm_start_gets_a_fresh_ceiling_with_its_budget(
     assert ConsistencyLens.from_pretrained(result.lens_dir, device="cpu").encoder.rotate == rotate
 
 
-def test_train_ceiling_trains_a_fresh_e_of_the_lens_shape(dumped, tmp_path, capsys):
+def test_train_ceiling_trains_a_fresh_e_of_the_lens_shape(dumped, tmp_path, capsys, monkeypatch):
     lens_run = tmp_path / "lens_run"
     trainer.train(load_config(None, _overrides(dumped, lens_run, "warm_start", 1)))
+
+    def no_text(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the ceiling's validation wrote D's text")
+
+    monkeypatch.setattr(ConsistencyLens, "reconstruct", no_text)
     lens_dir = lens_run / "lens"
     before = (lens_dir / "lens.safetensors").read_bytes()
     # The user's budget (3 steps, lr) and data; the lens's E shape and T_text.
@@ -173,6 +182,8 @@ def test_train_ceiling_trains_a_fresh_e_of_the_lens_shape(dumped, tmp_path, caps
     assert (lens_dir / "lens.safetensors").read_bytes() == before  # the lens itself is untouched
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"mse_e", "kl_e"} <= set(next(r for r in records if r.get("kind") == "train"))
+    val = [r for r in records if r.get("kind") == "val"]
+    assert len(val) == 4 and all(r["val_kl"] >= 0 for r in val)  # steps 0-3, E on the context
 
 
 def test_train_ceiling_refuses_bad_input_in_one_sentence(dumped, tmp_path, capsys):

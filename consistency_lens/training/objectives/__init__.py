@@ -24,6 +24,8 @@ picks it. The protocol, in the spirit of tuned-lens / SAELens training losses:
 - `__call__(lens, batch, step) -> ObjectiveOutput`: the loss of one micro-batch (with its graph)
   and the detached-or-not named scalar terms. It may sample, but only from the global torch RNG,
   so that a resumed run replays the same noise.
+- `reconstruct(lens, batch) -> Â` (optional): what validation's `val_kl`, MSE and FVE measure;
+  by default E reading D's explanation (`ConsistencyLens.reconstruct`), as `eval` does.
 """
 
 from __future__ import annotations
@@ -97,6 +99,10 @@ class Objective:
     def __call__(self, lens, batch: Batch, step: StepInfo) -> ObjectiveOutput:
         """Loss and named terms of one micro-batch."""
         raise NotImplementedError
+
+    def reconstruct(self, lens, batch: Batch) -> torch.Tensor:
+        """Â (B, d) that validation scores: E reading D's explanation of A, as `eval` writes it."""
+        return lens.reconstruct(batch.A)[1]
 
     @classmethod
     def loss_names(cls) -> tuple[str, ...]:

@@ -8,6 +8,8 @@ shorter). D is not used: its weights stay as built. `consistency-lens train-ceil
 
 from __future__ import annotations
 
+import torch
+
 from consistency_lens.data.collate import Batch
 from consistency_lens.models.patching import patched_kl
 from consistency_lens.training.objectives import (
@@ -34,10 +36,8 @@ class ContextCeilingObjective(Objective):
 
     def __call__(self, lens, batch: Batch, step: StepInfo) -> ObjectiveOutput:
         """E on this batch's true last `t_text` context tokens."""
-        ids, mask = batch.last_context(self.cfg.train.t_text)
         a = batch.A.float()
-        # In order whatever `train.encoder_rotate` says: the ceiling reads the context as it is.
-        a_hat = lens.encoder.encode_ids(ids, mask, rotate=0)
+        a_hat = self.reconstruct(lens, batch)
         mse = normalised_mse(a_hat, a)
         kl = a.new_zeros(())
         if step["alpha"] > 0:
@@ -46,3 +46,10 @@ class ContextCeilingObjective(Objective):
             )
         loss = self.cfg.train.mse_weight * mse + step["alpha"] * kl
         return ObjectiveOutput(loss=loss, terms={"mse_e": mse, "kl_e": kl})
+
+    def reconstruct(self, lens, batch: Batch) -> torch.Tensor:
+        """E's Â from the true last `t_text` context tokens: the ceiling's validation reads what it
+        learns from (D is never trained here, so its text would say nothing)."""
+        ids, mask = batch.last_context(self.cfg.train.t_text)
+        # In order whatever `train.encoder_rotate` says: the ceiling reads the context as it is.
+        return lens.encoder.encode_ids(ids, mask, rotate=0)
