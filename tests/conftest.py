@@ -397,3 +397,12 @@ class WordTokenizer:
         if skip_special_tokens:
             words = [w for w in words if not w.startswith("<|")]
         return "".join(" " + w for w in words)
+
+
+@pytest.fixture
+def padded_passes(monkeypatch):
+    """M's passes over a padded batch run padded, as on an accelerator: packing
+    (`models.inputs.pack`) runs on a CPU only, where it reads the rows' lengths back."""
+    from consistency_lens.models import inputs
+
+    monkeypatch.setattr(inputs, "PACK_DEVICES", frozenset())

@@ -63,3 +63,21 @@ def replace_at(block: nn.Module, index: int, vectors: torch.Tensor) -> Iterator[
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def replace_cells(
+    block: nn.Module, rows: torch.Tensor, cols: torch.Tensor, vectors: torch.Tensor
+) -> Iterator[None]:
+    """Overwrite `block`'s output at (rows[i], cols[i]) with vectors[i] (N, d), keeping gradients
+    (a packed batch's positions P, `models.inputs.Packed`)."""
+
+    def hook(_module, _inputs, output):
+        hidden = _hidden(output)
+        return _rebuild(output, hidden.index_put((rows, cols), vectors.to(hidden.dtype)))
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

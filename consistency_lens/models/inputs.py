@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from consistency_lens.models.attention import attention_implementation, text_config
@@ -62,8 +64,150 @@ def causal_mask(
     cols = torch.arange(kv, device=attention_mask.device)
     causal = cols <= cols[kv - query_length :, None]
     allowed = causal.unsqueeze(0) & attention_mask.bool().unsqueeze(1)
-    allowed = (allowed | ~allowed.any(-1, keepdim=True)).unsqueeze(1)
+    allowed = allowed | ~allowed.any(-1, keepdim=True)
+    return _as_mask(allowed, impl, dtype)
+
+
+def _as_mask(allowed: torch.Tensor, impl: str, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean (B, q, kv) "may attend" as the (B, 1, q, kv) mask `impl` reads: boolean for
+    `sdpa`, additive (`dtype`'s lowest value where masked) for `eager`."""
+    allowed = allowed.unsqueeze(1)
     if impl == "sdpa":
         return allowed
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+PACK_TOKENS = 512
+"""The most tokens `pack` lays in one packed row (one longer row gets a packed row of its own):
+a packed row's attention spans all of it, masked, so its cost grows with the square of this."""
+
+PACK_DEVICES = frozenset({"cpu"})
+"""Device types where M's passes over a padded batch are packed (`can_pack`). On a CPU a padded
+token costs as much as a real one and reading the lengths back is free; on an accelerator the
+read is a host sync per step, and the padded passes are the ones its tests ran."""
+
+
+def can_pack(config: object, device: torch.device, attention_mask: torch.Tensor) -> bool:
+    """Whether `Packed` passes of this left-padded batch run exactly on this model: on a
+    `PACK_DEVICES` device, `sdpa` or `eager` attention without a sliding window, and with some
+    padding to save (its absence is read on the host, which is free there)."""
+    impl = attention_implementation(config)
+    return (
+        device.type in PACK_DEVICES
+        and impl in ("sdpa", "eager")
+        and getattr(text_config(config), "sliding_window", None) is None
+        and not bool(attention_mask.all())
+    )
+
+
+@dataclass
+class Packed:
+    """A left-padded batch's rows laid end to end, unpadded, in a few packed rows, so M computes
+    no padding: each row attends to its own tokens alone, at its own positions. A batch of
+    contexts ending at a uniform P is ~40% padding, all of it computed by a padded pass.
+
+    Later tokens of every row (`step`) go in one more column per row at the end of its packed
+    row, over the kv cache of the columns before: a row's tokens stay in its `segments`.
+    """
+
+    input_ids: torch.Tensor
+    """(R, W) the rows' real tokens, packed in batch order, right-padded."""
+    position_ids: torch.Tensor
+    """(R, W) each token's position in its own row."""
+    segments: torch.Tensor
+    """(R, columns) the batch row of each column so far; a padding column gets -1 - its index,
+    which no other column has, so it attends to itself alone (its output is never read)."""
+    pack: torch.Tensor
+    """(B,) the packed row of each batch row."""
+    slot: torch.Tensor
+    """(B,) each batch row's place among its packed row's rows (its column in a `step`)."""
+    last: torch.Tensor
+    """(B,) the column of each batch row's last token."""
+    lengths: torch.Tensor
+    """(B,) each batch row's number of tokens so far."""
+    impl: str
+    dtype: torch.dtype
+
+    @property
+    def slots(self) -> int:
+        """Columns a `step` adds to each packed row: the most rows any packed row holds."""
+        return int(self.slot.max()) + 1
+
+    def first(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The mask (same row, causal) of the pass over `input_ids`, the columns to keep logits
+        at (`logits_to_keep`), and each batch row's index into those."""
+        cols = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)
+        same = self.segments.unsqueeze(2) == self.segments.unsqueeze(1)
+        keep, index = torch.unique(self.last, return_inverse=True)
+        return _as_mask(same & (cols <= cols[:, None]), self.impl, self.dtype), keep, index
+
+    def step(self, tokens: torch.Tensor, repeats: int = 1) -> dict[str, torch.Tensor]:
+        """The forward inputs of one more token per batch row, `tokens` (B,), appended after the
+        columns so far (whose kv cache the pass reads), `repeats` times side by side (each copy
+        sees its row's earlier columns and itself, not the other copies); its logits are at
+        `query_index(repeats)`."""
+        rows, slots = len(self.input_ids), self.slots
+        device = self.input_ids.device
+        start = self.segments.shape[1]
+        cols = start + torch.arange(repeats * slots, device=device)
+        segments = (-1 - cols).repeat(rows, 1)
+        ids = torch.zeros((rows, repeats * slots), dtype=torch.long, device=device)
+        positions = torch.zeros_like(ids)
+        at = self.query_index(repeats)
+        segments[at] = torch.arange(len(tokens), device=device).repeat(repeats)
+        ids[at] = tokens.repeat(repeats)
+        positions[at] = self.lengths.repeat(repeats)
+        self.segments = torch.cat([self.segments, segments], 1)
+        self.lengths = self.lengths + 1
+        keys = torch.arange(self.segments.shape[1], device=device)
+        same = segments.unsqueeze(2) == self.segments.unsqueeze(1)
+        seen = (keys < start) | (keys == cols[:, None])
+        mask = _as_mask(same & seen, self.impl, self.dtype)
+        return {"input_ids": ids, "position_ids": positions, "attention_mask": mask}
+
+    def query_index(self, repeats: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed row, column) within a `step`'s columns of each of its `repeats` x B queries,
+        copy by copy, each in batch order."""
+        copies = torch.arange(repeats, device=self.slot.device).unsqueeze(1)
+        return self.pack.repeat(repeats), (copies * self.slots + self.slot).flatten()
+
+
+def pack(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, config: object, dtype: torch.dtype
+) -> Packed:
+    """`Packed` rows of a left-padded batch, a new packed row whenever the next batch row would
+    take one past `PACK_TOKENS` tokens."""
+    lengths = attention_mask.sum(1).tolist()
+    groups: list[list[int]] = [[]]
+    for row, n in enumerate(lengths):
+        if groups[-1] and sum(lengths[r] for r in groups[-1]) + n > PACK_TOKENS:
+            groups.append([])
+        groups[-1].append(row)
+    width = max(sum(lengths[r] for r in group) for group in groups)
+    device = input_ids.device
+    ids = torch.zeros((len(groups), width), dtype=torch.long, device=device)
+    positions = torch.zeros_like(ids)
+    segments = -1 - torch.arange(width, device=device).repeat(len(groups), 1)
+    where = torch.zeros((len(lengths), 3), dtype=torch.long)
+    for r, group in enumerate(groups):
+        col = 0
+        for s, row in enumerate(group):
+            n = lengths[row]
+            ids[r, col : col + n] = input_ids[row, input_ids.shape[1] - n :]
+            positions[r, col : col + n] = torch.arange(n, device=device)
+            segments[r, col : col + n] = row
+            where[row] = torch.tensor([r, s, col + n - 1])
+            col += n
+    where = where.to(device)
+    return Packed(
+        input_ids=ids,
+        position_ids=positions,
+        segments=segments,
+        pack=where[:, 0],
+        slot=where[:, 1],
+        last=where[:, 2],
+        lengths=torch.tensor(lengths, device=device),
+        impl=attention_implementation(config),
+        dtype=dtype,
+    )

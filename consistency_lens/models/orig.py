@@ -13,8 +13,8 @@ from transformers import DynamicCache
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import check_layer, contiguous_head, find_parts
 from consistency_lens.models.attention import grad_rows_kwargs, text_config
-from consistency_lens.models.hooks import replace_last, run_until
-from consistency_lens.models.inputs import causal_mask, no_logits, position_ids
+from consistency_lens.models.hooks import replace_cells, replace_last, run_until
+from consistency_lens.models.inputs import can_pack, causal_mask, no_logits, pack, position_ids
 from consistency_lens.models.loading import LoadedModel, hf_attention
 from consistency_lens.models.patching import token_nll
 from consistency_lens.utils.dist import resolve_device
@@ -181,6 +181,8 @@ class OriginalModelWrapper:
         _check_batch(input_ids, attention_mask, values=False)
         batch = input_ids.shape[0]
         self._check_vectors(vectors_list, batch)
+        if input_ids.shape[1] > 1 and can_pack(self.model.config, input_ids.device, attention_mask):
+            return self._replaced_packed(input_ids, attention_mask, vectors_list)
         n = len(vectors_list)
         positions = position_ids(attention_mask)
         cache = None
@@ -210,6 +212,42 @@ class OriginalModelWrapper:
                 logits_to_keep=1,
             )
         return list(out.logits[:, -1].split(batch, dim=0))
+
+    def _replaced_packed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        vectors_list: list[torch.Tensor],
+    ) -> list[torch.Tensor]:
+        """`forward_with_replacement` with the clean prefixes `pack`ed: no padding computed."""
+        n, batch = len(vectors_list), input_ids.shape[0]
+        packed = pack(
+            input_ids[:, :-1],
+            attention_mask[:, :-1],
+            self.model.config,
+            self.parts.embed.weight.dtype,
+        )
+        cache = DynamicCache(config=self.model.config)
+        with torch.no_grad():
+            mask, _, _ = packed.first()
+            self.model(
+                input_ids=packed.input_ids,
+                attention_mask=mask,
+                position_ids=packed.position_ids,
+                use_cache=True,
+                **self.parts.cache_kwargs(cache),
+                logits_to_keep=no_logits(),
+            )
+        at = packed.query_index(n)
+        step = packed.step(input_ids[:, -1], repeats=n)
+        with replace_cells(self.block, *at, torch.cat(vectors_list, dim=0)):
+            out = self.model(
+                **step,
+                use_cache=True,
+                **self.parts.cache_kwargs(cache),
+                logits_to_keep=step["input_ids"].shape[1],
+            )
+        return list(out.logits[at].split(batch, dim=0))
 
     def shares_prefix(self, length: int) -> bool:
         """Whether a kv cache over a text of `length` tokens is exact (`forward_at_positions`,
@@ -329,6 +367,8 @@ class OriginalModelWrapper:
         calls this, so, like `forward_with_replacement`, it does not read the last column back.
         """
         pick = first or (lambda logits: logits.argmax(-1))
+        if can_pack(self.model.config, input_ids.device, attention_mask):
+            return self._greedy_packed(input_ids, attention_mask, k, pick)
         if k > 1 and not self.shares_prefix(input_ids.shape[1] + k):
             return self._greedy_uncached(input_ids, attention_mask, k, pick)
         # The context runs once, keeping its kv cache; each later token is one column over it.
@@ -349,6 +389,36 @@ class OriginalModelWrapper:
             )
             tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
         return torch.cat(tokens, 1)
+
+    def _greedy_packed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        k: int,
+        pick: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """`greedy_continuation` over the batch's rows `pack`ed: no padding computed."""
+        packed = pack(input_ids, attention_mask, self.model.config, self.parts.embed.weight.dtype)
+        cache = DynamicCache(config=self.model.config)
+        mask, keep, index = packed.first()
+        out = self.model(
+            input_ids=packed.input_ids,
+            attention_mask=mask,
+            position_ids=packed.position_ids,
+            use_cache=True,
+            **self.parts.cache_kwargs(cache),
+            logits_to_keep=keep,
+        )
+        tokens = [pick(out.logits[packed.pack, index])]
+        for _ in range(k - 1):
+            out = self.model(
+                **packed.step(tokens[-1]),
+                use_cache=True,
+                **self.parts.cache_kwargs(cache),
+                logits_to_keep=packed.slots,
+            )
+            tokens.append(out.logits[packed.query_index()].argmax(-1))
+        return torch.stack(tokens, 1)
 
     def _greedy_uncached(
         self,

@@ -29,6 +29,7 @@ from consistency_lens.config import config_from_dict
 from consistency_lens.data.dump import dump_activations
 from consistency_lens.errors import LensError
 from consistency_lens.evaluation.explain import explain_command
+from consistency_lens.models import inputs
 from consistency_lens.models.adapter import FAMILIES, find_parts
 from consistency_lens.models.decoder import DecoderModel
 from consistency_lens.models.inputs import left_pad
@@ -147,6 +148,50 @@ def test_patched_forward_equals_naive_and_clean_patch_is_a_no_op(
     for c, n in zip(cheap, naive, strict=True):
         torch.testing.assert_close(c, n, atol=1e-5, rtol=1e-5)
     assert (cheap[1] - patched).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("budget", [512, 10])
+def test_packed_greedy_continuation_equals_the_padded_one(loaded, monkeypatch, budget):
+    """Rows packed end to end (all in one packed row, or several, one longer than the budget
+    alone) continue as the padded batch does, wherever the model can be packed."""
+    orig = OriginalModelWrapper(loaded, layer=1)
+    monkeypatch.setattr(inputs, "PACK_TOKENS", budget)
+    gen = torch.Generator().manual_seed(1)
+    ids, mask = left_pad([torch.randint(1, 320, (n,), generator=gen) for n in (4, 5, 14, 3, 2)], 0)
+    config = loaded.model.config
+    window = getattr(config.get_text_config(), "sliding_window", None)
+    assert inputs.can_pack(config, ids.device, mask) == (window is None)
+    second = lambda logits: logits.topk(2, dim=-1).indices[:, 1]  # noqa: E731
+    for first in (None, second):
+        got = orig.greedy_continuation(ids, mask, 3, first)
+        assert torch.equal(got, orig._greedy_uncached(ids, mask, 3, first))
+
+
+def test_pack_lays_rows_end_to_end_within_the_budget(monkeypatch):
+    """Batch rows go in order into packed rows of at most `PACK_TOKENS` tokens (a longer row
+    alone), each at its own positions, with padding columns that match no other column."""
+    monkeypatch.setattr(inputs, "PACK_TOKENS", 10)
+    config = transformers.LlamaConfig(attn_implementation="sdpa")
+    rows = [torch.arange(1, n + 1) * 10 + i for i, n in enumerate((4, 5, 14, 3, 2))]
+    ids, mask = left_pad(rows, 0)
+    packed = inputs.pack(ids, mask, config, torch.float32)
+    assert packed.pack.tolist() == [0, 0, 1, 2, 2]
+    assert packed.slot.tolist() == [0, 1, 0, 0, 1]
+    assert packed.last.tolist() == [3, 8, 13, 2, 4]
+    assert packed.input_ids[0, :9].tolist() == rows[0].tolist() + rows[1].tolist()
+    assert packed.position_ids[2, :5].tolist() == [0, 1, 2, 0, 1]
+    assert packed.segments[0].tolist() == [0] * 4 + [1] * 5 + [-10, -11, -12, -13, -14]
+    mask4d, keep, index = packed.first()
+    assert keep[index].tolist() == packed.last.tolist()
+    # Row 1's last token sees rows 1's five tokens only; a padding column sees itself alone.
+    assert mask4d[0, 0, 8].nonzero().flatten().tolist() == [4, 5, 6, 7, 8]
+    assert mask4d[0, 0, 10].nonzero().flatten().tolist() == [10]
+    step = packed.step(torch.tensor([7, 8, 9, 10, 11]))
+    assert step["input_ids"].tolist() == [[7, 8], [9, 0], [10, 11]]
+    assert step["position_ids"].tolist() == [[4, 5], [14, 0], [3, 2]]
+    # The new token of row 1 (packed row 0, slot 1, column 15) sees its row and itself.
+    seen = step["attention_mask"][0, 0, 1].nonzero().flatten().tolist()
+    assert seen == [4, 5, 6, 7, 8, 15]
 
 
 # (2, 1, 3) with 3 tokens after it fits the sliding-window families' window of 6: the cached path.

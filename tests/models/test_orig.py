@@ -147,7 +147,7 @@ def test_head_on_the_last_position_runs_one_mm_not_a_batched_copy(tiny_llama_dir
     torch.testing.assert_close(logits, hidden.contiguous() @ head.weight.T, rtol=0, atol=1e-6)
 
 
-def test_patched_forward_reads_nothing_back_to_the_host(orig):
+def test_patched_forward_reads_nothing_back_to_the_host(orig, padded_passes):
     """The training step's call of M makes no host sync: transformers gets a ready 4-D mask
     instead of reading the padding back to decide whether it needs one."""
     ids, mask = _batch([9, 5, 14])
@@ -187,7 +187,7 @@ def test_causal_mask_by_hand():
     assert causal_mask(mask, 2, _config("sdpa", window=3), torch.float32).dim() == 4
 
 
-def test_the_clean_prefix_pass_computes_no_logits(orig):
+def test_the_clean_prefix_pass_computes_no_logits(orig, padded_passes):
     """M's prefix pass runs for its kv cache: the head reads no row of it, and the patched pass's
     head reads one row per vector set."""
     ids, mask = _batch([5, 8, 3])
@@ -201,3 +201,24 @@ def test_the_clean_prefix_pass_computes_no_logits(orig):
     finally:
         handle.remove()
     assert rows == [(3, 0, orig.d_model), (6, 1, orig.d_model)]
+
+
+def test_packed_patched_forward_equals_the_padded_one_with_its_gradient(orig, monkeypatch):
+    """M's patched pass with the clean prefixes packed (the CPU's) gives the padded pass's logits
+    and the same gradient to the replacement vectors."""
+    from consistency_lens.models import inputs
+
+    ids, mask = _batch([9, 5, 14, 1])
+    assert inputs.can_pack(orig.model.config, ids.device, mask)
+    base = [orig.activations(ids, mask), torch.randn(4, orig.d_model)]
+    results = {}
+    for name, devices in (("packed", inputs.PACK_DEVICES), ("padded", frozenset())):
+        monkeypatch.setattr(inputs, "PACK_DEVICES", devices)
+        vectors = [v.clone().requires_grad_(i == 1) for i, v in enumerate(base)]
+        logits = orig.forward_with_replacement(ids, mask, vectors)
+        logits[1].logsumexp(-1).sum().backward()
+        results[name] = ([x.detach() for x in logits], vectors[1].grad)
+    for got, want in zip(results["packed"][0], results["padded"][0], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results["packed"][1], results["padded"][1], atol=1e-5, rtol=1e-5)
+    assert results["packed"][1].abs().sum() > 0

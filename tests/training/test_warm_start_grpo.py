@@ -631,7 +631,7 @@ def test_text_nll_scores_every_token_after_bos(tiny_llama_dir):
 
 
 @pytest.mark.parametrize("objective", ["plan", "warm_start", "warm_start_predict", "grpo"])
-def test_a_training_step_reads_nothing_back_to_the_host(tiny_llama_dir, objective):
+def test_a_training_step_reads_nothing_back_to_the_host(tiny_llama_dir, objective, padded_passes):
     """Forward and backward of every objective on a left-padded batch make no host sync (what
     stalls a GPU's launch queue): no `.item()`-like read, no `nonzero`, no `masked_select`."""
     lens = _lens(tiny_llama_dir, objective=objective, rl={"samples": 3})
@@ -644,7 +644,7 @@ def test_a_training_step_reads_nothing_back_to_the_host(tiny_llama_dir, objectiv
 
 @pytest.mark.parametrize("objective", ["warm_start", "grpo"])
 def test_m_pass_keeps_the_gradients_without_a_graph_for_a(
-    tiny_llama_dir, monkeypatch, objective, one_intra_op_thread
+    tiny_llama_dir, monkeypatch, objective, one_intra_op_thread, padded_passes
 ):
     """M's patched pass leaves A's rows (data) out of attention's graph for every objective that
     patches M (`models/attention.py`): the same losses and gradients bit for bit."""
