@@ -91,13 +91,14 @@ read is a host sync per step, and the padded passes are the ones its tests ran."
 def can_pack(config: object, device: torch.device, attention_mask: torch.Tensor) -> bool:
     """Whether `Packed` passes of this left-padded batch run exactly on this model: on a
     `PACK_DEVICES` device, `sdpa` or `eager` attention without a sliding window, and with some
-    padding to save (its absence is read on the host, which is free there)."""
+    padding to save and some tokens to pack (both read on the host, which is free there)."""
     impl = attention_implementation(config)
     return (
         device.type in PACK_DEVICES
         and impl in ("sdpa", "eager")
         and getattr(text_config(config), "sliding_window", None) is None
         and not bool(attention_mask.all())
+        and bool(attention_mask.any())
     )
 
 

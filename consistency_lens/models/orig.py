@@ -181,7 +181,8 @@ class OriginalModelWrapper:
         _check_batch(input_ids, attention_mask, values=False)
         batch = input_ids.shape[0]
         self._check_vectors(vectors_list, batch)
-        if input_ids.shape[1] > 1 and can_pack(self.model.config, input_ids.device, attention_mask):
+        # The prefixes are packed: a batch whose rows all end at P = 0 has none to pack.
+        if can_pack(self.model.config, input_ids.device, attention_mask[:, :-1]):
             return self._replaced_packed(input_ids, attention_mask, vectors_list)
         n = len(vectors_list)
         positions = position_ids(attention_mask)

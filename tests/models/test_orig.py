@@ -222,3 +222,8 @@ def test_packed_patched_forward_equals_the_padded_one_with_its_gradient(orig, mo
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(results["packed"][1], results["padded"][1], atol=1e-5, rtol=1e-5)
     assert results["packed"][1].abs().sum() > 0
+    # Rows that all end at P = 0 under a padding column leave no prefix to pack: the padded path.
+    ids, mask = torch.tensor([[0, 5], [0, 7]]), torch.tensor([[0, 1], [0, 1]])
+    assert not inputs.can_pack(orig.model.config, ids.device, mask[:, :-1])
+    (alone,) = orig.forward_with_replacement(ids, mask, [orig.activations(ids, mask)])
+    torch.testing.assert_close(alone, orig.clean_logits(ids, mask), atol=1e-5, rtol=1e-5)
