@@ -135,13 +135,19 @@ class Packed:
         """Columns a `step` adds to each packed row: the most rows any packed row holds."""
         return int(self.slot.max()) + 1
 
-    def first(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The mask (same row, causal) of the pass over `input_ids`, the columns to keep logits
-        at (`logits_to_keep`), and each batch row's index into those."""
+    def first(self) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The forward inputs of the pass over `input_ids` (its mask same row and causal), the
+        columns to keep logits at (`logits_to_keep`), and each batch row's index into those."""
         cols = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)
         same = self.segments.unsqueeze(2) == self.segments.unsqueeze(1)
         keep, index = torch.unique(self.last, return_inverse=True)
-        return _as_mask(same & (cols <= cols[:, None]), self.impl, self.dtype), keep, index
+        mask = _as_mask(same & (cols <= cols[:, None]), self.impl, self.dtype)
+        inputs = {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "attention_mask": mask,
+        }
+        return inputs, keep, index
 
     def step(self, tokens: torch.Tensor, repeats: int = 1) -> dict[str, torch.Tensor]:
         """The forward inputs of one more token per batch row, `tokens` (B,), appended after the
@@ -181,11 +187,14 @@ def pack(
     take one past `PACK_TOKENS` tokens."""
     lengths = attention_mask.sum(1).tolist()
     groups: list[list[int]] = [[]]
+    totals = [0]
     for row, n in enumerate(lengths):
-        if groups[-1] and sum(lengths[r] for r in groups[-1]) + n > PACK_TOKENS:
+        if groups[-1] and totals[-1] + n > PACK_TOKENS:
             groups.append([])
+            totals.append(0)
         groups[-1].append(row)
-    width = max(sum(lengths[r] for r in group) for group in groups)
+        totals[-1] += n
+    width = max(totals)
     device = input_ids.device
     ids = torch.zeros((len(groups), width), dtype=torch.long, device=device)
     positions = torch.zeros_like(ids)

@@ -230,11 +230,8 @@ class OriginalModelWrapper:
         )
         cache = DynamicCache(config=self.model.config)
         with torch.no_grad():
-            mask, _, _ = packed.first()
             self.model(
-                input_ids=packed.input_ids,
-                attention_mask=mask,
-                position_ids=packed.position_ids,
+                **packed.first()[0],
                 use_cache=True,
                 **self.parts.cache_kwargs(cache),
                 logits_to_keep=no_logits(),
@@ -401,11 +398,9 @@ class OriginalModelWrapper:
         """`greedy_continuation` over the batch's rows `pack`ed: no padding computed."""
         packed = pack(input_ids, attention_mask, self.model.config, self.parts.embed.weight.dtype)
         cache = DynamicCache(config=self.model.config)
-        mask, keep, index = packed.first()
+        first, keep, index = packed.first()
         out = self.model(
-            input_ids=packed.input_ids,
-            attention_mask=mask,
-            position_ids=packed.position_ids,
+            **first,
             use_cache=True,
             **self.parts.cache_kwargs(cache),
             logits_to_keep=keep,

@@ -181,8 +181,11 @@ def test_pack_lays_rows_end_to_end_within_the_budget(monkeypatch):
     assert packed.input_ids[0, :9].tolist() == rows[0].tolist() + rows[1].tolist()
     assert packed.position_ids[2, :5].tolist() == [0, 1, 2, 0, 1]
     assert packed.segments[0].tolist() == [0] * 4 + [1] * 5 + [-10, -11, -12, -13, -14]
-    mask4d, keep, index = packed.first()
+    first, keep, index = packed.first()
+    assert first["input_ids"] is packed.input_ids
+    assert first["position_ids"] is packed.position_ids
     assert keep[index].tolist() == packed.last.tolist()
+    mask4d = first["attention_mask"]
     # Row 1's last token sees rows 1's five tokens only; a padding column sees itself alone.
     assert mask4d[0, 0, 8].nonzero().flatten().tolist() == [4, 5, 6, 7, 8]
     assert mask4d[0, 0, 10].nonzero().flatten().tolist() == [10]
