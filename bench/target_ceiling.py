@@ -8,6 +8,7 @@ lens's own E also trains on the KL at P and on GRPO's samples, so this bounds th
 every lens.
 
 usage: OMP_NUM_THREADS=1 .venv/bin/python bench/target_ceiling.py [--corpora sotu,pydoc,...]
+           [--only context,k 1,...]
            key=value ...   (overrides on config/demo.yaml; train.steps and train.batch_size are
                             the budget of each E, as for the demo's ceiling: 200 and 8)
 Each target's E is trained from the same fresh E (same seed) on the train split of the config's
@@ -92,6 +93,12 @@ def main(argv: list[str]) -> None:
     context ceiling, with bootstrap CIs, per corpus."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--corpora", default="sotu,pydoc,corpus_licenses")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="train only the targets whose name starts with one of these, comma-separated "
+        "(e.g. 'context' for the context ceiling alone at train.t_text)",
+    )
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(["config/demo.yaml"], ["train.steps=200", *overrides])
     torch.manual_seed(cfg.seed)
@@ -111,7 +118,14 @@ def main(argv: list[str]) -> None:
         for c in corpora
     }
     results: dict[str, dict] = {}
-    for name, (build, rotate) in targets(fresh, cfg.train.t_text).items():
+    chosen = {
+        name: target
+        for name, target in targets(fresh, cfg.train.t_text).items()
+        if not args.only or name.startswith(tuple(args.only.split(",")))
+    }
+    if "context (the ceiling)" not in chosen:
+        parser.error("--only must keep 'context': the other targets are read against it")
+    for name, (build, rotate) in chosen.items():
         fresh.load_trainable_state_dict(initial)
         train_e(fresh, build, rotate, train_set, cfg, collate)
         results[name] = {
