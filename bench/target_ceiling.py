@@ -8,7 +8,7 @@ lens's own E also trains on the KL at P and on GRPO's samples, so this bounds th
 every lens.
 
 usage: OMP_NUM_THREADS=1 .venv/bin/python bench/target_ceiling.py [--corpora sotu,pydoc,...]
-           [--only context,k 1,...]
+           [--only 'context,k 1,...']
            key=value ...   (overrides on config/demo.yaml; train.steps and train.batch_size are
                             the budget of each E, as for the demo's ceiling: 200 and 8)
 Each target's E is trained from the same fresh E (same seed) on the train split of the config's
@@ -118,10 +118,13 @@ def main(argv: list[str]) -> None:
         for c in corpora
     }
     results: dict[str, dict] = {}
+    every = targets(fresh, cfg.train.t_text)
+    only = [part.strip() for part in args.only.split(",") if part.strip()]
+    unknown = [part for part in only if not any(name.startswith(part) for name in every)]
+    if unknown:
+        parser.error(f"--only {unknown} names no target; they are: {list(every)}")
     chosen = {
-        name: target
-        for name, target in targets(fresh, cfg.train.t_text).items()
-        if not args.only or name.startswith(tuple(args.only.split(",")))
+        name: target for name, target in every.items() if not only or name.startswith(tuple(only))
     }
     if "context (the ceiling)" not in chosen:
         parser.error("--only must keep 'context': the other targets are read against it")
