@@ -29,13 +29,12 @@ def run_until(model: nn.Module, block: nn.Module, **forward_kwargs) -> torch.Ten
         captured.append(_hidden(output))
         raise _StopForward
 
-    handle = block.register_forward_hook(hook)
-    try:
-        model(**forward_kwargs)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
+    # The handle removes the hook on leaving, whatever the forward raised.
+    with block.register_forward_hook(hook):
+        try:
+            model(**forward_kwargs)
+        except _StopForward:
+            pass
     if not captured:
         raise RuntimeError("the forward pass never reached the hooked block")
     return captured[0]
@@ -58,11 +57,8 @@ def replace_at(block: nn.Module, index: int, vectors: torch.Tensor) -> Iterator[
         new = vectors.to(hidden.dtype).unsqueeze(1)
         return _rebuild(output, torch.cat([hidden[:, :pos], new, hidden[:, pos + 1 :]], dim=1))
 
-    handle = block.register_forward_hook(hook)
-    try:
+    with block.register_forward_hook(hook):
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -76,8 +72,5 @@ def replace_cells(
         hidden = _hidden(output)
         return _rebuild(output, hidden.index_put((rows, cols), vectors.to(hidden.dtype)))
 
-    handle = block.register_forward_hook(hook)
-    try:
+    with block.register_forward_hook(hook):
         yield
-    finally:
-        handle.remove()

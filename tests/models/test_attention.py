@@ -11,7 +11,7 @@ from conftest import objective_batch, record_sdpa
 from transformers import AttentionInterface
 
 from consistency_lens.config import LensConfig
-from consistency_lens.models import attention, inputs
+from consistency_lens.models import attention
 from consistency_lens.models.adapter import find_parts
 from consistency_lens.models.attention import GRAD_ROWS, grad_rows_kwargs, split_grad_rows
 from consistency_lens.models.lens import ConsistencyLens
@@ -148,11 +148,10 @@ def _step(lens, batch, split: bool, monkeypatch) -> tuple[torch.Tensor, list, li
     ids=["frozen_base", "frozen_base-bf16", "full", "checkpointed", "entropy", "gpt2"],
 )
 def test_plan_step_is_unchanged_and_a_prime_keeps_no_attention_graph(
-    tiny_llama_dir, tiny_gpt2_dir, monkeypatch, case, one_intra_op_thread
+    tiny_llama_dir, tiny_gpt2_dir, monkeypatch, case, one_intra_op_thread, padded_passes
 ):
+    # `padded_passes`: M's padded pass, where the split runs (a packed pass has one row).
     family, dtype, train = case
-    # M's padded pass, where the split runs (a packed pass, `models.inputs.pack`, has one row).
-    monkeypatch.setattr(inputs, "PACK_DEVICES", frozenset())
     model = tiny_llama_dir if family == "llama" else tiny_gpt2_dir
     cfg = LensConfig(
         model=str(model), device="cpu", model_dtype=dtype, layer=1, train={"t_text": 3, **train}
