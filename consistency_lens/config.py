@@ -132,7 +132,8 @@ class TrainConfig(_Strict):
     """Registered training objective (`consistency_lens/training/objectives/`); `plan` is the plan's."""
     init_from: Path | None = None
     """A saved lens directory whose trainable weights this run starts from (e.g. a warm start);
-    the lens must be of the same model, layer, mode and decoder shape."""
+    the lens must be of the same model, layer, mode and decoder shape; its `t_text` may differ
+    (a curriculum: a lens trained on short texts starts a longer one)."""
     warm_start: WarmStartConfig = WarmStartConfig()
     """A supervised warm start run before `objective` (off unless `warm_start.steps > 0`)."""
     target: Literal["residual", "direct"] = "residual"
@@ -469,6 +470,10 @@ WEIGHT_KEYS = (
 )
 """Settings that define a lens's trainable weights (their names, shapes or meaning): a resumed
 run and a lens whose weights are loaded into another must share them."""
+
+CURRICULUM_KEYS = ("train.t_text",)
+"""Weight keys a lens may change when it starts from another's weights (`train.init_from`): the
+same weights write a longer text, as a curriculum does; a resumed run must still share them."""
 
 MODEL_KEYS = ("model", "revision")
 """The weight keys that name the base model; where a model is loaded its fingerprint decides."""

@@ -13,6 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from consistency_lens.config import (
+    CURRICULUM_KEYS,
     MODEL_KEYS,
     WEIGHT_KEYS,
     LensConfig,
@@ -477,10 +478,10 @@ def _check_fits(path: Path, meta: dict, loaded: LoadedModel, layer: int) -> None
 
 def _check_same_weights(path: Path, saved: dict, own: dict) -> None:
     """Refuse a lens whose weight-defining settings differ from this lens's (the base model is
-    compared by fingerprint, not by name)."""
+    compared by fingerprint, not by name; the text's length may grow, `CURRICULUM_KEYS`)."""
     theirs, ours = weight_settings(saved), weight_settings(own)
     for key in WEIGHT_KEYS:
-        if key not in MODEL_KEYS and theirs[key] != ours[key]:
+        if key not in (*MODEL_KEYS, *CURRICULUM_KEYS) and theirs[key] != ours[key]:
             raise LensError(
                 f"The lens at '{path}' was trained with {key}={theirs[key]!r} but this lens has "
                 f"{key}={ours[key]!r}; start from a lens trained with the same {key}."

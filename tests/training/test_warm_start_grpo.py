@@ -290,6 +290,14 @@ def test_init_from_starts_from_the_saved_weights_and_refuses_another_shape(dumpe
     lens.init_from(warm / "lens")
     saved = _lens_weights(warm)
     assert all(torch.equal(lens.trainable_state_dict()[k], v) for k, v in saved.items())
+    # A longer text from the same weights is a curriculum: allowed, the weights load exactly.
+    longer = load_config(
+        None, _overrides(dumped, tmp_path / "long", "grpo", 1, init_from=warm / "lens", t_text=3)
+    )
+    assert longer.train.t_text != cfg.train.t_text
+    grown = ConsistencyLens.build(longer)
+    grown.init_from(warm / "lens")
+    assert all(torch.equal(grown.trainable_state_dict()[k], v) for k, v in saved.items())
     # A lens whose decoder reads A another way has other weights: refused in one sentence.
     other = load_config(None, _overrides(dumped, tmp_path / "o", "plan", 1, inject_layer="null"))
     with pytest.raises(
