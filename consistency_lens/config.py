@@ -469,11 +469,13 @@ WEIGHT_KEYS = (
     "train.lora_alpha",
 )
 """Settings that define a lens's trainable weights (their names, shapes or meaning): a resumed
-run and a lens whose weights are loaded into another must share them."""
+run and a lens whose weights are loaded into another must share them (the latter all but
+`CURRICULUM_KEYS`)."""
 
 CURRICULUM_KEYS = ("train.t_text",)
 """Weight keys a lens may change when it starts from another's weights (`train.init_from`): the
-same weights write a longer text, as a curriculum does; a resumed run must still share them."""
+same weights write a text of another length, as a curriculum does; a resumed run must still
+share them."""
 
 MODEL_KEYS = ("model", "revision")
 """The weight keys that name the base model; where a model is loaded its fingerprint decides."""

@@ -478,7 +478,7 @@ def _check_fits(path: Path, meta: dict, loaded: LoadedModel, layer: int) -> None
 
 def _check_same_weights(path: Path, saved: dict, own: dict) -> None:
     """Refuse a lens whose weight-defining settings differ from this lens's (the base model is
-    compared by fingerprint, not by name; the text's length may grow, `CURRICULUM_KEYS`)."""
+    compared by fingerprint, not by name; the text's length may differ, `CURRICULUM_KEYS`)."""
     theirs, ours = weight_settings(saved), weight_settings(own)
     for key in WEIGHT_KEYS:
         if key not in (*MODEL_KEYS, *CURRICULUM_KEYS) and theirs[key] != ours[key]:
