@@ -11,7 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_dump_is_block_output, free_port, split_of, tiny_dump_config
+from conftest import (
+    assert_dump_is_block_output,
+    free_port,
+    make_text,
+    split_of,
+    tiny_dump_config,
+)
 from safetensors.torch import load_file
 
 from consistency_lens.config import config_from_dict
@@ -386,8 +392,6 @@ def test_a_mixture_takes_each_parts_share_and_never_a_sequence_of_a_parts_val_sp
 ):
     """`corpus=a+b`: an equal share of the samples from each part, the train split drawn from
     outside the val split a dump of that part alone has (what `eval corpus=a` reads)."""
-    from conftest import make_text
-
     from consistency_lens.data.corpus import tokenized_corpus
     from consistency_lens.data.dump import plan_splits
 
@@ -426,17 +430,10 @@ def test_a_mixture_takes_each_parts_share_and_never_a_sequence_of_a_parts_val_sp
 def test_a_mixture_part_too_small_is_named(tmp_path, tiny_llama_dir, corpus_dir):
     small = tmp_path / "small"
     small.mkdir()
-    (small / "a.txt").write_text(make_text_words(200))
+    (small / "a.txt").write_text(make_text(7, 200))
     cfg = _cfg(tmp_path, tiny_llama_dir, f"{corpus_dir}+{small}", num_samples=20)
     with pytest.raises(LensError, match=f"Corpus '{small}' yields .* its share of num_samples"):
         dump_activations(cfg)
-
-
-def make_text_words(n: int) -> str:
-    """`n` words of the fixture vocabulary."""
-    from conftest import make_text
-
-    return make_text(7, n)
 
 
 def test_corpus_parts_and_slugs():
