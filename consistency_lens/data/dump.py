@@ -150,9 +150,11 @@ def _mixture(
     Each part gives an equal share of `num_samples` and of `val_samples` (the first parts one
     more when they do not divide). Every part is permuted exactly as a dump of that part alone
     is, and its train share comes from after the first `val_samples` of its permutation: the
-    val split that `eval corpus=<part>` reads (at the same seed, seq_len, p_min and val_samples,
-    or fewer) is never trained on. A mixture's splits are then
-    shuffled, so that any prefix of them (training's validation batches) holds every part.
+    val split that `eval corpus=<part>` reads is never trained on, when eval has the same seed,
+    seq_len and p_min and no more val_samples; `pydoc` and dataset parts are read only up to a
+    cap set by num_samples + val_samples (`_shared_corpus`), so for them eval must also have the
+    same num_samples and val_samples. A mixture's splits are then shuffled, so that any prefix
+    of them (training's validation batches) holds every part.
     """
     windows: list[np.ndarray] = []
     chosen: dict[str, list[int]] = {"val": [], "train": []}
