@@ -20,7 +20,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import save_file
 
 from consistency_lens.config import LensConfig, dump_config
-from consistency_lens.data.corpus import SOTU, TokenizedCorpus, corpus_parts, tokenized_corpus
+from consistency_lens.data.corpus import (
+    MIX_SEP,
+    SOTU,
+    TokenizedCorpus,
+    corpus_parts,
+    tokenized_corpus,
+)
 from consistency_lens.data.layout import (
     METADATA,
     PROGRESS,
@@ -83,7 +89,7 @@ def plan_splits(
     The val split is the permutation's first `val_samples` sequences whatever `num_samples` is,
     so a val-only plan (eval on another corpus) needs only that many; its train plan is then cut
     to what the corpus holds and must not be written. A list of corpora is a mixture (`a+b`):
-    see `_mixture`.
+    see `_choose`.
     """
     bos = [bos_id] if bos_id is not None else []
     p_min = cfg.p_min_effective
@@ -95,13 +101,7 @@ def plan_splits(
         )
     cut = [_windows(c, cfg.seq_len - len(bos), p_min + 2, bos) for c in corpora]
     skipped = sum(n for _, n in cut)
-    if len(parts) == 1:
-        windows = cut[0][0]
-        order = _order(cfg, parts[0], len(windows), cfg.num_samples, splits)
-        wanted = cfg.val_samples + cfg.num_samples
-        chosen = {"val": order[: cfg.val_samples], "train": order[cfg.val_samples : wanted]}
-    else:
-        windows, chosen = _mixture(cfg, parts, [w for w, _ in cut], splits)
+    windows, chosen = _choose(cfg, parts, [w for w, _ in cut], splits)
     plans = {}
     for code, split in enumerate(SPLITS):
         rng = np.random.default_rng([cfg.seed, code])
@@ -119,9 +119,10 @@ def plan_splits(
 
 
 def _order(
-    cfg: LensConfig, name: str, count: int, train: int, splits: tuple[str, ...]
+    cfg: LensConfig, name: str, count: int, train: int, splits: tuple[str, ...], mixed: bool
 ) -> np.ndarray:
-    """The seeded permutation of a corpus's `count` sequences, after checking it holds enough."""
+    """The seeded permutation of a corpus's `count` sequences, after checking it holds enough
+    (`train` of them for the train split: all of `num_samples`, or a mixture part's share)."""
     p_min = cfg.p_min_effective
     if not count:
         raise LensError(
@@ -130,7 +131,7 @@ def _order(
         )
     if "train" in splits:
         wanted = cfg.val_samples + train
-        share = "num_samples" if train == cfg.num_samples else f"its share of num_samples ({train})"
+        share = f"its share of num_samples ({train})" if mixed else "num_samples"
         needed, what = wanted, f"{share} + val_samples = {wanted}; lower them"
     else:
         needed, what = cfg.val_samples, f"val_samples = {cfg.val_samples}; lower it"
@@ -142,19 +143,20 @@ def _order(
     return np.random.default_rng(cfg.seed).permutation(count)
 
 
-def _mixture(
+def _choose(
     cfg: LensConfig, parts: list[str], cut: list[list[np.ndarray]], splits: tuple[str, ...]
 ) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
-    """The sequences of a mixture and which of them each split holds.
+    """The sequences of the corpus's parts, concatenated, and which of them each split holds.
 
     Each part gives an equal share of `num_samples` and of `val_samples` (the first parts one
-    more when they do not divide). Every part is permuted exactly as a dump of that part alone
-    is, and its train share comes from after the first `val_samples` of its permutation: the
-    val split that `eval corpus=<part>` reads is never trained on, when eval has the same seed,
-    seq_len and p_min and no more val_samples; `pydoc` and dataset parts are read only up to a
-    cap set by num_samples + val_samples (`_shared_corpus`), so for them eval must also have the
-    same num_samples and val_samples. A mixture's splits are then shuffled, so that any prefix
-    of them (training's validation batches) holds every part.
+    more when they do not divide), so a single corpus gives them all. Every part is permuted
+    exactly as a dump of that part alone is, and its train share comes from after the first
+    `val_samples` of its permutation: the val split that `eval corpus=<part>` reads is never
+    trained on, when eval has the same seed, seq_len and p_min and no more val_samples; `pydoc`
+    and dataset parts are read only up to a cap set by num_samples + val_samples
+    (`_shared_corpus`), so for them eval must also have the same num_samples and val_samples. A
+    mixture's splits are then shuffled, so that any prefix of them (training's validation
+    batches) holds every part.
     """
     windows: list[np.ndarray] = []
     chosen: dict[str, list[int]] = {"val": [], "train": []}
@@ -162,14 +164,15 @@ def _mixture(
     for j, (part, part_windows) in enumerate(zip(parts, cut, strict=True)):
         val_share = cfg.val_samples // k + (j < cfg.val_samples % k)
         train_share = cfg.num_samples // k + (j < cfg.num_samples % k)
-        order = _order(cfg, part, len(part_windows), train_share, splits) + len(windows)
+        order = _order(cfg, part, len(part_windows), train_share, splits, k > 1) + len(windows)
         chosen["val"] += order[:val_share].tolist()
         chosen["train"] += order[cfg.val_samples : cfg.val_samples + train_share].tolist()
         windows += part_windows
-    rng = np.random.default_rng([cfg.seed, len(SPLITS)])
-    return windows, {
-        split: rng.permutation(np.asarray(chosen[split], np.int64)) for split in SPLITS
-    }
+    picked = {split: np.asarray(chosen[split], np.int64) for split in SPLITS}
+    if k > 1:
+        rng = np.random.default_rng([cfg.seed, len(SPLITS)])
+        picked = {split: rng.permutation(picked[split]) for split in SPLITS}
+    return windows, picked
 
 
 def plan_digest(plan: SplitPlan) -> str:
@@ -444,7 +447,7 @@ def dump_activations(
                 header = split_header(
                     cfg,
                     loaded,
-                    "+".join(c.key for c in corpus),
+                    MIX_SEP.join(c.key for c in corpus),
                     split,
                     len(plan.sequences),
                     plan_digest(plan),
