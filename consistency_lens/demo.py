@@ -14,7 +14,9 @@ def _stage(name: str) -> float:
 
 
 def _comparable_shipped_lens(cfg: LensConfig) -> Path | None:
-    """The lens shipped for `cfg.model` when it reads the demo's layer of its corpus, else None."""
+    """The lens shipped for `cfg.model` when it reads the demo's layer and was trained on the
+    demo's corpus (alone or in a mixture) without its validation samples, else None."""
+    from consistency_lens.data.corpus import corpus_parts
     from consistency_lens.models.lens import CONFIG_FILE
     from consistency_lens.shipped import shipped_lens
     from consistency_lens.utils.io import read_json
@@ -23,12 +25,25 @@ def _comparable_shipped_lens(cfg: LensConfig) -> Path | None:
     if path is None:
         return None
     meta = read_json(path / CONFIG_FILE, "Lens config")
-    layer, corpus = meta["layer"], meta["config"].get("corpus")
-    if (layer, corpus) != (cfg.layer, cfg.corpus):
+    trained = meta["config"]
+    layer, corpus = meta["layer"], trained.get("corpus", "")
+    why = None
+    if layer != cfg.layer:
         # Its eval would need its own layer's dumps: not the same samples, so no comparison.
-        print(
-            f"Not comparing with the shipped lens '{path}': it reads layer {layer} of {corpus!r}."
-        )
+        why = f"it reads layer {layer}"
+    elif cfg.corpus not in corpus_parts(corpus):
+        why = f"it was trained on {corpus!r}"
+    elif corpus != cfg.corpus and not meta.get("train_mean_sha256"):
+        why = f"its mean baseline would need its own training dump of {corpus!r}"
+    elif (
+        any(trained.get(key) != getattr(cfg, key) for key in ("seed", "seq_len", "p_min"))
+        or trained.get("val_samples", 0) < cfg.val_samples
+    ):
+        # A dump holds out the first val_samples of each corpus's seeded order: only the same
+        # order and at least as many held out keep the demo's val samples out of its training.
+        why = "its training split may hold the demo's validation samples"
+    if why is not None:
+        print(f"Not comparing with the shipped lens '{path}': {why}.")
         return None
     return path
 

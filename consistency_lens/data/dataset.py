@@ -100,6 +100,13 @@ class ActivationDataset(Dataset):
         """Width of the stored activations."""
         return int(self.metadata["d_model"])
 
+    def mean_activation(self) -> torch.Tensor:
+        """Per-feature mean of A over the whole split, read shard by shard (float32)."""
+        total = torch.zeros(self.d_model, dtype=torch.float64)
+        for shard in self.shards:
+            total += shard.handle.get_tensor("A").double().sum(0)
+        return (total / len(self)).float()
+
     def set_epoch(self, epoch: int) -> None:
         """Re-pair every sample with an A' from a different sequence, seeded by (seed, epoch)."""
         n = len(self)

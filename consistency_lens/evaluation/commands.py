@@ -18,10 +18,10 @@ from consistency_lens.evaluation.samples import (
     write_samples,
 )
 from consistency_lens.evaluation.saved_lens import load_lens, refuse_lens_dir
-from consistency_lens.evaluation.splits import mean_split, open_split, train_mean
+from consistency_lens.evaluation.splits import lens_mean, open_split
 from consistency_lens.evaluation.tables import print_rich
 from consistency_lens.models.ceiling import load_ceiling
-from consistency_lens.models.lens import CONFIG_FILE
+from consistency_lens.models.lens import CONFIG_FILE, MEAN_FILE
 from consistency_lens.utils.io import atomic_write_json, atomic_write_text, read_json, sha256_file
 
 if TYPE_CHECKING:
@@ -46,13 +46,14 @@ def evaluate_command(cfg: LensConfig, checkpoint: Path | None, output: Path | No
     out_dir = Path(output) if output is not None else default_output(cfg, lens)
     refuse_lens_dir(out_dir, path, "Eval output")
     dataset = open_split(cfg, lens, "val", seed=cfg.seed, dump_missing=True)
-    mean_set = mean_split(cfg, lens)
+    mean, mean_set = lens_mean(cfg, lens)
     ceiling = load_ceiling(lens, path)
-    results = evaluate(lens, dataset, cfg, train_mean(mean_set), ceiling and ceiling[0])
+    results = evaluate(lens, dataset, cfg, mean, ceiling and ceiling[0])
     if ceiling is not None:
         results["baselines"]["context_ceiling"]["trained"] = ceiling[1].get("trained")
     results["checkpoint"] = str(path)
-    results["mean_split"] = str(mean_set.path)
+    # Where the mean-ablation vector came from: the lens's own file, or a train split read here.
+    results["mean_from"] = str(path / MEAN_FILE if mean_set is None else mean_set)
     results["lens_weights_sha256"] = read_json(path / CONFIG_FILE, "Lens config").get(
         "weights_sha256"
     )

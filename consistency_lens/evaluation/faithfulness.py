@@ -20,7 +20,7 @@ from consistency_lens.evaluation.specificity import (
     specificity,
     top1_in_explanation,
 )
-from consistency_lens.evaluation.splits import mean_split, train_mean
+from consistency_lens.evaluation.splits import lens_mean
 from consistency_lens.models.patching import patched_kl
 from consistency_lens.utils.words import TOP_PREDICTIONS, content_words
 
@@ -58,7 +58,7 @@ def evaluate(
     it reads the same true last T_text tokens as `context_tokens`, but was trained on them alone.
     """
     if mean_activation is None:
-        mean_activation = train_mean(mean_split(cfg, lens))
+        mean_activation = lens_mean(cfg, lens)[0]
     mean_activation = mean_activation.to(lens.device)
     indices = sample_indices(len(dataset), cfg.eval.num_samples, cfg.seed)
     size = cfg.eval.batch_size

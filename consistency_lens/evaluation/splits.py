@@ -1,5 +1,6 @@
 """The dump splits eval reads for a lens: the validation split it is measured on (dumped here when
-missing) and the train split its mean-ablation vector comes from."""
+missing) and, for a lens that does not carry its training mean, the train split its mean-ablation
+vector comes from."""
 
 from __future__ import annotations
 
@@ -79,12 +80,10 @@ def mean_split(cfg: LensConfig, lens: ConsistencyLens) -> ActivationDataset:
     )
 
 
-def train_mean(dataset: ActivationDataset) -> torch.Tensor:
-    """Per-feature mean of A over a whole split, read shard by shard (the mean-ablation vector)."""
-    total = torch.zeros(dataset.d_model, dtype=torch.float64)
-    count = 0
-    for shard in dataset.shards:
-        acts = shard.handle.get_tensor("A").double()
-        total += acts.sum(0)
-        count += acts.shape[0]
-    return (total / count).float()
+def lens_mean(cfg: LensConfig, lens: ConsistencyLens) -> tuple[torch.Tensor, Path | None]:
+    """The mean-ablation vector of `lens` and the train split it was read from: the training mean
+    the lens carries (split None), else the mean over its training corpus's train split."""
+    if lens.train_mean is not None:
+        return lens.train_mean, None
+    dataset = mean_split(cfg, lens)
+    return dataset.mean_activation(), dataset.path

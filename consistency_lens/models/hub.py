@@ -16,12 +16,12 @@ EVAL_RESULTS_FILE = "eval_results.json"
 
 def lens_files() -> tuple[str, ...]:
     """The files of a lens folder, the only ones downloaded or uploaded (never code or pickles):
-    the lens, its card and eval results, and the context ceiling kept beside it."""
+    the lens, its training mean, its card and eval results, and the context ceiling kept beside it."""
     from consistency_lens.models.ceiling import CEILING_CONFIG, CEILING_DIR, CEILING_WEIGHTS
-    from consistency_lens.models.lens import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE
+    from consistency_lens.models.lens import CARD_FILE, CONFIG_FILE, MEAN_FILE, WEIGHTS_FILE
 
     ceiling = (f"{CEILING_DIR}/{CEILING_CONFIG}", f"{CEILING_DIR}/{CEILING_WEIGHTS}")
-    return (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, EVAL_RESULTS_FILE, *ceiling)
+    return (CONFIG_FILE, WEIGHTS_FILE, MEAN_FILE, CARD_FILE, EVAL_RESULTS_FILE, *ceiling)
 
 
 def is_repo_id(name: str | Path) -> bool:

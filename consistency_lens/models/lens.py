@@ -42,6 +42,8 @@ from consistency_lens.utils.io import (
 FORMAT_VERSION = 1
 CONFIG_FILE = "lens_config.json"
 WEIGHTS_FILE = "lens.safetensors"
+MEAN_FILE = "train_mean.safetensors"
+"""The mean of A over the lens's training split: eval's mean-ablation baseline needs no dump then."""
 CARD_FILE = "README.md"
 # Top-level parameter names (inside `decoder.` / `encoder.`) that get the projection learning rate.
 _CALIBRATION_TEXT = "The committee met on Tuesday to discuss the budget, the roads and the schools."
@@ -105,6 +107,11 @@ def card_text(meta: dict, extra: str = "", results: dict | None = None) -> str:
         f"- base model: `{meta['base_model']}` (fingerprint `{meta['fingerprint']}`)",
         f"- layer: {meta['layer']}, encoder layer: {meta['encoder_layer']}",
         f"- mode: `{meta['mode']}`; only trainable weights are in `{WEIGHTS_FILE}`",
+        *(
+            [f"- the mean of A over its training split (eval's mean baseline) is in `{MEAN_FILE}`"]
+            if meta.get("train_mean_sha256")
+            else []
+        ),
         f"- decoder prompt: `{meta['prompt']}`",
         "",
         f'Load it with `ConsistencyLens.from_pretrained(path, model="{meta["base_model"]}")`, '
@@ -163,6 +170,9 @@ class ConsistencyLens(nn.Module):
         self.cfg = cfg
         self.loaded = loaded
         self.layer = cfg.layer
+        # The mean of A over the training split (d_model, float32, CPU), saved beside the weights
+        # so eval's mean baseline is the training one on any corpus, without the training dump.
+        self.train_mean: torch.Tensor | None = None
         train = cfg.train
         base = loaded.model
         parts = loaded.parts
@@ -347,22 +357,23 @@ class ConsistencyLens(nn.Module):
             "config": saved_lens_config(self.cfg),
         }
 
-    def _card(self, extra: str) -> str:
-        return card_text(self._metadata(), extra)
-
     def save_pretrained(self, path: str | Path, card: str = "") -> None:
-        """Write `lens_config.json`, `lens.safetensors` (trainable weights) and `README.md`."""
+        """Write `lens_config.json`, `lens.safetensors` (trainable weights), `README.md` and, when
+        the lens has one, its training mean `train_mean.safetensors`."""
         path = Path(path)
         state = self.trainable_state_dict()
         atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
-        # The config is written last and names the weights' checksum: a lens is complete only then.
-        meta = {**self._metadata(), "weights_sha256": sha256_file(path / WEIGHTS_FILE)}
+        sums = {"weights_sha256": sha256_file(path / WEIGHTS_FILE)}
+        if self.train_mean is not None:
+            mean = {"mean": self.train_mean.detach().float().cpu().contiguous()}
+            atomic_write(path / MEAN_FILE, lambda tmp: save_file(mean, str(tmp)))
+            sums["train_mean_sha256"] = sha256_file(path / MEAN_FILE)
+        else:
+            (path / MEAN_FILE).unlink(missing_ok=True)
+        # The config is written last and names the checksums: a lens is complete only then.
+        meta = {**self._metadata(), **sums}
         atomic_write_json(path / CONFIG_FILE, meta)
-        self.write_card(path, card)
-
-    def write_card(self, path: str | Path, card: str = "") -> None:
-        """(Re)write the model card `README.md` of a saved lens, with `card` appended."""
-        atomic_write_text(Path(path) / CARD_FILE, self._card(card))
+        atomic_write_text(path / CARD_FILE, card_text(meta, card))
 
     @classmethod
     def from_pretrained(
@@ -420,6 +431,7 @@ class ConsistencyLens(nn.Module):
         state = _load_weights(path)
         lens = cls(cfg, loaded)
         lens.load_trainable_state_dict({k: v.to(lens.device) for k, v in state.items()})
+        lens.train_mean = _load_mean(path, meta)
         return lens
 
     def init_from(self, path: str | Path) -> None:
@@ -459,6 +471,14 @@ def _check_weights(path: Path, meta: dict) -> None:
         raise LensError(
             f"Lens weights '{weights}' are corrupt (checksum mismatch); save the lens again."
         )
+    named = meta.get("train_mean_sha256")
+    if named is not None and (
+        not (path / MEAN_FILE).is_file() or sha256_file(path / MEAN_FILE) != named
+    ):
+        raise LensError(
+            f"Training mean '{path / MEAN_FILE}' is missing or corrupt (checksum mismatch); "
+            "save the lens again."
+        )
 
 
 def _check_fits(path: Path, meta: dict, loaded: LoadedModel, layer: int) -> None:
@@ -497,6 +517,23 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise LensError(f"Lens weights '{weights}' do not exist.") from None
     except (SafetensorError, OSError, ValueError):
         raise LensError(f"Lens weights '{weights}' are corrupt; save the lens again.") from None
+
+
+def _load_mean(path: Path, meta: dict) -> torch.Tensor | None:
+    """The training mean a lens directory carries (checksum already checked), or None."""
+    if meta.get("train_mean_sha256") is None:
+        return None
+    file = path / MEAN_FILE
+    try:
+        mean = load_file(str(file)).get("mean")
+    except (FileNotFoundError, SafetensorError, OSError, ValueError):
+        mean = None
+    if mean is None or not mean.is_floating_point() or tuple(mean.shape) != (meta["d_model"],):
+        raise LensError(
+            f"Training mean '{file}' is not one float vector of width {meta['d_model']}; "
+            "save the lens again."
+        )
+    return mean.float()
 
 
 # Keys of `lens_config.json` that loading reads, with their JSON types.

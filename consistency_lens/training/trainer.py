@@ -427,6 +427,8 @@ def _objective_for(lens: ConsistencyLens, cfg: LensConfig, train_set: Activation
 
 def _save_final(run: _Run) -> Path:
     lens_dir = Path(run.cfg.train.run_dir) / "lens"
+    # The lens carries its training mean, so eval's mean baseline needs no copy of this dump.
+    run.lens.train_mean = run.stream.dataset.mean_activation()
     run.lens.save_pretrained(lens_dir)
     if run.ema is not None:
         current = run.lens.trainable_state_dict()  # already detached copies

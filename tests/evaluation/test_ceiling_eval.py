@@ -21,7 +21,6 @@ from consistency_lens.evaluation.samples import (
     top1_hit,
 )
 from consistency_lens.evaluation.specificity import top1_in_explanation
-from consistency_lens.evaluation.splits import train_mean
 from consistency_lens.evaluation.tables import markdown_tables
 from consistency_lens.models.ceiling import ceiling_from_lens, load_ceiling
 from consistency_lens.models.lens import ConsistencyLens
@@ -117,7 +116,7 @@ def setup(tmp_path_factory, tiny_llama_dir, corpus_dir):
     other.save_pretrained(source)
     ceiling_from_lens(source, lens_dir)
     val = ActivationDataset(split_of(cfg, "val"))
-    mean = train_mean(ActivationDataset(split_of(cfg, "train")))
+    mean = ActivationDataset(split_of(cfg, "train")).mean_activation()
     return cfg, lens, lens_dir, other, val, mean
 
 

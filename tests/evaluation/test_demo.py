@@ -98,12 +98,27 @@ def test_demo_compares_its_lens_with_the_shipped_one(
     # nan (no content words in a tiny random lens's texts) is the same result on both sides.
     assert all(row[1] == row[2] or (row[1] != row[1] and row[2] != row[2]) for row in rows)
     assert rows[1][1] == out["results"]["fve"]["mean"]
-    # A shipped lens of another layer would need other dumps: the demo skips the comparison.
     meta_path = tmp_path / "package" / "copy" / "lens_config.json"
-    meta = json.loads(meta_path.read_text())
-    meta["layer"] = 1
-    meta_path.write_text(json.dumps(meta))
-    assert run_demo(cfg)["shipped_results"] is None
+    original = json.loads(meta_path.read_text())
+
+    def shipped_with(top: dict | None = None, drop: str = "", **change) -> dict | None:
+        meta = {k: v for k, v in original.items() if k != drop} | (top or {})
+        meta["config"] = original["config"] | change
+        meta_path.write_text(json.dumps(meta))
+        return run_demo(cfg)["shipped_results"]
+
+    # Trained on a mixture holding the demo's corpus, carrying its training mean: compared on the
+    # demo's own samples, with the same numbers (the same weights and mean).
+    mixed = shipped_with(corpus=f"{cfg.corpus}+other")
+    assert mixed is not None and mixed["kl"] == out["results"]["kl"]
+    assert mixed["mean_from"].endswith("train_mean.safetensors")
+    # Not compared: another layer (other dumps), a corpus without the demo's, a mixture whose mean
+    # baseline needs its own dump, or a training split that may hold the demo's val samples.
+    assert shipped_with(top={"layer": 1}) is None
+    assert shipped_with(corpus="other") is None
+    assert shipped_with(corpus=f"{cfg.corpus}+other", drop="train_mean_sha256") is None
+    assert shipped_with(val_samples=cfg.val_samples - 1) is None
+    assert shipped_with(seq_len=cfg.seq_len + 1) is None
 
 
 def test_specificity_ratio_without_own_hits_is_no_ratio():

@@ -11,11 +11,12 @@ import pytest
 from conftest import dumped_eval_config, make_text, split_of
 
 from consistency_lens.cli import main
+from consistency_lens.data.dataset import ActivationDataset
 from consistency_lens.errors import LensError
 from consistency_lens.evaluation.commands import card_command, evaluate_command
 from consistency_lens.evaluation.explain import explain_command
 from consistency_lens.evaluation.report import write_report
-from consistency_lens.models.lens import ConsistencyLens
+from consistency_lens.models.lens import MEAN_FILE, ConsistencyLens
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +129,35 @@ def test_eval_on_another_corpus_dumps_its_val_split_and_leaves_the_lens_alone(
     out = run.train.run_dir / "eval_other"
     assert json.loads((out / "eval_results.json").read_text())["kl"] == results["kl"]
     assert results["split"].endswith("other_val")
-    assert results["mean_split"] == str(split_of(run, "train"))  # the lens's own training data
+    # A lens without a training mean of its own: the mean of its training corpus's train split.
+    assert results["mean_from"] == str(split_of(run, "train"))
     # The dump it made is the val split alone, for the lens's model and layer.
     split = results["split"]
     assert json.loads((Path(split) / "metadata.json").read_text())["count"] == run.val_samples
     assert not (Path(split).parent / "other_train").exists()
+
+
+def test_a_lens_carrying_its_training_mean_needs_no_training_dump(run, tmp_path):
+    """Eval's mean baseline comes from the mean the lens carries: the same row, to the bit, as
+    from the train split, in a dump directory that holds only the val split."""
+    lens = ConsistencyLens.from_pretrained(run.train.run_dir / "lens", device="cpu")
+    lens.train_mean = ActivationDataset(split_of(run, "train")).mean_activation()
+    carried = tmp_path / "lens"
+    lens.save_pretrained(carried)
+    bare = run.model_copy(update={"output_dir": tmp_path / "dumps"})
+    shutil.copytree(split_of(run, "val"), split_of(bare, "val"))
+    results = evaluate_command(bare, carried, tmp_path / "out")
+    assert not split_of(bare, "train").exists()
+    assert results["mean_from"] == str(carried / MEAN_FILE)
+    reference = evaluate_command(run, None, tmp_path / "reference")
+    assert reference["mean_from"] == str(split_of(run, "train"))
+    assert results["baselines"]["mean"] == reference["baselines"]["mean"]
+    assert results["kl"] == reference["kl"]
+    # Another mean is really used: the row moves with it.
+    lens.train_mean = lens.train_mean + 1.0
+    lens.save_pretrained(carried)
+    moved = evaluate_command(bare, carried, tmp_path / "out")
+    assert moved["baselines"]["mean"]["kl"] != reference["baselines"]["mean"]["kl"]
 
 
 def test_explain_every_position_and_html(run, tmp_path, capsys):

@@ -10,7 +10,6 @@ from consistency_lens.data.dataset import ActivationDataset
 from consistency_lens.evaluation.faithfulness import derangement, evaluate
 from consistency_lens.evaluation.samples import sample_indices
 from consistency_lens.evaluation.specificity import specificity
-from consistency_lens.evaluation.splits import train_mean
 from consistency_lens.evaluation.tables import markdown_tables
 from consistency_lens.models.lens import ConsistencyLens
 from consistency_lens.utils.words import content_words
@@ -124,7 +123,7 @@ def test_constant_mean_row_equals_a_hand_computation(setup):
     results = evaluate(lens, val, cfg)
     train = ActivationDataset(split_of(cfg, "train"))
     mean = torch.stack([train.sample(i)[1] for i in range(len(train))]).double().mean(0).float()
-    torch.testing.assert_close(train_mean(train), mean)
+    torch.testing.assert_close(train.mean_activation(), mean)
     A = torch.stack([val.sample(i)[1] for i in sample_indices(len(val), 9, cfg.seed)])
     C = mean.expand_as(A)
     err = ((A - C) ** 2).sum()

@@ -29,7 +29,7 @@ SHIPPED = Path(__file__).parents[2] / "consistency_lens" / "shipped" / "smollm2-
 
 @pytest.fixture(scope="module")
 def saved(tiny_llama_dir, tmp_path_factory) -> tuple[ConsistencyLens, Path]:
-    """A tiny lens with nudged weights, saved to a folder."""
+    """A tiny lens with nudged weights and a training mean, saved to a folder."""
     cfg = LensConfig(
         model=str(tiny_llama_dir), device="cpu", model_dtype="float32", layer=1, train={"t_text": 2}
     )
@@ -37,6 +37,7 @@ def saved(tiny_llama_dir, tmp_path_factory) -> tuple[ConsistencyLens, Path]:
     with torch.no_grad():
         for param in lens.trainable_parameters().values():
             param.add_(0.01)
+    lens.train_mean = torch.linspace(-1.0, 1.0, lens.d_model)
     path = tmp_path_factory.mktemp("saved") / "lens"
     lens.save_pretrained(path)
     return lens, path
@@ -70,6 +71,7 @@ def test_a_repo_id_loads_offline_from_the_hub_cache(saved, tmp_path, monkeypatch
     again = ConsistencyLens.from_pretrained("org/tiny-lens", device="cpu")
     mine, theirs = lens.trainable_state_dict(), again.trainable_state_dict()
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert torch.equal(again.train_mean, lens.train_mean)  # the training mean comes along
     # eval/explain's --checkpoint takes the repo id too.
     _, where = load_lens(lens.cfg, Path("org/tiny-lens"))
     assert where == snapshot
@@ -111,6 +113,7 @@ def test_a_lens_from_the_hub_obeys_the_folder_rules(saved, tmp_path, monkeypatch
         [
             "lens_config.json",
             "lens.safetensors",
+            "train_mean.safetensors",
             "README.md",
             "eval_results.json",
             "context_ceiling/ceiling_config.json",
@@ -204,6 +207,7 @@ def test_push_uploads_exactly_the_lens_files(saved, tmp_path, monkeypatch, capsy
                 "eval_results.json",
                 "lens.safetensors",
                 "lens_config.json",
+                "train_mean.safetensors",
             ],
         ),
     ]

@@ -9,14 +9,16 @@ import logging
 import pytest
 import torch
 from conftest import batch_of
+from safetensors.torch import save_file
 
 from consistency_lens.config import LensConfig
 from consistency_lens.data.collate import Batch
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import find_parts
-from consistency_lens.models.lens import ConsistencyLens
+from consistency_lens.models.lens import ConsistencyLens, check_lens_dir
 from consistency_lens.models.loading import load_model
 from consistency_lens.training.objectives.plan import compute_losses
+from consistency_lens.utils.io import sha256_file
 
 
 def _cfg(path, **train) -> LensConfig:
@@ -167,6 +169,46 @@ def test_load_refuses_mismatch_and_corruption(tiny_llama_dir, tiny_gpt2_dir, tmp
         ConsistencyLens.from_pretrained(out)
     (out / "lens_config.json").write_text("{not json")
     with pytest.raises(LensError, match="lens_config.json"):
+        ConsistencyLens.from_pretrained(out)
+
+
+def test_the_training_mean_is_saved_exactly_checked_and_refused_when_damaged(
+    tiny_llama_dir, tmp_path
+):
+    lens = ConsistencyLens.build(_cfg(tiny_llama_dir))
+    out = tmp_path / "lens"
+    lens.save_pretrained(out)
+    assert not (out / "train_mean.safetensors").exists()  # none set: none saved
+    assert ConsistencyLens.from_pretrained(out).train_mean is None
+    mean = torch.randn(lens.d_model, generator=torch.Generator().manual_seed(0))
+    lens.train_mean = mean
+    lens.save_pretrained(out)
+    meta = json.loads((out / "lens_config.json").read_text())
+    assert meta["train_mean_sha256"] == sha256_file(out / "train_mean.safetensors")
+    assert "train_mean.safetensors" in (out / "README.md").read_text()
+    assert torch.equal(ConsistencyLens.from_pretrained(out).train_mean, mean)
+    # Saved again without one, the stale file goes and the config names none.
+    lens.train_mean = None
+    lens.save_pretrained(out)
+    assert not (out / "train_mean.safetensors").exists()
+    assert "train_mean_sha256" not in json.loads((out / "lens_config.json").read_text())
+    lens.train_mean = mean
+    lens.save_pretrained(out)
+    flipped = bytearray((out / "train_mean.safetensors").read_bytes())
+    flipped[-3] ^= 0x01
+    (out / "train_mean.safetensors").write_bytes(bytes(flipped))
+    with pytest.raises(LensError, match="train_mean.safetensors.*checksum"):
+        ConsistencyLens.from_pretrained(out)
+    with pytest.raises(LensError, match="train_mean.safetensors.*checksum"):
+        check_lens_dir(out)  # what push and cast check first
+    (out / "train_mean.safetensors").unlink()
+    with pytest.raises(LensError, match="train_mean.safetensors' is missing"):
+        ConsistencyLens.from_pretrained(out)
+    # A well-formed file of the wrong width, with its checksum named: refused all the same.
+    save_file({"mean": torch.zeros(lens.d_model + 1)}, str(out / "train_mean.safetensors"))
+    meta["train_mean_sha256"] = sha256_file(out / "train_mean.safetensors")
+    (out / "lens_config.json").write_text(json.dumps(meta))
+    with pytest.raises(LensError, match="not one float vector of width"):
         ConsistencyLens.from_pretrained(out)
 
 

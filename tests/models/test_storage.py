@@ -31,6 +31,7 @@ def _saved(root: Path, model_dir: Path, scale: float = 0.01) -> tuple[Consistenc
     with torch.no_grad():
         for param in lens.trainable_parameters().values():
             param.add_(torch.randn_like(param) * scale)
+    lens.train_mean = torch.randn(lens.d_model)
     path = root / "lens"
     lens.save_pretrained(path)
     ceiling_from_lens(path, path)
@@ -46,6 +47,7 @@ def test_bf16_weights_are_the_rounded_fp32_ones_and_load(tmp_path, tiny_llama_di
     lens, path = _saved(tmp_path, tiny_llama_dir)
     fp32 = {k: v.detach().clone() for k, v in lens.trainable_parameters().items()}
     ceiling_fp32 = load_file(str(ceiling_dir(path) / "encoder.safetensors"))
+    mean_bytes = (path / "train_mean.safetensors").read_bytes()
     assert (path / "eval_results.json").is_file()
 
     rewritten = store_weights_as(path, "bfloat16")
@@ -61,6 +63,9 @@ def test_bf16_weights_are_the_rounded_fp32_ones_and_load(tmp_path, tiny_llama_di
     for name, param in loaded.trainable_parameters().items():
         assert param.dtype == torch.float32  # fp32 masters, holding the bf16 values
         assert torch.equal(param, fp32[name].to(torch.bfloat16).float())
+    # The training mean is no weight: it stays float32, byte for byte.
+    assert (path / "train_mean.safetensors").read_bytes() == mean_bytes
+    assert torch.equal(loaded.train_mean, lens.train_mean)
     twin, _ = load_ceiling(loaded, path)
     own = {n: p for n, p in twin.named_parameters() if p.requires_grad}
     for name, value in ceiling_fp32.items():

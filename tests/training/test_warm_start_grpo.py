@@ -319,6 +319,11 @@ def test_train_runs_the_warm_start_first_then_reuses_it(dumped, tmp_path):
     # The main run started from the warm lens: its recorded config says so.
     meta = json.loads((run_dir / "lens" / "lens_config.json").read_text())
     assert meta["config"]["train"]["init_from"] == str(warm / "lens")
+    # Both lenses carry the mean of A over the dump's train split, exactly.
+    train_set, _ = trainer.load_splits(load_config(None, args))
+    for lens_dir in (warm / "lens", run_dir / "lens"):
+        mean = load_file(str(lens_dir / "train_mean.safetensors"))["mean"]
+        assert torch.equal(mean, train_set.mean_activation())
     # A finished warm start is reused as it is ...
     before = (warm / "lens" / "lens.safetensors").read_bytes()
     trainer.train(load_config(None, args), resume=True)
