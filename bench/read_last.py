@@ -3,7 +3,7 @@
 
 usage: .venv/bin/python bench/read_last.py LENS [LENS ...]
 (each LENS a saved lens directory of the same base model; the shipped lens is
-`consistency_lens/shipped/smollm2-135m-sotu-L20`). One model load for all lenses; nothing trained.
+`consistency_lens/shipped/smollm2-135m-sotu-pydoc-L20`). One model load for all lenses; nothing trained.
 """
 
 import sys

@@ -52,6 +52,7 @@ def evaluate_command(cfg: LensConfig, checkpoint: Path | None, output: Path | No
     if ceiling is not None:
         results["baselines"]["context_ceiling"]["trained"] = ceiling[1].get("trained")
     results["checkpoint"] = str(path)
+    results["corpus"] = cfg.corpus
     # Where the mean-ablation vector came from: the lens's own file, or a train split read here.
     results["mean_from"] = str(path / MEAN_FILE if mean_set is None else mean_set)
     results["lens_weights_sha256"] = read_json(path / CONFIG_FILE, "Lens config").get(

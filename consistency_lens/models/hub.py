@@ -103,17 +103,24 @@ def card_metadata(meta: dict, results: dict | None = None) -> str:
 
     config = meta.get("config", {})
     base, corpus = meta["base_model"], config.get("corpus", "")
-    from consistency_lens.models.embedded import ALIAS, HUB_ID
-
     # Only Hub ids: a local path means nothing on the Hub; the embedded alias is named by the
     # model its GGUF was quantized from.
+    from consistency_lens.data.corpus import corpus_parts
+    from consistency_lens.models.embedded import ALIAS, HUB_ID
+
     base_model = HUB_ID if base == ALIAS else base if is_repo_id(base) else None
-    datasets = [corpus] if is_repo_id(corpus) else None
-    name = f"consistency-lens-{Path(base.rstrip('/')).name}-L{meta['layer']}"
+    # A mixture's parts each, those that are Hub datasets.
+    datasets = [part for part in corpus_parts(corpus) if is_repo_id(part)] if corpus else []
     evals = None
     if results is not None:
-        # A local corpus is named by its file or folder name, not the path on the trainer's disk.
-        dataset = corpus if is_repo_id(corpus) else Path(corpus.rstrip("/")).name or "corpus"
+        # Named by the corpus evaluated on (results before it was recorded: the training one);
+        # a local corpus by its file or folder name, not the path on the trainer's disk.
+        evaluated = results.get("corpus", corpus)
+        dataset = (
+            evaluated if is_repo_id(evaluated) else Path(evaluated.rstrip("/")).name or "corpus"
+        )
+    name = f"consistency-lens-{Path(base.rstrip('/')).name}-L{meta['layer']}"
+    if results is not None:
         evals = [
             EvalResult(
                 task_type="activation-explanation",
@@ -130,7 +137,7 @@ def card_metadata(meta: dict, results: dict | None = None) -> str:
     data = ModelCardData(
         library_name="consistency-lens",
         base_model=base_model,
-        datasets=datasets,
+        datasets=datasets or None,
         tags=["consistency-lens", "interpretability", f"layer-{meta['layer']}"],
         model_name=name,
         eval_results=evals,

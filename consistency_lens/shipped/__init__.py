@@ -1,9 +1,9 @@
 """Lenses shipped inside the package, so that `explain` has a trained lens on first use, offline.
 
-Each is a saved lens directory (`lens.safetensors`, `lens_config.json`, its model card
-`README.md`, its `context_ceiling/`) trained with `config/gpu.yaml`'s recipe; BENCHMARKS.md
-records the run and its numbers, and `make demo` compares it with the demo's own lens on the same
-samples.
+Each is a saved lens directory (`lens.safetensors`, `lens_config.json`, its training mean
+`train_mean.safetensors`, its model card `README.md`, its `context_ceiling/`); BENCHMARKS.md
+records how it was trained and its numbers, and `make demo` compares it with the demo's own lens on
+the same samples.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 _HERE = Path(__file__).parent
 
-SHIPPED = {"smollm2-135m": "smollm2-135m-sotu-L20"}
+SHIPPED = {"smollm2-135m": "smollm2-135m-sotu-pydoc-L20"}
 """Base model alias -> directory (under this package) of the lens shipped for it."""
 
 

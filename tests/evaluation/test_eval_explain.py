@@ -129,6 +129,7 @@ def test_eval_on_another_corpus_dumps_its_val_split_and_leaves_the_lens_alone(
     out = run.train.run_dir / "eval_other"
     assert json.loads((out / "eval_results.json").read_text())["kl"] == results["kl"]
     assert results["split"].endswith("other_val")
+    assert results["corpus"] == str(other)  # what the card names as the evaluated dataset
     # A lens without a training mean of its own: the mean of its training corpus's train split.
     assert results["mean_from"] == str(split_of(run, "train"))
     # The dump it made is the val split alone, for the lens's model and layer.

@@ -24,7 +24,7 @@ from consistency_lens.models.lens import ConsistencyLens, card_text
 from consistency_lens.utils.io import sha256_file
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-SHIPPED = Path(__file__).parents[2] / "consistency_lens" / "shipped" / "smollm2-135m-sotu-L20"
+SHIPPED = Path(__file__).parents[2] / "consistency_lens" / "shipped" / "smollm2-135m-sotu-pydoc-L20"
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +125,15 @@ def test_a_lens_from_the_hub_obeys_the_folder_rules(saved, tmp_path, monkeypatch
 def test_the_card_carries_the_hub_metadata(saved):
     meta = json.loads((SHIPPED / "lens_config.json").read_text())
     results = json.loads((SHIPPED / "eval_results.json").read_text())
+    assert results["corpus"] == "sotu"  # evaluated on sotu, trained on the sotu+pydoc mixture
+    results["corpus"] = "org/sotu"
     hub_meta = {**meta, "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-    hub_meta["config"] = {**meta["config"], "corpus": "org/sotu"}
+    hub_meta["config"] = {**meta["config"], "corpus": "org/sotu+org/code"}
     card = ModelCard(card_text(hub_meta, "## Evaluation", results))
     data = card.data
     assert data.library_name == "consistency-lens"
     assert data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert data.datasets == ["org/sotu"]
+    assert data.datasets == ["org/sotu", "org/code"]  # each part of the training mixture
     assert data.tags == ["consistency-lens", "interpretability", "layer-20"]
     assert data.model_name == "consistency-lens-SmolLM2-135M-Instruct-L20"
     got = {

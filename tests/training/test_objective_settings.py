@@ -133,13 +133,12 @@ def test_grpo_owns_its_settings_and_saved_configs_still_read():
         "fluency_margin": None,
         **old_rl,
     }
-    # The lens shipped now reads back to the settings it saved (with `fluency_margin`, added
-    # after it, at its default, which changes nothing).
-    saved = json.loads((SHIPPED / "smollm2-135m-sotu-L20" / "lens_config.json").read_text())
-    assert dump_config(config_from_dict(saved["config"]))["train"]["rl"] == {
-        "fluency_margin": None,
-        **saved["config"]["train"]["rl"],
-    }
+    # The lens shipped now reads back to exactly the settings it saved.
+    saved = json.loads((SHIPPED / "smollm2-135m-sotu-pydoc-L20" / "lens_config.json").read_text())
+    assert (
+        dump_config(config_from_dict(saved["config"]))["train"]["rl"]
+        == saved["config"]["train"]["rl"]
+    )
 
 
 def test_a_run_reads_its_objectives_settings_and_may_change_them_on_resume(
