@@ -23,7 +23,6 @@ import torch
 
 import consistency_lens.data.dump as dump_mod
 from consistency_lens.config import config_from_dict
-from consistency_lens.data.corpus import tokenized_corpus
 from consistency_lens.data.dataset import ActivationDataset
 from consistency_lens.data.dump import _bos_id, dump_activations, plan_splits
 from consistency_lens.data.layout import split_dir
@@ -88,7 +87,7 @@ def main() -> None:
         "shard_size": 4096,
     }
     cfg = config_from_dict({**base, "output_dir": f"{work}/0"})
-    corpus = tokenized_corpus(cfg.corpus, loaded.tokenizer, cfg.cache_dir)  # warm the token cache
+    corpus = dump_mod._shared_corpus(cfg, loaded, 0, 1)  # each part, as the dump reads it
     plan = plan_splits(cfg, corpus, _bos_id(loaded.tokenizer))[0]["train"]
     batches = _batches(plan, cfg.batch_size, loaded.tokenizer.pad_token_id)
     block = loaded.parts.blocks[layer]
