@@ -16,7 +16,7 @@ EVAL_RESULTS_FILE = "eval_results.json"
 
 def lens_files() -> tuple[str, ...]:
     """The files of a lens folder, the only ones downloaded or uploaded (never code or pickles):
-    the lens, its training mean, its card and eval results, and the context ceiling kept beside it."""
+    the lens, its training mean, its card and eval results, and the context ceiling beside it."""
     from consistency_lens.models.ceiling import CEILING_CONFIG, CEILING_DIR, CEILING_WEIGHTS
     from consistency_lens.models.lens import CARD_FILE, CONFIG_FILE, MEAN_FILE, WEIGHTS_FILE
 
@@ -105,12 +105,11 @@ def card_metadata(meta: dict, results: dict | None = None) -> str:
     base, corpus = meta["base_model"], config.get("corpus", "")
     # Only Hub ids: a local path means nothing on the Hub; the embedded alias is named by the
     # model its GGUF was quantized from.
-    from consistency_lens.data.corpus import corpus_parts
     from consistency_lens.models.embedded import ALIAS, HUB_ID
 
     base_model = HUB_ID if base == ALIAS else base if is_repo_id(base) else None
-    # A mixture's parts each, those that are Hub datasets.
-    datasets = [part for part in corpus_parts(corpus) if is_repo_id(part)] if corpus else []
+    datasets = [corpus] if is_repo_id(corpus) else None
+    name = f"consistency-lens-{Path(base.rstrip('/')).name}-L{meta['layer']}"
     evals = None
     if results is not None:
         # Named by the corpus evaluated on (results before it was recorded: the training one);
@@ -119,8 +118,6 @@ def card_metadata(meta: dict, results: dict | None = None) -> str:
         dataset = (
             evaluated if is_repo_id(evaluated) else Path(evaluated.rstrip("/")).name or "corpus"
         )
-    name = f"consistency-lens-{Path(base.rstrip('/')).name}-L{meta['layer']}"
-    if results is not None:
         evals = [
             EvalResult(
                 task_type="activation-explanation",
@@ -137,7 +134,7 @@ def card_metadata(meta: dict, results: dict | None = None) -> str:
     data = ModelCardData(
         library_name="consistency-lens",
         base_model=base_model,
-        datasets=datasets or None,
+        datasets=datasets,
         tags=["consistency-lens", "interpretability", f"layer-{meta['layer']}"],
         model_name=name,
         eval_results=evals,

@@ -128,12 +128,12 @@ def test_the_card_carries_the_hub_metadata(saved):
     assert results["corpus"] == "sotu"  # evaluated on sotu, trained on the sotu+pydoc mixture
     results["corpus"] = "org/sotu"
     hub_meta = {**meta, "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-    hub_meta["config"] = {**meta["config"], "corpus": "org/sotu+org/code"}
+    hub_meta["config"] = {**meta["config"], "corpus": "org/train"}
     card = ModelCard(card_text(hub_meta, "## Evaluation", results))
     data = card.data
     assert data.library_name == "consistency-lens"
     assert data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert data.datasets == ["org/sotu", "org/code"]  # each part of the training mixture
+    assert data.datasets == ["org/train"]  # trained on; the eval results name org/sotu
     assert data.tags == ["consistency-lens", "interpretability", "layer-20"]
     assert data.model_name == "consistency-lens-SmolLM2-135M-Instruct-L20"
     got = {
