@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from consistency_lens.config import LensConfig
+from consistency_lens.config import LensConfig, config_from_dict
 
 
 def _stage(name: str) -> float:
@@ -17,6 +17,7 @@ def _comparable_shipped_lens(cfg: LensConfig) -> Path | None:
     """The lens shipped for `cfg.model` when it reads the demo's layer and was trained on the
     demo's corpus (alone or in a mixture) without its validation samples, else None."""
     from consistency_lens.data.corpus import corpus_parts
+    from consistency_lens.data.dump import may_train_on_val
     from consistency_lens.models.lens import CONFIG_FILE
     from consistency_lens.shipped import shipped_lens
     from consistency_lens.utils.io import read_json
@@ -35,13 +36,8 @@ def _comparable_shipped_lens(cfg: LensConfig) -> Path | None:
         why = f"it was trained on {corpus!r}"
     elif corpus != cfg.corpus and not meta.get("train_mean_sha256"):
         why = f"its mean baseline would need its own training dump of {corpus!r}"
-    elif (
-        any(trained.get(key) != getattr(cfg, key) for key in ("seed", "seq_len", "p_min"))
-        or trained.get("val_samples", 0) < cfg.val_samples
-    ):
-        # A dump holds out the first val_samples of each corpus's seeded order: only the same
-        # order and at least as many held out keep the demo's val samples out of its training.
-        why = "its training split may hold the demo's validation samples"
+    elif leak := may_train_on_val(config_from_dict(trained), cfg):
+        why = f"its training split may hold the demo's validation samples ({leak})"
     if why is not None:
         print(f"Not comparing with the shipped lens '{path}': {why}.")
         return None

@@ -175,6 +175,32 @@ def _choose(
     return windows, picked
 
 
+def _capped(part: str) -> bool:
+    """Whether a part is read only up to a cap set by num_samples + val_samples (`pydoc`, a Hub
+    dataset) rather than whole (`sotu`, local files): its sequences then depend on that cap."""
+    return not (part == SOTU or Path(part).exists())
+
+
+def may_train_on_val(trained: LensConfig, cfg: LensConfig) -> str | None:
+    """Why a dump made with the config `trained` (a lens's) may hold in its train split val
+    samples that `cfg` reads, or None when `_choose` keeps them out."""
+    shared = [p for p in corpus_parts(cfg.corpus) if p in corpus_parts(trained.corpus)]
+    if not shared:
+        return None
+    keys = ["model", "seed", "seq_len", "p_min"]
+    if any(_capped(p) for p in shared):
+        keys += ["num_samples", "val_samples", "corpus_split", "text_column"]
+    differ = [key for key in keys if getattr(trained, key) != getattr(cfg, key)]
+    if differ:
+        return f"it trained on {MIX_SEP.join(shared)} with another {', '.join(differ)}"
+    if trained.val_samples < cfg.val_samples:
+        return (
+            f"it held out {trained.val_samples} val samples of {MIX_SEP.join(shared)}, "
+            f"fewer than the {cfg.val_samples} read here"
+        )
+    return None
+
+
 def plan_digest(plan: SplitPlan) -> str:
     """sha256 of a split's sequences, positions and corpus indices: the samples it decides."""
     digest = hashlib.sha256()
@@ -531,8 +557,7 @@ def _shared_corpus(
     def build() -> list[TokenizedCorpus]:
         corpora = []
         for part in corpus_parts(cfg.corpus):
-            local = part == SOTU or Path(part).exists()
-            cap = None if local else 2 * (cfg.num_samples + cfg.val_samples) * cfg.seq_len
+            cap = 2 * (cfg.num_samples + cfg.val_samples) * cfg.seq_len if _capped(part) else None
             corpora.append(
                 tokenized_corpus(
                     part,

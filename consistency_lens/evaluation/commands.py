@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from consistency_lens.config import LensConfig
+from consistency_lens.data.dump import may_train_on_val
 from consistency_lens.errors import LensError
 from consistency_lens.evaluation.card import model_card, verdict_line
 from consistency_lens.evaluation.faithfulness import evaluate
@@ -45,6 +46,10 @@ def evaluate_command(cfg: LensConfig, checkpoint: Path | None, output: Path | No
     lens, path = load_lens(cfg, checkpoint)
     out_dir = Path(output) if output is not None else default_output(cfg, lens)
     refuse_lens_dir(out_dir, path, "Eval output")
+    # Said before the numbers, since a lens read on samples it trained on looks better than it is.
+    leak = may_train_on_val(lens.cfg, cfg)
+    if leak:
+        print(f"Warning: the lens may have trained on some of these val samples: {leak}.")
     dataset = open_split(cfg, lens, "val", seed=cfg.seed, dump_missing=True)
     mean, mean_set = lens_mean(cfg, lens)
     ceiling = load_ceiling(lens, path)
@@ -58,6 +63,7 @@ def evaluate_command(cfg: LensConfig, checkpoint: Path | None, output: Path | No
     results["lens_weights_sha256"] = read_json(path / CONFIG_FILE, "Lens config").get(
         "weights_sha256"
     )
+    results["val_leak"] = leak
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "eval_results.json", results)
     records = qualitative_samples(lens, dataset, cfg)

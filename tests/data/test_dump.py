@@ -446,3 +446,67 @@ def test_corpus_parts_and_slugs():
     for bad in ("sotu++pydoc", "sotu+", "sotu+sotu"):
         with pytest.raises(LensError, match="empty or repeated part"):
             corpus_parts(bad)
+
+
+def test_may_train_on_val_is_none_exactly_where_no_trained_sequence_is_read_as_val(
+    tmp_path, tiny_llama_dir, corpus_dir
+):
+    """`may_train_on_val` clears a lens's training dump only when none of its train sequences is
+    in the val split an eval reads, and names why for dumps that do hold some."""
+    from consistency_lens.data.corpus import tokenized_corpus
+    from consistency_lens.data.dump import may_train_on_val, plan_splits
+
+    other = tmp_path / "other"
+    other.mkdir()
+    for i in range(10):
+        (other / f"doc_{i:02d}.txt").write_text(make_text(700 + i, 120))
+    loaded = load_model(str(tiny_llama_dir), device="cpu", dtype="float32")
+    corpora = {
+        p: tokenized_corpus(p, loaded.tokenizer, tmp_path / "c")
+        for p in map(str, (corpus_dir, other))
+    }
+
+    def seqs(cfg, split: str) -> set[bytes]:
+        from consistency_lens.data.corpus import corpus_parts
+
+        parts = [corpora[p] for p in corpus_parts(cfg.corpus)]
+        plan = plan_splits(cfg, parts if len(parts) > 1 else parts[0], None)[0][split]
+        return {s.astype(np.int64).tobytes() for s in plan.sequences}
+
+    mix = f"{corpus_dir}+{other}"
+    trained = _cfg(tmp_path, tiny_llama_dir, mix, num_samples=21)
+    cases = {
+        "alone, same order": _cfg(tmp_path, tiny_llama_dir, str(corpus_dir), num_samples=5),
+        "mixture itself": trained,
+        "fewer val": _cfg(tmp_path, tiny_llama_dir, str(other), val_samples=4),
+        "more val": _cfg(tmp_path, tiny_llama_dir, str(other), val_samples=12),
+        "another seed": _cfg(tmp_path, tiny_llama_dir, str(corpus_dir), seed=4),
+    }
+    verdicts = {name: may_train_on_val(trained, cfg) for name, cfg in cases.items()}
+    overlaps = {
+        name: bool(seqs(trained, "train") & seqs(cfg, "val")) for name, cfg in cases.items()
+    }
+    assert {name: v is None for name, v in verdicts.items()} == {
+        "alone, same order": True,
+        "mixture itself": True,
+        "fewer val": True,
+        "more val": False,
+        "another seed": False,
+    }
+    # Where it warns, the val split read does hold trained sequences; where not, none.
+    assert overlaps == {name: v is not None for name, v in verdicts.items()}
+    assert (
+        verdicts["more val"] == f"it held out 8 val samples of {other}, fewer than the 12 read here"
+    )
+    assert verdicts["another seed"] == f"it trained on {corpus_dir} with another seed"
+    # A corpus the lens never trained on cannot leak; a capped part (`pydoc`, a Hub dataset) is
+    # cut by num_samples + val_samples, so another num_samples can leak there and not locally.
+    unseen = tmp_path / "unseen"
+    assert may_train_on_val(trained, _cfg(tmp_path, tiny_llama_dir, str(unseen), seed=9)) is None
+    hub = config_from_dict(
+        tiny_dump_config(tmp_path, tiny_llama_dir, "pydoc", num_samples=40, seed=3)
+    )
+    assert may_train_on_val(hub, hub.model_copy(update={"num_samples": 41})) == (
+        "it trained on pydoc with another num_samples"
+    )
+    assert may_train_on_val(trained, trained.model_copy(update={"num_samples": 41})) is None

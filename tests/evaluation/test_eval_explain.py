@@ -130,12 +130,26 @@ def test_eval_on_another_corpus_dumps_its_val_split_and_leaves_the_lens_alone(
     assert json.loads((out / "eval_results.json").read_text())["kl"] == results["kl"]
     assert results["split"].endswith("other_val")
     assert results["corpus"] == str(other)  # what the card names as the evaluated dataset
+    assert results["val_leak"] is None  # a corpus the lens never trained on
     # A lens without a training mean of its own: the mean of its training corpus's train split.
     assert results["mean_from"] == str(split_of(run, "train"))
     # The dump it made is the val split alone, for the lens's model and layer.
     split = results["split"]
     assert json.loads((Path(split) / "metadata.json").read_text())["count"] == run.val_samples
     assert not (Path(split).parent / "other_train").exists()
+
+
+def test_eval_says_when_the_lens_may_have_trained_on_its_val_samples(run, tmp_path, capsys):
+    """Its own corpus in another seeded order: the val samples read may be training samples."""
+    assert evaluate_command(run, None, tmp_path / "own")["val_leak"] is None
+    capsys.readouterr()
+    other_order = run.model_copy(update={"seed": run.seed + 1, "output_dir": tmp_path / "dumps"})
+    results = evaluate_command(other_order, run.train.run_dir / "lens", tmp_path / "out")
+    why = f"it trained on {run.corpus} with another seed"
+    assert results["val_leak"] == why
+    assert f"Warning: the lens may have trained on some of these val samples: {why}." in (
+        capsys.readouterr().out
+    )
 
 
 def test_a_lens_carrying_its_training_mean_needs_no_training_dump(run, tmp_path):

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Builds the held-out genres the lens evals of BENCHMARKS.md read, from files a Debian machine with
+# Node.js has, so that every session measures on the same texts:
+#   data/corpus_licenses: ten licences of /usr/share/common-licenses (legal prose)
+#   data/corpus_js:       the .js files of npm's own source (code with comments)
+# The vim manual is read in place (corpus=/usr/share/vim/vim90/doc holds .txt files already).
+# Usage: bash bench/heldout_corpora.sh [DATA_DIR]   (default data)
+set -euo pipefail
+out="${1:-data}"
+licences=(Apache-2.0 Artistic BSD CC0-1.0 GFDL-1.3 GPL-2 GPL-3 LGPL-2.1 LGPL-3 MPL-2.0)
+npm=/usr/lib/node_modules/npm
+
+for f in "${licences[@]}"; do
+  [ -f "/usr/share/common-licenses/$f" ] || { echo "missing /usr/share/common-licenses/$f" >&2; exit 2; }
+done
+[ -d "$npm" ] || { echo "missing $npm: install Debian's npm (or Node.js with npm) first" >&2; exit 2; }
+
+# Built in a temporary folder and moved into place, so an interrupted run leaves nothing half-written.
+build() {
+  local name=$1 tmp
+  tmp=$(mktemp -d "$out/.$name.XXXXXX")
+  "$2" "$tmp"
+  rm -rf "${out:?}/$name"
+  mv "$tmp" "$out/$name"
+  echo "$out/$name: $(find "$out/$name" -type f | wc -l) files, $(cat "$out/$name"/* | wc -w) words"
+}
+licences_into() { for f in "${licences[@]}"; do cp "/usr/share/common-licenses/$f" "$1/$f.txt"; done; }
+# One .txt per .js file, named by its path under npm's folder ("/" read as "__"), in C-locale order.
+js_into() {
+  (cd "$npm" && LC_ALL=C find . -name '*.js' -type f | LC_ALL=C sort) | while read -r rel; do
+    rel=${rel#./}
+    cp "$npm/$rel" "$1/${rel//\//__}.txt"
+  done
+}
+
+mkdir -p "$out"
+build corpus_licenses licences_into
+build corpus_js js_into
