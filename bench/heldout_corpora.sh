@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Builds the held-out genres the lens evals of BENCHMARKS.md read, from files a Debian machine with
-# Node.js has, so that every session measures on the same texts:
-#   data/corpus_licenses: ten licences of /usr/share/common-licenses (legal prose)
-#   data/corpus_js:       the .js files of npm's own source (code with comments)
+# Builds the text corpora the lens experiments of BENCHMARKS.md read, from files a Debian machine
+# with Node.js has, so that every session measures on the same texts:
+#   data/corpus_licenses: ten licences of /usr/share/common-licenses (legal prose; held out)
+#   data/corpus_js:       the .js files of npm's own source (code with comments; held out)
+#   data/corpus_pysrc:    the Python standard library's own source, tests left out (code with
+#                         docstrings; a training genre, never an eval's held-out one)
 # The vim manual is read in place (corpus=/usr/share/vim/vim90/doc holds .txt files already).
 # Usage: bash bench/heldout_corpora.sh [DATA_DIR]   (default data)
 set -euo pipefail
@@ -32,7 +34,21 @@ js_into() {
     cp "$npm/$rel" "$1/${rel//\//__}.txt"
   done
 }
+# The standard library of the Python that runs this script (the one `corpus=pydoc` reads), each
+# .py file outside test folders as one .txt, named by its path ("/" read as "__").
+pysrc_into() {
+  local root
+  root=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+  (cd "$root" && LC_ALL=C find . -name '*.py' -type f \
+    -not -path '*/test/*' -not -path '*/tests/*' -not -path '*/idle_test/*' \
+    -not -path '*/site-packages/*' -not -path '*/dist-packages/*' | LC_ALL=C sort) |
+    while read -r rel; do
+      rel=${rel#./}
+      cp "$root/$rel" "$1/${rel//\//__}.txt"
+    done
+}
 
 mkdir -p "$out"
 build corpus_licenses licences_into
 build corpus_js js_into
+build corpus_pysrc pysrc_into

@@ -209,6 +209,36 @@ class Card:
 
 
 @dataclass
+class Compare:
+    """Compare two lenses' eval results on the same samples, paired: B − A with bootstrap CIs."""
+
+    first: Path
+    second: Path
+    bootstrap: int | None = None
+    output: Path | None = None
+
+    @staticmethod
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        """Add this command's arguments to its subparser."""
+        parser.add_argument("first", type=Path, help="eval_results.json of lens A")
+        parser.add_argument("second", type=Path, help="eval_results.json of lens B (same samples)")
+        parser.add_argument(
+            "--bootstrap", type=int, default=None, help="resamples (default: A's eval's)"
+        )
+        parser.add_argument("--output", type=Path, default=None, help="also write it as JSON here")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, argv: list[str]) -> Compare:
+        """The command for parsed `args` (`argv` is the whole command line)."""
+        return cls(args.first, args.second, args.bootstrap, args.output)
+
+    def execute(self) -> None:
+        from consistency_lens.evaluation.compare import compare_command
+
+        compare_command(self.first, self.second, self.bootstrap, self.output)
+
+
+@dataclass
 class Push:
     """Upload a saved lens folder (its lens files only) to a Hugging Face Hub repo."""
 
@@ -419,6 +449,7 @@ COMMANDS = {
     "serve": Serve,
     "demo": Demo,
     "card": Card,
+    "compare": Compare,
     "push": Push,
     "cast": Cast,
 }

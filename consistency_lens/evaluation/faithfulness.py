@@ -104,6 +104,23 @@ def evaluate(
             "distinct_1": metrics.distinct_n(ids.tolist(), 1),
             "distinct_2": metrics.distinct_n(ids.tolist(), 2),
         },
+        "per_sample": _per_sample(indices, patched.kl["lens"], A, A_hat, patched.nll),
+    }
+
+
+def _per_sample(
+    indices: list[int], kl: torch.Tensor, A: torch.Tensor, A_hat: torch.Tensor, nll: torch.Tensor
+) -> dict:
+    """Each sample's own figures, so two lenses' results on the same samples compare paired
+    (`evaluation.compare`): KL at P, ‖A − Â‖², ‖A − mean(A)‖² (FVE = 1 − Σ first / Σ second)
+    and the explanation's mean NLL per token under M."""
+    A = A.float()
+    return {
+        "index": [int(i) for i in indices],
+        "kl": kl.float().tolist(),
+        "sq_err": ((A - A_hat.float()) ** 2).sum(-1).tolist(),
+        "sq_dev": ((A - A.mean(0, keepdim=True)) ** 2).sum(-1).tolist(),
+        "nll": nll.float().tolist(),
     }
 
 

@@ -333,3 +333,48 @@ def print_comparison(named: dict[str, dict]) -> None:
     for row in rows:
         table.add_row(*(fmt(c, 3) if not isinstance(c, str) else c for c in row))
     Console().print(table)
+
+
+# The paired measures of `evaluation.compare`, in the order printed: label, key, better when.
+PAIRED = (
+    ("KL at P", "kl", "lower"),
+    ("FVE", "fve", "higher"),
+    ("explanation NLL per token under M", "nll", "lower"),
+)
+
+
+def paired_rows(result: dict) -> tuple[list[str], list[list[Any]]]:
+    """Headers and rows of a paired comparison (`compare_results`): A, B, B − A and its CI."""
+    headers = ["measure", "A", "B", "B − A", "95% CI (paired)", "better"]
+    rows = [
+        [
+            label,
+            result[key]["a"],
+            result[key]["b"],
+            result[key]["difference"],
+            ci_text(result[key]["ci"]),
+            better,
+        ]
+        for label, key, better in PAIRED
+    ]
+    return headers, rows
+
+
+def print_paired(result: dict) -> None:
+    """Print a paired comparison of two lenses' eval results with `rich`."""
+    from rich.console import Console
+    from rich.table import Table
+
+    headers, rows = paired_rows(result)
+    a, b = result["names"]
+    table = Table(
+        title=f"Paired on the same {result['num_samples']} samples: A = {a}, B = {b}",
+        title_justify="left",
+        caption=f"B's KL lower on {fmt(100 * result['kl']['b_lower'], 1)}% of samples.",
+        caption_justify="left",
+    )
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*(c if isinstance(c, str) else fmt(c, 4) for c in row))
+    Console().print(table)

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import dumped_eval_config, make_text, split_of
 
@@ -14,6 +15,7 @@ from consistency_lens.cli import main
 from consistency_lens.data.dataset import ActivationDataset
 from consistency_lens.errors import LensError
 from consistency_lens.evaluation.commands import card_command, evaluate_command
+from consistency_lens.evaluation.compare import compare_results
 from consistency_lens.evaluation.explain import explain_command
 from consistency_lens.evaluation.report import write_report
 from consistency_lens.models.lens import MEAN_FILE, ConsistencyLens
@@ -71,6 +73,15 @@ def test_eval_writes_results_and_samples_but_never_the_lens_dir(run):
     assert -1 <= results["cosine"]["mean"] <= 1
     assert set(saved["constant_mean"]) == {"mse", "nmse", "fve", "cosine"}
     assert set(saved["specificity"]["buckets"]) == {"context", "next_tokens", "top5", "any"}
+    # The per-sample figures `compare` pairs on give back the aggregates.
+    rows = saved["per_sample"]
+    assert len(rows["index"]) == 20 and len(set(rows["index"])) == 20
+    assert np.mean(rows["kl"]) == pytest.approx(saved["kl"]["mean"], rel=1e-5)
+    fve = 1 - np.sum(rows["sq_err"]) / np.sum(rows["sq_dev"])
+    assert fve == pytest.approx(saved["fve"]["mean"], abs=1e-5)
+    assert np.exp(np.mean(rows["nll"])) == pytest.approx(saved["perplexity"], rel=1e-5)
+    itself = compare_results(saved, saved, resamples=50)
+    assert itself["kl"]["difference"] == 0.0 and itself["fve"]["ci"] == [0.0, 0.0]
     samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 3 and all(len(s["sampled"]) == 2 for s in samples)
     assert "p-token" in (run_dir / "samples.html").read_text()

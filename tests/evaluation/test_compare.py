@@ -1,0 +1,108 @@
+"""`compare`: paired differences of two lenses' eval results, against hand computations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from consistency_lens.cli import main
+from consistency_lens.errors import LensError
+from consistency_lens.evaluation import metrics
+from consistency_lens.evaluation.compare import compare_results
+
+
+def _results(kl, sq_err, sq_dev, nll, index=None) -> dict:
+    n = len(kl)
+    return {
+        "bootstrap": 200,
+        "per_sample": {
+            "index": list(range(n)) if index is None else index,
+            "kl": list(map(float, kl)),
+            "sq_err": list(map(float, sq_err)),
+            "sq_dev": list(map(float, sq_dev)),
+            "nll": list(map(float, nll)),
+        },
+    }
+
+
+def _pair(n: int = 64):
+    """Lens B a little better than A on every sample, on samples of very unequal difficulty."""
+    rng = np.random.default_rng(0)
+    hard = rng.gamma(1.0, 2.0, n)  # what both lenses share: which samples are hard
+    dev = rng.uniform(5.0, 9.0, n)
+    a = _results(hard + 0.05, 0.5 * dev, dev, rng.uniform(3, 5, n))
+    b = _results(hard - 0.05 + rng.normal(0, 0.02, n), 0.4 * dev, dev, rng.uniform(3, 5, n))
+    return a, b
+
+
+def test_differences_are_the_hand_computed_paired_ones():
+    a, b = _pair()
+    out = compare_results(a, b, resamples=500)
+    pa, pb = a["per_sample"], b["per_sample"]
+    kl = np.array(pb["kl"]) - np.array(pa["kl"])
+    assert out["num_samples"] == 64
+    assert out["kl"]["difference"] == pytest.approx(kl.mean(), abs=1e-12)
+    assert out["kl"]["b_lower"] == pytest.approx((kl < 0).mean(), abs=1e-12)
+    # FVE = 1 - sum ||A - Â||² / sum ||A - mean||²: 0.5 and 0.6 by construction.
+    assert out["fve"]["a"] == pytest.approx(0.5, abs=1e-12)
+    assert out["fve"]["b"] == pytest.approx(0.6, abs=1e-12)
+    assert out["fve"]["difference"] == pytest.approx(0.1, abs=1e-12)
+    nll = np.array(pb["nll"]) - np.array(pa["nll"])
+    assert out["nll"]["difference"] == pytest.approx(nll.mean(), abs=1e-12)
+    for key in ("kl", "fve", "nll"):
+        lo, hi = out[key]["ci"]
+        assert lo <= out[key]["difference"] <= hi
+    # The FVE gain is the same ratio on every resample here (errors proportional to dev).
+    assert out["fve"]["ci"] == pytest.approx([0.1, 0.1], abs=1e-9)
+
+
+def test_pairing_sees_a_difference_the_separate_cis_cannot():
+    """Each lens's own KL CI overlaps the other's (samples differ a lot in difficulty), but the
+    sample-by-sample differences put B's advantage clearly above 0."""
+    import torch
+
+    a, b = _pair()
+    out = compare_results(a, b, resamples=500)
+    ci_a = metrics.mean_ci(torch.tensor(a["per_sample"]["kl"]), 500, 0)
+    ci_b = metrics.mean_ci(torch.tensor(b["per_sample"]["kl"]), 500, 0)
+    assert ci_b[1] > ci_a[0]  # separate CIs overlap
+    assert out["kl"]["ci"][1] < 0  # paired: B lower, CI below 0
+    assert out["kl"]["ci"][1] - out["kl"]["ci"][0] < 0.1 * (ci_a[1] - ci_a[0])
+
+
+def test_a_lens_against_itself_differs_by_nothing():
+    a, _ = _pair()
+    out = compare_results(a, a, resamples=100)
+    for key in ("kl", "fve", "nll"):
+        assert out[key]["difference"] == 0.0 and out[key]["ci"] == [0.0, 0.0]
+    assert out["kl"]["b_lower"] == 0.0
+
+
+def test_results_of_other_samples_or_without_figures_are_refused(tmp_path, capsys):
+    a, b = _pair()
+    shifted = json.loads(json.dumps(b))
+    shifted["per_sample"]["index"] = [i + 1 for i in shifted["per_sample"]["index"]]
+    with pytest.raises(LensError, match="were computed on different samples"):
+        compare_results(a, shifted)
+    other = json.loads(json.dumps(b))
+    other["per_sample"]["sq_dev"][3] *= 1.5  # another activation at the same index
+    with pytest.raises(LensError, match="were computed on different samples"):
+        compare_results(a, other)
+    with pytest.raises(LensError, match="hold no per-sample figures"):
+        compare_results({"kl": {"mean": 1.0}}, b)
+    # Through the command line: one sentence, exit status 2, nothing written.
+    paths = []
+    for name, results in (("a", a), ("b", shifted)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(results))
+    with pytest.raises(SystemExit) as stop:
+        main(["compare", *map(str, paths), "--output", str(tmp_path / "out.json")])
+    assert stop.value.code == 2
+    assert not (tmp_path / "out.json").exists()
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    main(["compare", *map(str, paths), "--output", str(tmp_path / "out.json")])
+    written = json.loads((tmp_path / "out.json").read_text())
+    assert written["kl"]["difference"] == compare_results(a, b, resamples=200)["kl"]["difference"]
+    assert "Paired on the same 64 samples" in capsys.readouterr().out
