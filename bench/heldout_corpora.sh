@@ -18,12 +18,15 @@ done
 [ -d "$npm" ] || { echo "missing $npm: install Debian's npm (or Node.js with npm) first" >&2; exit 2; }
 
 # Built in a temporary folder and moved into place, so an interrupted run leaves nothing half-written.
+tmp=""
+trap '[ -n "$tmp" ] && rm -rf "$tmp"' EXIT
 build() {
-  local name=$1 tmp
+  local name=$1
   tmp=$(mktemp -d "$out/.$name.XXXXXX")
   "$2" "$tmp"
   rm -rf "${out:?}/$name"
   mv "$tmp" "$out/$name"
+  tmp=""
   echo "$out/$name: $(find "$out/$name" -type f | wc -l) files, $(cat "$out/$name"/* | wc -w) words"
 }
 licences_into() { for f in "${licences[@]}"; do cp "/usr/share/common-licenses/$f" "$1/$f.txt"; done; }
@@ -34,11 +37,11 @@ js_into() {
     cp "$npm/$rel" "$1/${rel//\//__}.txt"
   done
 }
-# The standard library of the Python that runs this script (the one `corpus=pydoc` reads), each
-# .py file outside test folders as one .txt, named by its path ("/" read as "__").
+# The standard library of $PYTHON (default .venv/bin/python, whose stdlib `corpus=pydoc` reads),
+# each .py file outside test folders as one .txt, named by its path ("/" read as "__").
 pysrc_into() {
   local root
-  root=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+  root=$("${PYTHON:-.venv/bin/python}" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
   (cd "$root" && LC_ALL=C find . -name '*.py' -type f \
     -not -path '*/test/*' -not -path '*/tests/*' -not -path '*/idle_test/*' \
     -not -path '*/site-packages/*' -not -path '*/dist-packages/*' | LC_ALL=C sort) |

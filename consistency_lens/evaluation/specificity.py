@@ -49,6 +49,7 @@ def specificity(
 
     A rate is (explanation words found in the bucket) / (explanation words), pooled over samples;
     `perm[i]` is the sample whose buckets explanation i is compared with under the derangement.
+    `per_sample` holds each sample's word count and hits, so two lenses compare paired.
     """
     n = len(explanations)
     count = torch.tensor([len(e) for e in explanations], dtype=torch.float64)
@@ -59,6 +60,7 @@ def specificity(
         "content_words": int(total),
         "content_free_fraction": float((count == 0).double().mean()) if n else float("nan"),
         "buckets": {},
+        "per_sample": {"words": count.int().tolist(), "own": {}, "deranged": {}},
     }
     if total == 0:
         out["unavailable"] = "no explanation has a content word (e.g. only punctuation)"
@@ -66,9 +68,12 @@ def specificity(
         out["unavailable"] = "the derangement needs at least 2 evaluated samples"
     for name in BUCKETS:
         own = _hits(explanations, refs[name], range(n))
+        out["per_sample"]["own"][name] = own.int().tolist()
         row = {"own": float(own.sum()) / total if total else float("nan")}
-        if perm is not None and total:
+        if perm is not None:
             other = _hits(explanations, refs[name], perm)
+            out["per_sample"]["deranged"][name] = other.int().tolist()
+        if perm is not None and total:
             row["deranged"] = float(other.sum()) / total
             row["difference"] = row["own"] - row["deranged"]
             row["difference_ci"] = list(

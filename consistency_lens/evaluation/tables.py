@@ -339,6 +339,7 @@ def print_comparison(named: dict[str, dict]) -> None:
 PAIRED = (
     ("KL at P", "kl", "lower"),
     ("FVE", "fve", "higher"),
+    ("M's top-5 in the text, own − deranged", "top5", "higher"),
     ("explanation NLL per token under M", "nll", "lower"),
 )
 

@@ -507,6 +507,8 @@ def test_may_train_on_val_is_none_exactly_where_no_trained_sequence_is_read_as_v
         tiny_dump_config(tmp_path, tiny_llama_dir, "pydoc", num_samples=40, seed=3)
     )
     assert may_train_on_val(hub, hub.model_copy(update={"num_samples": 41})) == (
-        "it trained on pydoc with another num_samples"
+        "it trained on pydoc cut at another length (num_samples + val_samples)"
     )
+    # Another split of a Hub dataset is other text.
+    assert may_train_on_val(hub, hub.model_copy(update={"corpus_split": "validation"})) is None
     assert may_train_on_val(trained, trained.model_copy(update={"num_samples": 41})) is None

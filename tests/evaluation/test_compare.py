@@ -13,16 +13,19 @@ from consistency_lens.evaluation import metrics
 from consistency_lens.evaluation.compare import compare_results
 
 
-def _results(kl, sq_err, sq_dev, nll, index=None) -> dict:
+def _results(kl, sq_err, sq_dev, nll, words, own, deranged) -> dict:
     n = len(kl)
     return {
         "bootstrap": 200,
         "per_sample": {
-            "index": list(range(n)) if index is None else index,
+            "index": list(range(n)),
             "kl": list(map(float, kl)),
             "sq_err": list(map(float, sq_err)),
             "sq_dev": list(map(float, sq_dev)),
             "nll": list(map(float, nll)),
+            "words": list(map(int, words)),
+            "own": {"top5": list(map(int, own)), "context": [0] * n},
+            "deranged": {"top5": list(map(int, deranged)), "context": [0] * n},
         },
     }
 
@@ -32,8 +35,19 @@ def _pair(n: int = 64):
     rng = np.random.default_rng(0)
     hard = rng.gamma(1.0, 2.0, n)  # what both lenses share: which samples are hard
     dev = rng.uniform(5.0, 9.0, n)
-    a = _results(hard + 0.05, 0.5 * dev, dev, rng.uniform(3, 5, n))
-    b = _results(hard - 0.05 + rng.normal(0, 0.02, n), 0.4 * dev, dev, rng.uniform(3, 5, n))
+    words_a, words_b = rng.integers(0, 4, n), rng.integers(1, 4, n)
+    a = _results(
+        hard + 0.05, 0.5 * dev, dev, rng.uniform(3, 5, n), words_a, words_a // 2, words_a // 3
+    )
+    b = _results(
+        hard - 0.05 + rng.normal(0, 0.02, n),
+        0.4 * dev,
+        dev,
+        rng.uniform(3, 5, n),
+        words_b,
+        words_b // 2 + 1,
+        np.zeros(n),
+    )
     return a, b
 
 
@@ -51,7 +65,16 @@ def test_differences_are_the_hand_computed_paired_ones():
     assert out["fve"]["difference"] == pytest.approx(0.1, abs=1e-12)
     nll = np.array(pb["nll"]) - np.array(pa["nll"])
     assert out["nll"]["difference"] == pytest.approx(nll.mean(), abs=1e-12)
-    for key in ("kl", "fve", "nll"):
+
+    # The top-5 bucket as eval pools it: (sum own hits - sum deranged hits) / sum words.
+    def pooled(p: dict) -> float:
+        own, der = np.sum(p["own"]["top5"]), np.sum(p["deranged"]["top5"])
+        return (own - der) / np.sum(p["words"])
+
+    assert out["top5"]["a"] == pytest.approx(pooled(pa), abs=1e-12)
+    assert out["top5"]["b"] == pytest.approx(pooled(pb), abs=1e-12)
+    assert out["top5"]["difference"] == pytest.approx(pooled(pb) - pooled(pa), abs=1e-12)
+    for key in ("kl", "fve", "top5", "nll"):
         lo, hi = out[key]["ci"]
         assert lo <= out[key]["difference"] <= hi
     # The FVE gain is the same ratio on every resample here (errors proportional to dev).
@@ -75,7 +98,7 @@ def test_pairing_sees_a_difference_the_separate_cis_cannot():
 def test_a_lens_against_itself_differs_by_nothing():
     a, _ = _pair()
     out = compare_results(a, a, resamples=100)
-    for key in ("kl", "fve", "nll"):
+    for key in ("kl", "fve", "top5", "nll"):
         assert out[key]["difference"] == 0.0 and out[key]["ci"] == [0.0, 0.0]
     assert out["kl"]["b_lower"] == 0.0
 
@@ -101,6 +124,9 @@ def test_results_of_other_samples_or_without_figures_are_refused(tmp_path, capsy
         main(["compare", *map(str, paths), "--output", str(tmp_path / "out.json")])
     assert stop.value.code == 2
     assert not (tmp_path / "out.json").exists()
+    with pytest.raises(SystemExit) as stop:
+        main(["compare", *map(str, paths), "--bootstrap", "0"])
+    assert stop.value.code == 2
     (tmp_path / "b.json").write_text(json.dumps(b))
     main(["compare", *map(str, paths), "--output", str(tmp_path / "out.json")])
     written = json.loads((tmp_path / "out.json").read_text())

@@ -80,6 +80,11 @@ def test_eval_writes_results_and_samples_but_never_the_lens_dir(run):
     fve = 1 - np.sum(rows["sq_err"]) / np.sum(rows["sq_dev"])
     assert fve == pytest.approx(saved["fve"]["mean"], abs=1e-5)
     assert np.exp(np.mean(rows["nll"])) == pytest.approx(saved["perplexity"], rel=1e-5)
+    # (Hits per bucket: tests/evaluation/test_faithfulness.py; this lens writes no content word.)
+    spec = saved["specificity"]
+    assert len(rows["words"]) == 20 and sum(rows["words"]) == spec["content_words"]
+    assert set(rows["own"]) == set(rows["deranged"]) == set(spec["buckets"])
+    assert "per_sample" not in spec
     itself = compare_results(saved, saved, resamples=50)
     assert itself["kl"]["difference"] == 0.0 and itself["fve"]["ci"] == [0.0, 0.0]
     samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
@@ -151,8 +156,11 @@ def test_eval_on_another_corpus_dumps_its_val_split_and_leaves_the_lens_alone(
 
 
 def test_eval_says_when_the_lens_may_have_trained_on_its_val_samples(run, tmp_path, capsys):
-    """Its own corpus in another seeded order: the val samples read may be training samples."""
+    """Its own corpus in another seeded order: the val samples read may be training samples.
+    The check reads the config that dumped the split read, not the one eval was given."""
     assert evaluate_command(run, None, tmp_path / "own")["val_leak"] is None
+    reseeded = run.model_copy(update={"seed": run.seed + 1})  # the lens's own val split, reused
+    assert evaluate_command(reseeded, None, tmp_path / "reused")["val_leak"] is None
     capsys.readouterr()
     other_order = run.model_copy(update={"seed": run.seed + 1, "output_dir": tmp_path / "dumps"})
     results = evaluate_command(other_order, run.train.run_dir / "lens", tmp_path / "out")

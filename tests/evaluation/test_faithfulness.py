@@ -77,6 +77,12 @@ def test_specificity_copying_explanations_beat_their_derangement():
     assert (ctx["own"], ctx["deranged"], ctx["difference"]) == (1.0, 0.0, 1.0)
     assert ctx["difference_ci"] == [1.0, 1.0] and anyb["own"] == 1.0
     assert out["buckets"]["next_tokens"]["own"] == 0.0 and out["content_words"] == 10
+    # Each sample's counts, which `compare` pairs on: every copy hits its own context, and
+    # under the derangement no other's.
+    rows = out["per_sample"]
+    assert rows["words"] == [1] * 10
+    assert rows["own"]["context"] == [1] * 10 and rows["deranged"]["context"] == [0] * 10
+    assert rows["own"]["top5"] == [0] * 10 and rows["own"]["any"] == [1] * 10
 
 
 def test_specificity_of_a_collapsed_lens_is_exactly_zero():
@@ -91,6 +97,8 @@ def test_specificity_of_a_collapsed_lens_is_exactly_zero():
     out = specificity(explanations, buckets, derangement(12, 3), resamples=200, seed=0)
     ctx = out["buckets"]["context"]
     assert ctx["own"] == 0.5 and ctx["deranged"] == 0.5 and ctx["difference"] == 0.0
+    own, der = out["per_sample"]["own"]["context"], out["per_sample"]["deranged"]["context"]
+    assert own == [i % 2 for i in range(12)] and sum(der) == 6
     lo, hi = ctx["difference_ci"]
     assert lo < 0 < hi  # resampled pairs scatter around the exact zero, so the CI spans it
     # '----' for every sample: no content word at all, so the rates are reported unavailable.
