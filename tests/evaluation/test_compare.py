@@ -132,3 +132,19 @@ def test_results_of_other_samples_or_without_figures_are_refused(tmp_path, capsy
     written = json.loads((tmp_path / "out.json").read_text())
     assert written["kl"]["difference"] == compare_results(a, b, resamples=200)["kl"]["difference"]
     assert "Paired on the same 64 samples" in capsys.readouterr().out
+
+
+def test_the_fve_gain_is_resampled_jointly_across_both_lenses():
+    """B's squared error is A's minus a tenth of ‖A − mean‖² on every sample, A's own errors
+    scattered: resampled jointly the gain is 0.1 on every draw; resampling each lens apart
+    would scatter it."""
+    a, b = _pair()
+    rng = np.random.default_rng(1)
+    dev = np.array(a["per_sample"]["sq_dev"])
+    err_a = dev * rng.uniform(0.2, 0.9, len(dev))
+    a["per_sample"]["sq_err"] = err_a.tolist()
+    b["per_sample"]["sq_err"] = (err_a - 0.1 * dev).tolist()
+    out = compare_results(a, b, resamples=300)
+    assert out["fve"]["difference"] == pytest.approx(0.1, abs=1e-12)
+    assert out["fve"]["ci"] == pytest.approx([0.1, 0.1], abs=1e-9)
+    assert out["fve"]["a"] == pytest.approx(1 - err_a.sum() / dev.sum(), abs=1e-12)
