@@ -59,10 +59,12 @@ def compare_results(
     resample the samples jointly: KL at P, FVE, the top-5 bucket's own − deranged specificity
     (does the text name M's next tokens?) and the explanations' NLL per token under M."""
     pa, pb = _figures(a, names[0]), _figures(b, names[1])
-    # The same sample indices and the same activations (‖A − mean(A)‖² of every sample): the
-    # same split, whatever path it was read from.
-    same = torch.equal(pa["index"], pb["index"]) and torch.allclose(
-        pa["sq_dev"], pb["sq_dev"], rtol=1e-4, atol=1e-6
+    # The same split (its plan's checksum), the same sample indices in it and the same
+    # activations (‖A − mean(A)‖² of every sample), whatever path it was read from.
+    same = (
+        a.get("split_sha256") == b.get("split_sha256")
+        and torch.equal(pa["index"], pb["index"])
+        and torch.allclose(pa["sq_dev"], pb["sq_dev"], rtol=1e-4, atol=1e-6)
     )
     if not same:
         raise LensError(

@@ -88,6 +88,8 @@ def evaluate(
         "decode": lens.cfg.decode.filled().model_dump(),
         "num_samples": len(indices),
         "split": str(dataset.path),
+        # What the split holds (its sequences and positions), wherever it is read from.
+        "split_sha256": dataset.metadata.get("plan_sha256"),
         "bootstrap": boot,
         "kl": {
             "mean": float(patched.kl["lens"].mean()),

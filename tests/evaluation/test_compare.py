@@ -113,6 +113,9 @@ def test_results_of_other_samples_or_without_figures_are_refused(tmp_path, capsy
     other["per_sample"]["sq_dev"][3] *= 1.5  # another activation at the same index
     with pytest.raises(LensError, match="were computed on different samples"):
         compare_results(a, other)
+    resplit = json.loads(json.dumps(b)) | {"split_sha256": "1" * 64}  # another split's plan
+    with pytest.raises(LensError, match="were computed on different samples"):
+        compare_results(a | {"split_sha256": "0" * 64}, resplit)
     with pytest.raises(LensError, match="hold no per-sample figures"):
         compare_results({"kl": {"mean": 1.0}}, b)
     # Through the command line: one sentence, exit status 2, nothing written.

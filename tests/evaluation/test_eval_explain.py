@@ -76,6 +76,8 @@ def test_eval_writes_results_and_samples_but_never_the_lens_dir(run):
     # The per-sample figures `compare` pairs on give back the aggregates.
     rows = saved["per_sample"]
     assert len(rows["index"]) == 20 and len(set(rows["index"])) == 20
+    meta = json.loads((Path(saved["split"]) / "metadata.json").read_text())
+    assert saved["split_sha256"] == meta["plan_sha256"] and len(saved["split_sha256"]) == 64
     assert np.mean(rows["kl"]) == pytest.approx(saved["kl"]["mean"], rel=1e-5)
     fve = 1 - np.sum(rows["sq_err"]) / np.sum(rows["sq_dev"])
     assert fve == pytest.approx(saved["fve"]["mean"], abs=1e-5)
