@@ -13,6 +13,7 @@ import torch
 
 from consistency_lens.errors import LensError
 from consistency_lens.evaluation import metrics
+from consistency_lens.evaluation.specificity import pooled_difference
 from consistency_lens.utils.io import read_json
 
 PER_SAMPLE_KEYS = ("index", "kl", "sq_err", "sq_dev", "nll", "words")
@@ -40,16 +41,21 @@ def _figures(results: dict, where: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _specific(own: torch.Tensor, deranged: torch.Tensor, words: torch.Tensor) -> float:
-    """The bucket's own − deranged hit rate, pooled over samples (as eval's specificity)."""
-    total = words.sum()
-    return float((own.sum() - deranged.sum()) / total) if total else float("nan")
-
-
 def _fve(sq_err: torch.Tensor, sq_dev: torch.Tensor) -> float:
     """`metrics.fve` from per-sample sums; ‖A − mean(A)‖² is about the whole set's mean, so a
     resample keeps that mean where eval's own FVE CI re-estimates it (a slightly narrower CI)."""
     return float(1.0 - sq_err.sum() / sq_dev.sum().clamp(min=1e-12))
+
+
+def _paired_mean(a: torch.Tensor, b: torch.Tensor, resamples: int, seed: int) -> dict:
+    """Both means and the mean of B − A sample by sample, with its bootstrap CI."""
+    diff = b - a
+    return {
+        "a": float(a.mean()),
+        "b": float(b.mean()),
+        "difference": float(diff.mean()),
+        "ci": list(metrics.mean_ci(diff, resamples, seed)),
+    }
 
 
 def compare_results(
@@ -72,8 +78,6 @@ def compare_results(
             "both lenses on the same val split (same corpus, seed, seq_len, p_min, val_samples "
             "and output_dir) with the same eval.num_samples."
         )
-    kl = pb["kl"] - pa["kl"]
-    nll = pb["nll"] - pa["nll"]
     dev = pa["sq_dev"]
 
     def fve_gain(err_a: torch.Tensor, err_b: torch.Tensor, dev: torch.Tensor) -> float:
@@ -82,18 +86,15 @@ def compare_results(
     spec = [pa["own"], pa["deranged"], pa["words"], pb["own"], pb["deranged"], pb["words"]]
 
     def spec_gain(*rows: torch.Tensor) -> float:
-        return _specific(*rows[3:]) - _specific(*rows[:3])
+        return pooled_difference(*rows[3:]) - pooled_difference(*rows[:3])
 
     return {
         "names": list(names),
-        "num_samples": len(kl),
+        "num_samples": len(dev),
         "kl": {
-            "a": float(pa["kl"].mean()),
-            "b": float(pb["kl"].mean()),
-            "difference": float(kl.mean()),
-            "ci": list(metrics.mean_ci(kl, resamples, seed)),
+            **_paired_mean(pa["kl"], pb["kl"], resamples, seed),
             # How often B's reconstruction is the closer one, sample by sample.
-            "b_lower": float((kl < 0).double().mean()),
+            "b_lower": float((pb["kl"] < pa["kl"]).double().mean()),
         },
         "fve": {
             "a": _fve(pa["sq_err"], dev),
@@ -106,17 +107,12 @@ def compare_results(
             ),
         },
         "top5": {
-            "a": _specific(*spec[:3]),
-            "b": _specific(*spec[3:]),
+            "a": pooled_difference(*spec[:3]),
+            "b": pooled_difference(*spec[3:]),
             "difference": spec_gain(*spec),
             "ci": list(metrics.bootstrap_ci(spec_gain, *spec, resamples=resamples, seed=seed)),
         },
-        "nll": {
-            "a": float(pa["nll"].mean()),
-            "b": float(pb["nll"].mean()),
-            "difference": float(nll.mean()),
-            "ci": list(metrics.mean_ci(nll, resamples, seed)),
-        },
+        "nll": _paired_mean(pa["nll"], pb["nll"], resamples, seed),
     }
 
 

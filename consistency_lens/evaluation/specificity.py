@@ -33,7 +33,8 @@ def _hits(expl: list[set[str]], refs: list[set[str]], order: Sequence[int]) -> t
     )
 
 
-def _ratio_diff(own: torch.Tensor, other: torch.Tensor, count: torch.Tensor) -> float:
+def pooled_difference(own: torch.Tensor, other: torch.Tensor, count: torch.Tensor) -> float:
+    """(Σ own hits − Σ deranged hits) / Σ counted, pooled over samples (NaN when none counted)."""
     total = float(count.sum())
     return float((own.sum() - other.sum()) / total) if total else float("nan")
 
@@ -77,7 +78,9 @@ def specificity(
             row["deranged"] = float(other.sum()) / total
             row["difference"] = row["own"] - row["deranged"]
             row["difference_ci"] = list(
-                metrics.bootstrap_ci(_ratio_diff, own, other, count, resamples=resamples, seed=seed)
+                metrics.bootstrap_ci(
+                    pooled_difference, own, other, count, resamples=resamples, seed=seed
+                )
             )
         else:
             row.update(deranged=float("nan"), difference=float("nan"), difference_ci=[])
@@ -125,7 +128,7 @@ def _own_against_deranged(
     out["deranged"] = float(other.sum()) / total
     out["difference"] = out["own"] - out["deranged"]
     out["difference_ci"] = list(
-        metrics.bootstrap_ci(_ratio_diff, own, other, valid, resamples=resamples, seed=seed)
+        metrics.bootstrap_ci(pooled_difference, own, other, valid, resamples=resamples, seed=seed)
     )
     return out
 

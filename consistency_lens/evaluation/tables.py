@@ -258,19 +258,27 @@ def result_tables(results: dict) -> list[tuple[str, list[str], list[list[Any]], 
     return tables
 
 
+def _rich_table(
+    title: str, headers: list[str], rows: list[list[Any]], digits: int, caption: str | None = None
+) -> Any:
+    """A `rich` table: the first column left-aligned, the others right, numbers to `digits`."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*(fmt(c, digits) for c in row))
+    return table
+
+
 def print_rich(results: dict) -> None:
     """Print the eval tables to the terminal with `rich`."""
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     for title, headers, rows, note in result_tables(results):
-        table = Table(title=title, title_justify="left", caption=note, caption_justify="left")
-        for i, header in enumerate(headers):
-            table.add_column(header, justify="left" if i == 0 else "right")
-        for row in rows:
-            table.add_row(*(fmt(c, 4) for c in row))
-        console.print(table)
+        console.print(_rich_table(title, headers, rows, 4, note))
 
 
 def markdown_tables(results: dict) -> str:
@@ -324,15 +332,10 @@ def comparison_rows(named: dict[str, dict]) -> tuple[list[str], list[list[Any]]]
 def print_comparison(named: dict[str, dict]) -> None:
     """Print the readable-lens targets side by side for several lenses evaluated on one set."""
     from rich.console import Console
-    from rich.table import Table
 
     headers, rows = comparison_rows(named)
-    table = Table(title="Lenses compared on the same validation samples", title_justify="left")
-    for i, header in enumerate(headers):
-        table.add_column(header, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*(fmt(c, 3) if not isinstance(c, str) else c for c in row))
-    Console().print(table)
+    title = "Lenses compared on the same validation samples"
+    Console().print(_rich_table(title, headers, rows, 3))
 
 
 # The paired measures of `evaluation.compare`, in the order printed: label, key, better when.
@@ -364,18 +367,9 @@ def paired_rows(result: dict) -> tuple[list[str], list[list[Any]]]:
 def print_paired(result: dict) -> None:
     """Print a paired comparison of two lenses' eval results with `rich`."""
     from rich.console import Console
-    from rich.table import Table
 
     headers, rows = paired_rows(result)
     a, b = result["names"]
-    table = Table(
-        title=f"Paired on the same {result['num_samples']} samples: A = {a}, B = {b}",
-        title_justify="left",
-        caption=f"B's KL lower on {fmt(100 * result['kl']['b_lower'], 1)}% of samples.",
-        caption_justify="left",
-    )
-    for i, header in enumerate(headers):
-        table.add_column(header, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*(c if isinstance(c, str) else fmt(c, 4) for c in row))
-    Console().print(table)
+    title = f"Paired on the same {result['num_samples']} samples: A = {a}, B = {b}"
+    caption = f"B's KL lower on {fmt(100 * result['kl']['b_lower'], 1)}% of samples."
+    Console().print(_rich_table(title, headers, rows, 4, caption))
