@@ -206,7 +206,7 @@ class TrainConfig(_Strict):
                 )
         # The plan objective's soft generation and warm_start_next's right-padded targets
         # assume D writes in reading order.
-        fixed = {"warm_start", "warm_start_predict", "grpo"}
+        fixed = {"warm_start", "warm_start_predict", "grpo", "encoder_refit"}
         used = {self.objective} | ({self.warm_start.objective} if self.warm_start.steps else set())
         if self.decoder_rotate and not used <= fixed:
             raise ValueError(

@@ -116,6 +116,8 @@ def test_results_of_other_samples_or_without_figures_are_refused(tmp_path, capsy
     resplit = json.loads(json.dumps(b)) | {"split_sha256": "1" * 64}  # another split's plan
     with pytest.raises(LensError, match="were computed on different samples"):
         compare_results(a | {"split_sha256": "0" * 64}, resplit)
+    # Results written before eval recorded the checksum are checked on the samples alone.
+    assert compare_results(a, resplit)["num_samples"] == len(a["per_sample"]["index"])
     with pytest.raises(LensError, match="hold no per-sample figures"):
         compare_results({"kl": {"mean": 1.0}}, b)
     # Through the command line: one sentence, exit status 2, nothing written.

@@ -1,0 +1,111 @@
+"""`encoder_refit`: E alone re-fitted to the explanations the lens shows (best of N under
+`decode`), D frozen, the texts unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from consistency_lens.config import LensConfig
+from consistency_lens.data.collate import CollateFn
+from consistency_lens.errors import LensError
+from consistency_lens.models.lens import ConsistencyLens
+from consistency_lens.training.objectives import build_objective, normalised_mse, step_info
+
+
+def _lens(model_dir, decode: dict, **train) -> ConsistencyLens:
+    cfg = LensConfig(
+        model=str(model_dir),
+        device="cpu",
+        model_dtype="float32",
+        layer=1,
+        seed=0,
+        decode=decode,
+        train={
+            "t_text": 3,
+            "mode": "lora",
+            "mse_weight": 2.0,
+            "objective": "encoder_refit",
+            "decoder_rotate": 1,
+            "encoder_rotate": 1,
+        }
+        | train,
+    )
+    torch.manual_seed(0)
+    return ConsistencyLens.build(cfg)
+
+
+def _batch(lens):
+    gen = torch.Generator().manual_seed(0)
+    items = []
+    for n in (7, 4, 5):
+        ids = torch.randint(1, 320, (n,), generator=gen)
+        act = lens.orig.activations(ids[None], torch.ones_like(ids[None]))[0]
+        items.append({"input_ids_A": ids, "A": act, "input_ids_A_prime": ids, "A_prime": act})
+    return CollateFn(pad_id=0)(items)
+
+
+def test_refit_reads_the_shown_text_and_trains_e_only(tiny_llama_dir):
+    """The loss is E's error on the text `reconstruct` shows (best of 4 here, not D's greedy
+    text), and only E gets gradients."""
+    lens = _lens(
+        tiny_llama_dir,
+        {"samples": 4, "prediction": 1.0},
+        alpha={"kind": "constant", "start": 0.0},
+    )
+    batch = _batch(lens)
+    objective = build_objective(lens, lens.cfg)
+    shown, shown_hat = lens.reconstruct(batch.A)
+    greedy = lens.decoder.generate(batch.A, 3, greedy=True)
+    assert not torch.equal(shown, greedy)  # the choice matters, so the test can tell them apart
+    out = objective(lens, batch, step_info(type(objective), lens.cfg, 0))
+    mse = normalised_mse(shown_hat, batch.A.float())
+    assert float(out.terms["mse_e"].detach()) == pytest.approx(float(mse), rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(2.0 * float(mse), rel=1e-5)
+    assert float(out.terms["kl_e"].detach()) == 0.0
+    with torch.no_grad():
+        torch.testing.assert_close(objective.reconstruct(lens, batch), shown_hat)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in lens.trainable_parameters().items()}
+    assert all(g is None for n, g in grads.items() if n.startswith("decoder."))
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "encoder." in n)
+    # With alpha > 0 the KL at P of E's reconstruction joins the loss.
+    lens.cfg.train.alpha.start = 0.5
+    out = objective(lens, batch, step_info(type(objective), lens.cfg, 0))
+    assert float(out.terms["kl_e"].detach()) > 0
+    assert float(out.loss.detach()) == pytest.approx(
+        2.0 * float(out.terms["mse_e"].detach()) + 0.5 * float(out.terms["kl_e"].detach()), rel=1e-5
+    )
+
+
+def test_a_training_step_leaves_the_explanations_as_they_were(tiny_llama_dir):
+    """One optimiser step moves E and not one shown token."""
+    lens = _lens(tiny_llama_dir, {"samples": 4})
+    batch = _batch(lens)
+    objective = build_objective(lens, lens.cfg)
+    shown, before = lens.reconstruct(batch.A)
+    decoder = {n: p.detach().clone() for n, p in lens.decoder.named_parameters()}
+    opt = torch.optim.AdamW(lens.param_groups(), lr=1e-2)
+    objective(lens, batch, step_info(type(objective), lens.cfg, 0)).loss.backward()
+    opt.step()
+    after_ids, after = lens.reconstruct(batch.A)
+    assert torch.equal(after_ids, shown)
+    assert all(torch.equal(p, decoder[n]) for n, p in lens.decoder.named_parameters())
+    assert not torch.equal(after, before)
+
+
+def test_refit_refuses_a_text_chosen_by_e(tiny_llama_dir):
+    lens = _lens(tiny_llama_dir, {"samples": 2})
+    lens.cfg.decode.reconstruction = 1.0
+    with pytest.raises(LensError, match="decode.reconstruction=0"):
+        build_objective(lens, lens.cfg)
+
+
+def test_decoder_rotate_is_allowed_with_refit_only_among_e_objectives(tiny_llama_dir):
+    _lens(tiny_llama_dir, {}, decoder_rotate=2)  # builds
+    with pytest.raises(ValidationError, match="decoder_rotate"):
+        LensConfig(
+            model=str(tiny_llama_dir),
+            train={"t_text": 3, "decoder_rotate": 1, "objective": "context_ceiling"},
+        )
