@@ -107,7 +107,8 @@ class TrainConfig(_Strict):
     fluency terms get) is in reading order. With a text that ends in M's `k` predicted tokens, `k`
     lets D write M's prediction first, as its first token already reads it from A at block
     `inject_layer`, while the reader gets context, then prediction. Only for texts of fixed length
-    that D writes by sampling (the `warm_start`, `warm_start_predict` and `grpo` objectives)."""
+    that D writes by sampling (the `warm_start`, `warm_start_predict`, `grpo` and
+    `encoder_refit` objectives)."""
     steps: int = Field(1000, ge=1)
     """Optimizer steps."""
     batch_size: int = Field(8, ge=1)
@@ -433,6 +434,12 @@ _OBJECTIVES = "consistency_lens.training.objectives"
 _SECTIONS: dict[str, type[BaseModel]] = {}
 
 
+def decode_settings(saved: LensConfig, user: LensConfig) -> DecodeConfig:
+    """A saved lens's own decode settings, with each key the user's config or command line sets
+    (not null) replacing the saved value: a lens writes as it was shipped unless told otherwise."""
+    return saved.decode.model_copy(update=user.decode.model_dump(exclude_none=True))
+
+
 def register_settings(section: str, settings: type[BaseModel]) -> None:
     """Make `train.<section>` a section validated by `settings` (an objective's own settings)."""
     taken = section in TrainConfig.model_fields or _SECTIONS.get(section, settings) is not settings
@@ -562,7 +569,7 @@ the dump or loading run (numerics, schedules, hardware), not what the weights or
 
 FREE_SECTIONS = ("eval", "decode", "wandb")
 """Sections whose every field is free: evaluation, decoding and logging never touch weights or
-dumps. So is every objective's own section of `train` (`objective_sections`): it steers how the
+dumps (decoding decides which texts `encoder_refit` fits E to, but not what the weights mean). So is every objective's own section of `train` (`objective_sections`): it steers how the
 objective trains, not what the weights mean."""
 
 

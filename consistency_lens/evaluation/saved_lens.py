@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from consistency_lens.config import DecodeConfig, LensConfig
+from consistency_lens.config import LensConfig, decode_settings
 from consistency_lens.errors import LensError
 from consistency_lens.models.lens import CONFIG_FILE
 
@@ -57,12 +57,6 @@ def load_lens(
     )
     lens.cfg = lens.cfg.model_copy(update={"decode": decode_settings(lens.cfg, cfg)})
     return lens, path
-
-
-def decode_settings(saved: LensConfig, user: LensConfig) -> DecodeConfig:
-    """The lens's own decode settings, with each key the user's config or command line sets (not
-    null) replacing the saved value: a lens writes as it was shipped unless told otherwise."""
-    return saved.decode.model_copy(update=user.decode.model_dump(exclude_none=True))
 
 
 def eval_config(cfg: LensConfig, lens: ConsistencyLens) -> LensConfig:

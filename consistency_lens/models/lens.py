@@ -316,21 +316,28 @@ class ConsistencyLens(nn.Module):
                 param.copy_(state[name])
 
     @torch.no_grad()
-    def reconstruct(
+    def explanation(
         self, activations: torch.Tensor, greedy: bool = True, temperature: float = 1.0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Direct reconstruction: D's text ids (B, T_text) for A and E's Â (B, d) from that text.
+    ) -> torch.Tensor:
+        """D's text ids (B, T_text) for A, as the lens shows them.
 
         The greedy explanation is the best of D's greedy and sampled texts (and the text begun
         with M's prediction from A) when `decode.samples` or `decode.prediction` is set
         (`models/decoding.py`); a sampled one (`greedy=False`) is always D's own draw."""
         decode = self.cfg.decode.filled()
         if greedy and (decode.samples or decode.prediction):
-            ids = best_of_samples(self, activations, decode)
-        else:
-            ids = self.decoder.generate(
-                activations, self.cfg.train.t_text, greedy=greedy, temperature=temperature
-            )
+            return best_of_samples(self, activations, decode)
+        return self.decoder.generate(
+            activations, self.cfg.train.t_text, greedy=greedy, temperature=temperature
+        )
+
+    @torch.no_grad()
+    def reconstruct(
+        self, activations: torch.Tensor, greedy: bool = True, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Direct reconstruction: the explanation's ids (B, T_text) for A (`explanation`) and E's
+        Â (B, d) from that text."""
+        ids = self.explanation(activations, greedy, temperature)
         return ids, self.encoder.encode_ids(ids)
 
     @torch.no_grad()

@@ -28,6 +28,7 @@ from consistency_lens.config import (
     ScheduleConfig,
     WarmStartConfig,
     config_from_dict,
+    decode_settings,
     dump_config,
     saved_lens_config,
 )
@@ -377,6 +378,8 @@ def _build_run(
     cfg: LensConfig, train_set: ActivationDataset, val_set: ActivationDataset | None
 ) -> _Run:
     dist.seed_all(cfg.seed)
+    if cfg.train.init_from is not None:
+        cfg = _with_starting_decode(cfg)
     lens = ConsistencyLens.build(cfg)
     if cfg.train.init_from is not None:
         # Before the engine and the objective: both see the starting weights (the objective's
@@ -410,6 +413,19 @@ def _build_run(
         engine,
         _objective_for(lens, cfg, train_set),
     )
+
+
+def _with_starting_decode(cfg: LensConfig) -> LensConfig:
+    """`cfg` whose decode keys left unset come from the lens at `train.init_from`: a run started
+    from a lens validates, trains (`encoder_refit`) and saves a lens that writes as that one did,
+    unless the config or command line says otherwise."""
+    path = Path(cfg.train.init_from) / CONFIG_FILE
+    meta = read_json(path, "Lens config")
+    try:
+        saved = config_from_dict(meta["config"])
+    except (LensError, KeyError, TypeError):
+        raise LensError(f"Lens config '{path}' is damaged; save the lens again.") from None
+    return cfg.model_copy(update={"decode": decode_settings(saved, cfg)})
 
 
 def _objective_for(lens: ConsistencyLens, cfg: LensConfig, train_set: ActivationDataset):

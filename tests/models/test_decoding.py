@@ -8,8 +8,14 @@ import pytest
 import torch
 from conftest import objective_batch, objective_lens
 
-from consistency_lens.config import DECODE_DEFAULTS, DecodeConfig, LensConfig, load_config
-from consistency_lens.evaluation.saved_lens import decode_settings, load_lens
+from consistency_lens.config import (
+    DECODE_DEFAULTS,
+    DecodeConfig,
+    LensConfig,
+    decode_settings,
+    load_config,
+)
+from consistency_lens.evaluation.saved_lens import load_lens
 from consistency_lens.evaluation.tables import decode_text
 from consistency_lens.models.decoding import best_of_samples, explanation_scores
 from consistency_lens.models.lens import ConsistencyLens

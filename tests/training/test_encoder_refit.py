@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_dump_config
 from pydantic import ValidationError
 
-from consistency_lens.config import LensConfig
+from consistency_lens.config import LensConfig, config_from_dict, load_config
 from consistency_lens.data.collate import CollateFn
+from consistency_lens.data.dump import dump_activations
 from consistency_lens.errors import LensError
 from consistency_lens.models.lens import ConsistencyLens
+from consistency_lens.training import trainer
 from consistency_lens.training.objectives import build_objective, normalised_mse, step_info
 
 
@@ -29,6 +32,8 @@ def _lens(model_dir, decode: dict, **train) -> ConsistencyLens:
             "objective": "encoder_refit",
             "decoder_rotate": 1,
             "encoder_rotate": 1,
+            # Only checked to be set here: these tests build the objective, not a run.
+            "init_from": "lens",
         }
         | train,
     )
@@ -95,11 +100,16 @@ def test_a_training_step_leaves_the_explanations_as_they_were(tiny_llama_dir):
     assert not torch.equal(after, before)
 
 
-def test_refit_refuses_a_text_chosen_by_e(tiny_llama_dir):
+def test_refit_refuses_a_text_chosen_by_e_no_lens_or_a_strategy(tiny_llama_dir):
     lens = _lens(tiny_llama_dir, {"samples": 2})
-    lens.cfg.decode.reconstruction = 1.0
-    with pytest.raises(LensError, match="decode.reconstruction=0"):
-        build_objective(lens, lens.cfg)
+    cfg = lens.cfg
+    for change, fix in (
+        ({"decode": cfg.decode.model_copy(update={"reconstruction": 1.0})}, "reconstruction=0"),
+        ({"train": cfg.train.model_copy(update={"init_from": None})}, "init_from=LENS_DIR"),
+        ({"distributed": cfg.distributed.model_copy(update={"strategy": "ddp"})}, "=none"),
+    ):
+        with pytest.raises(LensError, match=fix):
+            build_objective(lens, cfg.model_copy(update=change))
 
 
 def test_decoder_rotate_is_allowed_with_refit_only_among_e_objectives(tiny_llama_dir):
@@ -109,3 +119,58 @@ def test_decoder_rotate_is_allowed_with_refit_only_among_e_objectives(tiny_llama
             model=str(tiny_llama_dir),
             train={"t_text": 3, "decoder_rotate": 1, "objective": "context_ceiling"},
         )
+
+
+def test_a_refit_run_writes_as_the_lens_it_starts_from(tiny_llama_dir, corpus_dir, tmp_path):
+    """Through `train`: the decode settings left unset come from the starting lens, so E is fitted
+    to its shown texts and the saved lens (and its EMA copy) shows them word for word, with D's
+    weights untouched even under weight decay."""
+    base = tiny_dump_config(tmp_path / "dump", tiny_llama_dir, corpus_dir)
+    base["train"] = {"t_text": 2}
+    dump_activations(config_from_dict(base))
+    top = [f"{k}={v}" for k, v in base.items() if k != "train"]
+    common = [
+        "train.mode=lora",
+        "train.inject_layer=0",
+        "train.t_text=2",
+        "train.batch_size=4",
+        "train.val_every=1",
+        "train.val_batches=1",
+        "train.log_every=1",
+        "train.ckpt_every=1",
+        "train.rl.samples=2",
+        'train.prompt="A <embed> is"',
+    ]
+    source = trainer.train(
+        load_config(
+            None,
+            top
+            + common
+            + [f"train.run_dir={tmp_path / 'src'}", "train.objective=grpo", "train.steps=1"]
+            + ["decode.samples=4", "decode.prediction=1"],
+        )
+    ).lens_dir
+    refit = trainer.train(
+        load_config(
+            None,
+            top
+            + common
+            + [f"train.run_dir={tmp_path / 'refit'}", "train.objective=encoder_refit"]
+            + ["train.steps=2", f"train.init_from={source}", "train.weight_decay=0.1"]
+            + ["train.ema_decay=0.5", "train.lr=0.05", "train.lr_blocks=0.05"],
+        )
+    ).lens_dir
+    before = ConsistencyLens.from_pretrained(source, device="cpu")
+    acts = torch.randn(6, before.d_model, generator=torch.Generator().manual_seed(1)) * 3
+    ids, a_hat = before.reconstruct(acts)
+    for lens_dir in (refit, refit.parent / "lens_ema"):
+        after = ConsistencyLens.from_pretrained(lens_dir, device="cpu")
+        assert after.cfg.decode == before.cfg.decode  # samples 4, prediction 1: not the defaults
+        assert after.cfg.decode.samples == 4
+        for (name, p), q in zip(
+            after.decoder.named_parameters(), before.decoder.parameters(), strict=True
+        ):
+            assert torch.equal(p, q), name
+        after_ids, after_hat = after.reconstruct(acts)
+        assert torch.equal(after_ids, ids)
+        assert not torch.equal(after_hat, a_hat)

@@ -22,8 +22,8 @@ picks it. The protocol, in the spirit of tuned-lens / SAELens training losses:
   frozen reference copy of D) lives on the objective, not on the lens: it is never trained,
   checkpointed or sharded, and is rebuilt identically on resume.
 - `__call__(lens, batch, step) -> ObjectiveOutput`: the loss of one micro-batch (with its graph)
-  and the detached-or-not named scalar terms. It may sample, but only from the global torch RNG,
-  so that a resumed run replays the same noise.
+  and the detached-or-not named scalar terms. It may sample, but only from the global torch RNG
+  (or a private generator with a fixed seed), so that a resumed run replays the same noise.
 - `reconstruct(lens, batch) -> Â` (optional): what validation's `val_kl`, MSE and FVE measure;
   by default E reading D's explanation (`ConsistencyLens.reconstruct`), as `eval` does.
 """

@@ -1,12 +1,13 @@
 """E re-fitted to the texts the lens shows: D frozen, E alone learns to rebuild A from the
-explanation `eval` and `explain` write (`ConsistencyLens.reconstruct`: D's best of its greedy,
+explanation `eval` and `explain` write (`ConsistencyLens.explanation`: D's best of its greedy,
 sampled and prediction-begun texts under `decode`).
 
 GRPO trains E on D's sampled texts at temperature 1, while a lens with `decode.samples` or
 `decode.prediction` shows a text chosen among several, one of them begun with M's prediction:
 texts E was never trained on. This objective closes that gap without changing a word of the
 explanations (the choice never reads E unless `decode.reconstruction` is set, which it refuses),
-so every text figure of the lens stays as it was and only KL at P and FVE can move. The loss is
+and `train` gives the run the decode settings of the lens it starts from (`train.init_from`) for
+every key the config leaves unset, so every text figure of the lens stays as it was and only KL at P and FVE can move. The loss is
 the context ceiling's, on the shown text instead of the true context.
 """
 
@@ -33,6 +34,17 @@ class EncoderRefitObjective(ContextCeilingObjective):
 
     def __init__(self, lens, cfg):
         super().__init__(lens, cfg)
+        if cfg.train.init_from is None:
+            raise LensError(
+                "train.objective=encoder_refit re-fits the E of a saved lens to its texts; set "
+                "train.init_from=LENS_DIR (its decode settings are then the run's own)."
+            )
+        if cfg.distributed.strategy != "none":
+            # D's weights are trainable but unused: DDP would wait for their gradients.
+            raise LensError(
+                "train.objective=encoder_refit trains E alone in one process; set "
+                "distributed.strategy=none."
+            )
         if cfg.decode.reconstruction:
             raise LensError(
                 "train.objective=encoder_refit needs decode.reconstruction=0: with it the text "
@@ -41,5 +53,8 @@ class EncoderRefitObjective(ContextCeilingObjective):
 
     def reconstruct(self, lens, batch: Batch) -> torch.Tensor:
         """E's Â (with its graph) from the explanation the lens shows for A."""
-        ids, _ = lens.reconstruct(batch.A)
+        # The text is chosen in full precision, as eval and explain choose it (training may run
+        # under bf16 autocast, where near ties could flip the choice).
+        with torch.autocast(batch.A.device.type, enabled=False):
+            ids = lens.explanation(batch.A)
         return lens.encoder.encode_ids(ids)
