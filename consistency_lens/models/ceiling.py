@@ -111,6 +111,26 @@ def ceiling_from_lens(source: str | Path, lens_dir: str | Path) -> Path:
     return out
 
 
+def copy_ceiling(source: str | Path, lens_dir: str | Path) -> Path | None:
+    """Copy the context ceiling of the saved lens at `source` beside the lens at `lens_dir` when
+    it fits that lens (same base model, layer, width, T_text and E shape: the ceiling depends on
+    none of the lens's weights) and is intact; returns the new ceiling directory, or None."""
+    src = ceiling_dir(source)
+    if not (src / CEILING_CONFIG).is_file():
+        return None
+    meta = read_json(src / CEILING_CONFIG, "Ceiling config")
+    weights = src / CEILING_WEIGHTS
+    intact = weights.is_file() and sha256_file(weights) == meta.get("weights_sha256")
+    if not intact or _shape(meta) != _shape(_lens_meta(Path(lens_dir))):
+        return None
+    out = ceiling_dir(lens_dir)
+    data = weights.read_bytes()
+    atomic_write(out / CEILING_WEIGHTS, lambda tmp: tmp.write_bytes(data))
+    # The config last, as ceiling_from_lens writes it: a ceiling is complete only then.
+    atomic_write_json(out / CEILING_CONFIG, meta)
+    return out
+
+
 def _check_ceiling(path: Path, meta: dict, lens) -> None:
     if meta.get("format_version") != CEILING_FORMAT:
         raise LensError(

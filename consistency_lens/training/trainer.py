@@ -37,7 +37,12 @@ from consistency_lens.data.dataset import ActivationDataset
 from consistency_lens.data.layout import METADATA, check_matches, check_same_dump, split_dir
 from consistency_lens.data.stream import BatchStream
 from consistency_lens.errors import LensError
-from consistency_lens.models.ceiling import CEILING_CONFIG, ceiling_dir, ceiling_from_lens
+from consistency_lens.models.ceiling import (
+    CEILING_CONFIG,
+    ceiling_dir,
+    ceiling_from_lens,
+    copy_ceiling,
+)
 from consistency_lens.models.lens import CONFIG_FILE, ConsistencyLens
 from consistency_lens.models.patching import fve, mse, patched_kl
 from consistency_lens.training import checkpoint as ckpt
@@ -461,10 +466,16 @@ def train(cfg: LensConfig, resume: bool = False) -> TrainResult:
     """Train a lens on the dump of `cfg`; `resume` continues from the latest valid checkpoint.
 
     With `train.warm_start.steps > 0` the warm start runs first (or resumes, or is reused when
-    finished) in `<run_dir>/warm_start`, and the main objective starts from its lens.
+    finished) in `<run_dir>/warm_start`, and the main objective starts from its lens. A lens
+    started from `train.init_from` keeps that lens's context ceiling when it fits.
     """
     if not cfg.train.warm_start.steps:
-        return _train_phase(cfg, resume)
+        result = _train_phase(cfg, resume)
+        # A lens started from another keeps that one's ceiling when it fits (same T_text and E
+        # shape): the ceiling reads the true context, never the lens's weights.
+        if cfg.train.init_from is not None and int(os.environ.get("RANK", "0")) == 0:
+            copy_ceiling(cfg.train.init_from, result.lens_dir)
+        return result
     result = _train_phase(_after_warm_start(cfg, resume), resume)
     # The process group is gone by now; torchrun's RANK says which process writes.
     if int(os.environ.get("RANK", "0")) == 0:

@@ -195,3 +195,20 @@ def test_train_ceiling_refuses_bad_input_in_one_sentence(dumped, tmp_path, capsy
     other = [a for a in budget if not a.startswith("model=")] + ["model=gpt2"]
     line = cli_error(capsys, ["train-ceiling", "--checkpoint", str(lens_run / "lens"), *other])
     assert "set model=" in line
+
+
+def test_a_lens_started_from_another_keeps_its_ceiling_when_it_fits(dumped, tmp_path):
+    """The ceiling reads the true context, never the lens's weights: a continuation keeps it
+    byte for byte; one of another T_text (E reads other inputs) gets none."""
+    source = trainer.train(
+        load_config(
+            None, _overrides(dumped, tmp_path / "src", "grpo", 1, **{"warm_start.steps": 1})
+        )
+    ).lens_dir
+    kept = ceiling_dir(source)
+    go_on = _overrides(dumped, tmp_path / "more", "grpo", 1, init_from=source)
+    lens_dir = trainer.train(load_config(None, go_on)).lens_dir
+    for name in (CEILING_WEIGHTS, CEILING_CONFIG):
+        assert (ceiling_dir(lens_dir) / name).read_bytes() == (kept / name).read_bytes()
+    longer = _overrides(dumped, tmp_path / "t3", "grpo", 1, init_from=source, t_text=3)
+    assert not ceiling_dir(trainer.train(load_config(None, longer)).lens_dir).exists()
