@@ -569,7 +569,8 @@ the dump or loading run (numerics, schedules, hardware), not what the weights or
 
 FREE_SECTIONS = ("eval", "decode", "wandb")
 """Sections whose every field is free: evaluation, decoding and logging never touch weights or
-dumps (decoding decides which texts `encoder_refit` fits E to, but not what the weights mean). So is every objective's own section of `train` (`objective_sections`): it steers how the
+dumps (decoding decides which texts `encoder_refit` fits E to, but not what the weights mean).
+So is every objective's own section of `train` (`objective_sections`): it steers how the
 objective trains, not what the weights mean."""
 
 

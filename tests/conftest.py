@@ -157,6 +157,22 @@ def objective_batch(lens, lengths: tuple[int, ...] = (6, 9, 4)):
     return batch_of(lens, seqs, [s.flip(0) for s in seqs])
 
 
+def assert_e_alone_learns(lens, objective, batch, out, mse_weight: float) -> None:
+    """For an E-only objective (α 0 in `out`): its loss trains E and never D, and at α 0.5 the
+    KL at P of E's reconstruction joins the loss as `mse_weight · mse_e + 0.5 · kl_e`."""
+    from consistency_lens.training.objectives import step_info
+
+    out.loss.backward()
+    grads = {n: p.grad for n, p in lens.trainable_parameters().items()}
+    assert all(g is None for n, g in grads.items() if n.startswith("decoder."))
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "encoder." in n)
+    lens.cfg.train.alpha.start = 0.5
+    out = objective(lens, batch, step_info(type(objective), lens.cfg, 0))
+    mse_e, kl_e = float(out.terms["mse_e"].detach()), float(out.terms["kl_e"].detach())
+    assert kl_e > 0
+    assert float(out.loss.detach()) == pytest.approx(mse_weight * mse_e + 0.5 * kl_e, rel=1e-5)
+
+
 def dumped_eval_config(root: Path, model: Path, corpus: Path, **over: object):
     """Dump a 24-token config under `root` for a 3-token-text lens run in `root/run`; return it."""
     from consistency_lens.config import config_from_dict

@@ -119,16 +119,20 @@ def copy_ceiling(source: str | Path, lens_dir: str | Path) -> Path | None:
     if not (src / CEILING_CONFIG).is_file():
         return None
     meta = read_json(src / CEILING_CONFIG, "Ceiling config")
-    weights = src / CEILING_WEIGHTS
-    intact = weights.is_file() and sha256_file(weights) == meta.get("weights_sha256")
-    if not intact or _shape(meta) != _shape(_lens_meta(Path(lens_dir))):
+    if not _intact(src, meta) or _shape(meta) != _shape(_lens_meta(Path(lens_dir))):
         return None
     out = ceiling_dir(lens_dir)
-    data = weights.read_bytes()
+    data = (src / CEILING_WEIGHTS).read_bytes()
     atomic_write(out / CEILING_WEIGHTS, lambda tmp: tmp.write_bytes(data))
     # The config last, as ceiling_from_lens writes it: a ceiling is complete only then.
     atomic_write_json(out / CEILING_CONFIG, meta)
     return out
+
+
+def _intact(path: Path, meta: dict) -> bool:
+    """Whether the ceiling at `path` has its weights file, with the checksum its config names."""
+    weights = path / CEILING_WEIGHTS
+    return weights.is_file() and sha256_file(weights) == meta.get("weights_sha256")
 
 
 def _check_ceiling(path: Path, meta: dict, lens) -> None:
@@ -156,10 +160,9 @@ def _check_ceiling(path: Path, meta: dict, lens) -> None:
             f"The context ceiling at '{path}' does not fit its lens (it differs in "
             f"{', '.join(diff)}); delete it and train one with `consistency-lens train-ceiling`."
         )
-    weights = path / CEILING_WEIGHTS
-    if not weights.is_file() or sha256_file(weights) != meta.get("weights_sha256"):
+    if not _intact(path, meta):
         raise LensError(
-            f"Ceiling weights '{weights}' are missing or corrupt (checksum mismatch); delete "
+            f"Ceiling weights '{path / CEILING_WEIGHTS}' are missing or corrupt (checksum mismatch); delete "
             f"'{path}' and train it again with `consistency-lens train-ceiling`."
         )
 

@@ -420,16 +420,22 @@ def _build_run(
     )
 
 
+def _saved_config(lens_dir: Path, meta: dict) -> LensConfig:
+    """The config saved in the `lens_config.json` (read as `meta`) of the lens at `lens_dir`."""
+    try:
+        return config_from_dict(meta["config"])
+    except (LensError, KeyError, TypeError):
+        raise LensError(
+            f"Lens config '{lens_dir / CONFIG_FILE}' is damaged; save the lens again."
+        ) from None
+
+
 def _with_starting_decode(cfg: LensConfig) -> LensConfig:
     """`cfg` whose decode keys left unset come from the lens at `train.init_from`: a run started
     from a lens validates, trains (`encoder_refit`) and saves a lens that writes as that one did,
     unless the config or command line says otherwise."""
-    path = Path(cfg.train.init_from) / CONFIG_FILE
-    meta = read_json(path, "Lens config")
-    try:
-        saved = config_from_dict(meta["config"])
-    except (LensError, KeyError, TypeError):
-        raise LensError(f"Lens config '{path}' is damaged; save the lens again.") from None
+    lens_dir = Path(cfg.train.init_from)
+    saved = _saved_config(lens_dir, read_json(lens_dir / CONFIG_FILE, "Lens config"))
     return cfg.model_copy(update={"decode": decode_settings(saved, cfg)})
 
 
@@ -469,14 +475,8 @@ def train(cfg: LensConfig, resume: bool = False) -> TrainResult:
     finished) in `<run_dir>/warm_start`, and the main objective starts from its lens. A lens
     started from `train.init_from` keeps that lens's context ceiling when it fits.
     """
-    if not cfg.train.warm_start.steps:
-        result = _train_phase(cfg, resume)
-        # A lens started from another keeps that one's ceiling when it fits (same T_text and E
-        # shape): the ceiling reads the true context, never the lens's weights.
-        if cfg.train.init_from is not None and int(os.environ.get("RANK", "0")) == 0:
-            copy_ceiling(cfg.train.init_from, result.lens_dir)
-        return result
-    result = _train_phase(_after_warm_start(cfg, resume), resume)
+    phase = _after_warm_start(cfg, resume) if cfg.train.warm_start.steps else cfg
+    result = _train_phase(phase, resume)
     # The process group is gone by now; torchrun's RANK says which process writes.
     if int(os.environ.get("RANK", "0")) == 0:
         keep_context_ceiling(cfg, result.lens_dir, resume)
@@ -484,8 +484,12 @@ def train(cfg: LensConfig, resume: bool = False) -> TrainResult:
 
 
 def keep_context_ceiling(cfg: LensConfig, lens_dir: Path, resume: bool = False) -> Path | None:
-    """Keep a context ceiling beside the lens at `lens_dir` when `cfg` has a warm start; returns
-    the ceiling directory, or None without one.
+    """Keep a context ceiling beside the lens at `lens_dir` when `cfg` has a warm start or starts
+    from a lens; returns the ceiling directory, or None without one.
+
+    A lens started from another (`train.init_from`, no warm start) keeps that one's ceiling when
+    it fits (same T_text and E shape): the ceiling reads the true context, never the lens's
+    weights.
 
     A warm start on the context tokens ending at P (`warm_start`) trained an E on exactly those
     tokens: that E is the ceiling (unless it read them rotated, `train.encoder_rotate`). Any other
@@ -496,7 +500,8 @@ def keep_context_ceiling(cfg: LensConfig, lens_dir: Path, resume: bool = False) 
     """
     warm = cfg.train.warm_start
     if not warm.steps:
-        return None
+        init = cfg.train.init_from
+        return None if init is None else copy_ceiling(init, lens_dir)
     if (ceiling_dir(lens_dir) / CEILING_CONFIG).is_file():
         return ceiling_dir(lens_dir)
     # A warm-start E that read the context rotated (`train.encoder_rotate`) is no ceiling, which
@@ -549,12 +554,7 @@ def train_ceiling(cfg: LensConfig, lens_dir: Path, resume: bool = False) -> Path
         raise LensError(
             "train-ceiling trains E alone in one process; set distributed.strategy=none."
         )
-    try:
-        own = config_from_dict(meta["config"]).train
-    except (LensError, KeyError, TypeError):
-        raise LensError(
-            f"Lens config '{lens_dir / CONFIG_FILE}' is damaged; save the lens again."
-        ) from None
+    own = _saved_config(lens_dir, meta).train
     update = {key: getattr(own, key) for key in _E_SHAPE}
     update.update(
         objective="context_ceiling",

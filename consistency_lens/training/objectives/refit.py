@@ -7,8 +7,9 @@ GRPO trains E on D's sampled texts at temperature 1, while a lens with `decode.s
 texts E was never trained on. This objective closes that gap without changing a word of the
 explanations (the choice never reads E unless `decode.reconstruction` is set, which it refuses),
 and `train` gives the run the decode settings of the lens it starts from (`train.init_from`) for
-every key the config leaves unset, so every text figure of the lens stays as it was and only KL at P and FVE can move. The loss is
-the context ceiling's, on the shown text instead of the true context.
+every key the config leaves unset, so every text figure of the lens stays as it was and only KL
+at P and FVE can move. The loss is the context ceiling's, on the shown text instead of the true
+context.
 """
 
 from __future__ import annotations
