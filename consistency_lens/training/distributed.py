@@ -7,7 +7,7 @@ The trainer talks to one `Engine`; `wrap_for_strategy` picks it from `distribute
   last micro-batch of a step, so gradients are all-reduced once per optimizer step.
 - `fsdp`: FSDP2 `fully_shard` on E's blocks, then D, E and the lens; only trainable parameters are
   sharded (the frozen base stays replicated), bf16 compute with fp32 reduction on CUDA.
-- `deepspeed`: `deepspeed.initialize` with ZeRO stage 1/2/3 from `distributed.deepspeed_config`.
+- `deepspeed`: `deepspeed.initialize` with ZeRO stage 1 or 2 from `distributed.deepspeed_config`.
 
 Data: every rank walks the same (seed, epoch) permutation and takes its slice of each global batch,
 so a step sees the same samples whatever the world size. Gumbel noise comes from per-rank seeds.
@@ -194,6 +194,14 @@ class DdpEngine(_Collective):
         return contextlib.nullcontext() if final else self.model.no_sync()
 
 
+# The methods through which objectives run D and E besides `forward`; a method that calls
+# another of them would gather twice, so D's `generate` is covered by `write`, which it calls.
+_FSDP_ENTRY_POINTS = {
+    "decoder": ("generate_soft", "teacher_forced_logits", "write"),
+    "encoder": ("encode_ids",),
+}
+
+
 class FsdpEngine(_Collective):
     """FSDP2 `fully_shard` of E's blocks, then D, E and the lens (trainable weights only)."""
 
@@ -237,9 +245,13 @@ class FsdpEngine(_Collective):
         shard(lens.decoder, reshard_after_forward=False)
         shard(lens.encoder, reshard_after_forward=False)
         fully_shard(step, mesh=mesh, mp_policy=mp, ignored_params=ignored)
-        # D generates through `generate_soft`, not `forward`; FSDP must gather around it too.
-        if hasattr(lens.decoder, "unshard"):
-            register_fsdp_forward_method(lens.decoder, "generate_soft")
+        # D and E run through methods other than `forward` (the objectives' entry points; D's
+        # `generate` writes through `write`); FSDP must gather around each of them too.
+        for part, methods in _FSDP_ENTRY_POINTS.items():
+            module = getattr(lens, part)
+            if hasattr(module, "unshard"):
+                for method in methods:
+                    register_fsdp_forward_method(module, method)
         super().__init__(lens, cfg, step)
 
     def micro_batch(self, final: bool) -> contextlib.AbstractContextManager:
@@ -281,7 +293,7 @@ class FsdpEngine(_Collective):
 
 
 class DeepSpeedEngine(_Collective):
-    """`deepspeed.initialize` (ZeRO 1/2/3) with the lens's param groups and learning-rate schedule."""
+    """`deepspeed.initialize` (ZeRO 1/2) with the lens's param groups and learning-rate schedule."""
 
     own_format = "deepspeed"
 
@@ -294,12 +306,6 @@ class DeepSpeedEngine(_Collective):
                 "`pip install consistency-lens[deepspeed]`."
             ) from None
         ds_config = load_deepspeed_config(cfg, lens.device)
-        self.stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-        if self.stage == 3 and cfg.train.ema_decay is not None:
-            raise LensError(
-                "train.ema_decay needs full weights on every rank, which ZeRO stage 3 does not "
-                "keep; use ZeRO stage 1 or 2, or distributed.strategy=fsdp."
-            )
         self.lens, self.cfg = lens, cfg
         base, scheduler = build_optimizer(lens.param_groups(), cfg.train)
         optimizer = base
@@ -345,17 +351,6 @@ class DeepSpeedEngine(_Collective):
     def step(self) -> None:
         """Taken in `backward` at the accumulation boundary (optimizer and schedule together)."""
 
-    @contextlib.contextmanager
-    def gathered(self, ema: Ema | None = None) -> Iterator[None]:
-        """Under ZeRO-3, gather the partitioned parameters for plain calls."""
-        if self.stage != 3:
-            yield
-            return
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(self.lens.parameters()), modifier_rank=None):
-            yield
-
     def write_own(self, directory: Path) -> None:
         """DeepSpeed's own checkpoint files (every rank its partition) under `directory`."""
         self.model.save_checkpoint(str(directory), tag=self.own_format, save_latest=False)
@@ -376,6 +371,15 @@ def load_deepspeed_config(cfg: LensConfig, device: torch.device) -> dict:
         raise LensError(f"distributed.deepspeed_config '{path}' cannot be read ({err}).") from None
     if not isinstance(ds_config, dict):
         raise LensError(f"distributed.deepspeed_config '{path}' must hold a YAML mapping.")
+    stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        # Stage 3 partitions every parameter between forwards, and D, E and M read theirs outside
+        # one (D writes through `generate`, M's width is read off its embedding): it never ran.
+        raise LensError(
+            f"distributed.deepspeed_config '{path}' sets ZeRO stage {stage}, but the lens runs "
+            "under stage 0, 1 or 2; set zero_optimization.stage to 2, or shard parameters with "
+            "distributed.strategy=fsdp."
+        )
     for key in ("optimizer", "scheduler"):
         if key in ds_config:
             raise LensError(

@@ -475,8 +475,19 @@ def train(cfg: LensConfig, resume: bool = False) -> TrainResult:
     finished) in `<run_dir>/warm_start`, and the main objective starts from its lens. A lens
     started from `train.init_from` keeps that lens's context ceiling when it fits.
     """
-    phase = _after_warm_start(cfg, resume) if cfg.train.warm_start.steps else cfg
-    result = _train_phase(phase, resume)
+    clean = False
+    try:
+        phase = _after_warm_start(cfg, resume) if cfg.train.warm_start.steps else cfg
+        result = _train_phase(phase, resume)
+        clean = True
+    except TrainingStopped:
+        clean = True  # every rank stopped at the same step
+        raise
+    finally:
+        # One process group for both phases: under torchrun a group joined again after
+        # `destroy_process_group` reads the agent's store, which still holds the first group's
+        # addresses, and gloo then connects to ports closed since (most runs failed).
+        dist.teardown(barrier=clean)
     # The process group is gone by now; torchrun's RANK says which process writes.
     if int(os.environ.get("RANK", "0")) == 0:
         keep_context_ceiling(cfg, result.lens_dir, resume)
@@ -633,7 +644,6 @@ def _train_phase(cfg: LensConfig, resume: bool) -> TrainResult:
     """One training run of `cfg.train.objective` in `cfg.train.run_dir`."""
     cfg = cfg.model_copy(update={"device": dist.setup(cfg.distributed.strategy, cfg.device)})
     run: _Run | None = None
-    clean = False
     owner = contextlib.ExitStack()
     try:
         run_dir = Path(cfg.train.run_dir)
@@ -671,12 +681,10 @@ def _train_phase(cfg: LensConfig, resume: bool) -> TrainResult:
                 lens_dir = _save_final(run) if main else lens_dir
         state = run.state
         result = TrainResult(run_dir, state.step, lens_dir, state.bad_batches, run.last_val)
-        clean = True
     finally:
         # Also when the loop raises (e.g. too many bad batches): a DDP module that outlives its
-        # process group aborts the interpreter at exit. No barrier then: a rank may be gone.
+        # process group aborts the interpreter at exit (`train` leaves the group afterwards).
         _drop_models(run)
-        dist.teardown(barrier=clean)
         owner.close()
     if not finished:
         raise TrainingStopped(stop.signal_name or "SIGTERM", result.steps)

@@ -1,8 +1,11 @@
-"""torchrun entry for the distributed tests: `consistency-lens train` with noiseless Gumbel-Softmax
-and a well-conditioned AdamW.
+"""torchrun entry for the distributed tests: `consistency-lens train` with Gumbel noise that is
+the same in one process and on 2 ranks, and a well-conditioned AdamW.
 
-Each rank draws its own Gumbel noise (per-rank seeds), so only without noise can a multi-process
-step be compared with one process on the same global batch; the straight-through estimator stays.
+Each rank draws its own Gumbel noise (per-rank seeds) by design, so a multi-process step can be
+compared with one process on the same global batch only under noise that does not depend on the
+rank: here noise fixed per row parity (`parity_noise`), which still leaves GRPO's samples of one
+activation different from each other (with none they would all be D's greedy text, and GRPO
+would train D on nothing); the straight-through estimator stays.
 """
 
 from __future__ import annotations
@@ -24,9 +27,15 @@ from consistency_lens.training import distributed
 ADAM_EPS = 1e-5
 
 
-def noiseless(like: torch.Tensor) -> torch.Tensor:
-    """Gumbel noise left out (zeros): D's draw is the hard argmax, its gradient softmax(logits/tau)."""
-    return torch.zeros_like(like)
+def parity_noise(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gumbel noise fixed per (row parity, token): the same rows of a global batch get the same
+    noise in one process and on 2 ranks (each rank takes a contiguous slice of an even size), and
+    GRPO's samples of one activation (rows i*k + j, k even) alternate between the two rows."""
+    rows = torch.Generator().manual_seed(0)
+    table = torch.rand(2, like.shape[-1], generator=rows).log_().neg_().log_().neg_()
+    flat = like.reshape(-1, like.shape[-1])
+    noise = table[torch.arange(flat.shape[0]) % 2]
+    return noise.reshape(like.shape).to(like.device)
 
 
 def coarse_eps(build: Callable[..., tuple]) -> Callable[..., tuple]:
@@ -43,6 +52,6 @@ def coarse_eps(build: Callable[..., tuple]) -> Callable[..., tuple]:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    decoder.gumbel_noise = noiseless
+    decoder.gumbel_noise = parity_noise
     distributed.build_optimizer = coarse_eps(distributed.build_optimizer)
     main()

@@ -15,6 +15,7 @@ from consistency_lens.cli import main
 from consistency_lens.config import LensConfig, config_from_dict, load_config
 from consistency_lens.data.collate import CollateFn
 from consistency_lens.data.dump import dump_activations
+from consistency_lens.errors import LensError
 from consistency_lens.models.ceiling import (
     CEILING_CONFIG,
     CEILING_WEIGHTS,
@@ -66,6 +67,16 @@ def test_ceiling_objective_reads_the_true_last_tokens_and_trains_e_only(tiny_lla
         torch.testing.assert_close(objective.reconstruct(lens, batch), hand, rtol=1e-4, atol=1e-5)
         assert not torch.equal(hand, lens.reconstruct(batch.A)[1])
     assert_e_alone_learns(lens, objective, batch, out, mse_weight=2.0)
+
+
+def test_ceiling_objective_refuses_a_strategy(tiny_llama_dir):
+    # D's weights are trainable but unused: DDP would wait forever for their gradients.
+    lens = _lens(tiny_llama_dir)
+    cfg = lens.cfg.model_copy(
+        update={"distributed": lens.cfg.distributed.model_copy(update={"strategy": "ddp"})}
+    )
+    with pytest.raises(LensError, match="context_ceiling trains E alone in one process"):
+        build_objective(lens, cfg)
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,10 @@
 """Multi-process training on CPU (gloo, 2 ranks under torchrun): DDP, FSDP2, DeepSpeed, resharding.
 
-Every multi-process run is compared with one process on the same global batch. Gumbel noise is left
-out in both (tests/training/dist_entry.py), because each rank draws its own noise by design, and
-both use AdamW with eps=1e-5 (`coarse_eps`): with the default 1e-8 a near-zero gradient entry
-amplifies float reduction-order differences up to lr/eps = 1e6 times into the weights.
+Every multi-process run is compared with one process on the same global batch. Both use Gumbel
+noise fixed per row parity (tests/training/dist_entry.py), because each rank draws its own noise
+by design, and both use AdamW with eps=1e-5 (`coarse_eps`): with the default 1e-8 a near-zero
+gradient entry amplifies float reduction-order differences up to lr/eps = 1e6 times into the
+weights.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import free_port, tiny_dump_config, tiny_train_config
-from dist_entry import coarse_eps, noiseless
+from dist_entry import coarse_eps, parity_noise
 from safetensors.torch import load_file
 
 from consistency_lens.config import config_from_dict
@@ -85,8 +86,9 @@ def _torchrun(
     nproc: int = RANKS,
     resume: bool = False,
     extra: tuple[str, ...] = (),
+    recipe: dict | None = None,
 ) -> subprocess.CompletedProcess:
-    train = _train_cfg(run_dir, mode, steps, BATCH * RANKS // nproc, strategy)
+    train = _train_cfg(run_dir, mode, steps, BATCH * RANKS // nproc, strategy) | (recipe or {})
     cmd = [
         sys.executable,
         "-m",
@@ -118,13 +120,20 @@ def _torchrun(
 
 
 def _single(
-    base: dict, run_dir: Path, monkeypatch, *, mode: str = "full", steps: int = 2, resume=False
+    base: dict,
+    run_dir: Path,
+    monkeypatch,
+    *,
+    mode: str = "full",
+    steps: int = 2,
+    resume=False,
+    recipe: dict | None = None,
 ) -> None:
-    monkeypatch.setattr(decoder, "gumbel_noise", noiseless)
+    monkeypatch.setattr(decoder, "gumbel_noise", parity_noise)
     # The same AdamW eps as the torchrun side (dist_entry); wrapping a wrapped builder only sets
     # eps again, so repeated calls in one monkeypatch context are harmless.
     monkeypatch.setattr(distributed, "build_optimizer", coarse_eps(distributed.build_optimizer))
-    train = _train_cfg(run_dir, mode, steps, BATCH * RANKS, "none")
+    train = _train_cfg(run_dir, mode, steps, BATCH * RANKS, "none") | (recipe or {})
     trainer.train(config_from_dict({**base, "train": train}), resume=resume)
 
 
@@ -142,7 +151,8 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], initia
 
 @pytest.fixture(scope="module")
 def reference(dumped, tmp_path_factory) -> dict[str, Path]:
-    """Single-process runs (global batch, noiseless) of 2 steps per mode, and their step-0 weights."""
+    """Single-process runs (global batch, parity noise) of 2 steps per mode, and their step-0
+    weights."""
     out = {}
     with pytest.MonkeyPatch.context() as mp:
         for mode in ("full", "frozen_base"):
@@ -224,6 +234,57 @@ def test_deepspeed_zero2_smoke(dumped, reference, tmp_path):
     )
 
 
+# The readable-lens recipe in small (config/demo.yaml's shape): a warm start on the context and
+# M's prediction, then GRPO from it in the same job; LoRA, A written after block 1, both
+# rotations. D runs through `write`, `teacher_forced_logits` and (reference KL) swapped weights,
+# E through `encode_ids`: none of them is `forward`, which is all FSDP gathers by itself.
+RECIPE = {
+    "objective": "grpo",
+    "inject_layer": 1,
+    "decoder_rotate": 1,
+    "encoder_rotate": 1,
+    "warm_start": {"steps": 2, "objective": "warm_start_predict", "alpha": 0.0},
+    "predict": {"tokens": 1},
+    "rl": {"samples": 2, "kl_ref": 0.5},
+}
+
+
+@pytest.fixture(scope="module")
+def recipe_reference(dumped, tmp_path_factory) -> Path:
+    """The recipe in one process on the global batch; the process group is left once, at the end."""
+    run_dir = tmp_path_factory.mktemp("recipe") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        left = []
+        mp.setattr(dist, "teardown", lambda barrier=True: left.append(barrier))
+        _single(dumped, run_dir, mp, mode="lora", recipe=RECIPE)
+    assert left == [True]
+    return run_dir
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed"])
+def test_readable_recipe_on_two_ranks_matches_one_process(
+    dumped, recipe_reference, tmp_path, strategy
+):
+    run_dir = tmp_path / "run"
+    config = Path(__file__).parents[2] / "config" / "ds_stage2.yaml"
+    extra = (f"distributed.deepspeed_config={config}",) if strategy == "deepspeed" else ()
+    _torchrun(dumped, run_dir, strategy=strategy, mode="lora", recipe=RECIPE, extra=extra)
+    warm = trainer.WARM_START_DIR
+    for lens in (Path(warm) / "lens", Path("lens")):
+        ours = load_file(str(run_dir / lens / "lens.safetensors"))
+        theirs = load_file(str(recipe_reference / lens / "lens.safetensors"))
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5, msg=key)
+    # GRPO moved D away from its warm start (its samples of one activation differ), so the
+    # comparison above covers D's policy gradient, not only E's regression.
+    start = load_file(str(recipe_reference / warm / "lens" / "lens.safetensors"))
+    moved = [k for k in start if k.startswith("decoder.") and not torch.equal(start[k], ours[k])]
+    assert moved
+    records = [r for r in MetricsFile(run_dir / METRICS).read() if r["kind"] == "train"]
+    assert [r["step"] for r in records] == [1, 2] and all(r["kl_ref"] >= 0 for r in records)
+
+
 def test_strategy_without_torchrun_is_refused(dumped, tmp_path, monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
@@ -231,6 +292,17 @@ def test_strategy_without_torchrun_is_refused(dumped, tmp_path, monkeypatch):
     cfg = config_from_dict({**dumped, "train": train, "distributed": {"strategy": "ddp"}})
     with pytest.raises(LensError, match="must be launched with torchrun"):
         trainer.train(cfg)
+
+
+def test_deepspeed_zero3_is_refused_in_one_sentence(dumped, tmp_path):
+    shipped = Path(__file__).parents[2] / "config" / "ds_stage2.yaml"
+    stage3 = tmp_path / "ds3.yaml"
+    stage3.write_text(shipped.read_text().replace("stage: 2", "stage: 3"))
+    cfg = config_from_dict({**dumped, "distributed": {"deepspeed_config": str(stage3)}})
+    with pytest.raises(LensError, match="sets ZeRO stage 3, but the lens runs under stage 0, 1"):
+        distributed.load_deepspeed_config(cfg, torch.device("cpu"))
+    cfg = config_from_dict({**dumped, "distributed": {"deepspeed_config": str(shipped)}})
+    assert distributed.load_deepspeed_config(cfg, torch.device("cpu"))["zero_optimization"]
 
 
 def test_gpu_bench_runs_tiny_on_cpu(capsys):

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from consistency_lens.config import LensConfig
 from consistency_lens.data.collate import Batch
+from consistency_lens.errors import LensError
 from consistency_lens.models.patching import patched_kl
 from consistency_lens.training.objectives import (
     Objective,
@@ -33,6 +35,15 @@ class ContextCeilingObjective(Objective):
         "kl_e": "KL at P with E(true context tokens) patched in",
         "alpha": "KL weight α",
     }
+
+    def __init__(self, lens, cfg: LensConfig):
+        super().__init__(lens, cfg)
+        if cfg.distributed.strategy != "none":
+            # D's weights are trainable but unused: DDP would wait for their gradients.
+            raise LensError(
+                f"train.objective={self.name} trains E alone in one process; set "
+                "distributed.strategy=none."
+            )
 
     def __call__(self, lens, batch: Batch, step: StepInfo) -> ObjectiveOutput:
         """E on this batch's true last `t_text` context tokens."""

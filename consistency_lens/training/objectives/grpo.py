@@ -126,13 +126,24 @@ def swapped(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]) ->
     saved = {n: p.data for n, p in params.items()}
     torch.clear_autocast_cache()
     for n, p in params.items():
-        p.data = values[n]
+        p.data = _like(values[n], p)
     try:
         yield
     finally:
         torch.clear_autocast_cache()
         for n, p in params.items():
             p.data = saved[n]
+
+
+def _like(value: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+    """`value` as `param` holds it now: under FSDP2 the reference was kept as this rank's shard
+    (a DTensor) while D runs gathered, in its compute dtype (bf16 on CUDA)."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(value, DTensor) and not isinstance(param.data, DTensor):
+            value = value.full_tensor()
+    return value.to(param.dtype)
 
 
 @register("grpo")

@@ -40,12 +40,6 @@ class EncoderRefitObjective(ContextCeilingObjective):
                 "train.objective=encoder_refit re-fits the E of a saved lens to its texts; set "
                 "train.init_from=LENS_DIR (its decode settings are then the run's own)."
             )
-        if cfg.distributed.strategy != "none":
-            # D's weights are trainable but unused: DDP would wait for their gradients.
-            raise LensError(
-                "train.objective=encoder_refit trains E alone in one process; set "
-                "distributed.strategy=none."
-            )
         if cfg.decode.reconstruction:
             raise LensError(
                 "train.objective=encoder_refit needs decode.reconstruction=0: with it the text "
