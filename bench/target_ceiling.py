@@ -8,7 +8,7 @@ lens's own E also trains on the KL at P and on GRPO's samples, so this bounds th
 every lens.
 
 usage: OMP_NUM_THREADS=1 .venv/bin/python bench/target_ceiling.py [--corpora sotu,pydoc,...]
-           [--only 'context,k 1,...']
+           [--only context --only 'k 2, first' ...]
            key=value ...   (overrides on config/demo.yaml; train.steps and train.batch_size are
                             the budget of each E, as for the demo's ceiling: 200 and 8)
 Each target's E is trained from the same fresh E (same seed) on the train split of the config's
@@ -95,9 +95,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--corpora", default="sotu,pydoc,corpus_licenses")
     parser.add_argument(
         "--only",
-        default="",
-        help="train only the targets whose name starts with one of these, comma-separated "
-        "(e.g. 'context' for the context ceiling alone at train.t_text)",
+        action="append",
+        default=[],
+        help="train only the targets whose name starts with this (repeatable; target names hold "
+        "commas), e.g. 'context' for the context ceiling alone at train.t_text",
     )
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(["config/demo.yaml"], ["train.steps=200", *overrides])
@@ -119,7 +120,7 @@ def main(argv: list[str]) -> None:
     }
     results: dict[str, dict] = {}
     every = targets(fresh, cfg.train.t_text)
-    only = [part.strip() for part in args.only.split(",") if part.strip()]
+    only = [part.strip() for part in args.only if part.strip()]
     unknown = [part for part in only if not any(name.startswith(part) for name in every)]
     if unknown:
         parser.error(f"--only {unknown} names no target; they are: {list(every)}")
