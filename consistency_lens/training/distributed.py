@@ -194,8 +194,8 @@ class DdpEngine(_Collective):
         return contextlib.nullcontext() if final else self.model.no_sync()
 
 
-# The methods through which objectives run D and E besides `forward`; a method that calls
-# another of them would gather twice, so D's `generate` is covered by `write`, which it calls.
+# The methods through which objectives run D and E besides `forward` (D's `generate` runs
+# through `write`, which it calls).
 _FSDP_ENTRY_POINTS = {
     "decoder": ("generate_soft", "teacher_forced_logits", "write"),
     "encoder": ("encode_ids",),
@@ -371,12 +371,13 @@ def load_deepspeed_config(cfg: LensConfig, device: torch.device) -> dict:
         raise LensError(f"distributed.deepspeed_config '{path}' cannot be read ({err}).") from None
     if not isinstance(ds_config, dict):
         raise LensError(f"distributed.deepspeed_config '{path}' must hold a YAML mapping.")
-    stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
-    if stage not in (0, 1, 2):
+    zero = ds_config.get("zero_optimization") or {}
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else zero
+    if str(stage) not in ("0", "1", "2"):
         # Stage 3 partitions every parameter between forwards, and D, E and M read theirs outside
         # one (D writes through `generate`, M's width is read off its embedding): it never ran.
         raise LensError(
-            f"distributed.deepspeed_config '{path}' sets ZeRO stage {stage}, but the lens runs "
+            f"distributed.deepspeed_config '{path}' sets ZeRO stage {stage!r}, but the lens runs "
             "under stage 0, 1 or 2; set zero_optimization.stage to 2, or shard parameters with "
             "distributed.strategy=fsdp."
         )

@@ -136,13 +136,18 @@ def swapped(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]) ->
 
 
 def _like(value: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
-    """`value` as `param` holds it now: under FSDP2 the reference was kept as this rank's shard
-    (a DTensor) while D runs gathered, in its compute dtype (bf16 on CUDA)."""
+    """`value` as `param` holds it now: under FSDP2 the reference is kept as this rank's shard
+    (a DTensor) and gathered for a D that runs gathered, in its compute dtype (bf16 on CUDA)."""
     if torch.distributed.is_available():
         from torch.distributed.tensor import DTensor
 
-        if isinstance(value, DTensor) and not isinstance(param.data, DTensor):
-            value = value.full_tensor()
+        if isinstance(param.data, DTensor):
+            # FSDP2 gathers a sharded D from its own buffer, not from `.data`: the swap would be
+            # ignored and the reference KL would read D against itself.
+            raise RuntimeError("GRPO swaps its reference into D only while D is gathered.")
+        if isinstance(value, DTensor):
+            # Cast first: the gather then moves the compute dtype, not fp32.
+            return value.to(param.dtype).full_tensor()
     return value.to(param.dtype)
 
 
