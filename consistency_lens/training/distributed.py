@@ -105,6 +105,15 @@ class Engine:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(int(flag))
 
+    def mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Each metric averaged over the ranks, whose slices of a batch are equal: the global
+        batch's mean for a per-sample mean (a collective: all ranks call it)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return metrics
+        values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.lens.device)
+        dist.all_reduce(values)
+        return dict(zip(metrics, (values / dist.get_world_size()).tolist(), strict=True))
+
     def sharded_state(self, ema: Ema | None) -> dict:
         """The trainable weights, optimizer state and EMA as torch.distributed.checkpoint state."""
         from torch.distributed.checkpoint.state_dict import (

@@ -349,7 +349,9 @@ def _maybe_log(run: _Run, metrics: dict) -> None:
     step, tcfg = run.state.step, run.cfg.train
     run.logger.update(step, metrics)
     if step % tcfg.log_every == 0 or step == tcfg.steps:
-        run.logger.log(step, metrics)
+        # Logged curves are the global batch's, whatever the number of ranks (one all-reduce per
+        # logged step; the progress bar shows rank 0's slice in between).
+        run.logger.log(step, run.engine.mean_over_ranks(metrics))
 
 
 def _loop(run: _Run, stop: threading.Event) -> bool:
