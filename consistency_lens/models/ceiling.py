@@ -162,8 +162,8 @@ def _check_ceiling(path: Path, meta: dict, lens) -> None:
         )
     if not _intact(path, meta):
         raise LensError(
-            f"Ceiling weights '{path / CEILING_WEIGHTS}' are missing or corrupt (checksum mismatch); delete "
-            f"'{path}' and train it again with `consistency-lens train-ceiling`."
+            f"Ceiling weights '{path / CEILING_WEIGHTS}' are missing or corrupt (checksum "
+            f"mismatch); delete '{path}' and train it again with `consistency-lens train-ceiling`."
         )
 
 
