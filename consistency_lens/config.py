@@ -395,9 +395,13 @@ class LensConfig(_Strict):
     cache_dir: Path = Path("data/corpus")
     """Where tokenized corpora are cached as memory-mapped shards."""
     num_samples: int = Field(20000, ge=1)
-    """Training sequences to draw (one activation each)."""
+    """Training activations to draw (from `num_samples / positions_per_sequence` sequences)."""
+    positions_per_sequence: int = Field(1, ge=1)
+    """Positions P drawn per training sequence (distinct, fewer where a sequence has fewer): more
+    activations from a small corpus. The val split keeps one per sequence, so its samples stay
+    independent, and train and val never share a sequence."""
     val_samples: int = Field(1000, ge=0)
-    """Validation sequences to draw (disjoint from training sequences)."""
+    """Validation sequences to draw (one activation each, disjoint from training sequences)."""
     seq_len: int = Field(128, ge=2)
     """Tokens per corpus sequence; P is drawn from `p_min <= P <= len - 2`."""
     p_min: int = Field(10, ge=0)
@@ -501,6 +505,7 @@ DUMP_KEYS = (
     "corpus_split",
     "text_column",
     "num_samples",
+    "positions_per_sequence",
     "val_samples",
     "shard_size",
     "max_norm_ratio",

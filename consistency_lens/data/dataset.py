@@ -87,11 +87,12 @@ class ActivationDataset(Dataset):
                 self.shards.append(_Shard(shard_path))
         sizes = np.asarray([len(s) for s in self.shards], np.int64)
         self._starts = np.concatenate([[0], np.cumsum(sizes)])
-        if self._starts[-1] < 2:
-            raise LensError(
-                f"Dump '{self.path}' holds fewer than 2 samples; A' needs another sequence."
-            )
         self.seq_index = np.concatenate([s.seq_index.numpy() for s in self.shards])
+        if np.unique(self.seq_index).size < 2:
+            raise LensError(
+                f"Dump '{self.path}' holds samples of fewer than 2 sequences; A' needs another "
+                "sequence."
+            )
         self.seed = seed
         self.set_epoch(0)
 
@@ -111,9 +112,14 @@ class ActivationDataset(Dataset):
         """Re-pair every sample with an A' from a different sequence, seeded by (seed, epoch)."""
         n = len(self)
         rng = np.random.default_rng([self.seed, epoch])
-        # An offset in 1..n-1 never pairs a sample with itself, and a dump holds one sample per
-        # sequence, so the partner always comes from another sequence.
-        self.partner = (np.arange(n) + 1 + rng.integers(0, n - 1, size=n)) % n
+        # An offset in 1..n-1 never pairs a sample with itself; a dump of several positions per
+        # sequence redraws the partners from the same sequence (with one, there are none).
+        partner = (np.arange(n) + 1 + rng.integers(0, n - 1, size=n)) % n
+        same = np.flatnonzero(self.seq_index[partner] == self.seq_index)
+        while same.size:
+            partner[same] = (same + 1 + rng.integers(0, n - 1, size=same.size)) % n
+            same = same[self.seq_index[partner[same]] == self.seq_index[same]]
+        self.partner = partner
 
     def __len__(self) -> int:
         return int(self._starts[-1])

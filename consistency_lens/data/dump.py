@@ -50,18 +50,19 @@ from consistency_lens.utils.io import (
 from consistency_lens.utils.lock import LOCK_FILE, dir_lock
 
 _FP16_MAX = 65504.0
+_HEADER_DEFAULTS = {"positions_per_sequence": 1}
 
 
 @dataclass
 class SplitPlan:
-    """Which sequences a split holds and the position P drawn for each."""
+    """Which samples a split holds: each one's sequence and the position P drawn in it."""
 
     sequences: list[np.ndarray]
-    """Token ids of each sequence (BOS included when the tokenizer adds one)."""
+    """Token ids of each sample's sequence (BOS included when the tokenizer adds one)."""
     positions: np.ndarray
-    """P per sequence, uniform in `p_min <= P <= len - 2`."""
+    """P per sample, uniform in `p_min <= P <= len - 2` (distinct within a sequence)."""
     seq_index: np.ndarray
-    """Global index of each sequence in the corpus, for A' pairing across splits."""
+    """Global index of each sample's sequence in the corpus, for A' pairing across splits."""
 
 
 def _windows(
@@ -89,7 +90,8 @@ def plan_splits(
     The val split is the permutation's first `val_samples` sequences whatever `num_samples` is,
     so a val-only plan (eval on another corpus) needs only that many; its train plan is then cut
     to what the corpus holds and must not be written. A list of corpora is a mixture (`a+b`):
-    see `_choose`.
+    see `_choose`. With `positions_per_sequence` K > 1 each training sequence gives up to K
+    samples at distinct positions (val keeps one per sequence).
     """
     bos = [bos_id] if bos_id is not None else []
     p_min = cfg.p_min_effective
@@ -101,7 +103,7 @@ def plan_splits(
         )
     cut = [_windows(c, cfg.seq_len - len(bos), p_min + 2, bos) for c in corpora]
     skipped = sum(n for _, n in cut)
-    windows, chosen = _choose(cfg, parts, [w for w, _ in cut], splits)
+    windows, chosen = _choose(cfg, parts, [w for w, _ in cut], len(bos), splits)
     plans = {}
     for code, split in enumerate(SPLITS):
         rng = np.random.default_rng([cfg.seed, code])
@@ -110,7 +112,10 @@ def plan_splits(
             for i in chosen[split]
         ]
         highs = np.asarray([len(s) - 2 for s in seqs], np.int64)
-        positions = rng.integers(p_min, highs + 1) if seqs else np.zeros(0, np.int64)
+        if split == "train" and cfg.positions_per_sequence > 1:
+            positions = _distinct_positions(rng, chosen[split], highs, p_min)
+        else:
+            positions = rng.integers(p_min, highs + 1) if seqs else np.zeros(0, np.int64)
         plans[split] = SplitPlan(seqs, positions.astype(np.int64), chosen[split].astype(np.int64))
     # Disjoint by construction (two slices of one permutation); checked, since a leak is silent.
     if np.intersect1d(plans["train"].seq_index, plans["val"].seq_index).size:
@@ -118,35 +123,77 @@ def plan_splits(
     return plans, skipped
 
 
-def _order(
-    cfg: LensConfig, name: str, count: int, train: int, splits: tuple[str, ...], mixed: bool
+def _distinct_positions(
+    rng: np.random.Generator, seq_index: np.ndarray, highs: np.ndarray, p_min: int
 ) -> np.ndarray:
-    """The seeded permutation of a corpus's `count` sequences, after checking it holds enough
-    (`train` of them for the train split: all of `num_samples`, or a mixture part's share)."""
-    p_min = cfg.p_min_effective
+    """P for each sample, distinct among the samples of one sequence (`p_min <= P <= high`)."""
+    positions = np.zeros(len(seq_index), np.int64)
+    order = np.argsort(seq_index, kind="stable")
+    _, starts, counts = np.unique(seq_index[order], return_index=True, return_counts=True)
+    for start, count in zip(starts.tolist(), counts.tolist(), strict=True):
+        rows = order[start : start + count]
+        span = int(highs[rows[0]]) - p_min + 1
+        positions[rows] = p_min + rng.choice(span, size=count, replace=False)
+    return positions
+
+
+def _order(
+    cfg: LensConfig,
+    name: str,
+    usable: np.ndarray,
+    train: int,
+    splits: tuple[str, ...],
+    mixed: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The seeded permutation of a corpus's sequences, and how many training samples each of
+    the ones after the first `val_samples` gives (up to `positions_per_sequence`, of the
+    `usable` positions each has; the last cut so they give `train` in all: all of `num_samples`,
+    or a mixture part's share), after checking the corpus holds enough for `splits`."""
+    p_min, count, per = cfg.p_min_effective, len(usable), cfg.positions_per_sequence
     if not count:
         raise LensError(
             f"Corpus '{name}' has no text long enough for positions {p_min}..seq_len-2 "
             f"(each sequence needs at least {p_min + 2} tokens); lower p_min or use longer texts."
         )
+    order = np.random.default_rng(cfg.seed).permutation(count)
+    gives = np.minimum(usable[order[cfg.val_samples :]], per)
+    total = np.cumsum(gives)
     if "train" in splits:
-        wanted = cfg.val_samples + train
         share = f"its share of num_samples ({train})" if mixed else "num_samples"
-        needed, what = wanted, f"{share} + val_samples = {wanted}; lower them"
+        if per == 1:
+            wanted = cfg.val_samples + train
+            short = count < wanted
+            what = f"{share} + val_samples = {wanted}; lower them"
+        else:
+            short = (total[-1] if len(total) else 0) < train
+            what = (
+                f"val_samples ({cfg.val_samples}) and {share} at positions_per_sequence={per}; "
+                "lower them, raise positions_per_sequence"
+            )
     else:
-        needed, what = cfg.val_samples, f"val_samples = {cfg.val_samples}; lower it"
-    if count < needed:
+        short, what = count < cfg.val_samples, f"val_samples = {cfg.val_samples}; lower it"
+    if short:
         raise LensError(
             f"Corpus '{name}' yields {count} usable sequences of up to {cfg.seq_len} tokens, "
             f"fewer than {what} or use a bigger corpus."
         )
-    return np.random.default_rng(cfg.seed).permutation(count)
+    # A val-only plan's train samples are cut to what the corpus holds (never written).
+    taken = min(int(np.searchsorted(total, train)) + 1, len(total)) if train else 0
+    gives = gives[:taken].copy()
+    if taken:
+        gives[-1] -= max(int(total[taken - 1]) - train, 0)
+    return order, gives
 
 
 def _choose(
-    cfg: LensConfig, parts: list[str], cut: list[list[np.ndarray]], splits: tuple[str, ...]
+    cfg: LensConfig,
+    parts: list[str],
+    cut: list[list[np.ndarray]],
+    bos: int,
+    splits: tuple[str, ...],
 ) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
-    """The sequences of the corpus's parts, concatenated, and which of them each split holds.
+    """The sequences of the corpus's parts, concatenated, and which of them each split's samples
+    come from (a training sequence once per position drawn from it).
 
     Each part gives an equal share of `num_samples` and of `val_samples` (the first parts one
     more when they do not divide), so a single corpus gives them all. Every part is permuted
@@ -156,22 +203,31 @@ def _choose(
     and dataset parts are read only up to a cap set by num_samples + val_samples
     (`_shared_corpus`), so for them eval must also have the same num_samples and val_samples. A
     mixture's splits are then shuffled, so that any prefix of them (training's validation
-    batches) holds every part.
+    batches) holds every part; so is a train split of several positions per sequence, so that
+    a sequence's samples are spread over the epoch.
     """
     windows: list[np.ndarray] = []
     chosen: dict[str, list[int]] = {"val": [], "train": []}
-    k = len(parts)
+    k, p_min = len(parts), cfg.p_min_effective
     for j, (part, part_windows) in enumerate(zip(parts, cut, strict=True)):
         val_share = cfg.val_samples // k + (j < cfg.val_samples % k)
         train_share = cfg.num_samples // k + (j < cfg.num_samples % k)
-        order = _order(cfg, part, len(part_windows), train_share, splits, k > 1) + len(windows)
+        # Positions p_min..len-2 of each sequence (BOS included).
+        usable = np.asarray([len(w) + bos - 1 - p_min for w in part_windows], np.int64)
+        order, gives = _order(cfg, part, usable, train_share, splits, k > 1)
+        order = order + len(windows)
         chosen["val"] += order[:val_share].tolist()
-        chosen["train"] += order[cfg.val_samples : cfg.val_samples + train_share].tolist()
+        start = cfg.val_samples
+        chosen["train"] += np.repeat(order[start : start + len(gives)], gives).tolist()
         windows += part_windows
     picked = {split: np.asarray(chosen[split], np.int64) for split in SPLITS}
+    rng = np.random.default_rng([cfg.seed, len(SPLITS)])
     if k > 1:
-        rng = np.random.default_rng([cfg.seed, len(SPLITS)])
+        # Train first: its length is num_samples whatever positions_per_sequence is, so val's
+        # permutation is the same for every value.
         picked = {split: rng.permutation(picked[split]) for split in SPLITS}
+    elif cfg.positions_per_sequence > 1:
+        picked["train"] = rng.permutation(picked["train"])
     return windows, picked
 
 
@@ -358,14 +414,16 @@ def _resume_state(directory: Path, header: dict) -> list[dict]:
             f"Dump progress file '{progress}' is damaged; delete '{directory}' and dump again."
         )
     for key in RESUME_KEYS:
-        if old.get(key) != header.get(key):
+        # A dump made before a setting existed was made with its default.
+        made = old.get(key, _HEADER_DEFAULTS.get(key))
+        if made != header.get(key):
             if key == "plan_sha256":
                 raise LensError(
                     f"'{directory}' holds a dump of other sequences (the corpus content changed "
                     "since it was made); delete that directory or use another output_dir."
                 )
             raise LensError(
-                f"'{directory}' holds a dump made with {key}={old.get(key)!r}, not "
+                f"'{directory}' holds a dump made with {key}={made!r}, not "
                 f"{header.get(key)!r}; use another output_dir or delete that directory."
             )
     done = []

@@ -87,6 +87,10 @@ def split_header(
     """
     # The declared dump settings, as the config holds them; `p_min` as the dump applies it.
     declared = {_HEADER_NAMES.get(key, key): setting(dump_config(cfg), key) for key in DUMP_KEYS}
+    if split != "train":
+        # Val keeps one position per sequence whatever the config says (`dump.plan_splits`), so
+        # its header, and a val split dumped by eval for any lens, do not depend on it.
+        declared["positions_per_sequence"] = 1
     return {
         "format_version": FORMAT_VERSION,
         **declared,

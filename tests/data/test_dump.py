@@ -409,15 +409,21 @@ def test_a_mixture_takes_each_parts_share_and_never_a_sequence_of_a_parts_val_sp
         return [s.astype(np.int64).tobytes() for s in plan.sequences]
 
     train, val = seqs(plans["train"]), seqs(plans["val"])
+    # Two positions per sequence: half the sequences, the same val split.
+    two = plan_splits(mix.model_copy(update={"positions_per_sequence": 2}), corpora, None)[0]
+    train_two = seqs(two["train"])
+    assert seqs(two["val"]) == val and (two["val"].positions == plans["val"].positions).all()
     for j, (part, corpus) in enumerate(zip(parts, corpora, strict=True)):
         alone = _cfg(tmp_path, tiny_llama_dir, part, num_samples=21)
         own = plan_splits(alone, corpus, None)[0]
         own_val, own_train = set(seqs(own["val"])), set(seqs(own["train"]))
-        assert not own_val & set(train)
+        assert not own_val & set(train) and not own_val & set(train_two)
         # 21 train samples: 11 from the first part, 10 from the second, each from what a dump of
         # the part alone trains on; 8 val: 4 and 4, each from the part's own val split.
         assert sum(s in own_train for s in train) == (11, 10)[j]
+        assert sum(s in own_train for s in train_two) == (11, 10)[j]
         assert sum(s in own_val for s in val) == 4
+    assert len(set(train_two)) == 11  # 6 + 5 sequences
     assert len(train) == 21 and len(set(train)) == 21 and len(val) == 8
     assert not set(train) & set(val)
     # One dump of the mixture: its splits, named after both parts.
@@ -425,6 +431,70 @@ def test_a_mixture_takes_each_parts_share_and_never_a_sequence_of_a_parts_val_sp
     assert dirs["train"].name == f"{corpus_dir.name}+other_train"
     assert len(ActivationDataset(dirs["train"])) == 21
     assert len(ActivationDataset(dirs["val"])) == 8
+
+
+def test_positions_per_sequence_draws_distinct_positions_and_keeps_val_one_per_sequence(
+    tmp_path, tiny_llama_dir, corpus_dir
+):
+    """K positions per training sequence: K distinct P from each of the permutation's next
+    sequences, spread over the split, A still block L's output there, A' from another sequence;
+    the val split is the one-per-sequence dump's, byte for byte, its header saying so."""
+    one = _cfg(tmp_path / "one", tiny_llama_dir, corpus_dir, num_samples=30)
+    three = _cfg(
+        tmp_path / "three", tiny_llama_dir, corpus_dir, num_samples=30, positions_per_sequence=3
+    )
+    dirs_one, dirs = dump_activations(one), dump_activations(three)
+    assert assert_dump_is_block_output(tiny_llama_dir, three, dirs["train"]) == 30
+    train = ActivationDataset(dirs["train"], seed=1)
+    seqs, counts = np.unique(train.seq_index, return_counts=True)
+    assert counts.tolist() == [3] * 10
+    # The sequences a one-position dump trains on first (its split keeps the permutation's order).
+    assert set(seqs.tolist()) == set(ActivationDataset(dirs_one["train"]).seq_index[:10].tolist())
+    positions = {(int(s), len(train.sample(i)[0])) for i, s in enumerate(train.seq_index)}
+    assert len(positions) == 30
+    assert (np.diff(train.seq_index) != 0).sum() > 20  # not 10 runs of one sequence
+    for epoch in range(4):
+        train.set_epoch(epoch)
+        assert (train.seq_index[train.partner] != train.seq_index).all()
+    assert not set(seqs.tolist()) & set(ActivationDataset(dirs["val"]).seq_index.tolist())
+    for split, expected in (("train", 3), ("val", 1)):
+        meta = json.loads((dirs[split] / "metadata.json").read_text())
+        assert meta["positions_per_sequence"] == expected
+    for name in sorted(p.name for p in dirs_one["val"].glob("*.safetensors")):
+        a, b = load_file(dirs_one["val"] / name), load_file(dirs["val"] / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_positions_per_sequence_fills_num_samples_a_corpus_cannot_at_one(
+    tmp_path, tiny_llama_dir, corpus_dir
+):
+    """A corpus too small for num_samples at one position per sequence fills it at two; past what
+    two give, the refusal names the setting."""
+    from consistency_lens.data.corpus import tokenized_corpus
+    from consistency_lens.data.dump import plan_splits
+
+    cfg = _cfg(tmp_path, tiny_llama_dir, corpus_dir)
+    tokenizer = load_model(str(tiny_llama_dir)).tokenizer
+    corpus = tokenized_corpus(str(corpus_dir), tokenizer, cfg.cache_dir)
+    # A val-only plan's train samples are every sequence after the val split's.
+    everything = cfg.model_copy(update={"num_samples": 10**6})
+    rest = len(plan_splits(everything, corpus, None, ("val",))[0]["train"].sequences)
+    more = cfg.model_copy(update={"num_samples": rest + 1})
+    with pytest.raises(LensError, match="fewer than num_samples"):
+        plan_splits(more, corpus, None)
+    plan = plan_splits(more.model_copy(update={"positions_per_sequence": 2}), corpus, None)[0]
+    assert len(plan["train"].positions) == rest + 1
+    most = cfg.model_copy(update={"num_samples": 2 * rest + 1, "positions_per_sequence": 2})
+    with pytest.raises(LensError, match="at positions_per_sequence=2; lower them") as err:
+        plan_splits(most, corpus, None)
+    assert "\n" not in str(err.value)
+
+
+def test_a_split_of_one_sequence_is_refused_for_A_prime(tmp_path, tiny_llama_dir, corpus_dir):
+    cfg = _cfg(tmp_path, tiny_llama_dir, corpus_dir, num_samples=3, positions_per_sequence=3)
+    dirs = dump_activations(cfg)
+    with pytest.raises(LensError, match="fewer than 2 sequences; A' needs another sequence"):
+        ActivationDataset(dirs["train"])
 
 
 def test_a_mixture_part_too_small_is_named(tmp_path, tiny_llama_dir, corpus_dir):

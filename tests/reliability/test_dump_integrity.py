@@ -3,6 +3,7 @@ process owns a dump directory at a time."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -114,6 +115,7 @@ def _interrupted_dump(monkeypatch, base: dict) -> Path:
         ({"num_samples": 16}, "num_samples"),
         ({"seed": 1}, "seed"),
         ({"p_min": 5}, "p_min"),
+        ({"positions_per_sequence": 2}, "positions_per_sequence"),
     ],
 )
 def test_resume_with_other_sampling_settings_is_refused_and_writes_nothing(
@@ -125,6 +127,27 @@ def test_resume_with_other_sampling_settings_is_refused_and_writes_nothing(
     line = cli_error(capsys, _argv({**base, **change}), sole_error_line=True)
     assert f"made with {key}=" in line and "delete that directory" in line
     assert _snapshot(root) == before
+
+
+def test_a_dump_interrupted_before_positions_per_sequence_existed_resumes_as_one(
+    tmp_path, tiny_llama_dir, corpus_dir, monkeypatch
+):
+    """A progress header written before the setting existed meant one position per sequence:
+    the rerun resumes it (and ends equal to a lone run), where any other value is refused."""
+    base = _base(tmp_path / "old", tiny_llama_dir, corpus_dir)
+    _interrupted_dump(monkeypatch, base)
+    cfg = config_from_dict(base)
+    progress = split_of(cfg, "train") / "progress.json"
+    state = json.loads(progress.read_text())
+    del state["header"]["positions_per_sequence"]
+    progress.write_text(json.dumps(state))
+    with pytest.raises(LensError, match="made with positions_per_sequence=1, not 2"):
+        dump_activations(config_from_dict({**base, "positions_per_sequence": 2}))
+    dump_activations(cfg)
+    lone = config_from_dict(_base(tmp_path / "lone", tiny_llama_dir, corpus_dir))
+    dump_activations(lone)
+    for split in ("train", "val"):
+        assert _contents(split_of(cfg, split)) == _contents(split_of(lone, split))
 
 
 def test_resume_after_a_corpus_edit_is_refused(
