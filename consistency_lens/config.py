@@ -395,7 +395,7 @@ class LensConfig(_Strict):
     cache_dir: Path = Path("data/corpus")
     """Where tokenized corpora are cached as memory-mapped shards."""
     num_samples: int = Field(20000, ge=1)
-    """Training activations to draw (from `num_samples / positions_per_sequence` sequences)."""
+    """Training activations to draw (one or more per sequence: `positions_per_sequence`)."""
     positions_per_sequence: int = Field(1, ge=1)
     """Positions P drawn per training sequence (distinct, fewer where a sequence has fewer): more
     activations from a small corpus. The val split keeps one per sequence, so its samples stay

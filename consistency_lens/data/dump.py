@@ -158,18 +158,23 @@ def _order(
     order = np.random.default_rng(cfg.seed).permutation(count)
     gives = np.minimum(usable[order[cfg.val_samples :]], per)
     total = np.cumsum(gives)
-    if "train" in splits:
+    have = int(total[-1]) if len(total) else 0
+    if per > 1 and "train" in splits and count >= cfg.val_samples and have < train:
+        share = f"its share of num_samples ({train})" if mixed else f"num_samples ({train})"
+        # More positions per sequence help only where a sequence has positions left.
+        more = usable[order[cfg.val_samples :]] > per
+        fix = (
+            "lower num_samples, raise positions_per_sequence" if more.any() else "lower num_samples"
+        )
+        raise LensError(
+            f"Corpus '{name}' gives {have} training samples at positions_per_sequence={per} "
+            f"after its {cfg.val_samples} val sequences, fewer than {share}; {fix} or use a "
+            "bigger corpus."
+        )
+    if "train" in splits and per == 1:
         share = f"its share of num_samples ({train})" if mixed else "num_samples"
-        if per == 1:
-            wanted = cfg.val_samples + train
-            short = count < wanted
-            what = f"{share} + val_samples = {wanted}; lower them"
-        else:
-            short = (total[-1] if len(total) else 0) < train
-            what = (
-                f"val_samples ({cfg.val_samples}) and {share} at positions_per_sequence={per}; "
-                "lower them, raise positions_per_sequence"
-            )
+        wanted = cfg.val_samples + train
+        short, what = count < wanted, f"{share} + val_samples = {wanted}; lower them"
     else:
         short, what = count < cfg.val_samples, f"val_samples = {cfg.val_samples}; lower it"
     if short:
@@ -209,25 +214,31 @@ def _choose(
     windows: list[np.ndarray] = []
     chosen: dict[str, list[int]] = {"val": [], "train": []}
     k, p_min = len(parts), cfg.p_min_effective
+    single = 0  # the train split's length at one position per sequence
     for j, (part, part_windows) in enumerate(zip(parts, cut, strict=True)):
         val_share = cfg.val_samples // k + (j < cfg.val_samples % k)
         train_share = cfg.num_samples // k + (j < cfg.num_samples % k)
         # Positions p_min..len-2 of each sequence (BOS included).
         usable = np.asarray([len(w) + bos - 1 - p_min for w in part_windows], np.int64)
         order, gives = _order(cfg, part, usable, train_share, splits, k > 1)
+        single += min(train_share, max(len(part_windows) - cfg.val_samples, 0))
         order = order + len(windows)
         chosen["val"] += order[:val_share].tolist()
         start = cfg.val_samples
         chosen["train"] += np.repeat(order[start : start + len(gives)], gives).tolist()
         windows += part_windows
     picked = {split: np.asarray(chosen[split], np.int64) for split in SPLITS}
-    rng = np.random.default_rng([cfg.seed, len(SPLITS)])
+    if k > 1 or cfg.positions_per_sequence > 1:
+        picked["train"] = np.random.default_rng([cfg.seed, len(SPLITS)]).permutation(
+            picked["train"]
+        )
     if k > 1:
-        # Train first: its length is num_samples whatever positions_per_sequence is, so val's
-        # permutation is the same for every value.
-        picked = {split: rng.permutation(picked[split]) for split in SPLITS}
-    elif cfg.positions_per_sequence > 1:
-        picked["train"] = rng.permutation(picked["train"])
+        # Val's generator first draws what one position per sequence gives train (a val-only
+        # plan's train is cut to what the corpus holds, which depends on positions_per_sequence),
+        # so val is the same split for every value and every split asked for.
+        rng = np.random.default_rng([cfg.seed, len(SPLITS)])
+        rng.permutation(single)
+        picked["val"] = rng.permutation(picked["val"])
     return windows, picked
 
 

@@ -393,7 +393,7 @@ def test_a_mixture_takes_each_parts_share_and_never_a_sequence_of_a_parts_val_sp
     """`corpus=a+b`: an equal share of the samples from each part, the train split drawn from
     outside the val split a dump of that part alone has (what `eval corpus=a` reads)."""
     from consistency_lens.data.corpus import tokenized_corpus
-    from consistency_lens.data.dump import plan_splits
+    from consistency_lens.data.dump import plan_digest, plan_splits
 
     other = tmp_path / "other"
     other.mkdir()
@@ -424,6 +424,16 @@ def test_a_mixture_takes_each_parts_share_and_never_a_sequence_of_a_parts_val_sp
         assert sum(s in own_train for s in train_two) == (11, 10)[j]
         assert sum(s in own_val for s in val) == 4
     assert len(set(train_two)) == 11  # 6 + 5 sequences
+    # Eval's val-only plan, where the parts cannot give num_samples (so its train is cut to what
+    # each part holds, a length that depends on K): the same val split at every K.
+    big = mix.model_copy(update={"num_samples": 10**4})
+    vals = set()
+    for k in (1, 2, 3):
+        plan = plan_splits(
+            big.model_copy(update={"positions_per_sequence": k}), corpora, None, ("val",)
+        )
+        vals.add(plan_digest(plan[0]["val"]))
+    assert len(vals) == 1
     assert len(train) == 21 and len(set(train)) == 21 and len(val) == 8
     assert not set(train) & set(val)
     # One dump of the mixture: its splits, named after both parts.
@@ -485,7 +495,9 @@ def test_positions_per_sequence_fills_num_samples_a_corpus_cannot_at_one(
     plan = plan_splits(more.model_copy(update={"positions_per_sequence": 2}), corpus, None)[0]
     assert len(plan["train"].positions) == rest + 1
     most = cfg.model_copy(update={"num_samples": 2 * rest + 1, "positions_per_sequence": 2})
-    with pytest.raises(LensError, match="at positions_per_sequence=2; lower them") as err:
+    with pytest.raises(
+        LensError, match="training samples at positions_per_sequence=2 after its 8 val"
+    ) as err:
         plan_splits(most, corpus, None)
     assert "\n" not in str(err.value)
 
