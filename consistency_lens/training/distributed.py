@@ -106,13 +106,16 @@ class Engine:
         return bool(int(flag))
 
     def mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Each metric averaged over the ranks, whose slices of a batch are equal: the global
-        batch's mean for a per-sample mean (a collective: all ranks call it)."""
+        """Each float metric averaged over the ranks, whose slices of a batch are equal: the
+        global batch's mean for a per-sample mean (a collective: all ranks call it). Integer
+        metrics are counts the ranks agree on (`bad_batches`) and are kept as they are."""
         if not (dist.is_available() and dist.is_initialized()):
             return metrics
-        values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.lens.device)
+        means = {k: v for k, v in metrics.items() if not isinstance(v, int)}
+        values = torch.tensor(list(means.values()), dtype=torch.float64, device=self.lens.device)
         dist.all_reduce(values)
-        return dict(zip(metrics, (values / dist.get_world_size()).tolist(), strict=True))
+        averaged = (values / dist.get_world_size()).tolist()
+        return {**metrics, **dict(zip(means, averaged, strict=True))}
 
     def sharded_state(self, ema: Ema | None) -> dict:
         """The trainable weights, optimizer state and EMA as torch.distributed.checkpoint state."""

@@ -292,6 +292,8 @@ def test_readable_recipe_on_two_ranks_matches_one_process(
     for ours, theirs in zip(records, alone, strict=True):
         for term in ("pg", "kl_ref", "reward", "grad_norm", "lr"):
             assert ours[term] == pytest.approx(theirs[term], rel=1e-3, abs=1e-5), term
+        # A count the ranks agree on is logged as one process logs it, not averaged to a float.
+        assert type(ours["bad_batches"]) is int and ours["bad_batches"] == theirs["bad_batches"]
 
 
 def test_strategy_without_torchrun_is_refused(dumped, tmp_path, monkeypatch):
