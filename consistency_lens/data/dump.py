@@ -156,16 +156,15 @@ def _order(
             f"(each sequence needs at least {p_min + 2} tokens); lower p_min or use longer texts."
         )
     order = np.random.default_rng(cfg.seed).permutation(count)
-    gives = np.minimum(usable[order[cfg.val_samples :]], per)
+    rest = usable[order[cfg.val_samples :]]  # the sequences train may draw from, in order
+    gives = np.minimum(rest, per)
     total = np.cumsum(gives)
     have = int(total[-1]) if len(total) else 0
     if per > 1 and "train" in splits and count >= cfg.val_samples and have < train:
         share = f"its share of num_samples ({train})" if mixed else f"num_samples ({train})"
         # More positions per sequence help only where a sequence has positions left.
-        more = usable[order[cfg.val_samples :]] > per
-        fix = (
-            "lower num_samples, raise positions_per_sequence" if more.any() else "lower num_samples"
-        )
+        more = (rest > per).any()
+        fix = "lower num_samples, raise positions_per_sequence" if more else "lower num_samples"
         raise LensError(
             f"Corpus '{name}' gives {have} training samples at positions_per_sequence={per} "
             f"after its {cfg.val_samples} val sequences, fewer than {share}; {fix} or use a "

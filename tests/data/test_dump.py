@@ -25,7 +25,7 @@ from consistency_lens.data.collate import CollateFn
 from consistency_lens.data.dataset import ActivationDataset
 from consistency_lens.data.dump import dump_activations
 from consistency_lens.errors import LensError
-from consistency_lens.models.loading import load_model
+from consistency_lens.models.loading import load_model, load_tokenizer
 
 
 def _cfg(tmp_path: Path, model_dir: Path, corpus: Path, **over) -> object:
@@ -484,8 +484,7 @@ def test_positions_per_sequence_fills_num_samples_a_corpus_cannot_at_one(
     from consistency_lens.data.dump import plan_splits
 
     cfg = _cfg(tmp_path, tiny_llama_dir, corpus_dir)
-    tokenizer = load_model(str(tiny_llama_dir)).tokenizer
-    corpus = tokenized_corpus(str(corpus_dir), tokenizer, cfg.cache_dir)
+    corpus = tokenized_corpus(str(corpus_dir), load_tokenizer(str(tiny_llama_dir)), cfg.cache_dir)
     # A val-only plan's train samples are every sequence after the val split's.
     everything = cfg.model_copy(update={"num_samples": 10**6})
     rest = len(plan_splits(everything, corpus, None, ("val",))[0]["train"].sequences)
