@@ -50,6 +50,9 @@ def specificity(
 
     A rate is (explanation words found in the bucket) / (explanation words), pooled over samples;
     `perm[i]` is the sample whose buckets explanation i is compared with under the derangement.
+    The `texts_*` keys are the per-text rate beside it: the share of explanations (content-free
+    ones included) with at least one word in the bucket. The word rate falls as texts grow
+    longer for the same hits; the text rate does not, so lenses of two `t_text` compare on it.
     `per_sample` holds each sample's word count and hits, so two lenses compare paired.
     """
     n = len(explanations)
@@ -82,8 +85,16 @@ def specificity(
                     pooled_difference, own, other, count, resamples=resamples, seed=seed
                 )
             )
+            named = (own > 0).double() - (other > 0).double()
+            row["texts_own"] = float((own > 0).double().mean())
+            row["texts_deranged"] = float((other > 0).double().mean())
+            row["texts_difference"] = float(named.mean())
+            row["texts_difference_ci"] = list(metrics.mean_ci(named, resamples, seed))
         else:
-            row.update(deranged=float("nan"), difference=float("nan"), difference_ci=[])
+            nan = float("nan")
+            row.update(deranged=nan, difference=nan, difference_ci=[])
+            row.update(texts_own=nan, texts_deranged=nan, texts_difference=nan)
+            row["texts_difference_ci"] = []
         out["buckets"][name] = row
     return out
 

@@ -43,7 +43,9 @@ SPEC_NOTE = (
     "and digits only, stop-words dropped) found in its own sample's context window ending at P, "
     "its next corpus tokens after P, or M's top-5 predictions at P (own), against the same share "
     "in another sample's under the derangement (deranged). A positive difference with a CI above "
-    "zero means the texts are about their own sample; a collapsed lens scores exactly 0."
+    "zero means the texts are about their own sample; a collapsed lens scores exactly 0. The "
+    "texts columns count explanations with at least one word in the bucket, a rate that does not "
+    "fall as texts grow longer (compare lenses of two text lengths on it)."
 )
 
 
@@ -181,6 +183,11 @@ def _spec_table(spec: dict) -> tuple[str, list[str], list[list[Any]], str]:
                 row["deranged"],
                 row["difference"],
                 ci_text(row["difference_ci"]),
+                # Results written before the per-text rate existed lack it: n/a.
+                row.get("texts_own", float("nan")),
+                row.get("texts_deranged", float("nan")),
+                row.get("texts_difference", float("nan")),
+                ci_text(row.get("texts_difference_ci", [])),
             ]
         )
     note = (
@@ -190,7 +197,17 @@ def _spec_table(spec: dict) -> tuple[str, list[str], list[list[Any]], str]:
     )
     if spec.get("unavailable"):
         note += f" Unavailable: {spec['unavailable']}."
-    headers = ["bucket", "own", "deranged", "difference", "95% CI"]
+    headers = [
+        "bucket",
+        "words own",
+        "words deranged",
+        "difference",
+        "95% CI",
+        "texts own",
+        "texts deranged",
+        "texts difference",
+        "texts 95% CI",
+    ]
     return ("Specificity of explanations", headers, rows, note)
 
 

@@ -83,6 +83,30 @@ def test_specificity_copying_explanations_beat_their_derangement():
     assert rows["words"] == [1] * 10
     assert rows["own"]["context"] == [1] * 10 and rows["deranged"]["context"] == [0] * 10
     assert rows["own"]["top5"] == [0] * 10 and rows["own"]["any"] == [1] * 10
+    # Every text names its own context and none another's: the per-text rate agrees exactly.
+    assert (ctx["texts_own"], ctx["texts_deranged"], ctx["texts_difference"]) == (1.0, 0.0, 1.0)
+    assert ctx["texts_difference_ci"] == [1.0, 1.0]
+
+
+def test_specificity_per_text_rate_does_not_fall_with_longer_texts():
+    # Two lenses name each sample's own top-5 word exactly once. The long lens adds two words
+    # from no bucket, so its pooled word rate is a third of the short lens's; its text rate is
+    # the same. Sample 3's text has no content word at all and counts as a text without a hit.
+    top5 = [{f"w{i}"} for i in range(6)]
+    buckets = {"context": [set()] * 6, "next_tokens": [set()] * 6, "top5": top5}
+    short = [{f"w{i}"} for i in range(6)]
+    long = [{f"w{i}", f"pad{i}", f"fill{i}"} for i in range(6)]
+    short[3], long[3] = set(), set()
+    perm = derangement(6, 0)
+    a = specificity(short, buckets, perm, resamples=200, seed=0)["buckets"]["top5"]
+    b = specificity(long, buckets, perm, resamples=200, seed=0)["buckets"]["top5"]
+    assert (a["own"], a["deranged"]) == (1.0, 0.0)  # 5 hits / 5 words
+    assert b["own"] == 5 / 15 and b["deranged"] == 0.0
+    for row in (a, b):
+        assert row["texts_own"] == 5 / 6 and row["texts_deranged"] == 0.0
+        assert row["texts_difference"] == 5 / 6
+        lo, hi = row["texts_difference_ci"]
+        assert 0 < lo <= 5 / 6 <= hi == 1.0
 
 
 def test_specificity_of_a_collapsed_lens_is_exactly_zero():
@@ -97,6 +121,8 @@ def test_specificity_of_a_collapsed_lens_is_exactly_zero():
     out = specificity(explanations, buckets, derangement(12, 3), resamples=200, seed=0)
     ctx = out["buckets"]["context"]
     assert ctx["own"] == 0.5 and ctx["deranged"] == 0.5 and ctx["difference"] == 0.0
+    assert ctx["texts_own"] == 0.5 and ctx["texts_deranged"] == 0.5
+    assert ctx["texts_difference"] == 0.0
     own, der = out["per_sample"]["own"]["context"], out["per_sample"]["deranged"]["context"]
     assert own == [i % 2 for i in range(12)] and sum(der) == 6
     lo, hi = ctx["difference_ci"]
@@ -150,6 +176,7 @@ def test_constant_mean_row_equals_a_hand_computation(setup):
     assert lo <= margin["fve"]["value"] <= hi
     table = markdown_tables(results)
     assert "constant Â = train mean" in table and "Specificity of explanations" in table
+    assert "texts own" in table
 
 
 def test_shuffled_is_a_derangement_of_the_whole_set_whatever_the_batch_size(setup):
