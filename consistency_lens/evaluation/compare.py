@@ -63,7 +63,8 @@ def compare_results(
 ) -> dict:
     """Paired differences B − A of two eval results on the same samples, with bootstrap CIs that
     resample the samples jointly: KL at P, FVE, the top-5 bucket's own − deranged specificity
-    (does the text name M's next tokens?) and the explanations' NLL per token under M."""
+    (does the text name M's next tokens?) as a share of words and as a share of texts, and the
+    explanations' NLL per token under M."""
     pa, pb = _figures(a, names[0]), _figures(b, names[1])
     # The same split (its plan's checksum, where both record it: results written before eval
     # recorded it have none), the same sample indices in it and the same activations
@@ -86,6 +87,9 @@ def compare_results(
         return _fve(err_b, dev) - _fve(err_a, dev)
 
     spec = [pa["own"], pa["deranged"], pa["words"], pb["own"], pb["deranged"], pb["words"]]
+    # Per text: 1 when the text names its own sample's top-5 and not the deranged one's, −1 the
+    # reverse; a share that does not fall as texts grow longer (lenses of two `t_text`).
+    named_a, named_b = ((p["own"] > 0).double() - (p["deranged"] > 0).double() for p in (pa, pb))
 
     def spec_gain(*rows: torch.Tensor) -> float:
         return pooled_difference(*rows[3:]) - pooled_difference(*rows[:3])
@@ -114,6 +118,7 @@ def compare_results(
             "difference": spec_gain(*spec),
             "ci": list(metrics.bootstrap_ci(spec_gain, *spec, resamples=resamples, seed=seed)),
         },
+        "top5_texts": _paired_mean(named_a, named_b, resamples, seed),
         "nll": _paired_mean(pa["nll"], pb["nll"], resamples, seed),
     }
 

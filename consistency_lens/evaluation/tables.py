@@ -359,7 +359,8 @@ def print_comparison(named: dict[str, dict]) -> None:
 PAIRED = (
     ("KL at P", "kl", "lower"),
     ("FVE", "fve", "higher"),
-    ("M's top-5 in the text, own − deranged", "top5", "higher"),
+    ("M's top-5 in the text, own − deranged (words)", "top5", "higher"),
+    ("M's top-5 in the text, own − deranged (texts)", "top5_texts", "higher"),
     ("explanation NLL per token under M", "nll", "lower"),
 )
 

@@ -74,7 +74,19 @@ def test_differences_are_the_hand_computed_paired_ones():
     assert out["top5"]["a"] == pytest.approx(pooled(pa), abs=1e-12)
     assert out["top5"]["b"] == pytest.approx(pooled(pb), abs=1e-12)
     assert out["top5"]["difference"] == pytest.approx(pooled(pb) - pooled(pa), abs=1e-12)
-    for key in ("kl", "fve", "top5", "nll"):
+
+    # Per text: does it name its own top-5 (a hit) minus does it name the deranged one's.
+    def texts(p: dict) -> np.ndarray:
+        return (np.array(p["own"]["top5"]) > 0) * 1.0 - (np.array(p["deranged"]["top5"]) > 0)
+
+    assert out["top5_texts"]["a"] == pytest.approx(texts(pa).mean(), abs=1e-12)
+    assert out["top5_texts"]["b"] == pytest.approx(texts(pb).mean(), abs=1e-12)
+    assert out["top5_texts"]["difference"] == pytest.approx(
+        (texts(pb) - texts(pa)).mean(), abs=1e-12
+    )
+    # B names its own top-5 in every text (words_b // 2 + 1 >= 1) and never the deranged one's.
+    assert out["top5_texts"]["b"] == 1.0
+    for key in ("kl", "fve", "top5", "top5_texts", "nll"):
         lo, hi = out[key]["ci"]
         assert lo <= out[key]["difference"] <= hi
     # The FVE gain is the same ratio on every resample here (errors proportional to dev).
@@ -98,7 +110,7 @@ def test_pairing_sees_a_difference_the_separate_cis_cannot():
 def test_a_lens_against_itself_differs_by_nothing():
     a, _ = _pair()
     out = compare_results(a, a, resamples=100)
-    for key in ("kl", "fve", "top5", "nll"):
+    for key in ("kl", "fve", "top5", "top5_texts", "nll"):
         assert out[key]["difference"] == 0.0 and out[key]["ci"] == [0.0, 0.0]
     assert out["kl"]["b_lower"] == 0.0
 
