@@ -52,5 +52,8 @@ class Ema:
         return self.shadow
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Replace the averaged tensors (on resume)."""
-        self.shadow = {k: v.float().to(self.shadow[k].device) for k, v in state.items()}
+        """Replace the averaged tensors (on resume); copies, so live weights are never aliased."""
+        self.shadow = {
+            k: v.detach().to(self.shadow[k].device, torch.float32, copy=True)
+            for k, v in state.items()
+        }

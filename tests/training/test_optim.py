@@ -39,3 +39,16 @@ def test_ema_update():
     ema = Ema({"w": torch.zeros(2)}, decay=0.75)
     ema.update({"w": torch.ones(2)})
     assert torch.allclose(ema.state_dict()["w"], torch.full((2,), 0.25))
+
+
+def test_ema_loaded_from_live_weights_does_not_alias_them():
+    # A resume from a checkpoint without an average loads the live weights into the EMA; the
+    # average must be a copy, or every optimizer step would move it with the weights.
+    w = torch.nn.Parameter(torch.zeros(2))
+    ema = Ema({"w": w}, decay=0.75)
+    ema.load_state_dict({"w": w})
+    with torch.no_grad():
+        w.add_(4.0)
+    ema.update({"w": w})
+    assert torch.equal(ema.state_dict()["w"], torch.tensor([1.0, 1.0]))  # 0.75·0 + 0.25·4
+    assert torch.equal(w.detach(), torch.tensor([4.0, 4.0]))
