@@ -13,7 +13,7 @@ import torch
 
 from consistency_lens.errors import LensError
 from consistency_lens.evaluation import metrics
-from consistency_lens.evaluation.specificity import pooled_difference
+from consistency_lens.evaluation.specificity import pooled_difference, texts_named
 from consistency_lens.utils.io import read_json
 
 PER_SAMPLE_KEYS = ("index", "kl", "sq_err", "sq_dev", "nll", "words")
@@ -87,9 +87,7 @@ def compare_results(
         return _fve(err_b, dev) - _fve(err_a, dev)
 
     spec = [pa["own"], pa["deranged"], pa["words"], pb["own"], pb["deranged"], pb["words"]]
-    # Per text: 1 when the text names its own sample's top-5 and not the deranged one's, −1 the
-    # reverse; a share that does not fall as texts grow longer (lenses of two `t_text`).
-    named_a, named_b = ((p["own"] > 0).double() - (p["deranged"] > 0).double() for p in (pa, pb))
+    named_a, named_b = (texts_named(p["own"], p["deranged"]) for p in (pa, pb))
 
     def spec_gain(*rows: torch.Tensor) -> float:
         return pooled_difference(*rows[3:]) - pooled_difference(*rows[:3])

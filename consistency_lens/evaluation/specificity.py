@@ -39,6 +39,15 @@ def pooled_difference(own: torch.Tensor, other: torch.Tensor, count: torch.Tenso
     return float((own.sum() - other.sum()) / total) if total else float("nan")
 
 
+def texts_named(own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Per text: 1 when it hits its own bucket and not the deranged one, −1 the reverse, else 0.
+
+    Its mean is the text share's own − deranged, which does not fall as texts grow longer for the
+    same hits (the word share does), so lenses of two `t_text` compare on it.
+    """
+    return (own > 0).double() - (other > 0).double()
+
+
 def specificity(
     explanations: list[set[str]],
     buckets: dict[str, list[set[str]]],
@@ -74,6 +83,8 @@ def specificity(
         own = _hits(explanations, refs[name], range(n))
         out["per_sample"]["own"][name] = own.int().tolist()
         row = {"own": float(own.sum()) / total if total else float("nan")}
+        # A content-free text hits nothing, so it counts in the text share as a text without a hit.
+        row["texts_own"] = float((own > 0).double().mean()) if n else float("nan")
         if perm is not None:
             other = _hits(explanations, refs[name], perm)
             out["per_sample"]["deranged"][name] = other.int().tolist()
@@ -85,15 +96,14 @@ def specificity(
                     pooled_difference, own, other, count, resamples=resamples, seed=seed
                 )
             )
-            named = (own > 0).double() - (other > 0).double()
-            row["texts_own"] = float((own > 0).double().mean())
+            named = texts_named(own, other)
             row["texts_deranged"] = float((other > 0).double().mean())
             row["texts_difference"] = float(named.mean())
             row["texts_difference_ci"] = list(metrics.mean_ci(named, resamples, seed))
         else:
             nan = float("nan")
             row.update(deranged=nan, difference=nan, difference_ci=[])
-            row.update(texts_own=nan, texts_deranged=nan, texts_difference=nan)
+            row.update(texts_deranged=nan, texts_difference=nan)
             row["texts_difference_ci"] = []
         out["buckets"][name] = row
     return out

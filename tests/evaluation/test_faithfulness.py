@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import WordTokenizer, dumped_eval_config, split_of
@@ -131,6 +133,12 @@ def test_specificity_of_a_collapsed_lens_is_exactly_zero():
     dashes = specificity([set()] * 12, buckets, derangement(12, 3))
     assert "no explanation has a content word" in dashes["unavailable"]
     assert dashes["content_free_fraction"] == 1.0
+    # A content-free text names nothing: its own text share is 0, not unknown.
+    assert all(row["texts_own"] == 0.0 for row in dashes["buckets"].values())
+    # Without a derangement the own shares are still measured; only the comparison is missing.
+    alone = specificity(explanations, buckets, None)["buckets"]["context"]
+    assert (alone["own"], alone["texts_own"]) == (0.5, 0.5)
+    assert alone["texts_deranged"] != alone["texts_deranged"] and alone["texts_difference_ci"] == []
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +185,13 @@ def test_constant_mean_row_equals_a_hand_computation(setup):
     table = markdown_tables(results)
     assert "constant Â = train mean" in table and "Specificity of explanations" in table
     assert "texts own" in table
+    # Results written before the per-text share existed render it n/a, not a crash.
+    old = copy.deepcopy(results)
+    for row in old["specificity"]["buckets"].values():
+        for key in ("texts_own", "texts_deranged", "texts_difference", "texts_difference_ci"):
+            del row[key]
+    line = next(x for x in markdown_tables(old).splitlines() if "context window ending at P" in x)
+    assert line.replace(" ", "").endswith("|n/a|n/a|n/a||")
 
 
 def test_shuffled_is_a_derangement_of_the_whole_set_whatever_the_batch_size(setup):
