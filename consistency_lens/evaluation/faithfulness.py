@@ -95,7 +95,9 @@ def evaluate(
             "mean": float(patched.kl["lens"].mean()),
             "ci": list(metrics.mean_ci(patched.kl["lens"], boot, seed)),
         },
-        "baselines": baseline_rows(patched.kl, A, A_hat, patched.ceiling_hat, boot, seed),
+        "baselines": baseline_rows(
+            patched.kl, A, A_hat, patched.ceiling_hat, patched.ceiling_text_hat, boot, seed
+        ),
         **_reconstruction(A, A_hat, boot, seed),
         "constant_mean": reference["constant"],
         "margin_over_constant": reference["margin"],
@@ -159,6 +161,8 @@ class _Patched:
     top5: torch.Tensor
     """M's five most likely next tokens at P under the clean run."""
     ceiling_hat: torch.Tensor | None
+    ceiling_text_hat: torch.Tensor | None
+    """The ceiling's E reading each explanation (as shown), where there is a ceiling."""
 
 
 def _patched_pass(
@@ -173,9 +177,10 @@ def _patched_pass(
     """Pass 2: M's KL at P with A replaced by Â and by each baseline, chunk by chunk."""
     device, t_text = lens.device, lens.cfg.train.t_text
     names = ["lens", "zero", "mean", "context_tokens"]
-    names += (["context_ceiling"] if ceiling is not None else []) + (["shuffled"] if perm else [])
+    names += ["context_ceiling", "ceiling_reads_lens"] if ceiling is not None else []
+    names += ["shuffled"] if perm else []
     kls: dict[str, list[torch.Tensor]] = {k: [] for k in names}
-    As, nlls, context_nlls, top5, ceiling_hats = [], [], [], [], []
+    As, nlls, context_nlls, top5, ceiling_hats, ceiling_text_hats = [], [], [], [], [], []
     start = 0
     for cpu_batch, ids in zip(batches, id_rows, strict=True):
         batch = cpu_batch.to(device)
@@ -197,6 +202,11 @@ def _patched_pass(
             # The same input, read by an E trained on the true tokens alone: the fair reference.
             patches["context_ceiling"] = ceiling.encode_ids(ctx_ids, ctx_mask, rotate=0).to(A.dtype)
             ceiling_hats.append(patches["context_ceiling"].float().cpu())
+            # The lens's own text read by that E, which never saw D's texts nor chose among them
+            # (`decode.reconstruction` chooses with the lens's own E): an independent reader.
+            text_hat = ceiling.encode_ids(ids.to(device), rotate=0).to(A.dtype)
+            patches["ceiling_reads_lens"] = text_hat
+            ceiling_text_hats.append(text_hat.float().cpu())
         if perm:
             patches["shuffled"] = A_hat[perm[rows.start : rows.stop]]
         per_sample, clean = patched_kl(
@@ -221,6 +231,7 @@ def _patched_pass(
         context_nll=torch.cat(context_nlls),
         top5=torch.cat(top5),
         ceiling_hat=torch.cat(ceiling_hats) if ceiling is not None else None,
+        ceiling_text_hat=torch.cat(ceiling_text_hats) if ceiling is not None else None,
     )
 
 

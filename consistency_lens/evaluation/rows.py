@@ -17,18 +17,23 @@ def baseline_rows(
     A: torch.Tensor,
     A_hat: torch.Tensor,
     A_ceiling: torch.Tensor | None,
+    A_ceiling_text: torch.Tensor | None,
     boot: int,
     seed: int,
 ) -> dict:
-    """Every baseline's row by name, from per-sample KLs keyed by patch name ("lens" first)."""
+    """Every baseline's row by name, from per-sample KLs keyed by patch name ("lens" first);
+    `A_ceiling` / `A_ceiling_text`: the ceiling's E reading the true tokens / the lens's text."""
     rows = {
         name: _kl_row(kl["lens"], kl[name], boot, seed)
         for name in kl
-        if name not in ("lens", "context_ceiling")
+        if name not in ("lens", "context_ceiling", "ceiling_reads_lens")
     }
     if A_ceiling is not None:
         rows["context_ceiling"] = _ceiling_row(
             kl["lens"], kl["context_ceiling"], A, A_hat, A_ceiling, boot, seed
+        )
+        rows["context_ceiling"]["reads_lens_text"] = _reader_row(
+            kl["ceiling_reads_lens"], kl["context_ceiling"], A, A_ceiling_text, boot, seed
         )
     if "shuffled" not in kl:
         rows["shuffled"] = {
@@ -81,6 +86,26 @@ def _kl_row(kl_lens: torch.Tensor, kl_base: torch.Tensor, boot: int, seed: int) 
         "kl_ci": list(metrics.mean_ci(kl_base, boot, seed)),
         "kl_recovered": metrics.kl_recovered(kl_lens, kl_base),
         "kl_recovered_ci": list(metrics.kl_recovered_ci(kl_lens, kl_base, boot, seed)),
+    }
+
+
+def _reader_row(
+    kl_text: torch.Tensor,
+    kl_true: torch.Tensor,
+    A: torch.Tensor,
+    A_text: torch.Tensor,
+    boot: int,
+    seed: int,
+) -> dict:
+    """The ceiling's E reading the lens's text: its KL and FVE, and its kl_recovered over the
+    same E reading the true tokens (below 0: the text tells that reader less than the words)."""
+    return {
+        "kl": float(kl_text.mean()),
+        "kl_ci": list(metrics.mean_ci(kl_text, boot, seed)),
+        "kl_recovered": metrics.kl_recovered(kl_text, kl_true),
+        "kl_recovered_ci": list(metrics.kl_recovered_ci(kl_text, kl_true, boot, seed)),
+        "fve": metrics.fve(A, A_text),
+        "fve_ci": list(metrics.bootstrap_ci(metrics.fve, A, A_text, resamples=boot, seed=seed)),
     }
 
 

@@ -53,7 +53,10 @@ CEILING_NOTE = (
     "The context ceiling is an encoder trained on the true last T_text context tokens ending at P "
     "only (the warm start's E, or `consistency-lens train-ceiling`), reading those tokens. gap: "
     "the lens's figure minus the ceiling's, with a paired bootstrap CI (KL above 0 or FVE below 0: "
-    "the lens's text carries less of A than the tokens it echoes)."
+    "the lens's text carries less of A than the tokens it echoes). The last rows give the "
+    "ceiling's E reading the lens's own text instead: a reader that never saw D's texts and never "
+    "chose among them (`decode.reconstruction` chooses with the lens's own E), so a text that "
+    "only suits the lens's E gains nothing there."
 )
 TOP1_NOTE = (
     "Whether M's top-1 next token at P (decoded alone, lower-cased, letters and digits only) is "
@@ -225,6 +228,29 @@ def _ceiling_table(results: dict) -> tuple[str, list[str], list[list[Any]], str]
         ["FVE", results["fve"]["mean"], row["fve"], ci_text(row["fve_ci"])],
         ["FVE gap (lens − ceiling)", "", row["fve_gap"], ci_text(row["fve_gap_ci"])],
     ]
+    # Results written before the ceiling read the lens's text lack it.
+    reader = row.get("reads_lens_text")
+    if reader is not None:
+        rows += [
+            [
+                "KL at P, the ceiling's E reading the lens's text",
+                "",
+                reader["kl"],
+                ci_text(reader["kl_ci"]),
+            ],
+            [
+                "kl_recovered of the lens's text over the true tokens, both read by it",
+                "",
+                reader["kl_recovered"],
+                ci_text(reader["kl_recovered_ci"]),
+            ],
+            [
+                "FVE, the ceiling's E reading the lens's text",
+                "",
+                reader["fve"],
+                ci_text(reader["fve_ci"]),
+            ],
+        ]
     headers = ["measure", "lens", "ceiling / gap", "95% CI"]
     return ("Context ceiling", headers, rows, CEILING_NOTE)
 

@@ -125,18 +125,31 @@ def test_ceiling_row_equals_a_direct_computation(setup):
     twin, _ = load_ceiling(lens, lens_dir)
     results = evaluate(lens, val, cfg, mean, twin)
     row = results["baselines"]["context_ceiling"]
-    kls, hats, As = [], [], []
+    kls, hats, As, text_kls, text_hats = [], [], [], [], []
     for i in sample_indices(len(val), 9, cfg.seed):
         ids, A = val.sample(i)
         ids, A = ids[None].long(), A[None]
         with torch.no_grad():
             # One sample, no padding: the true last T_text tokens ending at P.
             a_hat = twin.encode_ids(ids[:, -3:])
-            (kl,) = patched_kl(lens.orig, ids, torch.ones_like(ids), A, [a_hat])
+            # The same E reading the lens's own explanation of A, in the order it is shown.
+            a_text = twin.encode_ids(lens.explanation(A), rotate=0)
+            kl, text_kl = patched_kl(lens.orig, ids, torch.ones_like(ids), A, [a_hat, a_text])
         kls.append(kl)
         hats.append(a_hat)
         As.append(A)
+        text_kls.append(text_kl)
+        text_hats.append(a_text)
     kl, A_hat, A = torch.cat(kls), torch.cat(hats), torch.cat(As)
+    text_kl, A_text = torch.cat(text_kls), torch.cat(text_hats)
+    reader = row["reads_lens_text"]
+    assert reader["kl"] == pytest.approx(float(text_kl.mean()), rel=1e-4)
+    assert reader["fve"] == pytest.approx(metrics.fve(A, A_text), rel=1e-4, abs=1e-6)
+    assert reader["kl_recovered"] == pytest.approx(1 - reader["kl"] / row["kl"], rel=1e-4)
+    # Not the lens's own reading of its text: another E reads it.
+    with torch.no_grad():
+        own = torch.cat([lens.encode_ids(lens.explanation(a[None])) for a in A])
+    assert not torch.allclose(own, A_text, rtol=1e-3, atol=1e-5)
     assert row["kl"] == pytest.approx(float(kl.mean()), rel=1e-4)
     assert row["fve"] == pytest.approx(metrics.fve(A, A_hat), rel=1e-4, abs=1e-6)
     assert row["kl_gap"] == pytest.approx(results["kl"]["mean"] - row["kl"], rel=1e-4)
@@ -151,6 +164,11 @@ def test_ceiling_row_equals_a_direct_computation(setup):
     assert row["kl"] != pytest.approx(results["baselines"]["context_tokens"]["kl"], rel=1e-3)
     table = markdown_tables(results)
     assert "| context ceiling |" in table and "**Context ceiling**" in table
+    assert "the ceiling's E reading the lens's text" in table
+    # Results written before the ceiling read the lens's text still render, without those rows.
+    del row["reads_lens_text"]
+    older = markdown_tables(results)
+    assert "**Context ceiling**" in older and "reading the lens's text" not in older
 
 
 def test_context_rows_read_the_true_context_in_order_under_a_rotated_e(setup):
