@@ -56,7 +56,10 @@ def evaluate_command(cfg: LensConfig, checkpoint: Path | None, output: Path | No
     ceiling = load_ceiling(lens, path)
     results = evaluate(lens, dataset, cfg, mean, ceiling and ceiling[0])
     if ceiling is not None:
-        results["baselines"]["context_ceiling"]["trained"] = ceiling[1].get("trained")
+        row = results["baselines"]["context_ceiling"]
+        row["trained"] = ceiling[1].get("trained")
+        # Which E the ceiling is: `compare` pairs its reading of two texts only for the same one.
+        row["weights_sha256"] = ceiling[1].get("weights_sha256")
     results["checkpoint"] = str(path)
     results["corpus"] = cfg.corpus
     # Where the mean-ablation vector came from: the lens's own file, or a train split read here.

@@ -17,6 +17,7 @@ from consistency_lens.evaluation.specificity import pooled_difference, texts_nam
 from consistency_lens.utils.io import read_json
 
 PER_SAMPLE_KEYS = ("index", "kl", "sq_err", "sq_dev", "nll", "words")
+READER_KEYS = ("reader_kl", "reader_sq_err")
 # The specificity bucket compared: M's top-5 next tokens at P (does the text name them?).
 BUCKET = "top5"
 
@@ -38,7 +39,16 @@ def _figures(results: dict, where: str) -> dict[str, torch.Tensor]:
     out["index"] = out["index"].long()
     for side in ("own", "deranged"):
         out[side] = torch.tensor(rows[side][BUCKET], dtype=torch.float64)
+    # The ceiling's E reading the text: only where the lens kept a ceiling (and eval recorded it).
+    for key in READER_KEYS:
+        if key in rows:
+            out[key] = torch.tensor(rows[key], dtype=torch.float64)
     return out
+
+
+def _ceiling_sha(results: dict) -> str | None:
+    """The checksum of the context ceiling's weights an eval used (None: no ceiling recorded)."""
+    return results.get("baselines", {}).get("context_ceiling", {}).get("weights_sha256")
 
 
 def _fve(sq_err: torch.Tensor, sq_dev: torch.Tensor) -> float:
@@ -92,6 +102,29 @@ def compare_results(
     def spec_gain(*rows: torch.Tensor) -> float:
         return pooled_difference(*rows[3:]) - pooled_difference(*rows[:3])
 
+    def fve_row(err_a: torch.Tensor, err_b: torch.Tensor) -> dict:
+        return {
+            "a": _fve(err_a, dev),
+            "b": _fve(err_b, dev),
+            "difference": fve_gain(err_a, err_b, dev),
+            "ci": list(
+                metrics.bootstrap_ci(fve_gain, err_a, err_b, dev, resamples=resamples, seed=seed)
+            ),
+        }
+
+    # A reader that chose neither text (the context ceiling's E), where both results have the
+    # same one (two lenses' own ceilings would be two readers).
+    ceilings = {_ceiling_sha(a), _ceiling_sha(b)}
+    reader = {}
+    if (
+        len(ceilings) == 1
+        and None not in ceilings
+        and all(key in p for p in (pa, pb) for key in READER_KEYS)
+    ):
+        reader = {
+            "reader_kl": _paired_mean(pa["reader_kl"], pb["reader_kl"], resamples, seed),
+            "reader_fve": fve_row(pa["reader_sq_err"], pb["reader_sq_err"]),
+        }
     return {
         "names": list(names),
         "num_samples": len(dev),
@@ -100,16 +133,7 @@ def compare_results(
             # How often B's reconstruction is the closer one, sample by sample.
             "b_lower": float((pb["kl"] < pa["kl"]).double().mean()),
         },
-        "fve": {
-            "a": _fve(pa["sq_err"], dev),
-            "b": _fve(pb["sq_err"], dev),
-            "difference": fve_gain(pa["sq_err"], pb["sq_err"], dev),
-            "ci": list(
-                metrics.bootstrap_ci(
-                    fve_gain, pa["sq_err"], pb["sq_err"], dev, resamples=resamples, seed=seed
-                )
-            ),
-        },
+        "fve": fve_row(pa["sq_err"], pb["sq_err"]),
         "top5": {
             "a": pooled_difference(*spec[:3]),
             "b": pooled_difference(*spec[3:]),
@@ -118,6 +142,7 @@ def compare_results(
         },
         "top5_texts": _paired_mean(named_a, named_b, resamples, seed),
         "nll": _paired_mean(pa["nll"], pb["nll"], resamples, seed),
+        **reader,
     }
 
 

@@ -112,8 +112,20 @@ def evaluate(
         },
         "per_sample": {
             **_per_sample(indices, patched.kl["lens"], A, A_hat, patched.nll),
+            **_reader_per_sample(patched, A),
             **hits,
         },
+    }
+
+
+def _reader_per_sample(patched: _Patched, A: torch.Tensor) -> dict:
+    """The ceiling's E reading the lens's text, per sample (KL at P, ‖A − Â‖²), so two decodes
+    of one lens compare paired on a reader that chose neither; empty without a ceiling."""
+    if patched.ceiling_text_hat is None:
+        return {}
+    return {
+        "reader_kl": patched.kl["ceiling_reads_lens"].float().tolist(),
+        "reader_sq_err": ((A.float() - patched.ceiling_text_hat) ** 2).sum(-1).tolist(),
     }
 
 

@@ -388,6 +388,9 @@ PAIRED = (
     ("M's top-5 in the text, own − deranged (words)", "top5", "higher"),
     ("M's top-5 in the text, own − deranged (texts)", "top5_texts", "higher"),
     ("explanation NLL per token under M", "nll", "lower"),
+    # Only where both lenses kept a context ceiling: its E, which chose neither text, reading it.
+    ("KL at P, the context ceiling's E reading the text", "reader_kl", "lower"),
+    ("FVE, the context ceiling's E reading the text", "reader_fve", "higher"),
 )
 
 
@@ -404,6 +407,7 @@ def paired_rows(result: dict) -> tuple[list[str], list[list[Any]]]:
             better,
         ]
         for label, key, better in PAIRED
+        if key in result
     ]
     return headers, rows
 

@@ -146,6 +146,10 @@ def test_ceiling_row_equals_a_direct_computation(setup):
     assert reader["kl"] == pytest.approx(float(text_kl.mean()), rel=1e-4)
     assert reader["fve"] == pytest.approx(metrics.fve(A, A_text), rel=1e-4, abs=1e-6)
     assert reader["kl_recovered"] == pytest.approx(1 - reader["kl"] / row["kl"], rel=1e-4)
+    per = results["per_sample"]
+    assert per["reader_kl"] == pytest.approx(text_kl.tolist(), rel=1e-4, abs=1e-7)
+    err = ((A - A_text) ** 2).sum(-1)
+    assert per["reader_sq_err"] == pytest.approx(err.tolist(), rel=1e-4, abs=1e-6)
     # Not the lens's own reading of its text: another E reads it.
     with torch.no_grad():
         own = torch.cat([lens.encode_ids(lens.explanation(a[None])) for a in A])
@@ -196,6 +200,9 @@ def test_a_lens_without_a_ceiling_evaluates_as_before(setup, padded_passes):
     with_ceiling = evaluate(lens, val, cfg, mean, twin)
     assert "context_ceiling" not in without["baselines"]
     assert set(with_ceiling["baselines"]) - set(without["baselines"]) == {"context_ceiling"}
+    # The ceiling's reading of the lens's text is kept per sample too; nothing else differs.
+    reader = {key: with_ceiling["per_sample"].pop(key) for key in ("reader_kl", "reader_sq_err")}
+    assert len(reader["reader_kl"]) == len(reader["reader_sq_err"]) == 9
     # Compared as JSON: an untrained lens's specificity rates are NaN, which is never == itself.
     same = {k: v for k, v in with_ceiling.items() if k != "baselines"}
     assert json.dumps(same, sort_keys=True) == json.dumps(

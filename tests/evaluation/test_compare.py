@@ -165,3 +165,30 @@ def test_the_fve_gain_is_resampled_jointly_across_both_lenses():
     assert out["fve"]["difference"] == pytest.approx(0.1, abs=1e-12)
     assert out["fve"]["ci"] == pytest.approx([0.1, 0.1], abs=1e-9)
     assert out["fve"]["a"] == pytest.approx(1 - err_a.sum() / dev.sum(), abs=1e-12)
+
+
+def test_the_ceilings_reading_is_paired_only_for_the_same_ceiling():
+    """Two decodes of one lens, read by the E of its context ceiling (which chose neither text):
+    paired by hand; two different ceilings are two readers, so no reader rows."""
+    from consistency_lens.evaluation.tables import paired_rows
+
+    a, b = _pair()
+    dev = np.array(a["per_sample"]["sq_dev"])
+    rng = np.random.default_rng(2)
+    for results, kl, frac in ((a, rng.uniform(1, 3, 64), 0.7), (b, rng.uniform(1, 3, 64), 0.55)):
+        results["per_sample"]["reader_kl"] = kl.tolist()
+        results["per_sample"]["reader_sq_err"] = (frac * dev).tolist()
+        results["baselines"] = {"context_ceiling": {"weights_sha256": "c" * 64}}
+    out = compare_results(a, b, resamples=200)
+    kl = np.array(b["per_sample"]["reader_kl"]) - np.array(a["per_sample"]["reader_kl"])
+    assert out["reader_kl"]["difference"] == pytest.approx(kl.mean(), abs=1e-12)
+    lo, hi = out["reader_kl"]["ci"]
+    assert lo <= kl.mean() <= hi
+    assert out["reader_fve"]["a"] == pytest.approx(0.3, abs=1e-12)
+    assert out["reader_fve"]["difference"] == pytest.approx(0.15, abs=1e-12)
+    labels = [row[0] for row in paired_rows(out)[1]]
+    assert "KL at P, the context ceiling's E reading the text" in labels
+    b["baselines"]["context_ceiling"]["weights_sha256"] = "d" * 64
+    other = compare_results(a, b, resamples=200)
+    assert "reader_kl" not in other and "reader_fve" not in other
+    assert len(paired_rows(other)[1]) == len(labels) - 2
