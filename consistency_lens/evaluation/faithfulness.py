@@ -215,8 +215,10 @@ def _patched_pass(
             patches["context_ceiling"] = ceiling.encode_ids(ctx_ids, ctx_mask, rotate=0).to(A.dtype)
             ceiling_hats.append(patches["context_ceiling"].float().cpu())
             # The lens's own text read by that E, which never saw D's texts nor chose among them
-            # (`decode.reconstruction` chooses with the lens's own E): an independent reader.
-            text_hat = ceiling.encode_ids(ids.to(device), rotate=0).to(A.dtype)
+            # (`decode.reconstruction` chooses with the lens's own E): an independent reader. It
+            # reads the text as the lens's E does (`train.encoder_rotate`), so it ends on the
+            # token at P, where the ceiling learnt to read the true context.
+            text_hat = ceiling.encode_ids(ids.to(device)).to(A.dtype)
             patches["ceiling_reads_lens"] = text_hat
             ceiling_text_hats.append(text_hat.float().cpu())
         if perm:

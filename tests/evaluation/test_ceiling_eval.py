@@ -132,8 +132,8 @@ def test_ceiling_row_equals_a_direct_computation(setup):
         with torch.no_grad():
             # One sample, no padding: the true last T_text tokens ending at P.
             a_hat = twin.encode_ids(ids[:, -3:])
-            # The same E reading the lens's own explanation of A, in the order it is shown.
-            a_text = twin.encode_ids(lens.explanation(A), rotate=0)
+            # The same E reading the lens's own explanation of A, as the lens's E reads it.
+            a_text = twin.encode_ids(lens.explanation(A))
             kl, text_kl = patched_kl(lens.orig, ids, torch.ones_like(ids), A, [a_hat, a_text])
         kls.append(kl)
         hats.append(a_hat)
@@ -189,6 +189,9 @@ def test_context_rows_read_the_true_context_in_order_under_a_rotated_e(setup):
     for row in ("context_tokens", "context_ceiling"):
         assert rotated["baselines"][row]["kl"] == plain["baselines"][row]["kl"], row
     assert rotated["kl"]["mean"] != pytest.approx(plain["kl"]["mean"], rel=1e-4)  # D's text
+    # The ceiling reads the lens's text as the lens's E does: rotated too.
+    texts = [r["baselines"]["context_ceiling"]["reads_lens_text"]["kl"] for r in (plain, rotated)]
+    assert texts[0] != pytest.approx(texts[1], rel=1e-4)
 
 
 def test_a_lens_without_a_ceiling_evaluates_as_before(setup, padded_passes):
