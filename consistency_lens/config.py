@@ -101,7 +101,8 @@ class TrainConfig(_Strict):
     ends in M's `k` predicted tokens (`warm_start_predict`, `context_first`), `k` lets D write the
     fluent order (context, then prediction) while E reads the prediction before the context, so
     its last state is the token at P, the position where E rebuilds A best. The context ceiling
-    always reads the true context in order."""
+    always reads the true context in order, and the lens's text (eval's `reads_lens_text`) as
+    E does."""
     decoder_rotate: int = Field(0, ge=0)
     """D writes its text's last `decoder_rotate` tokens first; the text (what a reader, E and the
     fluency terms get) is in reading order. With a text that ends in M's `k` predicted tokens, `k`

@@ -58,7 +58,8 @@ def evaluate_command(cfg: LensConfig, checkpoint: Path | None, output: Path | No
     if ceiling is not None:
         row = results["baselines"]["context_ceiling"]
         row["trained"] = ceiling[1].get("trained")
-        # Which E the ceiling is: `compare` pairs its reading of two texts only for the same one.
+        # Which reader the ceiling is (its weights; `evaluate` records the order it read the
+        # lens's text in): `compare` pairs its readings of two texts only for the same reader.
         row["weights_sha256"] = ceiling[1].get("weights_sha256")
     results["checkpoint"] = str(path)
     results["corpus"] = cfg.corpus

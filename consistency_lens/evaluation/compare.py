@@ -46,9 +46,12 @@ def _figures(results: dict, where: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _ceiling_sha(results: dict) -> str | None:
-    """The checksum of the context ceiling's weights an eval used (None: no ceiling recorded)."""
-    return results.get("baselines", {}).get("context_ceiling", {}).get("weights_sha256")
+def _reader(results: dict) -> tuple | None:
+    """Which reader the context ceiling was, as an eval recorded it: its weights' checksum and
+    the order it read the lens's text in (None: not recorded)."""
+    row = results.get("baselines", {}).get("context_ceiling", {})
+    sha, rotate = row.get("weights_sha256"), row.get("reads_lens_text", {}).get("rotate")
+    return None if sha is None or rotate is None else (sha, rotate)
 
 
 def _fve(sq_err: torch.Tensor, sq_dev: torch.Tensor) -> float:
@@ -73,8 +76,9 @@ def compare_results(
 ) -> dict:
     """Paired differences B − A of two eval results on the same samples, with bootstrap CIs that
     resample the samples jointly: KL at P, FVE, the top-5 bucket's own − deranged specificity
-    (does the text name M's next tokens?) as a share of words and as a share of texts, and the
-    explanations' NLL per token under M."""
+    (does the text name M's next tokens?) as a share of words and as a share of texts, the
+    explanations' NLL per token under M and, where both were read by the same context ceiling,
+    that ceiling's KL and FVE reading each text (`reader_kl`, `reader_fve`)."""
     pa, pb = _figures(a, names[0]), _figures(b, names[1])
     # The same split (its plan's checksum, where both record it: results written before eval
     # recorded it have none), the same sample indices in it and the same activations
@@ -113,12 +117,12 @@ def compare_results(
         }
 
     # A reader that chose neither text (the context ceiling's E), where both results have the
-    # same one (two lenses' own ceilings would be two readers).
-    ceilings = {_ceiling_sha(a), _ceiling_sha(b)}
+    # same one (two lenses' own ceilings, or one read in two orders, would be two readers).
+    readers = {_reader(a), _reader(b)}
     reader = {}
     if (
-        len(ceilings) == 1
-        and None not in ceilings
+        len(readers) == 1
+        and None not in readers
         and all(key in p for p in (pa, pb) for key in READER_KEYS)
     ):
         reader = {

@@ -55,7 +55,9 @@ def evaluate(
     fluency and diversity, on `eval.num_samples` fixed samples of `dataset`.
 
     `ceiling` (the encoder `models.ceiling.load_ceiling` returns) adds the `context_ceiling` row:
-    it reads the same true last T_text tokens as `context_tokens`, but was trained on them alone.
+    it reads the same true last T_text tokens as `context_tokens`, but was trained on them alone;
+    its `reads_lens_text` (and `per_sample`'s `reader_kl`, `reader_sq_err`) is the same encoder
+    reading the lens's own text, as the lens's E reads it.
     """
     if mean_activation is None:
         mean_activation = lens_mean(cfg, lens)[0]
@@ -80,6 +82,12 @@ def evaluate(
     # Kept with the other per-sample figures, out of the specificity tables.
     hits = spec.pop("per_sample")
     reference = constant_reference(A, A_hat, mean_activation.cpu(), boot, seed)
+    baselines = baseline_rows(
+        patched.kl, A, A_hat, patched.ceiling_hat, patched.ceiling_text_hat, boot, seed
+    )
+    if ceiling is not None:
+        # The order the ceiling read the lens's text in: part of which reader it was.
+        baselines["context_ceiling"]["reads_lens_text"]["rotate"] = lens.encoder.rotate
     return {
         "model": lens.cfg.model,
         "fingerprint": lens.loaded.fingerprint,
@@ -95,9 +103,7 @@ def evaluate(
             "mean": float(patched.kl["lens"].mean()),
             "ci": list(metrics.mean_ci(patched.kl["lens"], boot, seed)),
         },
-        "baselines": baseline_rows(
-            patched.kl, A, A_hat, patched.ceiling_hat, patched.ceiling_text_hat, boot, seed
-        ),
+        "baselines": baselines,
         **_reconstruction(A, A_hat, boot, seed),
         "constant_mean": reference["constant"],
         "margin_over_constant": reference["margin"],
@@ -125,8 +131,13 @@ def _reader_per_sample(patched: _Patched, A: torch.Tensor) -> dict:
         return {}
     return {
         "reader_kl": patched.kl["ceiling_reads_lens"].float().tolist(),
-        "reader_sq_err": ((A.float() - patched.ceiling_text_hat) ** 2).sum(-1).tolist(),
+        "reader_sq_err": _sq_err(A, patched.ceiling_text_hat).tolist(),
     }
+
+
+def _sq_err(A: torch.Tensor, A_hat: torch.Tensor) -> torch.Tensor:
+    """‖A − Â‖² per sample, in fp32."""
+    return ((A.float() - A_hat.float()) ** 2).sum(-1)
 
 
 def _per_sample(
@@ -140,7 +151,7 @@ def _per_sample(
     return {
         "index": [int(i) for i in indices],
         "kl": kl.float().tolist(),
-        "sq_err": ((A - A_hat.float()) ** 2).sum(-1).tolist(),
+        "sq_err": _sq_err(A, A_hat).tolist(),
         "sq_dev": ((A - A.mean(0, keepdim=True)) ** 2).sum(-1).tolist(),
         "nll": nll.float().tolist(),
     }
@@ -214,11 +225,11 @@ def _patched_pass(
             # The same input, read by an E trained on the true tokens alone: the fair reference.
             patches["context_ceiling"] = ceiling.encode_ids(ctx_ids, ctx_mask, rotate=0).to(A.dtype)
             ceiling_hats.append(patches["context_ceiling"].float().cpu())
-            # The lens's own text read by that E, which never saw D's texts nor chose among them
-            # (`decode.reconstruction` chooses with the lens's own E): an independent reader. It
+            # The lens's own text read by that E, which never saw D's texts and took no part in
+            # choosing them (`decode.reconstruction` chooses with the lens's own E). It
             # reads the text as the lens's E does (`train.encoder_rotate`), so it ends on the
             # token at P, where the ceiling learnt to read the true context.
-            text_hat = ceiling.encode_ids(ids.to(device)).to(A.dtype)
+            text_hat = ceiling.encode_ids(ids.to(device), rotate=lens.encoder.rotate).to(A.dtype)
             patches["ceiling_reads_lens"] = text_hat
             ceiling_text_hats.append(text_hat.float().cpu())
         if perm:

@@ -104,8 +104,15 @@ def _reader_row(
         "kl_ci": list(metrics.mean_ci(kl_text, boot, seed)),
         "kl_recovered": metrics.kl_recovered(kl_text, kl_true),
         "kl_recovered_ci": list(metrics.kl_recovered_ci(kl_text, kl_true, boot, seed)),
-        "fve": metrics.fve(A, A_text),
-        "fve_ci": list(metrics.bootstrap_ci(metrics.fve, A, A_text, resamples=boot, seed=seed)),
+        **_fve_fields(A, A_text, boot, seed),
+    }
+
+
+def _fve_fields(A: torch.Tensor, A_hat: torch.Tensor, boot: int, seed: int) -> dict:
+    """FVE of Â and its bootstrap CI."""
+    return {
+        "fve": metrics.fve(A, A_hat),
+        "fve_ci": list(metrics.bootstrap_ci(metrics.fve, A, A_hat, resamples=boot, seed=seed)),
     }
 
 
@@ -126,8 +133,7 @@ def _ceiling_row(
     gap = kl_lens.double() - kl_ceiling.double()
     return {
         **_kl_row(kl_lens, kl_ceiling, boot, seed),
-        "fve": metrics.fve(A, A_ceiling),
-        "fve_ci": list(metrics.bootstrap_ci(metrics.fve, A, A_ceiling, resamples=boot, seed=seed)),
+        **_fve_fields(A, A_ceiling, boot, seed),
         "kl_gap": float(gap.mean()),
         "kl_gap_ci": list(metrics.mean_ci(gap, boot, seed)),
         "fve_gap": fve_gap(A, A_hat, A_ceiling),

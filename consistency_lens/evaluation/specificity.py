@@ -85,9 +85,18 @@ def specificity(
         row = {"own": float(own.sum()) / total if total else float("nan")}
         # A content-free text hits nothing, so it counts in the text share as a text without a hit.
         row["texts_own"] = float((own > 0).double().mean()) if n else float("nan")
+        nan = float("nan")
         if perm is not None:
             other = _hits(explanations, refs[name], perm)
             out["per_sample"]["deranged"][name] = other.int().tolist()
+            # Per text, content-free texts counted as texts without a hit: defined whenever
+            # there is a derangement, even when no text has a content word (then exactly 0).
+            named = texts_named(own, other)
+            row["texts_deranged"] = float((other > 0).double().mean())
+            row["texts_difference"] = float(named.mean())
+            row["texts_difference_ci"] = list(metrics.mean_ci(named, resamples, seed))
+        else:
+            row.update(texts_deranged=nan, texts_difference=nan, texts_difference_ci=[])
         if perm is not None and total:
             row["deranged"] = float(other.sum()) / total
             row["difference"] = row["own"] - row["deranged"]
@@ -96,15 +105,8 @@ def specificity(
                     pooled_difference, own, other, count, resamples=resamples, seed=seed
                 )
             )
-            named = texts_named(own, other)
-            row["texts_deranged"] = float((other > 0).double().mean())
-            row["texts_difference"] = float(named.mean())
-            row["texts_difference_ci"] = list(metrics.mean_ci(named, resamples, seed))
         else:
-            nan = float("nan")
             row.update(deranged=nan, difference=nan, difference_ci=[])
-            row.update(texts_deranged=nan, texts_difference=nan)
-            row["texts_difference_ci"] = []
         out["buckets"][name] = row
     return out
 

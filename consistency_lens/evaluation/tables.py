@@ -54,9 +54,9 @@ CEILING_NOTE = (
     "only (the warm start's E, or `consistency-lens train-ceiling`), reading those tokens. gap: "
     "the lens's figure minus the ceiling's, with a paired bootstrap CI (KL above 0 or FVE below 0: "
     "the lens's text carries less of A than the tokens it echoes). The last rows give the "
-    "ceiling's E reading the lens's own text instead: a reader that never saw D's texts and never "
-    "chose among them (`decode.reconstruction` chooses with the lens's own E), so a text that "
-    "only suits the lens's E gains nothing there."
+    "ceiling's E reading the lens's own text instead (as the lens's E reads it): a reader that "
+    "never saw D's texts and took no part in choosing them (`decode.reconstruction` chooses "
+    "with the lens's own E), so no choice favoured it."
 )
 TOP1_NOTE = (
     "Whether M's top-1 next token at P (decoded alone, lower-cased, letters and digits only) is "
@@ -394,6 +394,10 @@ PAIRED = (
 )
 
 
+# Rows a comparison has only where both results were read by the same context ceiling.
+OPTIONAL_PAIRED = ("reader_kl", "reader_fve")
+
+
 def paired_rows(result: dict) -> tuple[list[str], list[list[Any]]]:
     """Headers and rows of a paired comparison (`compare_results`): A, B, B − A and its CI."""
     headers = ["measure", "A", "B", "B − A", "95% CI (paired)", "better"]
@@ -407,7 +411,7 @@ def paired_rows(result: dict) -> tuple[list[str], list[list[Any]]]:
             better,
         ]
         for label, key, better in PAIRED
-        if key in result
+        if key in result or key not in OPTIONAL_PAIRED
     ]
     return headers, rows
 

@@ -181,7 +181,9 @@ def test_context_rows_read_the_true_context_in_order_under_a_rotated_e(setup):
     cfg, lens, lens_dir, _, val, mean = setup
     twin, _ = load_ceiling(lens, lens_dir)
     plain = evaluate(lens, val, cfg, mean, twin)
-    lens.encoder.rotate = twin.rotate = 2
+    # Only the lens's E is set to rotate: the ceiling reads true tokens in order whatever its
+    # own setting, and the lens's text as the lens's E does.
+    lens.encoder.rotate = 2
     try:
         rotated = evaluate(lens, val, cfg, mean, twin)
     finally:
@@ -189,9 +191,17 @@ def test_context_rows_read_the_true_context_in_order_under_a_rotated_e(setup):
     for row in ("context_tokens", "context_ceiling"):
         assert rotated["baselines"][row]["kl"] == plain["baselines"][row]["kl"], row
     assert rotated["kl"]["mean"] != pytest.approx(plain["kl"]["mean"], rel=1e-4)  # D's text
-    # The ceiling reads the lens's text as the lens's E does: rotated too.
-    texts = [r["baselines"]["context_ceiling"]["reads_lens_text"]["kl"] for r in (plain, rotated)]
-    assert texts[0] != pytest.approx(texts[1], rel=1e-4)
+    # The ceiling reads the lens's text as the lens's E does: rotated too, and says so.
+    readers = [r["baselines"]["context_ceiling"]["reads_lens_text"] for r in (plain, rotated)]
+    assert readers[0]["kl"] != pytest.approx(readers[1]["kl"], rel=1e-4)
+    assert (readers[0]["rotate"], readers[1]["rotate"]) == (0, 2)
+    ids, A = val.sample(sample_indices(len(val), 9, cfg.seed)[0])
+    with torch.no_grad():
+        a_text = twin.encode_ids(lens.explanation(A[None]), rotate=2)
+        (kl,) = patched_kl(
+            lens.orig, ids[None].long(), torch.ones_like(ids[None]), A[None], [a_text]
+        )
+    assert rotated["per_sample"]["reader_kl"][0] == pytest.approx(float(kl), rel=1e-4, abs=1e-7)
 
 
 def test_a_lens_without_a_ceiling_evaluates_as_before(setup, padded_passes):

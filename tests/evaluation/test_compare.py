@@ -178,7 +178,9 @@ def test_the_ceilings_reading_is_paired_only_for_the_same_ceiling():
     for results, kl, frac in ((a, rng.uniform(1, 3, 64), 0.7), (b, rng.uniform(1, 3, 64), 0.55)):
         results["per_sample"]["reader_kl"] = kl.tolist()
         results["per_sample"]["reader_sq_err"] = (frac * dev).tolist()
-        results["baselines"] = {"context_ceiling": {"weights_sha256": "c" * 64}}
+        results["baselines"] = {
+            "context_ceiling": {"weights_sha256": "c" * 64, "reads_lens_text": {"rotate": 2}}
+        }
     out = compare_results(a, b, resamples=200)
     kl = np.array(b["per_sample"]["reader_kl"]) - np.array(a["per_sample"]["reader_kl"])
     assert out["reader_kl"]["difference"] == pytest.approx(kl.mean(), abs=1e-12)
@@ -188,7 +190,15 @@ def test_the_ceilings_reading_is_paired_only_for_the_same_ceiling():
     assert out["reader_fve"]["difference"] == pytest.approx(0.15, abs=1e-12)
     labels = [row[0] for row in paired_rows(out)[1]]
     assert "KL at P, the context ceiling's E reading the text" in labels
-    b["baselines"]["context_ceiling"]["weights_sha256"] = "d" * 64
-    other = compare_results(a, b, resamples=200)
-    assert "reader_kl" not in other and "reader_fve" not in other
-    assert len(paired_rows(other)[1]) == len(labels) - 2
+    # Another ceiling, the same ceiling reading in another order, or none recorded: other readers.
+    row = b["baselines"]["context_ceiling"]
+    for key, value in (("weights_sha256", "d" * 64), ("weights_sha256", None)):
+        other = compare_results(a, b | {"baselines": {"context_ceiling": row | {key: value}}})
+        assert "reader_kl" not in other and "reader_fve" not in other
+        assert len(paired_rows(other)[1]) == len(labels) - 2
+    turned = row | {"reads_lens_text": {"rotate": 0}}
+    assert "reader_kl" not in compare_results(a, b | {"baselines": {"context_ceiling": turned}})
+    # Only the reader rows may be missing from a comparison's table.
+    del out["nll"]
+    with pytest.raises(KeyError):
+        paired_rows(out)

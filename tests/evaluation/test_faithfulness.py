@@ -133,8 +133,10 @@ def test_specificity_of_a_collapsed_lens_is_exactly_zero():
     dashes = specificity([set()] * 12, buckets, derangement(12, 3))
     assert "no explanation has a content word" in dashes["unavailable"]
     assert dashes["content_free_fraction"] == 1.0
-    # A content-free text names nothing: its own text share is 0, not unknown.
-    assert all(row["texts_own"] == 0.0 for row in dashes["buckets"].values())
+    # A content-free text names nothing: its text shares are 0, not unknown.
+    for row in dashes["buckets"].values():
+        assert (row["texts_own"], row["texts_deranged"], row["texts_difference"]) == (0, 0, 0)
+        assert row["texts_difference_ci"] == [0.0, 0.0]
     # Without a derangement the own shares are still measured; only the comparison is missing.
     alone = specificity(explanations, buckets, None)["buckets"]["context"]
     assert (alone["own"], alone["texts_own"]) == (0.5, 0.5)
