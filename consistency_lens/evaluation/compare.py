@@ -119,16 +119,20 @@ def compare_results(
     # A reader that chose neither text (the context ceiling's E), where both results have the
     # same one (two lenses' own ceilings, or one read in two orders, would be two readers).
     readers = {_reader(a), _reader(b)}
-    reader = {}
-    if (
-        len(readers) == 1
-        and None not in readers
-        and all(key in p for p in (pa, pb) for key in READER_KEYS)
-    ):
-        reader = {
-            "reader_kl": _paired_mean(pa["reader_kl"], pb["reader_kl"], resamples, seed),
-            "reader_fve": fve_row(pa["reader_sq_err"], pb["reader_sq_err"]),
-        }
+    reader: dict = {}
+    if all(key in p for p in (pa, pb) for key in READER_KEYS):
+        if len(readers) == 1 and None not in readers:
+            reader = {
+                "reader_kl": _paired_mean(pa["reader_kl"], pb["reader_kl"], resamples, seed),
+                "reader_fve": fve_row(pa["reader_sq_err"], pb["reader_sq_err"]),
+            }
+        else:
+            # Said, not silently dropped: both have a ceiling's reading, of two readers.
+            reader = {
+                "reader_unpaired": "the two results were read by different context ceilings "
+                "(or in another order, or without the ceiling's checksum), so their readings "
+                "are not paired"
+            }
     return {
         "names": list(names),
         "num_samples": len(dev),

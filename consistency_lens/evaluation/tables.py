@@ -424,4 +424,6 @@ def print_paired(result: dict) -> None:
     a, b = result["names"]
     title = f"Paired on the same {result['num_samples']} samples: A = {a}, B = {b}"
     caption = f"B's KL lower on {fmt(100 * result['kl']['b_lower'], 1)}% of samples."
+    if "reader_unpaired" in result:
+        caption += f" The context ceilings' readings: {result['reader_unpaired']}."
     Console().print(_rich_table(title, headers, rows, 4, caption))

@@ -167,10 +167,10 @@ def test_the_fve_gain_is_resampled_jointly_across_both_lenses():
     assert out["fve"]["a"] == pytest.approx(1 - err_a.sum() / dev.sum(), abs=1e-12)
 
 
-def test_the_ceilings_reading_is_paired_only_for_the_same_ceiling():
+def test_the_ceilings_reading_is_paired_only_for_the_same_ceiling(capsys):
     """Two decodes of one lens, read by the E of its context ceiling (which chose neither text):
     paired by hand; two different ceilings are two readers, so no reader rows."""
-    from consistency_lens.evaluation.tables import paired_rows
+    from consistency_lens.evaluation.tables import paired_rows, print_paired
 
     a, b = _pair()
     dev = np.array(a["per_sample"]["sq_dev"])
@@ -182,6 +182,7 @@ def test_the_ceilings_reading_is_paired_only_for_the_same_ceiling():
             "context_ceiling": {"weights_sha256": "c" * 64, "reads_lens_text": {"rotate": 2}}
         }
     out = compare_results(a, b, resamples=200)
+    assert "reader_unpaired" not in out
     kl = np.array(b["per_sample"]["reader_kl"]) - np.array(a["per_sample"]["reader_kl"])
     assert out["reader_kl"]["difference"] == pytest.approx(kl.mean(), abs=1e-12)
     lo, hi = out["reader_kl"]["ci"]
@@ -195,7 +196,10 @@ def test_the_ceilings_reading_is_paired_only_for_the_same_ceiling():
     for key, value in (("weights_sha256", "d" * 64), ("weights_sha256", None)):
         other = compare_results(a, b | {"baselines": {"context_ceiling": row | {key: value}}})
         assert "reader_kl" not in other and "reader_fve" not in other
+        assert "different context ceilings" in other["reader_unpaired"]
         assert len(paired_rows(other)[1]) == len(labels) - 2
+    print_paired(other)
+    assert "not paired" in " ".join(capsys.readouterr().out.split())
     turned = row | {"reads_lens_text": {"rotate": 0}}
     assert "reader_kl" not in compare_results(a, b | {"baselines": {"context_ceiling": turned}})
     # Only the reader rows may be missing from a comparison's table.
