@@ -79,13 +79,13 @@ def specificity(
         out["unavailable"] = "no explanation has a content word (e.g. only punctuation)"
     elif perm is None:
         out["unavailable"] = "the derangement needs at least 2 evaluated samples"
+    nan = float("nan")
     for name in BUCKETS:
         own = _hits(explanations, refs[name], range(n))
         out["per_sample"]["own"][name] = own.int().tolist()
-        row = {"own": float(own.sum()) / total if total else float("nan")}
+        row = {"own": float(own.sum()) / total if total else nan}
         # A content-free text hits nothing, so it counts in the text share as a text without a hit.
-        row["texts_own"] = float((own > 0).double().mean()) if n else float("nan")
-        nan = float("nan")
+        row["texts_own"] = float((own > 0).double().mean()) if n else nan
         if perm is not None:
             other = _hits(explanations, refs[name], perm)
             out["per_sample"]["deranged"][name] = other.int().tolist()
