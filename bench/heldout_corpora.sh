@@ -5,6 +5,9 @@
 #   data/corpus_js:       the .js files of npm's own source (code with comments; held out)
 #   data/corpus_pysrc:    the Python standard library's own source, tests left out (code with
 #                         docstrings; a training genre, never an eval's held-out one)
+#   data/corpus_changelog: the Debian changelogs of the installed packages (terse release notes
+#                         full of versions, dates and names; held out, and read only to check a
+#                         lens chosen on the other genres; its texts depend on what is installed)
 # The vim manual is read in place (corpus=/usr/share/vim/vim90/doc holds .txt files already).
 # Usage: bash bench/heldout_corpora.sh [DATA_DIR]   (default data)
 set -euo pipefail
@@ -51,7 +54,18 @@ pysrc_into() {
     done
 }
 
+# Each /usr/share/doc/*/changelog.Debian.gz, unpacked, as PACKAGE.txt, in C-locale order.
+changelog_into() {
+  local f pkg
+  LC_ALL=C find /usr/share/doc -mindepth 2 -maxdepth 2 -name changelog.Debian.gz | LC_ALL=C sort |
+    while read -r f; do
+      pkg=${f#/usr/share/doc/}
+      zcat "$f" > "$1/${pkg%%/*}.txt"
+    done
+}
+
 mkdir -p "$out"
 build corpus_licenses licences_into
 build corpus_js js_into
 build corpus_pysrc pysrc_into
+build corpus_changelog changelog_into

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Rebuilds the lens shipped in the package (smollm2-135m-sotu-pydoc-L20, T_text 6) on the CPU from
+# the T_text 4 lens shipped before it (commit dd89ce4, read from git), as BENCHMARKS.md's section
+# "A T 6 lens from the shipped one" records: 24,000 sotu+pydoc activations (4 positions per
+# sequence), a warm start of 1,500 x 8 on the context and M's prediction, 200 GRPO steps of 8 x 8,
+# 600 steps re-fitting E to the texts the lens shows, a T 6 context ceiling (141 x 64), bf16.
+# About an hour on 2 CPU cores. Every stage checkpoints and is skipped once done: re-run to resume.
+# Usage: bash bench/shipped_t6.sh [RUN_DIR]   (default runs/shipped_t6; the lens: RUN_DIR/lens)
+set -euo pipefail
+run="${1:-runs/shipped_t6}"
+cl=(.venv/bin/consistency-lens)
+data=(--config config/demo.yaml corpus=sotu+pydoc num_samples=24000 positions_per_sequence=4
+  output_dir=data/act_sp24k4 train.t_text=6)
+small_lr=(train.lr=0.0005 train.lr_blocks=0.0002)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+mkdir -p "$run"
+
+# The T 4 lens the warm start begins from, exactly as it was shipped.
+start="$run/t4_lens"
+if [ ! -f "$start/lens_config.json" ]; then
+  tmp=$(mktemp -d "$run/.t4.XXXXXX")
+  git archive dd89ce4 consistency_lens/shipped/smollm2-135m-sotu-pydoc-L20 | tar -x -C "$tmp"
+  mv "$tmp/consistency_lens/shipped/smollm2-135m-sotu-pydoc-L20" "$start"
+  rm -rf "$tmp"
+fi
+
+done_lens() { [ -f "$1/lens/lens.safetensors" ]; }
+done_lens "$run/warm_start" || "${cl[@]}" train "${data[@]}" "${small_lr[@]}" \
+  train.run_dir="$run/warm_start" train.init_from="$start" train.objective=warm_start_predict \
+  train.alpha.start=0 train.warm_start.steps=0 train.steps=1500 train.val_every=500 \
+  train.val_batches=8 train.ckpt_every=250 --resume
+done_lens "$run/grpo" || "${cl[@]}" train "${data[@]}" "${small_lr[@]}" \
+  train.run_dir="$run/grpo" train.init_from="$run/warm_start/lens" train.warm_start.steps=0 \
+  train.steps=200 train.rl.samples=8 train.rl.fluency_reward=0.2 train.rl.fluency_margin=4.6 \
+  train.ckpt_every=40 train.val_every=100 train.val_batches=8 --resume
+[ -f "$run/grpo/lens/context_ceiling/encoder.safetensors" ] || "${cl[@]}" train-ceiling \
+  "${data[@]}" train.run_dir="$run/ceiling" train.steps=141 train.batch_size=64 \
+  train.alpha.start=0 train.lr=0.003 train.lr_blocks=0.001 --checkpoint "$run/grpo/lens"
+[ -d "$run/lens" ] || {
+  done_lens "$run/refit" || "${cl[@]}" train "${data[@]}" "${small_lr[@]}" \
+    train.run_dir="$run/refit" train.init_from="$run/grpo/lens" train.warm_start.steps=0 \
+    train.objective=encoder_refit train.steps=600 train.ckpt_every=100 --resume
+  tmp=$(mktemp -d "$run/.lens.XXXXXX")
+  cp -r "$run/refit/lens/." "$tmp/"
+  rm -rf "$tmp/context_ceiling"
+  cp -r "$run/grpo/lens/context_ceiling" "$tmp/"
+  "${cl[@]}" cast "$tmp" --dtype bfloat16
+  mv "$tmp" "$run/lens"
+}
+echo "lens: $run/lens (evaluate: ${cl[*]} eval --config config/demo.yaml corpus=C --checkpoint $run/lens)"
