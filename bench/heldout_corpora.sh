@@ -19,6 +19,10 @@ for f in "${licences[@]}"; do
   [ -f "/usr/share/common-licenses/$f" ] || { echo "missing /usr/share/common-licenses/$f" >&2; exit 2; }
 done
 [ -d "$npm" ] || { echo "missing $npm: install Debian's npm (or Node.js with npm) first" >&2; exit 2; }
+[ -n "$(find /usr/share/doc -mindepth 2 -maxdepth 2 -name changelog.Debian.gz -type f -print -quit)" ] || {
+  echo "no /usr/share/doc/*/changelog.Debian.gz: this image strips Debian's docs; install a package's docs first" >&2
+  exit 2
+}
 
 # Built in a temporary folder and moved into place, so an interrupted run leaves nothing half-written.
 tmp=""
@@ -57,7 +61,8 @@ pysrc_into() {
 # Each /usr/share/doc/*/changelog.Debian.gz, unpacked, as PACKAGE.txt, in C-locale order.
 changelog_into() {
   local f pkg
-  LC_ALL=C find /usr/share/doc -mindepth 2 -maxdepth 2 -name changelog.Debian.gz | LC_ALL=C sort |
+  LC_ALL=C find /usr/share/doc -mindepth 2 -maxdepth 2 -name changelog.Debian.gz -type f |
+    LC_ALL=C sort |
     while read -r f; do
       pkg=${f#/usr/share/doc/}
       zcat "$f" > "$1/${pkg%%/*}.txt"

