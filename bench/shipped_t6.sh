@@ -48,10 +48,9 @@ done_lens "$run/grpo" || "${cl[@]}" train "${data[@]}" "${small_lr[@]}" \
   done_lens "$run/refit" || "${cl[@]}" train "${data[@]}" "${small_lr[@]}" \
     train.run_dir="$run/refit" train.init_from="$run/grpo/lens" train.warm_start.steps=0 \
     train.objective=encoder_refit train.steps=600 train.ckpt_every=100 --resume
+  # `train` kept the GRPO lens's ceiling beside the refit lens (`train.init_from`, same T_text).
   tmp=$(mktemp -d "$run/.lens.XXXXXX")
   cp -r "$run/refit/lens/." "$tmp/"
-  rm -rf "$tmp/context_ceiling"
-  cp -r "$run/grpo/lens/context_ceiling" "$tmp/"
   "${cl[@]}" cast "$tmp" --dtype bfloat16
   mv "$tmp" "$run/lens"
 }
