@@ -13,7 +13,7 @@ from transformers import DynamicCache
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import check_layer, contiguous_head, find_parts
 from consistency_lens.models.attention import grad_rows_kwargs, text_config
-from consistency_lens.models.hooks import replace_cells, replace_last, run_until
+from consistency_lens.models.hooks import replace_at, replace_cells, replace_last, run_until
 from consistency_lens.models.inputs import can_pack, causal_mask, no_logits, pack, position_ids
 from consistency_lens.models.loading import LoadedModel, hf_attention
 from consistency_lens.models.patching import token_nll
@@ -213,6 +213,50 @@ class OriginalModelWrapper:
                 logits_to_keep=1,
             )
         return list(out.logits[:, -1].split(batch, dim=0))
+
+    @torch.no_grad()
+    def logits_after_replacement(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        next_ids: torch.Tensor,
+        vectors_list: list[torch.Tensor],
+    ) -> list[torch.Tensor]:
+        """Logits (B, m, V) at the m positions after P, M reading the tokens `next_ids` (B, m)
+        that follow P, with block L's output at P replaced by each set of vectors: what the state
+        at P tells M's later predictions (no grad; P must be last, as in
+        `forward_with_replacement`). Padding at the end of `next_ids` only changes the rows' own
+        later positions, which causal attention keeps from the earlier ones."""
+        _check_batch(input_ids, attention_mask)
+        batch, m = input_ids.shape[0], next_ids.shape[1]
+        self._check_vectors(vectors_list, batch)
+        n = len(vectors_list)
+        full = torch.cat([attention_mask, torch.ones_like(next_ids)], dim=1)
+        positions = position_ids(full)
+        cache = None
+        if input_ids.shape[1] > 1:
+            cache = DynamicCache(config=self.model.config)
+            self.model(
+                input_ids=input_ids[:, :-1],
+                attention_mask=self._mask(attention_mask[:, :-1], input_ids.shape[1] - 1),
+                position_ids=positions[:, : input_ids.shape[1] - 1],
+                use_cache=True,
+                **self.parts.cache_kwargs(cache),
+                logits_to_keep=no_logits(),
+            )
+            cache = _expand_cache(cache, n)
+        chunk = torch.cat([input_ids[:, -1:], next_ids.to(input_ids.device)], dim=1)
+        # The chunk's first column is P: its state after block L is the one replaced.
+        with replace_at(self.block, 0, torch.cat(vectors_list, dim=0)):
+            out = self.model(
+                input_ids=chunk.repeat(n, 1),
+                attention_mask=self._mask(full.repeat(n, 1), m + 1),
+                position_ids=positions[:, -(m + 1) :].repeat(n, 1),
+                use_cache=cache is not None,
+                **(self.parts.cache_kwargs(cache) if cache is not None else {}),
+                logits_to_keep=m,
+            )
+        return list(out.logits[:, -m:].split(batch, dim=0))
 
     def _replaced_packed(
         self,

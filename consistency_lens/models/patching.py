@@ -1,5 +1,6 @@
 """The scores training and evaluation share: the one helper for "KL of M at P with X patched in"
-(train, validation, eval, samples and explain), per-token NLL, and the reconstruction errors."""
+(train, validation, eval, samples and explain) and its twin at the positions after P, per-token
+NLL, and the reconstruction errors."""
 
 from __future__ import annotations
 
@@ -98,6 +99,31 @@ def patched_kl_at(
     return _scores(
         orig.forward_at_positions(prefix, positions, vectors), CLEAN_PATCHED, False, top_k
     )
+
+
+def patched_kl_after(
+    orig,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    next_ids: torch.Tensor,
+    next_mask: torch.Tensor,
+    A: torch.Tensor,
+    patches: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    """Per-sample KL(M(A) || M(X)) at the positions after P, averaged over each row's real next
+    tokens (`next_mask` 1), with X written at P and M reading the true tokens `next_ids` after
+    it (`orig.logits_after_replacement`): (B,) for each X in `patches`, no grad. A row with no
+    real next token scores 0."""
+    clean, *others = orig.logits_after_replacement(
+        input_ids, attention_mask, next_ids, [A, *(x.to(A.dtype) for x in patches)]
+    )
+    weight = next_mask.to(device=clean.device, dtype=torch.float32)
+    count = weight.sum(-1).clamp(min=1)
+    flat = clean.flatten(0, 1)
+    return [
+        (kl_per_sample(flat, other.flatten(0, 1)).view(weight.shape) * weight).sum(-1) / count
+        for other in others
+    ]
 
 
 def _scores(logits: list[torch.Tensor], direction: str, return_clean: bool, top_k: int):

@@ -7,6 +7,7 @@ import torch
 from conftest import no_host_reads
 
 from consistency_lens.errors import LensError
+from consistency_lens.models.hooks import replace_at
 from consistency_lens.models.inputs import left_pad
 from consistency_lens.models.loading import load_model
 from consistency_lens.models.orig import OriginalModelWrapper, load_8bit
@@ -66,6 +67,34 @@ def test_one_shared_prefix_equals_the_naive_forward_at_every_position(orig):
     torch.testing.assert_close(
         alone, orig.clean_logits(text[:, :1], text[:, :1] > 0), atol=1e-5, rtol=1e-5
     )
+
+
+def test_logits_after_p_equal_a_full_forward_with_the_replacement_at_p(orig):
+    """M reading the true tokens after P with X written at P: row by row, what one forward over
+    the context and those tokens gives with block L's output at P replaced; with A itself, M's
+    plain forward; padding after a row's last real next token leaves its real positions alone."""
+    ids, mask = _batch([7, 3, 11])
+    gen = torch.Generator().manual_seed(5)
+    after = torch.randint(1, 320, (3, 4), generator=gen)
+    a = orig.activations(ids, mask)
+    vectors = [a, a + 0.5 * torch.randn(a.shape, generator=gen)]
+    got = orig.logits_after_replacement(ids, mask, after, vectors)
+    assert [tuple(x.shape) for x in got] == [(3, 4, orig.model.config.vocab_size)] * 2
+    for row in range(3):
+        context = ids[row][mask[row].bool()]
+        text = torch.cat([context, after[row]])[None]
+        with torch.no_grad():
+            plain = orig.model(input_ids=text).logits[0, len(context) :]
+            with replace_at(orig.block, len(context) - 1, vectors[1][row : row + 1]):
+                replaced = orig.model(input_ids=text).logits[0, len(context) :]
+        torch.testing.assert_close(got[0][row], plain, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1][row], replaced, atol=1e-5, rtol=1e-5)
+    assert (got[1] - got[0]).abs().max() > 1e-2  # the replacement reaches the later positions
+    padded = after.clone()
+    padded[1, 2:] = 0
+    (short,) = orig.logits_after_replacement(ids, mask, padded, vectors[1:])
+    torch.testing.assert_close(short[1, :2], got[1][1, :2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(short[[0, 2]], got[1][[0, 2]], atol=1e-5, rtol=1e-5)
 
 
 def test_left_padding_does_not_change_results(orig):

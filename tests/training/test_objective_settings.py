@@ -131,14 +131,18 @@ def test_grpo_owns_its_settings_and_saved_configs_still_read():
         "prediction_reward": 0.0,
         "max_kl_ref": None,
         "fluency_margin": None,
+        "next_reward": 0.0,
+        "next_positions": None,
         **old_rl,
     }
-    # The lens shipped now reads back to exactly the settings it saved.
+    # The lens shipped now reads back to exactly the settings it saved, and the defaults of the
+    # settings added after it (`next_reward`).
     saved = json.loads((SHIPPED / "smollm2-135m-sotu-pydoc-L20" / "lens_config.json").read_text())
-    assert (
-        dump_config(config_from_dict(saved["config"]))["train"]["rl"]
-        == saved["config"]["train"]["rl"]
-    )
+    assert dump_config(config_from_dict(saved["config"]))["train"]["rl"] == {
+        **saved["config"]["train"]["rl"],
+        "next_reward": 0.0,
+        "next_positions": None,
+    }
 
 
 def test_a_run_reads_its_objectives_settings_and_may_change_them_on_resume(

@@ -26,6 +26,7 @@ from consistency_lens.config import (
 from consistency_lens.data.collate import CollateFn
 from consistency_lens.data.dump import dump_activations
 from consistency_lens.errors import LensError
+from consistency_lens.models.hooks import replace_at
 from consistency_lens.models.lens import ConsistencyLens
 from consistency_lens.models.patching import token_nll
 from consistency_lens.training import trainer
@@ -580,6 +581,55 @@ def test_grpo_fluency_margin_charges_only_the_nll_above_it(tiny_llama_dir):
         rewards.append(float(obj(lens, batch, step_info(type(obj), cfg, 0)).terms["reward"]))
     excess = (nll - margin).clamp(min=0).mean()
     assert rewards[1] == pytest.approx(rewards[0] - 1.5 * float(excess), rel=1e-5)
+
+
+def test_grpo_next_reward_subtracts_the_kl_at_the_positions_after_p(tiny_llama_dir):
+    lens = _lens(tiny_llama_dir, objective="grpo", rl={"samples": 2})
+    gen = torch.Generator().manual_seed(1)
+    items = []
+    for i in range(3):
+        ids = torch.randint(1, 320, (6 + i,), generator=gen)
+        act = lens.orig.activations(ids[None], torch.ones_like(ids[None]))[0]
+        # Row 0's sequence ends 2 tokens after P: its third position is padding, never scored.
+        after = torch.randint(1, 320, (2 if i == 0 else 4,), generator=gen)
+        items.append({"input_ids_A": ids, "A": act, "input_ids_A_prime": ids, "A_prime": act})
+        items[-1]["input_ids_next"] = after
+    batch = CollateFn(pad_id=0)(items)
+    rewards = []
+    for weight, positions in ((0.0, None), (0.7, 3)):
+        cfg = lens.cfg.model_copy(deep=True)
+        cfg.train.rl.next_reward, cfg.train.rl.next_positions = weight, positions
+        obj = build_objective(lens, cfg)
+        torch.manual_seed(3)
+        rewards.append(float(obj(lens, batch, step_info(type(obj), cfg, 0)).terms["reward"]))
+    # By hand: the same samples, E's reconstruction of each written at P in one full forward over
+    # the context and the next tokens, KL(M(A) || M(Â)) at each real position after P, averaged.
+    torch.manual_seed(3)
+    texts = lens.decoder.generate(batch.A.repeat_interleave(2, 0), 3, greedy=False)
+    with torch.no_grad():
+        a_hat = lens.encoder.encode_ids(texts)
+        kls = []
+        for j in range(6):
+            ids, after = items[j // 2]["input_ids_A"], items[j // 2]["input_ids_next"][:3]
+            text = torch.cat([ids, after])[None]
+            clean = lens.orig.model(input_ids=text).logits[0, len(ids) :]
+            with replace_at(lens.orig.block, len(ids) - 1, a_hat[j : j + 1]):
+                patched = lens.orig.model(input_ids=text).logits[0, len(ids) :]
+            p = F.log_softmax(clean, -1)
+            kls.append(float((p.exp() * (p - F.log_softmax(patched, -1))).sum(-1).mean()))
+    assert min(kls) > 0
+    assert rewards[1] == pytest.approx(rewards[0] - 0.7 * sum(kls) / len(kls), rel=1e-4)
+
+
+def test_grpo_next_reward_needs_the_next_tokens_and_next_positions_needs_it(tiny_llama_dir):
+    lens = _lens(tiny_llama_dir, objective="grpo", rl={"samples": 2, "next_reward": 1.0})
+    obj = build_objective(lens, lens.cfg)
+    with pytest.raises(LensError, match=r"reads 4 tokens after P, but this dump stores 0"):
+        obj(lens, _batch(lens), step_info(type(obj), lens.cfg, 0))
+    with pytest.raises(LensError, match=r"next_positions has no effect with .*next_reward 0"):
+        config_from_dict({"train": {"rl": {"next_positions": 2}}})
+    rl = config_from_dict({"train": {"rl": {"next_positions": 2, "next_reward": 0.5}}}).train.rl
+    assert (rl.next_positions, rl.next_reward) == (2, 0.5)
 
 
 def test_names_prediction_matches_hand_computation():

@@ -2,8 +2,9 @@
 
 For each activation D samples `train.rl.samples` explanations. Each is scored by how well it lets E
 rebuild A: reward = -KL(M(A) || M(E(text))) at P, optionally minus `rl.mse_reward` times E's
-normalised squared error and `rl.fluency_reward` times the text's NLL under M (its fluency; only
-the part above `rl.fluency_margin` when set), and
+normalised squared error, `rl.next_reward` times the same KL at the positions after P (M reading
+the true next tokens with E(text) at P), and `rl.fluency_reward` times the text's NLL under M (its
+fluency; only the part above `rl.fluency_margin` when set), and
 optionally plus `rl.prediction_reward` when the text names one of M's top-5 predictions at P (a
 content word matched as the eval's specificity matches words).
 Advantages are group-relative (each sample against the mean of the other samples of its
@@ -27,7 +28,7 @@ from torch import nn
 from consistency_lens.config import LensConfig, ObjectiveSettings
 from consistency_lens.data.collate import Batch
 from consistency_lens.errors import LensError
-from consistency_lens.models.patching import kl_per_sample, patched_kl, token_nll
+from consistency_lens.models.patching import kl_per_sample, patched_kl, patched_kl_after, token_nll
 from consistency_lens.training.objectives import (
     Objective,
     ObjectiveOutput,
@@ -58,6 +59,13 @@ class RLConfig(ObjectiveSettings):
     prediction_reward: float = Field(0.0, ge=0)
     """Reward also plus this when the text holds a content word of M's top-5 predictions at P
     under A (each token decoded alone and normalised, as the eval's top-5 bucket reads words)."""
+    next_reward: float = Field(0.0, ge=0)
+    """Reward also minus this times the mean KL(M(A) || M(E(text))) at the `next_positions`
+    positions after P, M reading the corpus's true tokens there with E's reconstruction written
+    at P: what the text carries of what M uses A for later, beyond its next token (needs a dump
+    storing that many next tokens)."""
+    next_positions: int | None = Field(None, ge=1)
+    """Positions after P that `next_reward` reads (default 4)."""
     std_norm: bool = True
     """Divide each group's advantages by its reward standard deviation."""
     max_kl_ref: float | None = Field(None, gt=0)
@@ -78,6 +86,11 @@ class RLConfig(ObjectiveSettings):
             raise ValueError(
                 "train.rl.fluency_margin has no effect with train.rl.fluency_reward 0; set "
                 "train.rl.fluency_reward or unset train.rl.fluency_margin."
+            )
+        if self.next_positions is not None and self.next_reward == 0:
+            raise ValueError(
+                "train.rl.next_positions has no effect with train.rl.next_reward 0; set "
+                "train.rl.next_reward or unset train.rl.next_positions."
             )
         return self
 
@@ -178,6 +191,27 @@ class GRPOObjective(Objective):
         self.reference = {n: p.detach().clone() for n, p in self._decoder_params(lens).items()}
         self.words = lens.orig.content_word_ids()
 
+    def _next_kl(self, lens, batch: Batch, a: torch.Tensor, sets: list[torch.Tensor]):
+        """(n, k) mean KL at the `rl.next_positions` positions after P for each sampled text's
+        reconstruction (no grad: it shapes D's reward only)."""
+        want = self.settings.next_positions or 4
+        stored = 0 if batch.input_ids_next is None else batch.input_ids_next.shape[1]
+        if stored < want:
+            raise LensError(
+                f"train.rl.next_reward reads {want} tokens after P, but this dump stores "
+                f"{stored}; re-dump with train.t_text >= {want} or lower train.rl.next_positions."
+            )
+        kls = patched_kl_after(
+            lens.orig,
+            batch.input_ids_A,
+            batch.attention_mask_A,
+            batch.input_ids_next[:, :want],
+            batch.attention_mask_next[:, :want],
+            a,
+            [x.detach() for x in sets],
+        )
+        return torch.stack(kls, 1)
+
     @staticmethod
     def _decoder_params(lens) -> dict[str, nn.Parameter]:
         return {n: p for n, p in lens.decoder.named_parameters() if p.requires_grad}
@@ -206,6 +240,8 @@ class GRPOObjective(Objective):
         named = names_prediction(self.words, ids.view(n, k, -1), top5)
         err = (a_hat.view(n, k, -1) - a.unsqueeze(1)).square().sum(-1) / a.square().sum(-1, True)
         penalty = kls + rl.mse_reward * err
+        if rl.next_reward:
+            penalty = penalty + rl.next_reward * self._next_kl(lens, batch, a, sets)
         if rl.fluency_reward:
             nll = lens.orig.text_nll(ids).view(n, k)
             if rl.fluency_margin is not None:
