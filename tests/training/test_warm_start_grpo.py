@@ -601,7 +601,8 @@ def test_grpo_next_reward_subtracts_the_kl_at_the_positions_after_p(tiny_llama_d
         cfg.train.rl.next_reward, cfg.train.rl.next_positions = weight, positions
         obj = build_objective(lens, cfg)
         torch.manual_seed(3)
-        rewards.append(float(obj(lens, batch, step_info(type(obj), cfg, 0)).terms["reward"]))
+        terms = obj(lens, batch, step_info(type(obj), cfg, 0)).terms
+        rewards.append((float(terms["reward"]), float(terms["kl_next"])))
     # By hand: the same samples, E's reconstruction of each written at P in one full forward over
     # the context and the next tokens, KL(M(A) || M(Â)) at each real position after P, averaged.
     torch.manual_seed(3)
@@ -618,7 +619,9 @@ def test_grpo_next_reward_subtracts_the_kl_at_the_positions_after_p(tiny_llama_d
             p = F.log_softmax(clean, -1)
             kls.append(float((p.exp() * (p - F.log_softmax(patched, -1))).sum(-1).mean()))
     assert min(kls) > 0
-    assert rewards[1] == pytest.approx(rewards[0] - 0.7 * sum(kls) / len(kls), rel=1e-4)
+    assert rewards[0][1] == 0.0
+    assert rewards[1][1] == pytest.approx(sum(kls) / len(kls), rel=1e-4)
+    assert rewards[1][0] == pytest.approx(rewards[0][0] - 0.7 * sum(kls) / len(kls), rel=1e-4)
 
 
 def test_grpo_next_reward_needs_the_next_tokens_and_next_positions_needs_it(tiny_llama_dir):

@@ -170,13 +170,14 @@ class GRPOObjective(Objective):
 
     settings_class = RLConfig
     section = "rl"
-    terms = ("pg", "kl_ref", "reward", "kl_e", "mse_e", "distinct", "named", "held")
+    terms = ("pg", "kl_ref", "reward", "kl_e", "kl_next", "mse_e", "distinct", "named", "held")
     coefficients = ("alpha",)
     term_titles = {
         "pg": "Policy-gradient loss of D",
         "kl_ref": "KL of D to its reference",
         "reward": "Mean reward (-KL at P)",
         "kl_e": "KL at P with E(sampled text) patched in",
+        "kl_next": "KL after P with E(sampled text) patched in at P (0 without rl.next_reward)",
         "mse_e": "E's normalised MSE",
         "distinct": "Distinct samples per activation (fraction)",
         "named": "Sampled texts naming a content word of M's top-5 at P (fraction)",
@@ -240,8 +241,11 @@ class GRPOObjective(Objective):
         named = names_prediction(self.words, ids.view(n, k, -1), top5)
         err = (a_hat.view(n, k, -1) - a.unsqueeze(1)).square().sum(-1) / a.square().sum(-1, True)
         penalty = kls + rl.mse_reward * err
+        kl_next = kls.new_zeros(())  # a declared term: logged (as 0) with the reward off too
         if rl.next_reward:
-            penalty = penalty + rl.next_reward * self._next_kl(lens, batch, a, sets)
+            next_kls = self._next_kl(lens, batch, a, sets)
+            kl_next = next_kls.mean()
+            penalty = penalty + rl.next_reward * next_kls
         if rl.fluency_reward:
             nll = lens.orig.text_nll(ids).view(n, k)
             if rl.fluency_margin is not None:
@@ -270,6 +274,7 @@ class GRPOObjective(Objective):
             "kl_ref": kl_ref,
             "reward": rewards.mean(),
             "kl_e": kl_e,
+            "kl_next": kl_next,
             "mse_e": mse_e,
             "distinct": distinct,
             "named": named.mean(),
