@@ -21,8 +21,7 @@ from consistency_lens.data.layout import split_dir
 from consistency_lens.evaluation.samples import sample_indices
 from consistency_lens.evaluation.saved_lens import load_lens
 from consistency_lens.models.patching import patched_kl, patched_kl_after
-
-POSITIONS = 4  # `train.rl.next_positions`'s default
+from consistency_lens.training.objectives.grpo import NEXT_POSITIONS as POSITIONS
 
 
 def main(lens_dir: str, corpora: list[str]) -> None:

@@ -1,4 +1,5 @@
-"""The frozen original model M: logits at the last column after replacing block L's output there."""
+"""The frozen original model M: logits at the last column after replacing block L's output there
+(and, for `train.rl.next_reward`, at the positions after it)."""
 
 from __future__ import annotations
 
@@ -158,7 +159,7 @@ class OriginalModelWrapper:
 
     def _check_vectors(self, vectors_list: list[torch.Tensor], batch: int) -> None:
         if not vectors_list:
-            raise LensError("forward_with_replacement needs at least one set of vectors.")
+            raise LensError("A patched forward needs at least one set of vectors.")
         for vectors in vectors_list:
             if vectors.shape != (batch, self.d_model):
                 raise LensError(
@@ -220,18 +221,33 @@ class OriginalModelWrapper:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         next_ids: torch.Tensor,
+        next_mask: torch.Tensor,
         vectors_list: list[torch.Tensor],
     ) -> list[torch.Tensor]:
-        """Logits (B, m, V) at the m positions after P, M reading the tokens `next_ids` (B, m)
-        that follow P, with block L's output at P replaced by each set of vectors: what the state
-        at P tells M's later predictions (no grad; P must be last, as in
-        `forward_with_replacement`). Padding at the end of `next_ids` only changes the rows' own
-        later positions, which causal attention keeps from the earlier ones."""
-        _check_batch(input_ids, attention_mask)
-        batch, m = input_ids.shape[0], next_ids.shape[1]
+        """Logits (B, m, V) after P for each set of vectors written at P (no grad).
+
+        M reads the tokens `next_ids` (B, m) that follow P (right-padded, `next_mask` 0 on
+        padding) with block L's output at P replaced: what the state at P tells M's later
+        predictions. P must be last, as in `forward_with_replacement`; like it, this is a training
+        step's call, so the last column is not read back to check it. A padded column takes its
+        row's last real position (never one past the model's range); its logits are not
+        meaningful, and causal attention keeps it from the real positions before it.
+        """
+        _check_batch(input_ids, attention_mask, values=False)
+        batch = input_ids.shape[0]
+        if next_ids.dim() != 2 or next_ids.shape[0] != batch or next_ids.shape[1] < 1:
+            raise LensError(
+                f"next_ids {tuple(next_ids.shape)} must be (B, m) with B = {batch} and m >= 1."
+            )
+        if next_mask.shape != next_ids.shape:
+            raise LensError(
+                f"next_mask {tuple(next_mask.shape)} must match next_ids {tuple(next_ids.shape)}."
+            )
         self._check_vectors(vectors_list, batch)
-        n = len(vectors_list)
-        full = torch.cat([attention_mask, torch.ones_like(next_ids)], dim=1)
+        n, m = len(vectors_list), next_ids.shape[1]
+        device = input_ids.device
+        next_ids, next_mask = next_ids.to(device), next_mask.to(device)
+        full = torch.cat([attention_mask, next_mask.to(attention_mask.dtype)], dim=1)
         positions = position_ids(full)
         cache = None
         if input_ids.shape[1] > 1:
@@ -245,7 +261,7 @@ class OriginalModelWrapper:
                 logits_to_keep=no_logits(),
             )
             cache = _expand_cache(cache, n)
-        chunk = torch.cat([input_ids[:, -1:], next_ids.to(input_ids.device)], dim=1)
+        chunk = torch.cat([input_ids[:, -1:], next_ids], dim=1)
         # The chunk's first column is P: its state after block L is the one replaced.
         with replace_at(self.block, 0, torch.cat(vectors_list, dim=0)):
             out = self.model(

@@ -110,12 +110,14 @@ def patched_kl_after(
     A: torch.Tensor,
     patches: list[torch.Tensor],
 ) -> list[torch.Tensor]:
-    """Per-sample KL(M(A) || M(X)) at the positions after P, averaged over each row's real next
-    tokens (`next_mask` 1), with X written at P and M reading the true tokens `next_ids` after
-    it (`orig.logits_after_replacement`): (B,) for each X in `patches`, no grad. A row with no
-    real next token scores 0."""
+    """Per-sample KL(M(A) || M(X)) after P, (B,) for each X in `patches` (no grad).
+
+    X is written at P and M reads the true tokens `next_ids` after it
+    (`orig.logits_after_replacement`); the KL is averaged over each row's real next tokens
+    (`next_mask` 1), and a row with none scores 0.
+    """
     clean, *others = orig.logits_after_replacement(
-        input_ids, attention_mask, next_ids, [A, *(x.to(A.dtype) for x in patches)]
+        input_ids, attention_mask, next_ids, next_mask, [A, *(x.to(A.dtype) for x in patches)]
     )
     weight = next_mask.to(device=clean.device, dtype=torch.float32)
     count = weight.sum(-1).clamp(min=1)

@@ -442,14 +442,15 @@ def _with_starting_decode(cfg: LensConfig) -> LensConfig:
 
 
 def _objective_for(lens: ConsistencyLens, cfg: LensConfig, train_set: ActivationDataset):
-    """The run's objective; one that teaches the tokens after P needs a dump that stores enough."""
+    """The run's objective; one that reads the tokens after P needs a dump that stores enough."""
     objective = build_objective(lens, cfg)
     stored = int(train_set.metadata.get("next_tokens", 0))
-    if objective.needs_next_tokens and stored < cfg.train.t_text:
+    needed = objective.next_tokens_needed()
+    if stored < needed:
         raise LensError(
-            f"Objective '{objective.name}' teaches the {cfg.train.t_text} corpus tokens after P, "
-            f"but the dump at '{train_set.path}' stores {stored}; dump again with "
-            f"train.t_text={cfg.train.t_text} (into another output_dir)."
+            f"Objective '{objective.name}' reads the {needed} corpus tokens after P, but the "
+            f"dump at '{train_set.path}' stores {stored}; dump again with train.t_text={needed} "
+            "(into another output_dir)."
         )
     return objective
 

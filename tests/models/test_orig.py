@@ -78,7 +78,7 @@ def test_logits_after_p_equal_a_full_forward_with_the_replacement_at_p(orig):
     after = torch.randint(1, 320, (3, 4), generator=gen)
     a = orig.activations(ids, mask)
     vectors = [a, a + 0.5 * torch.randn(a.shape, generator=gen)]
-    got = orig.logits_after_replacement(ids, mask, after, vectors)
+    got = orig.logits_after_replacement(ids, mask, after, torch.ones_like(after), vectors)
     assert [tuple(x.shape) for x in got] == [(3, 4, orig.model.config.vocab_size)] * 2
     for row in range(3):
         context = ids[row][mask[row].bool()]
@@ -90,11 +90,26 @@ def test_logits_after_p_equal_a_full_forward_with_the_replacement_at_p(orig):
         torch.testing.assert_close(got[0][row], plain, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got[1][row], replaced, atol=1e-5, rtol=1e-5)
     assert (got[1] - got[0]).abs().max() > 1e-2  # the replacement reaches the later positions
-    padded = after.clone()
-    padded[1, 2:] = 0
-    (short,) = orig.logits_after_replacement(ids, mask, padded, vectors[1:])
+    padded, real = after.clone(), torch.ones_like(after)
+    padded[1, 2:], real[1, 2:] = 0, 0
+    (short,) = orig.logits_after_replacement(ids, mask, padded, real, vectors[1:])
     torch.testing.assert_close(short[1, :2], got[1][1, :2], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(short[[0, 2]], got[1][[0, 2]], atol=1e-5, rtol=1e-5)
+
+
+def test_padding_after_p_never_takes_a_position_past_the_models_range(orig):
+    """A text that ends one token after P at the end of the model's range: its padded next
+    columns repeat the last real position (a learned position table has no row past it)."""
+    limit = getattr(orig.model.config, "n_positions", None) or 256
+    gen = torch.Generator().manual_seed(2)
+    context = torch.randint(1, 320, (1, limit - 1), generator=gen)
+    after = torch.tensor([[7, 0, 0, 0]])
+    real = torch.tensor([[1, 0, 0, 0]])
+    a = orig.activations(context, torch.ones_like(context))
+    (got,) = orig.logits_after_replacement(context, torch.ones_like(context), after, real, [a])
+    with torch.no_grad():
+        plain = orig.model(input_ids=torch.cat([context, after[:, :1]], 1)).logits[0, -1]
+    torch.testing.assert_close(got[0, 0], plain, atol=1e-4, rtol=1e-4)
 
 
 def test_left_padding_does_not_change_results(orig):

@@ -66,13 +66,17 @@ def _lens(model_dir, **train) -> ConsistencyLens:
     return ConsistencyLens.build(cfg)
 
 
-def _batch(lens, n=4, seed=0):
+def _batch(lens, n=4, seed=0, next_tokens=0):
     gen = torch.Generator().manual_seed(seed)
     items = []
     for i in range(n):
         ids = torch.randint(1, 320, (6 + i,), generator=gen)
         act = lens.orig.activations(ids[None], torch.ones_like(ids[None]))[0]
         items.append({"input_ids_A": ids, "A": act, "input_ids_A_prime": ids, "A_prime": act})
+        if next_tokens:
+            # Row 0 ends one token sooner: the batch's next tokens are right-padded.
+            size = next_tokens - 1 if i == 0 and next_tokens > 1 else next_tokens
+            items[-1]["input_ids_next"] = torch.randint(1, 320, (size,), generator=gen)
     return CollateFn(pad_id=0)(items)
 
 
@@ -624,11 +628,37 @@ def test_grpo_next_reward_subtracts_the_kl_at_the_positions_after_p(tiny_llama_d
     assert rewards[1][0] == pytest.approx(rewards[0][0] - 0.7 * sum(kls) / len(kls), rel=1e-4)
 
 
-def test_grpo_next_reward_needs_the_next_tokens_and_next_positions_needs_it(tiny_llama_dir):
+def test_grpo_next_reward_reads_a_narrower_batch_and_refuses_one_without_next_tokens(
+    tiny_llama_dir,
+):
+    """Rows that all end 1 token after P give a batch narrower than `next_positions`: every real
+    token is read, nothing is refused; a batch without next tokens is refused by name."""
     lens = _lens(tiny_llama_dir, objective="grpo", rl={"samples": 2, "next_reward": 1.0})
     obj = build_objective(lens, lens.cfg)
-    with pytest.raises(LensError, match=r"reads 4 tokens after P, but this dump stores 0"):
-        obj(lens, _batch(lens), step_info(type(obj), lens.cfg, 0))
+    assert obj.next_tokens_needed() == 4
+    info = step_info(type(obj), lens.cfg, 0)
+    with pytest.raises(LensError, match=r"reads 4 corpus tokens after P, but this batch has none"):
+        obj(lens, _batch(lens), info)
+    batch = _batch(lens, next_tokens=1)
+    assert batch.input_ids_next.shape == (4, 1)
+    assert float(obj(lens, batch, info).terms["kl_next"]) > 0
+
+
+def test_grpo_next_reward_refuses_a_dump_with_fewer_next_tokens(dumped, tmp_path):
+    """The fixture's dump stores 2 tokens after P: reading 4 is refused before any step."""
+    args = _overrides(dumped, tmp_path / "run", "grpo", 1, **{"rl.next_reward": 1.0})
+    with pytest.raises(
+        LensError,
+        match="reads the 4 corpus tokens after P, but the dump at .* "
+        "stores 2; dump again with train.t_text=4",
+    ):
+        trainer.train(load_config(None, args))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    ok = {"rl.next_reward": 1.0, "rl.next_positions": 2}
+    trainer.train(load_config(None, _overrides(dumped, tmp_path / "ok", "grpo", 1, **ok)))
+
+
+def test_grpo_next_positions_needs_a_next_reward():
     with pytest.raises(LensError, match=r"next_positions has no effect with .*next_reward 0"):
         config_from_dict({"train": {"rl": {"next_positions": 2}}})
     rl = config_from_dict({"train": {"rl": {"next_positions": 2, "next_reward": 0.5}}}).train.rl
@@ -696,13 +726,17 @@ def test_text_nll_scores_every_token_after_bos(tiny_llama_dir):
     torch.testing.assert_close(lens.orig.text_nll(ids), token_nll(logits[:, :-1], ids))
 
 
-@pytest.mark.parametrize("objective", ["plan", "warm_start", "warm_start_predict", "grpo"])
+@pytest.mark.parametrize(
+    "objective", ["plan", "warm_start", "warm_start_predict", "grpo", "grpo next_reward"]
+)
 def test_a_training_step_reads_nothing_back_to_the_host(tiny_llama_dir, objective, padded_passes):
     """Forward and backward of every objective on a left-padded batch make no host sync (what
     stalls a GPU's launch queue): no `.item()`-like read, no `nonzero`, no `masked_select`."""
-    lens = _lens(tiny_llama_dir, objective=objective, rl={"samples": 3})
+    name, _, reward = objective.partition(" ")
+    rl = {"samples": 3, "next_reward": 1.0, "next_positions": 3} if reward else {"samples": 3}
+    lens = _lens(tiny_llama_dir, objective=name, rl=rl)
     obj = build_objective(lens, lens.cfg)
-    batch = _batch(lens)
+    batch = _batch(lens, next_tokens=3 if reward else 0)
     info = step_info(type(obj), lens.cfg, 0)
     with no_host_reads():
         obj(lens, batch, info).loss.backward()

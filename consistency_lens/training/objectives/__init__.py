@@ -15,9 +15,9 @@ picks it. The protocol, in the spirit of tuned-lens / SAELens training losses:
   it; `train.<section>` (`section`, by default the objective's name) then holds them, validated
   with the rest of the config and free to change on resume. The objective reads them as
   `self.settings`. So an objective with settings is still one file plus its test.
-- `needs_next_tokens`: the objective reads `train.t_text` tokens of `input_ids_next` (the corpus
-  tokens after P, stored in the dump), e.g. for teacher forcing; the trainer refuses a dump that
-  stores fewer.
+- `next_tokens_needed()`: how many tokens of `input_ids_next` (the corpus tokens after P, stored
+  in the dump) the objective reads under its settings, e.g. `train.t_text` for teacher forcing
+  (default 0); the trainer refuses a dump that stores fewer when the run is built.
 - `__init__(lens, cfg)`: runs once when the run is built, on the lens's device. Extra state (say, a
   frozen reference copy of D) lives on the objective, not on the lens: it is never trained,
   checkpointed or sharded, and is rebuilt identically on resume.
@@ -80,8 +80,6 @@ class Objective:
     """The objective's own settings, validated as `train.<section>`; `None` when it has none."""
     section: ClassVar[str] = ""
     """Key of those settings under `train`; empty means the objective's name."""
-    needs_next_tokens: ClassVar[bool] = False
-    """Whether batches must carry `input_ids_next`."""
     term_titles: ClassVar[dict[str, str]] = {}
     """Optional plot titles of terms and coefficients for the report."""
     linear_terms: ClassVar[tuple[str, ...]] = ()
@@ -99,6 +97,10 @@ class Objective:
     def __call__(self, lens, batch: Batch, step: StepInfo) -> ObjectiveOutput:
         """Loss and named terms of one micro-batch."""
         raise NotImplementedError
+
+    def next_tokens_needed(self) -> int:
+        """Corpus tokens after P (`input_ids_next`) the objective reads; the dump must store them."""
+        return 0
 
     def reconstruct(self, lens, batch: Batch) -> torch.Tensor:
         """Â (B, d) that validation scores: E reading D's explanation of A, as `eval` writes it."""

@@ -38,6 +38,9 @@ from consistency_lens.training.objectives import (
 )
 from consistency_lens.utils.words import TOP_PREDICTIONS, names_prediction
 
+NEXT_POSITIONS = 4
+"""Positions after P that `rl.next_reward` reads when `rl.next_positions` is unset."""
+
 
 class RLConfig(ObjectiveSettings):
     """Settings of `grpo`, under `train.rl`: sampling, rewards and the reference KL."""
@@ -65,7 +68,7 @@ class RLConfig(ObjectiveSettings):
     at P: what the text carries of what M uses A for later, beyond its next token (needs a dump
     storing that many next tokens)."""
     next_positions: int | None = Field(None, ge=1)
-    """Positions after P that `next_reward` reads (default 4)."""
+    """Positions after P that `next_reward` reads (default `NEXT_POSITIONS`, 4)."""
     std_norm: bool = True
     """Divide each group's advantages by its reward standard deviation."""
     max_kl_ref: float | None = Field(None, gt=0)
@@ -192,16 +195,24 @@ class GRPOObjective(Objective):
         self.reference = {n: p.detach().clone() for n, p in self._decoder_params(lens).items()}
         self.words = lens.orig.content_word_ids()
 
-    def _next_kl(self, lens, batch: Batch, a: torch.Tensor, sets: list[torch.Tensor]):
-        """(n, k) mean KL at the `rl.next_positions` positions after P for each sampled text's
-        reconstruction (no grad: it shapes D's reward only)."""
-        want = self.settings.next_positions or 4
-        stored = 0 if batch.input_ids_next is None else batch.input_ids_next.shape[1]
-        if stored < want:
+    def next_tokens_needed(self) -> int:
+        """`rl.next_positions` (default `NEXT_POSITIONS`) with `rl.next_reward` on, else 0."""
+        rl = self.settings
+        return (rl.next_positions or NEXT_POSITIONS) if rl.next_reward else 0
+
+    def _next_kl(
+        self, lens, batch: Batch, a: torch.Tensor, sets: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """(n, k) mean KL at the positions after P of each sampled text's reconstruction (no
+        grad: it shapes D's reward only)."""
+        want = self.next_tokens_needed()
+        if batch.input_ids_next is None:
+            # The trainer checks the dump when the run is built; a batch built by hand may lack them.
             raise LensError(
-                f"train.rl.next_reward reads {want} tokens after P, but this dump stores "
-                f"{stored}; re-dump with train.t_text >= {want} or lower train.rl.next_positions."
+                f"train.rl.next_reward reads {want} corpus tokens after P, but this batch has "
+                "none; train on a dump that stores them (train.t_text >= that many)."
             )
+        # A batch whose rows all end sooner is narrower: every real token is within the slice.
         kls = patched_kl_after(
             lens.orig,
             batch.input_ids_A,

@@ -114,7 +114,9 @@ class WarmStartObjective(Objective):
 class WarmStartNextObjective(WarmStartObjective):
     """The warm start on the corpus tokens after P (`input_ids_next`) instead of those ending at P."""
 
-    needs_next_tokens = True
+    def next_tokens_needed(self) -> int:
+        """`train.t_text`: the text is taught from the corpus tokens after P."""
+        return self.cfg.train.t_text
 
     def targets(self, lens, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The first `t_text` corpus tokens after P (fewer, right-padded, near a sequence's end)."""
