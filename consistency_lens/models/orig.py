@@ -167,6 +167,31 @@ class OriginalModelWrapper:
                     f"({batch}, {self.d_model}) (batch, d_model)."
                 )
 
+    def _prefix_cache(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor,
+        repeats: int,
+    ) -> DynamicCache | None:
+        """M's kv cache of a left-padded batch's clean prefix 0..P-1 (positions from `positions`'
+        first columns), stacked `repeats` times along the batch; None when P is each row's only
+        column. The prefix never depends on the replacement at P, so it runs once, without grad."""
+        if input_ids.shape[1] < 2:
+            return None
+        length = input_ids.shape[1] - 1
+        cache = DynamicCache(config=self.model.config)
+        with torch.no_grad():
+            self.model(
+                input_ids=input_ids[:, :-1],
+                attention_mask=self._mask(attention_mask[:, :-1], length),
+                position_ids=positions[:, :length],
+                use_cache=True,
+                **self.parts.cache_kwargs(cache),
+                logits_to_keep=no_logits(),
+            )
+        return _expand_cache(cache, repeats)
+
     def forward_with_replacement(
         self,
         input_ids: torch.Tensor,
@@ -187,21 +212,8 @@ class OriginalModelWrapper:
             return self._replaced_packed(input_ids, attention_mask, vectors_list)
         n = len(vectors_list)
         positions = position_ids(attention_mask)
-        cache = None
-        if input_ids.shape[1] > 1:
-            # The clean prefix 0..P-1 never depends on the replacement, so it runs once, without grad.
-            with torch.no_grad():
-                cache = DynamicCache(config=self.model.config)
-                self.model(
-                    input_ids=input_ids[:, :-1],
-                    attention_mask=self._mask(attention_mask[:, :-1], input_ids.shape[1] - 1),
-                    position_ids=positions[:, :-1],
-                    use_cache=True,
-                    **self.parts.cache_kwargs(cache),
-                    logits_to_keep=no_logits(),
-                )
-            # All replacement sets go through one batched single-token pass (weights read once).
-            cache = _expand_cache(cache, n)
+        # All replacement sets go through one batched single-token pass (weights read once).
+        cache = self._prefix_cache(input_ids, attention_mask, positions, n)
         vectors = torch.cat(vectors_list, dim=0)
         with replace_last(self.block, vectors):
             out = self.model(
@@ -249,18 +261,7 @@ class OriginalModelWrapper:
         next_ids, next_mask = next_ids.to(device), next_mask.to(device)
         full = torch.cat([attention_mask, next_mask.to(attention_mask.dtype)], dim=1)
         positions = position_ids(full)
-        cache = None
-        if input_ids.shape[1] > 1:
-            cache = DynamicCache(config=self.model.config)
-            self.model(
-                input_ids=input_ids[:, :-1],
-                attention_mask=self._mask(attention_mask[:, :-1], input_ids.shape[1] - 1),
-                position_ids=positions[:, : input_ids.shape[1] - 1],
-                use_cache=True,
-                **self.parts.cache_kwargs(cache),
-                logits_to_keep=no_logits(),
-            )
-            cache = _expand_cache(cache, n)
+        cache = self._prefix_cache(input_ids, attention_mask, positions, n)
         chunk = torch.cat([input_ids[:, -1:], next_ids], dim=1)
         # The chunk's first column is P: its state after block L is the one replaced.
         with replace_at(self.block, 0, torch.cat(vectors_list, dim=0)):
@@ -269,7 +270,7 @@ class OriginalModelWrapper:
                 attention_mask=self._mask(full.repeat(n, 1), m + 1),
                 position_ids=positions[:, -(m + 1) :].repeat(n, 1),
                 use_cache=cache is not None,
-                **(self.parts.cache_kwargs(cache) if cache is not None else {}),
+                **self.parts.cache_kwargs(cache),
                 logits_to_keep=m,
             )
         return list(out.logits[:, -m:].split(batch, dim=0))
