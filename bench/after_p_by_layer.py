@@ -12,6 +12,7 @@ usage: OMP_NUM_THREADS=2 .venv/bin/python bench/after_p_by_layer.py CORPUS [CORP
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -22,8 +23,9 @@ from consistency_lens.data.layout import split_dir
 from consistency_lens.evaluation.samples import sample_indices
 from consistency_lens.models.loading import load_model
 from consistency_lens.models.orig import OriginalModelWrapper
-from consistency_lens.models.patching import patched_kl, patched_kl_after
-from consistency_lens.training.objectives.grpo import NEXT_POSITIONS
+
+sys.path.insert(0, str(Path(__file__).parent))
+from after_p_kl import POSITIONS, mean_kls  # noqa: E402  (a sibling script, as step_ops imports gpu)
 
 
 def main(argv: list[str]) -> None:
@@ -46,41 +48,27 @@ def main(argv: list[str]) -> None:
             collate([ds[i] for i in idx[s : s + cfg.eval.batch_size]])
             for s in range(0, len(idx), cfg.eval.batch_size)
         ]
-        print(f"\n{corpus}, {len(idx)} samples: KL after P (mean of {NEXT_POSITIONS}) / KL at P")
+        print(f"\n{corpus}, {len(idx)} samples: KL after P (mean of {POSITIONS}) / KL at P")
         print("| block | the val mean A | another sample's A | zero | after / at (mean A) |")
         print("|---|---|---|---|---|")
         for layer in layers:
             orig = OriginalModelWrapper(loaded, layer)
             with torch.no_grad():
                 acts = [orig.activations(b.input_ids_A, b.attention_mask_A) for b in batches]
-                mean = torch.cat(acts).float().mean(0)
-                after: dict[str, list[torch.Tensor]] = {}
-                at: dict[str, list[torch.Tensor]] = {}
-                for b, a in zip(batches, acts, strict=True):
-                    sets = {
+            mean = torch.cat(acts).float().mean(0)
+            items = (
+                (
+                    b,
+                    a,
+                    {
                         "mean": mean.expand_as(a).to(a.dtype),
                         "other": a.roll(1, 0),
                         "zero": torch.zeros_like(a),
-                    }
-                    kls_after = patched_kl_after(
-                        orig,
-                        b.input_ids_A,
-                        b.attention_mask_A,
-                        b.input_ids_next[:, :NEXT_POSITIONS],
-                        b.attention_mask_next[:, :NEXT_POSITIONS],
-                        a,
-                        list(sets.values()),
-                    )
-                    kls_at = patched_kl(
-                        orig, b.input_ids_A, b.attention_mask_A, a, list(sets.values())
-                    )
-                    for name, x, y in zip(sets, kls_after, kls_at, strict=True):
-                        after.setdefault(name, []).append(x)
-                        at.setdefault(name, []).append(y)
-            cells = {
-                k: (float(torch.cat(after[k]).mean()), float(torch.cat(at[k]).mean()))
-                for k in after
-            }
+                    },
+                )
+                for b, a in zip(batches, acts, strict=True)
+            )
+            cells = mean_kls(orig, items)
             row = " | ".join(f"{x:.3f} / {y:.2f}" for x, y in cells.values())
             ratio = cells["mean"][0] / max(cells["mean"][1], 1e-9)
             print(f"| {layer} | {row} | {ratio:.3f} |", flush=True)
