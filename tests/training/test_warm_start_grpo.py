@@ -624,7 +624,9 @@ def test_grpo_next_reward_subtracts_the_kl_at_the_positions_after_p(tiny_llama_d
             kls.append(float((p.exp() * (p - F.log_softmax(patched, -1))).sum(-1).mean()))
     assert min(kls) > 0
     assert rewards[0][1] == 0.0
-    assert rewards[1][1] == pytest.approx(sum(kls) / len(kls), rel=1e-4)
+    # The objective reads a cached chunk, the hand computation full forwards: their float32 sums
+    # differ by ~1e-7 nats under some CPU kernels (avx2, default), on KLs of ~3e-4 here.
+    assert rewards[1][1] == pytest.approx(sum(kls) / len(kls), rel=1e-4, abs=1e-6)
     assert rewards[1][0] == pytest.approx(rewards[0][0] - 0.7 * sum(kls) / len(kls), rel=1e-4)
 
 
