@@ -298,7 +298,9 @@ def _val_pass(run: _Run) -> dict:
             for name, value in {"loss": out.loss, **out.terms}.items():
                 sums[name] = sums.get(name, 0.0) + float(value) * len(batch)
                 counts[name] = counts.get(name, 0) + len(batch)
-            a_hat = run.objective.reconstruct(run.lens, batch)
+            a_hat = (
+                out.a_hat if out.a_hat is not None else run.objective.reconstruct(run.lens, batch)
+            )
             # The eval's direction, KL(M(A) || M(Â)), so curves and eval tables are one metric.
             (kl,) = patched_kl(
                 run.lens.orig, batch.input_ids_A, batch.attention_mask_A, batch.A, [a_hat]

@@ -100,10 +100,13 @@ def test_decoder_rotate_is_allowed_with_refit_only_among_e_objectives(tiny_llama
         )
 
 
-def test_a_refit_run_writes_as_the_lens_it_starts_from(tiny_llama_dir, corpus_dir, tmp_path):
+def test_a_refit_run_writes_as_the_lens_it_starts_from(
+    tiny_llama_dir, corpus_dir, tmp_path, monkeypatch
+):
     """Through `train`: the decode settings left unset come from the starting lens, so E is fitted
     to its shown texts and the saved lens (and its EMA copy) shows them word for word, with D's
-    weights untouched even under weight decay."""
+    weights untouched even under weight decay. Validation chooses each text once (it scores the
+    Â the loss was built on, not a second choice)."""
     base = tiny_dump_config(tmp_path / "dump", tiny_llama_dir, corpus_dir)
     base["train"] = {"t_text": 2}
     dump_activations(config_from_dict(base))
@@ -129,6 +132,23 @@ def test_a_refit_run_writes_as_the_lens_it_starts_from(tiny_llama_dir, corpus_di
             + ["decode.samples=4", "decode.prediction=1"],
         )
     ).lens_dir
+    in_val, chosen = [], []
+    val_pass, explanation = trainer._val_pass, ConsistencyLens.explanation
+
+    def counted_val_pass(run):
+        in_val.append(True)
+        try:
+            return val_pass(run)
+        finally:
+            in_val.pop()
+
+    def counted_explanation(self, acts, *args, **kwargs):
+        if in_val:
+            chosen.append(len(acts))
+        return explanation(self, acts, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_val_pass", counted_val_pass)
+    monkeypatch.setattr(ConsistencyLens, "explanation", counted_explanation)
     refit = trainer.train(
         load_config(
             None,
@@ -139,6 +159,9 @@ def test_a_refit_run_writes_as_the_lens_it_starts_from(tiny_llama_dir, corpus_di
             + ["train.ema_decay=0.5", "train.lr=0.05", "train.lr_blocks=0.05"],
         )
     ).lens_dir
+    monkeypatch.undo()
+    # Validation at steps 0, 1 and 2, one batch each: one choice per batch.
+    assert len(chosen) == 3, chosen
     before = ConsistencyLens.from_pretrained(source, device="cpu")
     acts = torch.randn(6, before.d_model, generator=torch.Generator().manual_seed(1)) * 3
     ids, a_hat = before.reconstruct(acts)

@@ -25,7 +25,9 @@ picks it. The protocol, in the spirit of tuned-lens / SAELens training losses:
   and the detached-or-not named scalar terms. It may sample, but only from the global torch RNG
   (or a private generator with a fixed seed), so that a resumed run replays the same noise.
 - `reconstruct(lens, batch) -> Â` (optional): what validation's `val_kl`, MSE and FVE measure;
-  by default E reading D's explanation (`ConsistencyLens.reconstruct`), as `eval` does.
+  by default E reading D's explanation (`ConsistencyLens.reconstruct`), as `eval` does. An
+  objective whose loss is built on that very Â returns it as `ObjectiveOutput.a_hat`, and
+  validation reuses it instead of calling `reconstruct` again.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ class ObjectiveOutput:
     """What backward runs on."""
     terms: dict[str, torch.Tensor]
     """Scalar terms by name (the objective's `terms`), logged as floats."""
+    a_hat: torch.Tensor | None = None
+    """The (B, d) Â of `reconstruct`, when the loss was built on it: validation then scores it
+    instead of reconstructing a second time (the refit's would choose every text again)."""
 
 
 class Objective:

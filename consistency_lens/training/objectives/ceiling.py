@@ -56,7 +56,7 @@ class ContextCeilingObjective(Objective):
                 lens.orig, batch.input_ids_A, batch.attention_mask_A, a, [a_hat], "patched||clean"
             )
         loss = self.cfg.train.mse_weight * mse + step["alpha"] * kl
-        return ObjectiveOutput(loss=loss, terms={"mse_e": mse, "kl_e": kl})
+        return ObjectiveOutput(loss=loss, terms={"mse_e": mse, "kl_e": kl}, a_hat=a_hat)
 
     def reconstruct(self, lens, batch: Batch) -> torch.Tensor:
         """E's Â from the true last `t_text` context tokens: the ceiling's validation reads what it

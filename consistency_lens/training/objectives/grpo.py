@@ -178,7 +178,7 @@ class GRPOObjective(Objective):
     term_titles = {
         "pg": "Policy-gradient loss of D",
         "kl_ref": "KL of D to its reference",
-        "reward": "Mean reward (-KL at P)",
+        "reward": "Mean reward of D's samples (-KL at P, other rl.* terms included)",
         "kl_e": "KL at P with E(sampled text) patched in",
         "kl_next": "KL after P with E(sampled text) patched in at P (0 without rl.next_reward)",
         "mse_e": "E's normalised MSE",
