@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from consistency_lens.config import LensConfig, config_from_dict
+from consistency_lens.config import DecodeConfig, LensConfig, config_from_dict
 
 
 def _stage(name: str) -> float:
@@ -81,8 +81,11 @@ def run_demo(cfg: LensConfig) -> dict:
     timings["eval_s"] = time.perf_counter() - t
     shipped, shipped_results = _comparable_shipped_lens(cfg), None
     if shipped is not None:
-        t = _stage("3b/5 evaluate the lens shipped in the package on the same samples")
-        shipped_results = evaluate_command(cfg, shipped, run_dir / "shipped_lens")
+        t = _stage("3b/5 evaluate the shipped lens, as it writes, on the same samples")
+        # Scored as shipped: the demo config's decode keys are its own lens's recipe, and would
+        # otherwise replace the shipped lens's (`decode_settings`).
+        as_shipped = cfg.model_copy(update={"decode": DecodeConfig()})
+        shipped_results = evaluate_command(as_shipped, shipped, run_dir / "shipped_lens")
         print_comparison({"this demo's lens": results, "shipped lens": shipped_results})
         timings["eval_shipped_s"] = time.perf_counter() - t
 

@@ -86,6 +86,7 @@ def test_demo_compares_its_lens_with_the_shipped_one(
         corpus_dir,
         train={"steps": 1, "batch_size": 4},
         eval={"num_samples": 8, "batch_size": 8, "bootstrap": 20, "qualitative": 2},
+        decode={"samples": 1},
     )
     assert run_demo(cfg)["shipped_results"] is None
     shutil.copytree(tmp_path / "run" / "lens", tmp_path / "package" / "copy")
@@ -119,6 +120,9 @@ def test_demo_compares_its_lens_with_the_shipped_one(
     assert shipped_with(corpus=f"{cfg.corpus}+other", drop="train_mean_sha256") is None
     assert shipped_with(val_samples=cfg.val_samples - 1) is None
     assert shipped_with(seq_len=cfg.seq_len + 1) is None
+    # Scored with its own decode settings, not the demo config's (the demo lens's recipe).
+    own = original["config"]["decode"] | {"samples": cfg.decode.samples + 3}
+    assert shipped_with(decode=own)["decode"] == own
 
 
 def test_specificity_ratio_without_own_hits_is_no_ratio():
