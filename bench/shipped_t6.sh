@@ -4,8 +4,9 @@
 # "A T 6 lens from the shipped one" and "A full epoch of warm start" record: 24,000 sotu+pydoc
 # activations (4 positions per sequence), a warm start of 3,000 x 8 (one epoch) on the context and
 # M's prediction, 200 GRPO steps of 8 x 8, a T 6 context ceiling (141 x 64), bf16. The lens saves
-# the decode it writes with: config/demo.yaml's, and the candidate its own E rebuilds A from best
-# (decode.reconstruction=20, BENCHMARKS.md "The choice with E as the shipped default").
+# the decode it writes with: config/demo.yaml's, but for the candidate its own E rebuilds A from
+# best and fluency 3 (decode.reconstruction=20 decode.fluency=3 on the GRPO stage, BENCHMARKS.md
+# "The choice with E as the shipped default").
 # About an hour on 2 CPU cores. Every stage checkpoints and is skipped once done: re-run to resume.
 # The recorded run resumed its warm start from step 1,500 of an earlier one (constant learning
 # rate, so the same schedule) and trained the ceiling beside another run at one thread, so a
@@ -44,7 +45,7 @@ done_lens "$run/warm_start" || "${cl[@]}" train "${data[@]}" "${small_lr[@]}" \
 done_lens "$run/grpo" || "${cl[@]}" train "${data[@]}" "${small_lr[@]}" \
   train.run_dir="$run/grpo" train.init_from="$run/warm_start/lens" train.warm_start.steps=0 \
   train.steps=200 train.rl.samples=8 train.rl.fluency_reward=0.2 train.rl.fluency_margin=4.6 \
-  train.ckpt_every=40 train.val_every=100 train.val_batches=8 decode.reconstruction=20 --resume
+  train.ckpt_every=40 train.val_every=100 train.val_batches=8 decode.reconstruction=20 decode.fluency=3 --resume
 # ceiling_config.json is written last: its presence means the ceiling is complete.
 [ -f "$run/grpo/lens/context_ceiling/ceiling_config.json" ] || "${cl[@]}" train-ceiling \
   "${data[@]}" train.run_dir="$run/ceiling" train.steps=141 train.batch_size=64 \
