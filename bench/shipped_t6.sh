@@ -45,7 +45,8 @@ done_lens "$run/warm_start" || "${cl[@]}" train "${data[@]}" "${small_lr[@]}" \
 done_lens "$run/grpo" || "${cl[@]}" train "${data[@]}" "${small_lr[@]}" \
   train.run_dir="$run/grpo" train.init_from="$run/warm_start/lens" train.warm_start.steps=0 \
   train.steps=200 train.rl.samples=8 train.rl.fluency_reward=0.2 train.rl.fluency_margin=4.6 \
-  train.ckpt_every=40 train.val_every=100 train.val_batches=8 decode.reconstruction=20 decode.fluency=3 --resume
+  train.ckpt_every=40 train.val_every=100 train.val_batches=8 decode.reconstruction=20 \
+  decode.fluency=3 --resume
 # ceiling_config.json is written last: its presence means the ceiling is complete.
 [ -f "$run/grpo/lens/context_ceiling/ceiling_config.json" ] || "${cl[@]}" train-ceiling \
   "${data[@]}" train.run_dir="$run/ceiling" train.steps=141 train.batch_size=64 \
