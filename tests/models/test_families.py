@@ -32,6 +32,7 @@ from consistency_lens.evaluation.explain import explain_command
 from consistency_lens.models import inputs
 from consistency_lens.models.adapter import FAMILIES, find_parts
 from consistency_lens.models.decoder import DecoderModel
+from consistency_lens.models.encoder import EncoderModel
 from consistency_lens.models.inputs import left_pad
 from consistency_lens.models.lens import ConsistencyLens
 from consistency_lens.models.loading import load_model
@@ -242,6 +243,17 @@ def test_soft_generation_equals_uncached_forward(loaded, inject_layer):
     torch.testing.assert_close(gen.token_logits.detach(), expected.detach(), atol=1e-4, rtol=1e-4)
     forced = dec.teacher_forced_logits(acts, gen.discrete_token_ids)
     torch.testing.assert_close(forced.detach(), expected.detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_encoder_reads_after_its_cached_prompt_as_in_one_pass(loaded):
+    """E without a gradient (its prompt run once, the texts over its kv cache) gives the Â of
+    the one pass over prompt and text, padded rows and texts longer than the window included."""
+    enc = EncoderModel(loaded.model, loaded.tokenizer, 1, 64, 1.0, prompt="the people")
+    seqs = [torch.randint(1, 320, (n,), generator=torch.Generator().manual_seed(n)) for n in (8, 3)]
+    ids, mask = left_pad(seqs, pad_id=0)
+    with torch.no_grad():
+        cached = enc.encode_ids(ids, mask)
+    torch.testing.assert_close(cached, enc.encode_ids(ids, mask).detach(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

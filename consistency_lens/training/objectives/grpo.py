@@ -234,11 +234,14 @@ class GRPOObjective(Objective):
         t_text, k = self.cfg.train.t_text, rl.samples
         a = batch.A.float()
         n = a.shape[0]
-        a_rep = a.repeat_interleave(k, 0)  # row i*k + j is sample j of activation i
+        # Text i*k + j is sample j of activation i; D reads each activation once for its k texts.
+        rows = torch.arange(n, device=a.device).repeat_interleave(k)
         with torch.no_grad():
-            ids = lens.decoder.generate(a_rep, t_text, greedy=False, temperature=rl.temperature)
+            ids = lens.decoder.generate(
+                a, t_text, greedy=False, temperature=rl.temperature, rows=rows
+            )
             with swapped(self._decoder_params(lens), self.reference):
-                ref_logits = lens.decoder.teacher_forced_logits(a_rep, ids)
+                ref_logits = lens.decoder.teacher_forced_logits(a, ids, rows)
 
         a_hat = lens.encoder.encode_ids(ids)
         sets = list(a_hat.view(n, k, -1).unbind(1))
@@ -265,7 +268,7 @@ class GRPOObjective(Objective):
         rewards = -penalty.detach() + rl.prediction_reward * named.to(penalty.device)
         adv = group_advantages(rewards, rl.std_norm)
 
-        logits = lens.decoder.teacher_forced_logits(a_rep, ids)
+        logits = lens.decoder.teacher_forced_logits(a, ids, rows)
         # Mean log-probability per token of each sampled text under D.
         pg = policy_gradient_loss(-token_nll(logits, ids).view(n, k), adv)
         kl_ref = reference_kl(logits, ref_logits)
@@ -277,7 +280,7 @@ class GRPOObjective(Objective):
             # `where`, not a product: a held step drops the term even where it is not finite.
             kept = torch.where(held > 0, torch.zeros_like(pg), pg)
         kl_e = kls.mean()
-        mse_e = normalised_mse(a_hat, a_rep)
+        mse_e = normalised_mse(a_hat, a[rows])
         loss = kept + rl.kl_ref * kl_ref + self.cfg.train.mse_weight * mse_e + step["alpha"] * kl_e
         distinct = distinct_fraction(ids.view(n, k, -1))
         terms = {
