@@ -43,8 +43,11 @@ def _batches(plan, batch_size, pad):
     return out
 
 
-def _plan_order_activations(loaded, cfg, plan, idx, progress, task) -> torch.Tensor:
-    """The dump's forwards before it grouped batches by P: batches of `idx` in plan order."""
+def _plan_order_activations(
+    loaded, cfg, plan, idx, progress, task, predict=None
+) -> tuple[torch.Tensor, None]:
+    """The dump's forwards before it grouped batches by P: batches of `idx` in plan order (this
+    bench's config stores no continuation of M, so `predict` is None)."""
     out = []
     for start in range(0, len(idx), cfg.batch_size):
         batch = idx[start : start + cfg.batch_size]
@@ -54,7 +57,7 @@ def _plan_order_activations(loaded, cfg, plan, idx, progress, task) -> torch.Ten
             )
         )
         progress.update(task, advance=len(batch))
-    return torch.cat(out)
+    return torch.cat(out), None
 
 
 def _stored(directory) -> dict[int, torch.Tensor]:

@@ -29,12 +29,9 @@ from consistency_lens.evaluation.samples import sample_indices
 from consistency_lens.models.lens import ConsistencyLens
 from consistency_lens.models.patching import patched_kl
 from consistency_lens.training.objectives import normalised_mse
-from consistency_lens.training.objectives.warm_start import (
-    context_targets,
-    first_content_token,
-    predict_targets,
-)
+from consistency_lens.training.objectives.warm_start import context_targets, predict_targets
 from consistency_lens.training.optim import build_optimizer
+from consistency_lens.utils.words import first_content_token
 
 
 def targets(lens: ConsistencyLens, t: int) -> dict:

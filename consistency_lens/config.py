@@ -173,6 +173,10 @@ class TrainConfig(_Strict):
     max_bad_batches: int = Field(10, ge=1)
     """Stop after this many consecutive batches with NaN/inf activations or loss."""
 
+    def objectives(self) -> set[str]:
+        """The objectives training runs: `objective`, and the warm start's when it has steps."""
+        return {self.objective} | ({self.warm_start.objective} if self.warm_start.steps else set())
+
     @model_validator(mode="after")
     def _objective_sections(self) -> TrainConfig:
         # Every section an objective declares, with its defaults when absent, validated.
@@ -209,7 +213,7 @@ class TrainConfig(_Strict):
         # The plan objective's soft generation and warm_start_next's right-padded targets
         # assume D writes in reading order.
         fixed = {"warm_start", "warm_start_predict", "grpo", "encoder_refit"}
-        used = {self.objective} | ({self.warm_start.objective} if self.warm_start.steps else set())
+        used = self.objectives()
         if self.decoder_rotate and not used <= fixed:
             raise ValueError(
                 f"train.decoder_rotate={self.decoder_rotate} works only with the "

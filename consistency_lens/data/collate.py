@@ -30,6 +30,9 @@ class Batch:
     """(B, N) right-padded corpus tokens after P (N = the dump's `next_tokens`), when the dump has them."""
     attention_mask_next: torch.Tensor | None = None
     """(B, N) 1 on real next tokens, 0 on padding (a sequence may end before N tokens)."""
+    predicted_ids: torch.Tensor | None = None
+    """(B, k) M's continuation after P stored by the dump, when the dataset reads it
+    (`ActivationDataset.read_predictions`): `warm_start_predict`'s targets without running M."""
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
         return Batch(
@@ -70,6 +73,9 @@ class CollateFn:
         if all("input_ids_next" in it for it in items):
             # Right-padded: token t of row r is the t-th token after P, for teacher forcing.
             ids_n, mask_n = right_pad([it["input_ids_next"] for it in items], self.pad_id)
+        predicted = None
+        if all("predicted_ids" in it for it in items):
+            predicted = torch.stack([it["predicted_ids"] for it in items])
         return Batch(
             input_ids_A=ids_a,
             attention_mask_A=mask_a,
@@ -79,4 +85,5 @@ class CollateFn:
             A_prime=torch.stack([it["A_prime"] for it in items]),
             input_ids_next=ids_n,
             attention_mask_next=mask_n,
+            predicted_ids=predicted,
         )

@@ -9,7 +9,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
-from consistency_lens.data.layout import FORMAT_VERSION, METADATA
+from consistency_lens.data.layout import FORMAT_VERSION, METADATA, PREDICTED
 from consistency_lens.errors import LensError
 from consistency_lens.utils.io import read_json, sha256_file
 
@@ -30,6 +30,9 @@ class _Shard:
         self.ids = self.handle.get_slice("input_ids")
         self.next_offsets = self.handle.get_tensor("next_offsets")
         self.next_ids = self.handle.get_slice("input_ids_next")
+        # (n, k) M's continuation after P, in a dump of a config that runs warm_start_predict.
+        stored = "predicted_ids" in self.handle.keys()
+        self.predicted = self.handle.get_tensor("predicted_ids") if stored else None
 
     def __len__(self) -> int:
         return len(self.seq_index)
@@ -51,7 +54,8 @@ def _shard_dirs(path: Path, meta: dict) -> list[Path]:
 
 
 class ActivationDataset(Dataset):
-    """Samples of one dump split; `ds[i]` has input_ids_A, A, input_ids_A_prime, A_prime."""
+    """Samples of one dump split; `ds[i]` has input_ids_A, A, input_ids_A_prime, A_prime,
+    input_ids_next and, once `read_predictions` says so, predicted_ids."""
 
     def __init__(self, path: Path | str, seed: int = 0, verify: bool = True):
         self.path = Path(path)
@@ -68,12 +72,14 @@ class ActivationDataset(Dataset):
                 "`input_ids_next`); delete that directory and run `consistency-lens dump` again."
             )
         self.shards: list[_Shard] = []
+        predicted = []  # each shard directory's header of its stored continuation
         for directory in _shard_dirs(self.path, self.metadata):
             meta = (
                 self.metadata
                 if directory == self.path
                 else read_json(directory / METADATA, "Rank metadata")
             )
+            predicted.append(meta.get(PREDICTED))
             for entry in meta["shards"]:
                 shard_path = directory / entry["file"]
                 if not shard_path.is_file():
@@ -93,6 +99,13 @@ class ActivationDataset(Dataset):
                 f"Dump '{self.path}' holds samples of fewer than 2 sequences; A' needs another "
                 "sequence."
             )
+        every = all(shard.predicted is not None for shard in self.shards)
+        self.predicted: dict | None = (
+            predicted[0] if every and all(p == predicted[0] for p in predicted) else None
+        )
+        """The header (`layout.prediction_header`) of M's continuation every shard stores, or None."""
+        self.reads_predictions = False
+        """Whether items carry `predicted_ids` (`read_predictions`)."""
         self.seed = seed
         self.set_epoch(0)
 
@@ -121,6 +134,11 @@ class ActivationDataset(Dataset):
             same = same[self.seq_index[partner[same]] == self.seq_index[same]]
         self.partner = partner
 
+    def read_predictions(self, wanted: dict | None) -> None:
+        """Give items M's stored continuation (`predicted_ids`) from now on when it is `wanted`
+        (an objective's `stored_predictions`), else none."""
+        self.reads_predictions = wanted is not None and self.predicted == wanted
+
     def __len__(self) -> int:
         return int(self._starts[-1])
 
@@ -140,13 +158,22 @@ class ActivationDataset(Dataset):
         shard, j = self._locate(i)
         return shard.next_tokens(j)
 
+    def predicted_ids(self, i: int) -> torch.Tensor:
+        """M's stored continuation after P of sample i (k,), as `predicted` says (a dump that
+        stores one)."""
+        shard, j = self._locate(i)
+        return shard.predicted[j].long()
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids, act = self.sample(i)
         ids_p, act_p = self.sample(int(self.partner[i]))
-        return {
+        item = {
             "input_ids_A": ids,
             "A": act,
             "input_ids_A_prime": ids_p,
             "A_prime": act_p,
             "input_ids_next": self.next_tokens(i),
         }
+        if self.reads_predictions:
+            item["predicted_ids"] = self.predicted_ids(i)
+        return item

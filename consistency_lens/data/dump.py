@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,16 +30,21 @@ from consistency_lens.data.corpus import (
 )
 from consistency_lens.data.layout import (
     METADATA,
+    PREDICTED,
     PROGRESS,
     RESUME_KEYS,
     SPLITS,
+    prediction_header,
     split_dir,
     split_header,
+    stored_prediction,
 )
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import check_layer
 from consistency_lens.models.hooks import run_until
+from consistency_lens.models.inputs import left_pad
 from consistency_lens.models.loading import LoadedModel, load_for_config, max_positions
+from consistency_lens.models.orig import OriginalModelWrapper
 from consistency_lens.utils.dist import join_process_group
 from consistency_lens.utils.io import (
     atomic_write,
@@ -321,6 +327,44 @@ def _forward_batch(
     return hidden[rows, torch.as_tensor(positions, device=hidden.device)].float().cpu()
 
 
+@dataclass
+class _Prediction:
+    """How the dump computes M's continuation after P (the header's `predicted`)."""
+
+    orig: OriginalModelWrapper
+    tokens: int
+    pick: Callable[[torch.Tensor], torch.Tensor] | None
+
+
+def _forward_predicting(
+    predict: _Prediction, seqs: list[np.ndarray], positions: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations at each row's P and M's continuation after it (int32), from one pass of all
+    blocks over the contexts 0..P, left-padded as a collated batch is."""
+    orig = predict.orig
+    contexts = [torch.from_numpy(seq[: int(p) + 1]) for seq, p in zip(seqs, positions, strict=True)]
+    ids, mask = left_pad(contexts, orig.loaded.pad_id)
+    with torch.inference_mode():
+        tokens, acts = orig.continuation_and_activations(
+            ids.to(orig.device), mask.to(orig.device), predict.tokens, predict.pick
+        )
+    return acts.float().cpu(), tokens.to(torch.int32).cpu()
+
+
+def _prediction(
+    stored: dict, orig: OriginalModelWrapper, directory: Path, finished: bool
+) -> _Prediction:
+    """How to compute the rest of a split whose header has `stored` as its `predicted` (this
+    config's, or kept from the dump's start by `_resume_state`)."""
+    if not finished and prediction_header(stored["tokens"], stored["first"], orig) != stored:
+        # Its shards so far picked M's first token by another content-word rule (older code).
+        raise LensError(
+            f"'{directory}' holds shards of M's continuation whose first token another version's "
+            "content-word rule picked; delete that directory or use another output_dir."
+        )
+    return _Prediction(orig, stored["tokens"], orig.first_pick(stored["first"]))
+
+
 def _check_values(acts: torch.Tensor, cfg: LensConfig) -> None:
     if not torch.isfinite(acts).all():
         raise LensError(
@@ -353,8 +397,11 @@ def _shard_tensors(
     keep: torch.Tensor,
     dtype: torch.dtype,
     next_tokens: int,
+    predicted: torch.Tensor | None,
 ) -> dict:
     kept = idx[keep.numpy()]
+    # Only where the header has `predicted`: other shards are byte for byte what they were.
+    extra = {} if predicted is None else {"predicted_ids": predicted[keep].contiguous()}
     ctx = [plan.sequences[i][: plan.positions[i] + 1] for i in kept]
     lengths = np.asarray([len(c) for c in ctx], np.int64)
     # The corpus tokens after P (fewer at the end of a sequence, at least one since P <= len-2).
@@ -374,6 +421,7 @@ def _shard_tensors(
         "offsets": torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)),
         "positions": torch.from_numpy(plan.positions[kept].copy()),
         "seq_index": torch.from_numpy(plan.seq_index[kept].copy()),
+        **extra,
     }
 
 
@@ -402,11 +450,15 @@ def _join(cfg: LensConfig) -> tuple[int, int, LensConfig]:
     return torch.distributed.get_rank(), world, cfg
 
 
-def _resume_state(directory: Path, header: dict) -> list[dict]:
-    """Valid shards already written by an earlier run of the same dump, in order; reads only.
+def _resume_state(directory: Path, header: dict) -> tuple[dict, list[dict]]:
+    """The header to write under and the valid shards already written by an earlier run of the
+    same dump, in order; reads only.
 
     Refuses (before anything is written) a directory dumped with any other setting that decides
-    the samples, so a rerun never mixes shards of two corpora, seeds or splits.
+    the samples, so a rerun never mixes shards of two corpora, seeds or splits. A dump with shards
+    whose stored continuation (`PREDICTED`, or none) differs from this config's keeps its own, so
+    its shards agree: training then computes the continuation where it needs another one, and an
+    existing dump stays usable as it is.
     """
     progress = directory / PROGRESS
     if not progress.is_file():
@@ -416,7 +468,7 @@ def _resume_state(directory: Path, header: dict) -> list[dict]:
                 f"'{directory}' holds a dump without its progress.json, so it cannot be checked "
                 "against this config; delete that directory or use another output_dir."
             )
-        return []
+        return header, []
     state = read_json(progress, "Dump progress file")
     old = state.get("header")
     if not isinstance(old, dict) or not isinstance(state.get("shards"), list):
@@ -442,7 +494,11 @@ def _resume_state(directory: Path, header: dict) -> list[dict]:
         if not path.is_file() or sha256_file(path) != shard["sha256"]:
             break
         done.append(shard)
-    return done
+    if done and old.get(PREDICTED) != header.get(PREDICTED):
+        header = {key: value for key, value in header.items() if key != PREDICTED}
+        if old.get(PREDICTED) is not None:
+            header[PREDICTED] = old[PREDICTED]
+    return header, done
 
 
 def _grouped_activations(
@@ -452,8 +508,10 @@ def _grouped_activations(
     idx: np.ndarray,
     progress: Progress,
     task: int,
-) -> torch.Tensor:
-    """Activations (len(idx), d) of samples `idx`, in that order, from forwards grouped by P.
+    predict: _Prediction | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Activations (len(idx), d) of samples `idx`, in that order, from forwards grouped by P, and
+    with `predict` M's continuation after P (len(idx), k) from the same forwards (else None).
 
     P is uniform in p_min..len-2, so a batch in plan order runs almost to seq_len; sorted by P
     (stably, so the batches follow from the seed alone) each batch stops at its own largest P.
@@ -461,13 +519,19 @@ def _grouped_activations(
     """
     order = np.argsort(plan.positions[idx], kind="stable")
     out: torch.Tensor | None = None
+    predicted = (
+        None if predict is None else torch.zeros((len(idx), predict.tokens), dtype=torch.int32)
+    )
     for start in range(0, len(order), cfg.batch_size):
         rows = order[start : start + cfg.batch_size]
         batch = idx[rows]
+        seqs = [plan.sequences[i] for i in batch]
         tic = progress.get_time()
-        acts = _forward_batch(
-            loaded, cfg.layer, [plan.sequences[i] for i in batch], plan.positions[batch]
-        )
+        if predict is None:
+            acts = _forward_batch(loaded, cfg.layer, seqs, plan.positions[batch])
+        else:
+            acts, tokens = _forward_predicting(predict, seqs, plan.positions[batch])
+            predicted[torch.from_numpy(rows)] = tokens
         _check_values(acts, cfg)
         if out is None:
             out = acts.new_empty((len(idx), acts.shape[1]))
@@ -475,7 +539,7 @@ def _grouped_activations(
         progress.update(
             task, advance=len(batch), rate=len(batch) / max(progress.get_time() - tic, 1e-9)
         )
-    return out
+    return out, predicted
 
 
 def _dump_rank(
@@ -488,6 +552,7 @@ def _dump_rank(
     progress: Progress,
     label: str,
     shards: list[dict],
+    predict: _Prediction | None,
 ) -> dict:
     # `shards`: the valid ones of an earlier run, from `_resume_state` (checked once, under the lock).
     shards = list(shards)
@@ -502,7 +567,7 @@ def _dump_rank(
             span.start + number * cfg.shard_size,
             min(span.stop, span.start + (number + 1) * cfg.shard_size),
         )
-        acts_t = _grouped_activations(loaded, cfg, plan, idx, progress, task)
+        acts_t, predicted = _grouped_activations(loaded, cfg, plan, idx, progress, task, predict)
         # The filter's median is taken over the plan's own batches, as before grouping.
         keep_t = torch.cat(
             [
@@ -511,7 +576,7 @@ def _dump_rank(
             ]
         )
         name = f"shard_{number:05d}.safetensors"
-        tensors = _shard_tensors(plan, idx, acts_t, keep_t, dtype, header["next_tokens"])
+        tensors = _shard_tensors(plan, idx, acts_t, keep_t, dtype, header["next_tokens"], predicted)
         digest = _write_shard(directory / name, tensors)
         shards.append(
             {"file": name, "count": int(len(idx)), "kept": int(keep_t.sum()), "sha256": digest}
@@ -540,6 +605,13 @@ def dump_activations(
     check_seq_len(cfg, loaded)
     corpus = _shared_corpus(cfg, loaded, rank, world)
     plans, skipped = plan_splits(cfg, corpus, _bos_id(loaded.tokenizer), splits)
+    # M's whole forward over each training context, for the continuation `warm_start_predict`
+    # learns. Not over the val split: validation reads a few of its samples (cheaper live than a
+    # third more of the whole split's dump), and the val split an eval dumps for another corpus,
+    # or that earlier evals read, stays what it was, byte for byte.
+    wanted = stored_prediction(cfg)
+    orig = None if wanted is None else OriginalModelWrapper(loaded, cfg.layer)
+    predicted = None if wanted is None else prediction_header(*wanted, orig)
     out: dict[str, Path] = {}
     with contextlib.ExitStack() as locks, _progress() as progress:
         # Lock and check every split before writing anything: a refused val split must not
@@ -563,12 +635,30 @@ def dump_activations(
                     len(plan.sequences),
                     plan_digest(plan),
                     world,
+                    predicted if split == "train" else None,
                 )
                 locks.enter_context(
                     dir_lock(rank_dir, "dump split", "use another output_dir for this dump")
                 )
-                done = _resume_state(rank_dir, header)
-                jobs.append((split, plan, directory, rank_dir, header, done))
+                header, done = _resume_state(rank_dir, header)
+                per = math.ceil(len(plan.sequences) / world)
+                span = range(rank * per, min(len(plan.sequences), (rank + 1) * per))
+                if (
+                    split == "train"
+                    and predicted is not None
+                    and header.get(PREDICTED) != predicted
+                ):
+                    progress.console.print(
+                        f"'{rank_dir}' holds shards without M's continuation of this "
+                        "train.predict and is resumed as it was; warm_start_predict computes it "
+                        "at every step (dump into another output_dir to store it)."
+                    )
+                predict = None
+                if PREDICTED in header:
+                    orig = orig or OriginalModelWrapper(loaded, cfg.layer)
+                    finished = sum(s["count"] for s in done) == len(span)
+                    predict = _prediction(header[PREDICTED], orig, rank_dir, finished)
+                jobs.append((split, plan, directory, rank_dir, header, done, span, predict))
         except LensError as err:
             error = str(err)
         if world > 1:
@@ -578,11 +668,9 @@ def dump_activations(
             error = next((e for e in errors if e is not None), None)
         if error is not None:
             raise LensError(error)
-        for split, plan, directory, rank_dir, header, done in jobs:
-            per = math.ceil(len(plan.sequences) / world)
-            span = range(rank * per, min(len(plan.sequences), (rank + 1) * per))
+        for split, plan, directory, rank_dir, header, done, span, predict in jobs:
             result = _dump_rank(
-                loaded, cfg, plan, span, rank_dir, header, progress, f"dump {split}", done
+                loaded, cfg, plan, span, rank_dir, header, progress, f"dump {split}", done, predict
             )
             meta = {
                 **header,

@@ -4,11 +4,14 @@ A split lives in `split_dir(output_dir, model, layer, corpus, split)` = `<output
 holds `metadata.json` (the `split_header` settings plus counts and shard checksums),
 `progress.json` (what a resumed dump may keep) and `shard_NNNNN.safetensors` files with `A` (n, d),
 `input_ids` (flat contexts 0..P), `offsets`, `positions`, `seq_index`, `input_ids_next` and
-`next_offsets`; under torchrun each rank writes `rank_<k>/` and rank 0 the global metadata.
+`next_offsets`, and, for a config whose training runs `warm_start_predict`, `predicted_ids` (n, k):
+M's continuation after P, as the header's `predicted` says (`prediction_header`); under torchrun
+each rank writes `rank_<k>/` and rank 0 the global metadata.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,16 +21,21 @@ from consistency_lens.config import DUMP_KEYS, LensConfig, dump_config, setting
 from consistency_lens.data.corpus import corpus_slug, tokenizer_hash
 from consistency_lens.errors import LensError
 from consistency_lens.models.loading import LoadedModel, model_slug
+from consistency_lens.utils.words import TOP_PREDICTIONS
 
 if TYPE_CHECKING:
     from consistency_lens.data.dataset import ActivationDataset
     from consistency_lens.models.lens import ConsistencyLens
+    from consistency_lens.models.orig import OriginalModelWrapper
 
 FORMAT_VERSION = 2
 """2 adds `input_ids_next` (the corpus tokens after P); version-1 dumps must be dumped again."""
 SPLITS = ("train", "val")
 METADATA = "metadata.json"
 PROGRESS = "progress.json"
+PREDICTED = "predicted"
+"""Header key of the stored continuation (`prediction_header`); absent where none is stored, so
+the header of a dump without one is what it was before the dump could store one."""
 
 # Header names of the config's `DUMP_KEYS` where the header calls them otherwise: the dump stores
 # `train.t_text` corpus tokens after P per sample (`input_ids_next`), e.g. for teacher forcing.
@@ -36,7 +44,8 @@ _HEADER_NAMES = {"train.t_text": "next_tokens"}
 # Settings that must match for a rerun to resume an existing dump: the config's `DUMP_KEYS` (as
 # the header names them), then what the header derives from the model and corpus. `plan_sha256`
 # (a digest of the split's sequences, positions and indices) is last: it catches what the named
-# keys cannot, e.g. a corpus edited without changing its size or mtime.
+# keys cannot, e.g. a corpus edited without changing its size or mtime. `PREDICTED` is not one: it
+# decides no sample, and a resumed dump keeps the one it was started with (`dump._resume_state`).
 RESUME_KEYS = (
     "format_version",
     *(_HEADER_NAMES.get(key, key) for key in DUMP_KEYS),
@@ -70,6 +79,29 @@ def split_dir(output_dir: str | Path, model: str, layer: int, corpus: str, split
     )
 
 
+def stored_prediction(cfg: LensConfig) -> tuple[int, str] | None:
+    """(`train.predict.tokens`, `train.predict.first`) when `cfg`'s training runs
+    `warm_start_predict` (as its objective or its warm start's), whose targets the dump then stores
+    (`predicted_ids`) instead of the objective running M over each batch; else None."""
+    if "warm_start_predict" not in cfg.train.objectives():
+        return None
+    predict = cfg.train.predict
+    return predict.tokens, predict.first
+
+
+def prediction_header(tokens: int, first: str, orig: OriginalModelWrapper) -> dict:
+    """The header's `predicted`: what makes a stored continuation equal the one the objective
+    computes with M. Its length and first-token rule, and for `content` a digest of the rule's
+    inputs (M's content-word ids, from the tokenizer and `utils.words`, and the top count), which
+    code may change; M itself is pinned by the header's `fingerprint`."""
+    header: dict = {"tokens": tokens, "first": first}
+    if first == "content":
+        digest = hashlib.sha256(TOP_PREDICTIONS.to_bytes(8, "little"))
+        digest.update(orig.content_word_ids().cpu().numpy().astype("<i8").tobytes())
+        header["content_words_sha256"] = digest.hexdigest()
+    return header
+
+
 def split_header(
     cfg: LensConfig,
     loaded: LoadedModel,
@@ -78,12 +110,14 @@ def split_header(
     n: int,
     plan_sha256: str,
     world: int,
+    predicted: dict | None = None,
 ) -> dict:
     """The settings part of a split's metadata (and of its progress file): what the split holds.
 
     `metadata.json` adds `count`, `drawn`, `filtered_high_norm`, `skipped_short_sequences`, the
     dump's `config`, and either `shards` (file, count, kept, sha256 each) or, under torchrun,
-    `ranks` (the `rank_<k>/` directories, each with its own metadata and shards).
+    `ranks` (the `rank_<k>/` directories, each with its own metadata and shards). `predicted`
+    (`prediction_header`) is there only when the shards store M's continuation.
     """
     # The declared dump settings, as the config holds them; `p_min` as the dump applies it.
     declared = {_HEADER_NAMES.get(key, key): setting(dump_config(cfg), key) for key in DUMP_KEYS}
@@ -107,6 +141,7 @@ def split_header(
         "tokenizer": getattr(loaded.tokenizer, "name_or_path", ""),
         "tokenizer_hash": tokenizer_hash(loaded.tokenizer),
         "pad_token_id": loaded.tokenizer.pad_token_id,
+        **({PREDICTED: predicted} if predicted is not None else {}),
     }
 
 

@@ -41,6 +41,20 @@ def run_until(model: nn.Module, block: nn.Module, **forward_kwargs) -> torch.Ten
 
 
 @contextmanager
+def capture_last(block: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Keep `block`'s output at the last position (B, d) of the first forward through it, in the
+    list yielded (sliced in the hook, so a later block's in-place update cannot reach it)."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        if not captured:
+            captured.append(_hidden(output)[:, -1].clone())
+
+    with block.register_forward_hook(hook):
+        yield captured
+
+
+@contextmanager
 def replace_last(block: nn.Module, vectors: torch.Tensor) -> Iterator[None]:
     """Overwrite `block`'s output at the last position with `vectors` (B, d), keeping gradients."""
     with replace_at(block, -1, vectors):

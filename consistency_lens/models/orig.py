@@ -14,12 +14,18 @@ from transformers import DynamicCache
 from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import check_layer, contiguous_head, find_parts
 from consistency_lens.models.attention import grad_rows_kwargs, text_config
-from consistency_lens.models.hooks import replace_at, replace_cells, replace_last, run_until
+from consistency_lens.models.hooks import (
+    capture_last,
+    replace_at,
+    replace_cells,
+    replace_last,
+    run_until,
+)
 from consistency_lens.models.inputs import can_pack, causal_mask, no_logits, pack, position_ids
 from consistency_lens.models.loading import LoadedModel, hf_attention
 from consistency_lens.models.patching import token_nll
 from consistency_lens.utils.dist import resolve_device
-from consistency_lens.utils.words import content_word_ids
+from consistency_lens.utils.words import content_word_ids, first_content_token
 
 
 def load_8bit(
@@ -428,6 +434,17 @@ class OriginalModelWrapper:
         pick = first or (lambda logits: logits.argmax(-1))
         if can_pack(self.model.config, input_ids.device, attention_mask):
             return self._greedy_packed(input_ids, attention_mask, k, pick)
+        return self._greedy_padded(input_ids, attention_mask, k, pick)
+
+    def _greedy_padded(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        k: int,
+        pick: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """`greedy_continuation` over the left-padded batch itself; its first pass is over the
+        whole context, whose last column is each row's P."""
         if k > 1 and not self.shares_prefix(input_ids.shape[1] + k):
             return self._greedy_uncached(input_ids, attention_mask, k, pick)
         # The context runs once, keeping its kv cache; each later token is one column over it.
@@ -494,6 +511,29 @@ class OriginalModelWrapper:
             input_ids = torch.cat([input_ids, token], 1)
             attention_mask = torch.cat([attention_mask, torch.ones_like(token)], 1)
         return torch.cat(tokens, 1)
+
+    def first_pick(self, first: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The pick of M's first predicted token that `train.predict.first` names, as
+        `greedy_continuation` takes it: None (M's argmax) for `greedy`, M's best-ranked content
+        word among its top predictions (`first_content_token`) for `content`."""
+        return first_content_token(self.content_word_ids()) if first == "content" else None
+
+    @torch.no_grad()
+    def continuation_and_activations(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        k: int,
+        first: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`greedy_continuation` (B, k) and block L's output at the last column (B, d), taken from
+        that continuation's own pass over the context: the dump stores both, running blocks 0..L
+        once. Never packed: the dump's batches are grouped by P, so they hold little padding, and
+        packing's wider attention would cost more than it saves (a quarter more on the demo's)."""
+        pick = first or (lambda logits: logits.argmax(-1))
+        with capture_last(self.block) as captured:
+            tokens = self._greedy_padded(input_ids, attention_mask, k, pick)
+        return tokens, captured[0]
 
     @torch.no_grad()
     def activations(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -420,7 +420,7 @@ def _build_run(
         lens.device,
         TrainState(),
         engine,
-        _objective_for(lens, cfg, train_set),
+        _objective_for(lens, cfg, train_set, val_set),
     )
 
 
@@ -443,9 +443,19 @@ def _with_starting_decode(cfg: LensConfig) -> LensConfig:
     return cfg.model_copy(update={"decode": decode_settings(saved, cfg)})
 
 
-def _objective_for(lens: ConsistencyLens, cfg: LensConfig, train_set: ActivationDataset):
-    """The run's objective; one that reads the tokens after P needs a dump that stores enough."""
+def _objective_for(
+    lens: ConsistencyLens,
+    cfg: LensConfig,
+    train_set: ActivationDataset,
+    val_set: ActivationDataset | None,
+):
+    """The run's objective; one that reads the tokens after P needs a dump that stores enough; one
+    that reads M's stored continuation gets it from each split whose header has exactly its own
+    (else it runs M for it)."""
     objective = build_objective(lens, cfg)
+    for dataset in (train_set, val_set):
+        if dataset is not None:
+            dataset.read_predictions(objective.stored_predictions())
     stored = int(train_set.metadata.get("next_tokens", 0))
     needed = objective.next_tokens_needed()
     if stored < needed:
@@ -675,6 +685,12 @@ def _train_phase(cfg: LensConfig, resume: bool) -> TrainResult:
         )
         with logger, sigterm_flag() as stop:
             run.logger = logger
+            if run.objective.stored_predictions() and not train_set.reads_predictions:
+                logger.info(
+                    f"The dump at '{train_set.path}' stores no continuation of M with this "
+                    "train.predict, so each step runs M for it; a dump of this config into "
+                    "another output_dir stores it."
+                )
             if resume_from is not None:
                 logger.info(f"Resuming from '{resume_from}' (step {run.state.step}).")
             elif resume:

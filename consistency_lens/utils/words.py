@@ -6,7 +6,7 @@ digits; a content word is such a word that is no stop-word and no single letter 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -83,6 +83,19 @@ def content_word_ids(tokenizer: Vocabulary, vocab_size: int) -> torch.Tensor:
         if word := content_word(tokenizer, tid):
             out[tid] = index.setdefault(word, len(index))
     return out
+
+
+def first_content_token(word_ids: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A pick for `greedy_continuation`: M's highest-ranked token among its top predictions whose
+    word is a content word (`word_ids`, from `content_word_ids`), else its top-1."""
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        top = logits.topk(min(TOP_PREDICTIONS, logits.shape[-1]), dim=-1).indices
+        content = word_ids[top.to(word_ids.device)].to(top.device) >= 0
+        # argmax of a bool row is its first True (rank order), 0 (the top-1) when none is.
+        return top.gather(1, content.long().argmax(1, keepdim=True)).squeeze(1)
+
+    return pick
 
 
 def names_prediction(

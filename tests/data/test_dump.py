@@ -593,3 +593,199 @@ def test_may_train_on_val_is_none_exactly_where_no_trained_sequence_is_read_as_v
     # Another split of a Hub dataset is other text.
     assert may_train_on_val(hub, hub.model_copy(update={"corpus_split": "validation"})) is None
     assert may_train_on_val(trained, trained.model_copy(update={"num_samples": 41})) is None
+
+
+def _predicting_cfg(tmp_path: Path, model_dir: Path, corpus: Path, **predict) -> object:
+    """`_cfg` of a config whose warm start runs `warm_start_predict` (M's 2 tokens after P)."""
+    train = {
+        "t_text": 3,
+        "warm_start": {"steps": 1, "objective": "warm_start_predict"},
+        "predict": {"tokens": 2, "first": "content", **predict},
+    }
+    return _cfg(tmp_path, model_dir, corpus, train=train)
+
+
+def _shards(directory: Path) -> list[dict[str, torch.Tensor]]:
+    return [load_file(p) for p in sorted(directory.glob("shard_*.safetensors"))]
+
+
+@pytest.mark.parametrize("first", ["greedy", "content"])
+def test_dump_stores_m_s_continuation_exactly_as_the_warm_start_computes_it(
+    tmp_path, tiny_llama_dir, corpus_dir, first
+):
+    """A config that runs `warm_start_predict` dumps M's continuation after P from the forward
+    that gives A (all blocks run, over the contexts left-padded): token for token what
+    `greedy_continuation` gives on the training's own batches (packed on a CPU), the first token
+    by `train.predict.first`; A is still block L's output at P (to rounding). The val split stores
+    none (validation computes its few live)."""
+    from consistency_lens.data.layout import prediction_header
+    from consistency_lens.models.orig import OriginalModelWrapper
+
+    cfg = _predicting_cfg(tmp_path, tiny_llama_dir, corpus_dir, first=first)
+    dirs = dump_activations(cfg)
+    loaded = load_model(str(tiny_llama_dir), device="cpu", dtype="float32")
+    orig = OriginalModelWrapper(loaded, cfg.layer)
+    pick = orig.first_pick(first)
+    moved = 0  # first tokens that are not M's top-1: the content pick is exercised
+    assert assert_dump_is_block_output(tiny_llama_dir, cfg, dirs["val"]) == 8
+    assert "predicted" not in ActivationDataset(dirs["val"]).metadata
+    assert all("predicted_ids" not in s for s in _shards(dirs["val"]))
+    for split, n in (("train", 40),):
+        assert assert_dump_is_block_output(tiny_llama_dir, cfg, dirs[split]) == n
+        ds = ActivationDataset(dirs[split])
+        assert ds.metadata["predicted"] == ds.predicted == prediction_header(2, first, orig)
+        assert all(s["predicted_ids"].dtype == torch.int32 for s in _shards(dirs[split]))
+        ds.read_predictions(ds.predicted)
+        for start in range(0, n, 4):
+            batch = CollateFn(loaded.pad_id)([ds[i] for i in range(start, start + 4)])
+            ids, mask = batch.input_ids_A, batch.attention_mask_A
+            assert torch.equal(batch.predicted_ids, orig.greedy_continuation(ids, mask, 2, pick))
+            top1 = orig.greedy_continuation(ids, mask, 1)[:, 0]
+            moved += int((batch.predicted_ids[:, 0] != top1).sum())
+    assert (moved > 0) == (first == "content")
+
+
+def test_only_a_config_that_runs_warm_start_predict_runs_every_block_and_stores_a_continuation(
+    tmp_path, tiny_llama_dir, corpus_dir
+):
+    """Without `warm_start_predict` (a warm start of 0 steps runs none) the dump runs blocks 0..L
+    only and writes the very shards and header a config without the objective does; with it,
+    every block runs once per batch and the shards add `predicted_ids` and the header
+    `predicted`, the rest equal but A (to rounding: left-padded and masked, not right-padded)."""
+    loaded = load_model(str(tiny_llama_dir), device="cpu", dtype="float32")
+    later = []  # forwards of the blocks after L
+    for block in loaded.parts.blocks[2:]:
+        block.register_forward_hook(lambda *args: later.append(1))
+    plain = dump_activations(_cfg(tmp_path / "a", tiny_llama_dir, corpus_dir, train={"t_text": 3}))
+    unused = {"t_text": 3, "warm_start": {"steps": 0, "objective": "warm_start_predict"}}
+    off = dump_activations(_cfg(tmp_path / "b", tiny_llama_dir, corpus_dir, train=unused), loaded)
+    assert later == []
+    on = dump_activations(_predicting_cfg(tmp_path / "c", tiny_llama_dir, corpus_dir), loaded)
+    batches = 5  # 40 train samples in shards of 16 (2 + 2 + 1 batches of 8); val runs 0..L
+    assert len(later) == 2 * batches * 2  # blocks 2 and 3; the context and the second token
+    stored = {
+        "A",
+        "input_ids",
+        "offsets",
+        "positions",
+        "seq_index",
+        "input_ids_next",
+        "next_offsets",
+    }
+    for split in ("train", "val"):
+        # Without the config, which records each run's own.
+        meta_plain, meta_off, meta_on = (
+            {
+                k: v
+                for k, v in json.loads((d[split] / "metadata.json").read_text()).items()
+                if k != "config"
+            }
+            for d in (plain, off, on)
+        )
+        assert meta_off == meta_plain and "predicted" not in meta_off  # shard checksums included
+        if split == "val":
+            assert meta_on == meta_off  # the val split stores none: the very same shards
+            continue
+        assert meta_on.pop("predicted")["tokens"] == 2
+        drawn = [(s["file"], s["count"], s["kept"]) for s in meta_off["shards"]]
+        assert [(s["file"], s["count"], s["kept"]) for s in meta_on["shards"]] == drawn
+        assert {**meta_on, "shards": None} == {**meta_off, "shards": None}
+        for a, b in zip(_shards(off[split]), _shards(on[split]), strict=True):
+            assert set(a) == stored and set(b) == stored | {"predicted_ids"}
+            assert b["predicted_ids"].shape == (len(a["A"]), 2)
+            assert all(torch.equal(a[k], b[k]) for k in stored - {"A"})
+            torch.testing.assert_close(b["A"], a["A"], rtol=1e-5, atol=1e-5)
+
+
+def test_resumed_dump_keeps_the_continuation_it_was_started_with(
+    tmp_path, tiny_llama_dir, corpus_dir, monkeypatch, capsys
+):
+    """Killed mid-dump and rerun, a dump that stores M's continuation ends with the shards of a
+    straight run. A dump started without one (an earlier config, or an existing dump) and rerun
+    by a config that runs `warm_start_predict` is resumed as it was, never refused: its shards
+    agree, its header says none, and a note says that training computes it."""
+    import consistency_lens.data.dump as dump_mod
+
+    real = dump_mod._write_shard
+
+    def killed_at_second_shard(cfg) -> None:
+        calls = []
+
+        def dying(path, tensors):
+            calls.append(path)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return real(path, tensors)
+
+        monkeypatch.setattr(dump_mod, "_write_shard", dying)
+        with pytest.raises(KeyboardInterrupt):
+            dump_activations(cfg)
+        monkeypatch.setattr(dump_mod, "_write_shard", real)
+
+    straight = _predicting_cfg(tmp_path / "a", tiny_llama_dir, corpus_dir)
+    dump_activations(straight)
+    resumed = _predicting_cfg(tmp_path / "b", tiny_llama_dir, corpus_dir)
+    killed_at_second_shard(resumed)
+    dump_activations(resumed)
+    for split in ("train", "val"):
+        a, b = split_of(straight, split), split_of(resumed, split)
+        assert (
+            json.loads((a / "metadata.json").read_text())["shards"]
+            == json.loads((b / "metadata.json").read_text())["shards"]
+        )
+        for ta, tb in zip(_shards(a), _shards(b), strict=True):
+            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    # Started without: resumed without, shard for shard what a plain dump writes.
+    plain = _cfg(tmp_path / "c", tiny_llama_dir, corpus_dir, train={"t_text": 3})
+    dump_activations(plain)
+    older = _cfg(tmp_path / "d", tiny_llama_dir, corpus_dir, train={"t_text": 3})
+    killed_at_second_shard(older)
+    capsys.readouterr()
+    dump_activations(_predicting_cfg(tmp_path / "d", tiny_llama_dir, corpus_dir))
+    note = " ".join(capsys.readouterr().out.split())
+    assert "holds shards without M's continuation of this train.predict" in note
+    train = split_of(older, "train")
+    assert "predicted" not in json.loads((train / "metadata.json").read_text())
+    for ta, tb in zip(_shards(split_of(plain, "train")), _shards(train), strict=True):
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    # A complete dump without one is reused as it is (the existing demo dump, rerun by `make demo`).
+    before = json.loads((train / "metadata.json").read_text())
+    dump_activations(_predicting_cfg(tmp_path / "d", tiny_llama_dir, corpus_dir))
+    after = json.loads((train / "metadata.json").read_text())
+    assert {**after, "config": None} == {**before, "config": None}  # the config is the last run's
+
+
+def test_a_partial_dump_picked_by_another_content_word_rule_is_refused(
+    tmp_path, tiny_llama_dir, corpus_dir, monkeypatch
+):
+    """A dump killed midway whose stored first tokens another version's content-word rule picked
+    (its digest in the header) cannot be continued alike: refused in one sentence before
+    anything is written."""
+    import consistency_lens.data.dump as dump_mod
+
+    cfg = _predicting_cfg(tmp_path, tiny_llama_dir, corpus_dir)
+    real = dump_mod._write_shard
+    calls = []
+
+    def dying(path, tensors):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path, tensors)
+
+    monkeypatch.setattr(dump_mod, "_write_shard", dying)
+    with pytest.raises(KeyboardInterrupt):
+        dump_activations(cfg)
+    monkeypatch.undo()
+    train = split_of(cfg, "train")
+    progress = json.loads((train / "progress.json").read_text())
+    progress["header"]["predicted"]["content_words_sha256"] = "0" * 64
+    (train / "progress.json").write_text(json.dumps(progress))
+    files = sorted(p.name for p in train.iterdir())
+    with pytest.raises(LensError) as err:
+        dump_activations(cfg)
+    message = str(err.value)
+    assert "another version's content-word rule picked; delete that directory" in message
+    assert "\n" not in message and message.count(". ") == 0
+    assert sorted(p.name for p in train.iterdir()) == files
+    assert not split_of(cfg, "val").exists() or not list(split_of(cfg, "val").glob("shard_*"))

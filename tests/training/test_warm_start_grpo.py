@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +30,7 @@ from consistency_lens.data.dump import dump_activations
 from consistency_lens.errors import LensError
 from consistency_lens.models.hooks import replace_at
 from consistency_lens.models.lens import ConsistencyLens
+from consistency_lens.models.orig import OriginalModelWrapper
 from consistency_lens.models.patching import token_nll
 from consistency_lens.training import trainer
 from consistency_lens.training.objectives import (
@@ -45,12 +48,16 @@ from consistency_lens.training.objectives.grpo import (
 )
 from consistency_lens.training.objectives.warm_start import (
     context_targets,
-    first_content_token,
     predict_targets,
     supervised_losses,
 )
 from consistency_lens.utils.logging import METRICS, MetricsFile
-from consistency_lens.utils.words import content_word_ids, content_words, names_prediction
+from consistency_lens.utils.words import (
+    content_word_ids,
+    content_words,
+    first_content_token,
+    names_prediction,
+)
 
 
 def _lens(model_dir, **train) -> ConsistencyLens:
@@ -452,6 +459,126 @@ def test_the_objective_refuses_tokens_that_do_not_fit_in_a_config_built_unvalida
         r"train.predict.tokens within that range or raise train.t_text\.$",
     ):
         build_objective(lens, short)
+
+
+@pytest.fixture(scope="module")
+def predicted_dump(tmp_path_factory, tiny_llama_dir, corpus_dir) -> dict:
+    """A tiny dump of a config whose warm start runs `warm_start_predict` (M's 2 tokens after P,
+    the first a content word): its shards store that continuation."""
+    base = tiny_dump_config(tmp_path_factory.mktemp("predicted"), tiny_llama_dir, corpus_dir)
+    base["train"] = {
+        "t_text": 3,
+        "warm_start": {"steps": 1, "objective": "warm_start_predict"},
+        "predict": {"tokens": 2, "first": "content"},
+    }
+    dump_activations(config_from_dict(base))
+    return base
+
+
+def _predict_args(base: dict, run_dir: Path, steps: int = 1, **predict) -> list[str]:
+    """`_overrides` of a `warm_start_predict` run on `base`'s dump (by default the settings
+    `predicted_dump` stores)."""
+    predict = {"tokens": 2, "first": "content", **predict}
+    extra = {f"predict.{key}": value for key, value in predict.items()}
+    return _overrides(base, run_dir, "warm_start_predict", steps, t_text=3, **extra)
+
+
+def _predict_run(base: dict, run_dir: Path, **predict) -> trainer._Run:
+    cfg = load_config(None, _predict_args(base, run_dir, **predict))
+    return trainer._build_run(cfg, *trainer.load_splits(cfg))
+
+
+def _counting(run: trainer._Run, monkeypatch) -> list[int]:
+    """Count the calls of M's continuation (the live targets) of `run`'s lens."""
+    calls: list[int] = []
+    live = run.lens.orig.greedy_continuation
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return live(*args, **kwargs)
+
+    monkeypatch.setattr(run.lens.orig, "greedy_continuation", counted)
+    return calls
+
+
+def test_warm_start_predict_reads_the_dump_s_continuation_only_where_its_header_matches(
+    predicted_dump, dumped, tmp_path, monkeypatch
+):
+    """The train split gives the stored continuation to a run with the settings it was dumped
+    with, and M never runs for the targets (the val split stores none); another `tokens` or
+    `first`, a content-word rule of another version (its digest in the header) or a dump without
+    one: none, targets computed live."""
+    run = _predict_run(predicted_dump, tmp_path / "same")
+    assert run.stream.dataset.reads_predictions and not run.val_set.reads_predictions
+    calls = _counting(run, monkeypatch)
+    batch = run.stream.next(run.state)
+    ids, mask = run.objective.targets(run.lens, batch)
+    assert batch.predicted_ids.shape == (4, 2) and calls == []
+    assert torch.equal(
+        ids[:, 1:], batch.predicted_ids
+    )  # context_first: the context token, then M's
+    val = CollateFn(0)([run.val_set[i] for i in range(4)])
+    assert val.predicted_ids is None
+    other_rule = tmp_path / "acts"
+    shutil.copytree(predicted_dump["output_dir"], other_rule)
+    for meta_path in other_rule.rglob("metadata.json"):
+        meta = json.loads(meta_path.read_text())
+        if "predicted" not in meta:
+            continue  # the val split, which stores none
+        meta["predicted"]["content_words_sha256"] = "0" * 64
+        meta_path.write_text(json.dumps(meta))
+    cases = [
+        (predicted_dump, {"tokens": 1}),
+        (predicted_dump, {"first": "greedy"}),
+        ({**predicted_dump, "output_dir": str(other_rule)}, {}),
+        (dumped, {}),  # a dump without a continuation
+    ]
+    for n, (base, predict) in enumerate(cases):
+        run = _predict_run(base, tmp_path / f"other{n}", **predict)
+        assert not run.stream.dataset.reads_predictions and not run.val_set.reads_predictions
+        calls = _counting(run, monkeypatch)
+        batch = run.stream.next(run.state)
+        run.objective.targets(run.lens, batch)
+        assert batch.predicted_ids is None and calls == [1]
+
+
+def test_warm_start_predict_loss_on_stored_targets_equals_the_live_one(predicted_dump, tmp_path):
+    """One batch's loss and terms on the dump's continuation equal those on M's, computed live."""
+    run = _predict_run(predicted_dump, tmp_path / "run")
+    batch = run.stream.next(run.state)
+    info = step_info(type(run.objective), run.cfg, 0)
+    stored = run.objective(run.lens, batch, info)
+    live = run.objective(run.lens, dataclasses.replace(batch, predicted_ids=None), info)
+    assert batch.predicted_ids is not None and torch.equal(stored.loss, live.loss)
+    assert stored.terms.keys() == live.terms.keys()
+    assert all(torch.equal(stored.terms[k], live.terms[k]) for k in stored.terms)
+
+
+def test_a_warm_start_on_a_dump_with_its_continuation_never_runs_m_for_it(
+    predicted_dump, tmp_path, monkeypatch
+):
+    """`train` with a `warm_start_predict` warm start on a dump of its own config: training
+    steps read the stored continuation; only validation (whose split stores none) runs M's."""
+    live, validate = OriginalModelWrapper.greedy_continuation, trainer.validate
+    calls: list[bool] = []  # for each call of M's continuation: whether validation made it
+    validating = [False]
+
+    def counted(*args, **kwargs):
+        calls.append(validating[0])
+        return live(*args, **kwargs)
+
+    def flagged(run):
+        validating[0] = True
+        try:
+            validate(run)
+        finally:
+            validating[0] = False
+
+    monkeypatch.setattr(OriginalModelWrapper, "greedy_continuation", counted)
+    monkeypatch.setattr(trainer, "validate", flagged)
+    result = trainer.train(load_config(None, _predict_args(predicted_dump, tmp_path / "warm", 2)))
+    assert result.steps == 2 and "val_ce_d" in result.last_val
+    assert calls and all(calls)  # validation's, at steps 0 and 2; never a training step's
 
 
 def test_a_saved_config_with_the_old_predict_tokens_key_loads_under_the_new_one(tmp_path):

@@ -18,6 +18,9 @@ picks it. The protocol, in the spirit of tuned-lens / SAELens training losses:
 - `next_tokens_needed()`: how many tokens of `input_ids_next` (the corpus tokens after P, stored
   in the dump) the objective reads under its settings, e.g. `train.t_text` for teacher forcing
   (default 0); the trainer refuses a dump that stores fewer when the run is built.
+- `stored_predictions()`: the dump header's `predicted` (`data.layout.prediction_header`) whose
+  stored continuation of M (`Batch.predicted_ids`) the objective reads instead of running M, or
+  None (default): the trainer has each split give it only where its header says exactly that.
 - `__init__(lens, cfg)`: runs once when the run is built, on the lens's device. Extra state (say, a
   frozen reference copy of D) lives on the objective, not on the lens: it is never trained,
   checkpointed or sharded, and is rebuilt identically on resume.
@@ -106,6 +109,11 @@ class Objective:
     def next_tokens_needed(self) -> int:
         """Corpus tokens after P (`input_ids_next`) the objective reads; the dump must store them."""
         return 0
+
+    def stored_predictions(self) -> dict | None:
+        """The header of the stored continuation of M (`Batch.predicted_ids`) the objective reads
+        where a split has it, or None when it reads none."""
+        return None
 
     def reconstruct(self, lens, batch: Batch) -> torch.Tensor:
         """Â (B, d) that validation scores: E reading D's explanation of A, as `eval` writes it."""

@@ -6,7 +6,8 @@ to write the `t_text` corpus tokens ending at P (they are in the batch already) 
 `warm_start_next`, the `t_text` tokens after P (`input_ids_next` in the dump) or, with
 `warm_start_predict`, the context tokens ending at P and M's own next tokens (so the text carries
 what M is about to predict, not what the corpus happened to say; `train.predict` chooses how many,
-the first of them and their place); E is taught to
+the first of them and their place; the dump of a config that runs it stores them, `predicted_ids`,
+else each step runs M over the context for them); E is taught to
 rebuild A from the *true* text, by MSE and by the KL of M at P with E's reconstruction patched in.
 The consistency objectives (`grpo`, `plan`) then continue from the saved lens (`train.init_from`).
 """
@@ -22,6 +23,7 @@ from pydantic import Field
 
 from consistency_lens.config import LensConfig, ObjectiveSettings
 from consistency_lens.data.collate import Batch
+from consistency_lens.data.layout import prediction_header
 from consistency_lens.errors import LensError
 from consistency_lens.models.patching import patched_kl
 from consistency_lens.training.objectives import (
@@ -31,7 +33,6 @@ from consistency_lens.training.objectives import (
     normalised_mse,
     register,
 )
-from consistency_lens.utils.words import TOP_PREDICTIONS
 
 
 def context_targets(batch: Batch, t_text: int) -> torch.Tensor:
@@ -124,19 +125,6 @@ class WarmStartNextObjective(WarmStartObjective):
         return batch.input_ids_next[:, :t_text], batch.attention_mask_next[:, :t_text]
 
 
-def first_content_token(word_ids: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A pick for `greedy_continuation`: M's highest-ranked token among its top predictions whose
-    word is a content word (`word_ids`, from `content_word_ids`), else its top-1."""
-
-    def pick(logits: torch.Tensor) -> torch.Tensor:
-        top = logits.topk(min(TOP_PREDICTIONS, logits.shape[-1]), dim=-1).indices
-        content = word_ids[top.to(word_ids.device)].to(top.device) >= 0
-        # argmax of a bool row is its first True (rank order), 0 (the top-1) when none is.
-        return top.gather(1, content.long().argmax(1, keepdim=True)).squeeze(1)
-
-    return pick
-
-
 def predict_targets(
     lens,
     batch: Batch,
@@ -144,12 +132,15 @@ def predict_targets(
     k: int,
     first: Callable[[torch.Tensor], torch.Tensor] | None = None,
     prediction_first: bool = False,
+    continuation: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The last `t_text - k` context tokens ending at P, then M's `k` greedy next tokens (B, t_text)
     (the first of them chosen by `first` when given; the continuation before the context tokens
-    with `prediction_first`)."""
-    ids, mask = batch.input_ids_A, batch.attention_mask_A
-    continuation = lens.orig.greedy_continuation(ids, mask, k, first)
+    with `prediction_first`). `continuation` (B, k), when given, is those tokens already computed
+    (the dump's), and M is not run."""
+    if continuation is None:
+        ids, mask = batch.input_ids_A, batch.attention_mask_A
+        continuation = lens.orig.greedy_continuation(ids, mask, k, first)
     if k == t_text:
         return continuation
     parts = [context_targets(batch, t_text - k), continuation]
@@ -196,12 +187,18 @@ class WarmStartPredictObjective(WarmStartObjective):
         # The warm start's config is built by `model_copy`, which skips TrainConfig's validators.
         if problem := self.settings.fit_problem(cfg.train.t_text):
             raise LensError(f"{problem}.")
-        self.first = None
-        if self.settings.first == "content":
-            self.first = first_content_token(lens.orig.content_word_ids())
+        self.first = lens.orig.first_pick(self.settings.first)
+        self.predicted = prediction_header(self.settings.tokens, self.settings.first, lens.orig)
+
+    def stored_predictions(self) -> dict:
+        """The header of a dump whose `predicted_ids` are exactly this objective's continuation."""
+        return self.predicted
 
     def targets(self, lens, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Context tokens ending at P and M's `train.predict.tokens` next tokens, in the set order."""
+        """Context tokens ending at P and M's `train.predict.tokens` next tokens, in the set order
+        (the dump's, where the batch has them: `stored_predictions`)."""
         k = self.settings.tokens
         before = self.settings.order == "prediction_first"
-        return predict_targets(lens, batch, self.cfg.train.t_text, k, self.first, before), None
+        stored = batch.predicted_ids
+        targets = predict_targets(lens, batch, self.cfg.train.t_text, k, self.first, before, stored)
+        return targets, None
