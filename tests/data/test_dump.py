@@ -595,6 +595,24 @@ def test_may_train_on_val_is_none_exactly_where_no_trained_sequence_is_read_as_v
     assert may_train_on_val(trained, trained.model_copy(update={"num_samples": 41})) is None
 
 
+def _killed_at_second_shard(cfg, monkeypatch) -> None:
+    """Dump `cfg` and kill it (KeyboardInterrupt) as it writes its second shard."""
+    import consistency_lens.data.dump as dump_mod
+
+    real, calls = dump_mod._write_shard, []
+
+    def dying(path, tensors):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path, tensors)
+
+    monkeypatch.setattr(dump_mod, "_write_shard", dying)
+    with pytest.raises(KeyboardInterrupt):
+        dump_activations(cfg)
+    monkeypatch.setattr(dump_mod, "_write_shard", real)
+
+
 def _predicting_cfg(tmp_path: Path, model_dir: Path, corpus: Path, **predict) -> object:
     """`_cfg` of a config whose warm start runs `warm_start_predict` (M's 2 tokens after P)."""
     train = {
@@ -704,28 +722,10 @@ def test_resumed_dump_keeps_the_continuation_it_was_started_with(
     straight run. A dump started without one (an earlier config, or an existing dump) and rerun
     by a config that runs `warm_start_predict` is resumed as it was, never refused: its shards
     agree, its header says none, and a note says that training computes it."""
-    import consistency_lens.data.dump as dump_mod
-
-    real = dump_mod._write_shard
-
-    def killed_at_second_shard(cfg) -> None:
-        calls = []
-
-        def dying(path, tensors):
-            calls.append(path)
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-            return real(path, tensors)
-
-        monkeypatch.setattr(dump_mod, "_write_shard", dying)
-        with pytest.raises(KeyboardInterrupt):
-            dump_activations(cfg)
-        monkeypatch.setattr(dump_mod, "_write_shard", real)
-
     straight = _predicting_cfg(tmp_path / "a", tiny_llama_dir, corpus_dir)
     dump_activations(straight)
     resumed = _predicting_cfg(tmp_path / "b", tiny_llama_dir, corpus_dir)
-    killed_at_second_shard(resumed)
+    _killed_at_second_shard(resumed, monkeypatch)
     dump_activations(resumed)
     for split in ("train", "val"):
         a, b = split_of(straight, split), split_of(resumed, split)
@@ -739,7 +739,7 @@ def test_resumed_dump_keeps_the_continuation_it_was_started_with(
     plain = _cfg(tmp_path / "c", tiny_llama_dir, corpus_dir, train={"t_text": 3})
     dump_activations(plain)
     older = _cfg(tmp_path / "d", tiny_llama_dir, corpus_dir, train={"t_text": 3})
-    killed_at_second_shard(older)
+    _killed_at_second_shard(older, monkeypatch)
     capsys.readouterr()
     dump_activations(_predicting_cfg(tmp_path / "d", tiny_llama_dir, corpus_dir))
     note = " ".join(capsys.readouterr().out.split())
@@ -761,22 +761,8 @@ def test_a_partial_dump_picked_by_another_content_word_rule_is_refused(
     """A dump killed midway whose stored first tokens another version's content-word rule picked
     (its digest in the header) cannot be continued alike: refused in one sentence before
     anything is written."""
-    import consistency_lens.data.dump as dump_mod
-
     cfg = _predicting_cfg(tmp_path, tiny_llama_dir, corpus_dir)
-    real = dump_mod._write_shard
-    calls = []
-
-    def dying(path, tensors):
-        calls.append(path)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(path, tensors)
-
-    monkeypatch.setattr(dump_mod, "_write_shard", dying)
-    with pytest.raises(KeyboardInterrupt):
-        dump_activations(cfg)
-    monkeypatch.undo()
+    _killed_at_second_shard(cfg, monkeypatch)
     train = split_of(cfg, "train")
     progress = json.loads((train / "progress.json").read_text())
     progress["header"]["predicted"]["content_words_sha256"] = "0" * 64
