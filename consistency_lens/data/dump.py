@@ -609,7 +609,7 @@ def dump_activations(
     # learns. Not over the val split: validation reads a few of its samples (cheaper live than a
     # third more of the whole split's dump), and the val split an eval dumps for another corpus,
     # or that earlier evals read, stays what it was, byte for byte.
-    wanted = stored_prediction(cfg)
+    wanted = stored_prediction(cfg) if "train" in splits else None
     orig = None if wanted is None else OriginalModelWrapper(loaded, cfg.layer)
     predicted = None if wanted is None else prediction_header(*wanted, orig)
     out: dict[str, Path] = {}

@@ -91,10 +91,18 @@ def stored_prediction(cfg: LensConfig) -> tuple[int, str] | None:
 
 def prediction_header(tokens: int, first: str, orig: OriginalModelWrapper) -> dict:
     """The header's `predicted`: what makes a stored continuation equal the one the objective
-    computes with M. Its length and first-token rule, and for `content` a digest of the rule's
-    inputs (M's content-word ids, from the tokenizer and `utils.words`, and the top count), which
-    code may change; M itself is pinned by the header's `fingerprint`."""
-    header: dict = {"tokens": tokens, "first": first}
+    computes with M. Its length and first-token rule, the dtype M runs in and whether it is
+    8-bit, and for `content` a digest of the rule's inputs (M's content-word ids, from the
+    tokenizer and `utils.words`, and the top count), which code may change; M's weights are
+    pinned by the header's `fingerprint`."""
+    # How M computes, beyond its weights: a bf16 or 8-bit M may flip a near tie of fp32's.
+    m = orig.model
+    header: dict = {
+        "tokens": tokens,
+        "first": first,
+        "m_dtype": str(m.dtype).removeprefix("torch."),
+        "m_8bit": bool(getattr(m, "is_loaded_in_8bit", False)),
+    }
     if first == "content":
         digest = hashlib.sha256(TOP_PREDICTIONS.to_bytes(8, "little"))
         digest.update(orig.content_word_ids().cpu().numpy().astype("<i8").tobytes())

@@ -114,10 +114,16 @@ class EncoderModel(nn.Module):
         for the batch and the texts over its kv cache (no gradient: the prompt is a parameter)."""
         block, length = self.parts.blocks[self.layer], self.prompt.shape[0]
         cache = DynamicCache(config=self.model.config)
+        ones = attention_mask.new_ones(1, length)
         run_until(
             self.model,
             block,
             inputs_embeds=self.prompt.unsqueeze(0).to(embeds.dtype),
+            # Explicit, as in `_read`: from none, transformers reads positions back to the host.
+            attention_mask=causal_mask(
+                ones, length, self.model.config, self.parts.embed.weight.dtype
+            ),
+            position_ids=position_ids(ones),
             use_cache=True,
             **self.parts.cache_kwargs(cache),
         )

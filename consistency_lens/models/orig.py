@@ -450,7 +450,8 @@ class OriginalModelWrapper:
         # The context runs once, keeping its kv cache; each later token is one column over it.
         # Appending a real column keeps the batch left-padded, so positions and masks extend.
         cache = DynamicCache(config=self.model.config) if k > 1 else None
-        tokens = [pick(self.clean_logits(input_ids, attention_mask, False, cache)).unsqueeze(-1)]
+        first = pick(self.clean_logits(input_ids, attention_mask, False, cache))
+        tokens = [first.unsqueeze(-1).to(attention_mask.device)]
         position = position_ids(attention_mask)[:, -1:]
         for _ in range(k - 1):
             attention_mask = torch.cat([attention_mask, torch.ones_like(tokens[-1])], 1)
@@ -463,7 +464,8 @@ class OriginalModelWrapper:
                 **self.parts.cache_kwargs(cache),
                 logits_to_keep=1,
             )
-            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+            # Under a device_map M's head may sit on another device than the embedding.
+            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True).to(attention_mask.device))
         return torch.cat(tokens, 1)
 
     def _greedy_packed(
@@ -507,6 +509,8 @@ class OriginalModelWrapper:
         for i in range(k):
             logits = self.clean_logits(input_ids, attention_mask, False)
             token = (first(logits) if first and i == 0 else logits.argmax(-1)).unsqueeze(-1)
+            # Under a device_map M's head may sit on another device than the embedding.
+            token = token.to(input_ids.device)
             tokens.append(token)
             input_ids = torch.cat([input_ids, token], 1)
             attention_mask = torch.cat([attention_mask, torch.ones_like(token)], 1)

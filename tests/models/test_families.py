@@ -251,8 +251,14 @@ def test_encoder_reads_after_its_cached_prompt_as_in_one_pass(loaded):
     enc = EncoderModel(loaded.model, loaded.tokenizer, 1, 64, 1.0, prompt="the people")
     seqs = [torch.randint(1, 320, (n,), generator=torch.Generator().manual_seed(n)) for n in (8, 3)]
     ids, mask = left_pad(seqs, pad_id=0)
-    with torch.no_grad():
+    widths = []
+    hook = loaded.parts.blocks[0].register_forward_hook(
+        lambda _m, _i, out: widths.append((out[0] if isinstance(out, tuple) else out).shape[1])
+    )
+    with hook, torch.no_grad():
         cached = enc.encode_ids(ids, mask)
+    hook.remove()
+    assert widths == [enc.prompt.shape[0], 8]  # the prompt once, then the texts alone
     torch.testing.assert_close(cached, enc.encode_ids(ids, mask).detach(), atol=1e-4, rtol=1e-4)
 
 

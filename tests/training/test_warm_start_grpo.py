@@ -519,18 +519,23 @@ def test_warm_start_predict_reads_the_dump_s_continuation_only_where_its_header_
     )  # context_first: the context token, then M's
     val = CollateFn(0)([run.val_set[i] for i in range(4)])
     assert val.predicted_ids is None
-    other_rule = tmp_path / "acts"
-    shutil.copytree(predicted_dump["output_dir"], other_rule)
-    for meta_path in other_rule.rglob("metadata.json"):
-        meta = json.loads(meta_path.read_text())
-        if "predicted" not in meta:
-            continue  # the val split, which stores none
-        meta["predicted"]["content_words_sha256"] = "0" * 64
-        meta_path.write_text(json.dumps(meta))
+    # A content-word rule of another version (its digest), and an M in another dtype.
+    other_rule, other_m = tmp_path / "acts", tmp_path / "acts_bf16"
+    for copy, key, value in (
+        (other_rule, "content_words_sha256", "0" * 64),
+        (other_m, "m_dtype", "bfloat16"),
+    ):
+        shutil.copytree(predicted_dump["output_dir"], copy)
+        for meta_path in copy.rglob("metadata.json"):
+            meta = json.loads(meta_path.read_text())
+            if "predicted" in meta:  # not the val split, which stores none
+                meta["predicted"][key] = value
+                meta_path.write_text(json.dumps(meta))
     cases = [
         (predicted_dump, {"tokens": 1}),
         (predicted_dump, {"first": "greedy"}),
         ({**predicted_dump, "output_dir": str(other_rule)}, {}),
+        ({**predicted_dump, "output_dir": str(other_m)}, {}),
         (dumped, {}),  # a dump without a continuation
     ]
     for n, (base, predict) in enumerate(cases):
@@ -853,6 +858,8 @@ def test_text_nll_scores_every_token_after_bos(tiny_llama_dir):
     assert bos == lens.loaded.tokenizer.eos_token_id  # the fixture tokenizer has no BOS
     logits = lens.orig.model(input_ids=torch.tensor([[bos, 5, 6, 7], [bos, 9, 9, 2]])).logits
     torch.testing.assert_close(lens.orig.text_nll(ids), token_nll(logits[:, :-1], ids))
+    # One token: M reads BOS alone and scores it.
+    torch.testing.assert_close(lens.orig.text_nll(ids[:, :1]), token_nll(logits[:, :1], ids[:, :1]))
 
 
 @pytest.mark.parametrize(
