@@ -247,6 +247,18 @@ class DecoderModel(nn.Module):
             embeds.to(self._dtype), kv, inject=projected, keep=keep, grad_rows=grad_rows
         )
 
+    def _start_rows(
+        self, activations: torch.Tensor, rows: torch.Tensor | None
+    ) -> tuple[torch.Tensor, KV]:
+        """`_start` once per activation, then its first logits and KV cache for text n taken
+        from row `rows[n]` (all rows, in order, without `rows`)."""
+        logits, kv = self._start(activations)
+        if rows is None:
+            return logits, kv
+        rows = rows.to(logits.device)
+        kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv]
+        return logits.index_select(0, rows), kv
+
     def teacher_forced_logits(
         self, activations: torch.Tensor, target_ids: torch.Tensor, rows: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -262,11 +274,9 @@ class DecoderModel(nn.Module):
             logits, _ = self._start(activations, extra, keep=length)
             logits = logits if length > 1 else logits.unsqueeze(1)
         else:
-            rows = rows.to(activations.device)
-            first, kv = self._start(activations)
-            logits = first.index_select(0, rows).unsqueeze(1)
+            first, kv = self._start_rows(activations, rows)
+            logits = first.unsqueeze(1)
             if extra is not None:
-                kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv]
                 rest, _ = self._step(extra, kv, keep=length - 1)
                 logits = torch.cat([logits, rest if length > 2 else rest.unsqueeze(1)], 1)
         return logits.roll(-self.rotate, dims=1) if self.rotate else logits
@@ -319,11 +329,7 @@ class DecoderModel(nn.Module):
 
         Text n is written from `activations[rows[n]]` (N = B without `rows`): the prompt and A
         run once per activation, not once per text written from it."""
-        logits, kv = self._start(activations)
-        if rows is not None:
-            rows = rows.to(logits.device)
-            logits = logits.index_select(0, rows)
-            kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv]
+        logits, kv = self._start_rows(activations, rows)
         ids, logprobs = [], []
         for t in range(max_length):
             next_ids = choose(t, logits).to(logits.device)

@@ -11,7 +11,7 @@ from consistency_lens.errors import LensError
 from consistency_lens.models.adapter import check_layer, find_parts
 from consistency_lens.models.attention import grad_rows_kwargs
 from consistency_lens.models.hooks import run_until
-from consistency_lens.models.inputs import causal_mask, position_ids
+from consistency_lens.models.inputs import causal_mask, position_ids, tile_cache
 from consistency_lens.models.projection import near_identity
 
 
@@ -128,10 +128,7 @@ class EncoderModel(nn.Module):
             **self.parts.cache_kwargs(cache),
         )
         # Every layer up to L holds the prompt's kv (the forward stopped after block L).
-        for layer in cache.layers:
-            if getattr(layer, "is_initialized", False) and layer.keys is not None:
-                layer.keys = layer.keys.expand(embeds.shape[0], -1, -1, -1)
-                layer.values = layer.values.expand(embeds.shape[0], -1, -1, -1)
+        cache = tile_cache(cache, embeds.shape[0])
         full = torch.cat([attention_mask.new_ones(embeds.shape[0], length), attention_mask], 1)
         mask = causal_mask(full, embeds.shape[1], self.model.config, self.parts.embed.weight.dtype)
         hidden = run_until(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from consistency_lens.models.attention import attention_implementation, text_config
 
@@ -19,6 +21,29 @@ def no_logits() -> torch.Tensor:
     # On the CPU: it indexes hidden states on any device (the head may sit on another GPU than
     # the embedding under device_map), and an empty index copies nothing.
     return torch.empty(0, dtype=torch.long)
+
+
+def tile_cache(cache: DynamicCache, repeats: int, upto: int | None = None) -> DynamicCache:
+    """A new cache holding `repeats` stacked copies of `cache` along the batch (of its first
+    `upto` positions only, when given); a batch of one is broadcast, not copied.
+
+    Cache layers grow by concatenation (never in place), so sharing the prefix tensors between the
+    original and the new cache is safe: a pass over the new cache leaves the original untouched.
+    """
+    new = copy.copy(cache)
+    new.layers = []
+    for layer in cache.layers:
+        twin = copy.copy(layer)
+        if getattr(layer, "is_initialized", False) and layer.keys is not None:
+            keys, values = layer.keys[:, :, :upto], layer.values[:, :, :upto]
+            if keys.shape[0] == 1:
+                twin.keys = keys.expand(repeats, -1, -1, -1)
+                twin.values = values.expand(repeats, -1, -1, -1)
+            else:
+                twin.keys = keys.repeat(repeats, 1, 1, 1)
+                twin.values = values.repeat(repeats, 1, 1, 1)
+        new.layers.append(twin)
+    return new
 
 
 def right_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,7 +20,14 @@ from consistency_lens.models.hooks import (
     replace_last,
     run_until,
 )
-from consistency_lens.models.inputs import can_pack, causal_mask, no_logits, pack, position_ids
+from consistency_lens.models.inputs import (
+    can_pack,
+    causal_mask,
+    no_logits,
+    pack,
+    position_ids,
+    tile_cache,
+)
 from consistency_lens.models.loading import LoadedModel, hf_attention
 from consistency_lens.models.patching import token_nll
 from consistency_lens.utils.dist import resolve_device
@@ -62,24 +68,6 @@ def load_8bit(
     model.eval().requires_grad_(False)
     contiguous_head(model)
     return model
-
-
-def _expand_cache(cache: DynamicCache, repeats: int, upto: int | None = None) -> DynamicCache:
-    """A new cache holding `repeats` stacked copies of `cache` along the batch (of its first
-    `upto` positions only, when given).
-
-    Cache layers grow by concatenation (never in place), so sharing the prefix tensors between the
-    original and the new cache is safe: a pass over the new cache leaves the original untouched.
-    """
-    new = copy.copy(cache)
-    new.layers = []
-    for layer in cache.layers:
-        twin = copy.copy(layer)
-        if getattr(layer, "is_initialized", False) and layer.keys is not None:
-            twin.keys = layer.keys[:, :, :upto].repeat(repeats, 1, 1, 1)
-            twin.values = layer.values[:, :, :upto].repeat(repeats, 1, 1, 1)
-        new.layers.append(twin)
-    return new
 
 
 def _grad_rows(vectors_list: list[torch.Tensor], batch: int) -> tuple[int, int] | None:
@@ -196,7 +184,7 @@ class OriginalModelWrapper:
                 **self.parts.cache_kwargs(cache),
                 logits_to_keep=no_logits(),
             )
-        return _expand_cache(cache, repeats)
+        return tile_cache(cache, repeats)
 
     def forward_with_replacement(
         self,
@@ -359,9 +347,7 @@ class OriginalModelWrapper:
         pos = torch.tensor(positions, device=device)
         upto = max(positions)
         cache = (
-            None
-            if prefix.cache is None or upto == 0
-            else _expand_cache(prefix.cache, batch * n, upto)
+            None if prefix.cache is None or upto == 0 else tile_cache(prefix.cache, batch * n, upto)
         )
         cols = torch.arange(upto + 1, device=device)
         mask = ((cols < pos[:, None]) | (cols == upto)).long()

@@ -271,3 +271,33 @@ def test_packed_patched_forward_equals_the_padded_one_with_its_gradient(orig, mo
     assert not inputs.can_pack(orig.model.config, ids.device, mask[:, :-1])
     (alone,) = orig.forward_with_replacement(ids, mask, [orig.activations(ids, mask)])
     torch.testing.assert_close(alone, orig.clean_logits(ids, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_tile_cache_stacks_copies_and_leaves_the_original_untouched(orig):
+    """A batch of one is broadcast, a larger batch tiled row-block by row-block, `upto` cuts
+    positions; a pass over the tiled cache grows only the new cache."""
+    from transformers import DynamicCache
+
+    from consistency_lens.models.inputs import tile_cache
+
+    for rows in (1, 2):
+        ids, mask = _batch([5] * rows, seed=rows)
+        cache = DynamicCache(config=orig.model.config)
+        orig.model(
+            input_ids=ids, attention_mask=mask, use_cache=True, **orig.parts.cache_kwargs(cache)
+        )
+        before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+        tiled = tile_cache(cache, 3, upto=4)
+        for layer, (k, v) in zip(tiled.layers, before, strict=True):
+            assert layer.keys.shape[0] == 3 * rows and layer.keys.shape[2] == 4
+            torch.testing.assert_close(layer.keys, k[:, :, :4].repeat(3, 1, 1, 1), rtol=0, atol=0)
+            torch.testing.assert_close(layer.values, v[:, :, :4].repeat(3, 1, 1, 1), rtol=0, atol=0)
+        orig.model(
+            input_ids=torch.ones(3 * rows, 1, dtype=torch.long),
+            attention_mask=torch.ones(3 * rows, 5, dtype=torch.long),
+            use_cache=True,
+            **orig.parts.cache_kwargs(tiled),
+        )
+        assert tiled.layers[0].keys.shape[2] == 5
+        for layer, (k, v) in zip(cache.layers, before, strict=True):
+            assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
