@@ -114,13 +114,15 @@ def test_collate_left_pads_so_P_is_last_column(tmp_path, tiny_llama_dir, corpus_
     assert batch.A.shape == (6, 64)
 
 
-def _torchrun_dump(cfg) -> subprocess.CompletedProcess:
-    """`consistency-lens dump` of `cfg`'s top-level keys on two torchrun ranks (gloo, CPU)."""
+def _torchrun_dump(cfg, *extra: str) -> subprocess.CompletedProcess:
+    """`consistency-lens dump` of `cfg`'s top-level keys and the overrides `extra` on two
+    torchrun ranks (gloo, CPU)."""
     overrides = [
         f"{k}={v}"
         for k, v in cfg.model_dump(mode="json").items()
         if not isinstance(v, dict) and v is not None
     ]
+    overrides += extra
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     cmd += [
@@ -149,6 +151,38 @@ def test_two_process_torchrun_dump_reads_back(tmp_path, tiny_llama_dir, corpus_d
     for i in range(40):
         torch.testing.assert_close(ds.sample(i)[1], ref.sample(i)[1], rtol=1e-5, atol=1e-5)
         assert torch.equal(ds.sample(i)[0], ref.sample(i)[0])
+
+
+def test_two_process_torchrun_dump_stores_the_continuation_a_single_process_does(
+    tmp_path, tiny_llama_dir, corpus_dir
+):
+    """Each rank stores M's continuation for its own samples under the same header, which the
+    global metadata repeats; read back, it is token for token the single-process dump's."""
+    cfg = _predicting_cfg(tmp_path, tiny_llama_dir, corpus_dir)
+    result = _torchrun_dump(
+        cfg,
+        "train.t_text=3",
+        "train.warm_start.steps=1",
+        "train.warm_start.objective=warm_start_predict",
+        "train.predict.tokens=2",
+        "train.predict.first=content",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    directory = split_of(cfg, "train")
+    ds = ActivationDataset(directory)
+    ref = ActivationDataset(
+        dump_activations(_predicting_cfg(tmp_path / "single", tiny_llama_dir, corpus_dir))["train"]
+    )
+    assert ref.predicted is not None and ds.predicted == ref.predicted
+    for rank in (0, 1):
+        meta = json.loads((directory / f"rank_{rank}" / "metadata.json").read_text())
+        assert meta["predicted"] == ref.predicted
+    ds.read_predictions(ds.predicted)
+    ref.read_predictions(ref.predicted)
+    assert len(ds) == len(ref) == 40
+    for i in range(40):
+        assert torch.equal(ds[i]["predicted_ids"], ref[i]["predicted_ids"])
+        assert torch.equal(ds[i]["input_ids_A"], ref[i]["input_ids_A"])
 
 
 def test_torchrun_dump_refused_on_one_rank_exits_on_every_rank(
