@@ -157,7 +157,9 @@ def test_reconstruct_decodes_as_the_lens_config_says(tiny_llama_dir):
     assert torch.equal(sampled, lens.decoder.generate(acts, lens.cfg.train.t_text, greedy=False))
 
 
-def test_a_lens_keeps_its_decode_settings_unless_the_user_sets_a_key(tiny_llama_dir, tmp_path):
+def test_a_lens_keeps_its_decode_settings_unless_the_user_sets_a_key(
+    tiny_llama_dir, tmp_path, capsys
+):
     cfg = LensConfig(
         model=str(tiny_llama_dir),
         device="cpu",
@@ -178,9 +180,18 @@ def test_a_lens_keeps_its_decode_settings_unless_the_user_sets_a_key(tiny_llama_
     assert decode_settings(saved, user) == expected
     # eval, explain and serve load through `load_lens`, which applies exactly that.
     base = cfg.model_copy(update={"decode": DecodeConfig()})
+    capsys.readouterr()
     assert load_lens(base, tmp_path / "lens")[0].cfg.decode == saved.decode
-    told = cfg.model_copy(update={"decode": DecodeConfig(samples=0, fluency=0.25)})
-    assert load_lens(told, tmp_path / "lens")[0].cfg.decode == expected
+    assert "decode." not in capsys.readouterr().out
+    # A key set to the lens's own value replaces nothing; one that differs is named.
+    told = cfg.model_copy(update={"decode": DecodeConfig(samples=0, fluency=0.25, content=2.0)})
+    assert load_lens(told, tmp_path / "lens")[0].cfg.decode == expected.model_copy(
+        update={"content": 2.0}
+    )
+    assert (
+        "Writing with decode.samples=0 (the lens's own: 8), decode.fluency=0.25 (the lens's own: "
+        "1.0) from your config or command line" in capsys.readouterr().out
+    )
 
 
 def test_the_tables_say_how_the_explanations_were_written():
