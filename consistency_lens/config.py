@@ -310,8 +310,8 @@ class DecodeConfig(_Strict):
     alone: M's blocks after L on D's prompt up to its slot, A written at the slot (a
     patchscope; `models/decoding.py`), its top `prediction_top`. Above 0 the candidates also
     hold D's greedy text whose first written token is the best-ranked of those that is a content
-    word (read as the text's token T_text - 1 under `train.decoder_rotate: 2`) (default 0: not
-    read)."""
+    word (read as the text's second-to-last token under `train.decoder_rotate: 2`) (default 0:
+    not read)."""
     prediction_top: int | None = Field(None, ge=1)
     """How many of M's next tokens from A alone count for `prediction` (default 10)."""
     reconstruction: float | None = Field(None, ge=0)

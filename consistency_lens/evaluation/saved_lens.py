@@ -55,19 +55,21 @@ def load_lens(
     lens = ConsistencyLens.from_pretrained(
         path, device=cfg.device, model=cfg.model, trust_remote_code=cfg.trust_remote_code
     )
-    own = lens.cfg.decode
+    # A key the lens left unset writes at its default, so that is the value a key replaces.
+    own = lens.cfg.decode.filled()
     lens.cfg = lens.cfg.model_copy(update={"decode": decode_settings(lens.cfg, cfg)})
     # A config written for another lens (the demo's, say) must not change this one's writing
     # unnoticed: its figures would no longer be the lens's own.
     replaced = [
         f"decode.{key}={value} (the lens's own: {getattr(own, key)})"
         for key, value in cfg.decode.model_dump(exclude_none=True).items()
-        if getattr(own, key) is not None and getattr(own, key) != value
+        if getattr(own, key) != value
     ]
     if replaced:
+        them = "it" if len(replaced) == 1 else "them"
         print(
-            f"Writing with {', '.join(replaced)} from your config or command line; leave those "
-            "keys unset (null) to write as the lens was saved."
+            f"Writing with {', '.join(replaced)} from your config or command line; leave {them} "
+            "unset (null) to write as the lens was saved."
         )
     return lens, path
 

@@ -248,15 +248,16 @@ class DecoderModel(nn.Module):
         )
 
     def _start_rows(
-        self, activations: torch.Tensor, rows: torch.Tensor | None
+        self, activations: torch.Tensor, rows: torch.Tensor | None, cache: bool = True
     ) -> tuple[torch.Tensor, KV]:
         """`_start` once per activation, then its first logits and KV cache for text n taken
-        from row `rows[n]` (all rows, in order, without `rows`)."""
+        from row `rows[n]` (all rows, in order, without `rows`); without `cache`, no KV cache
+        (a one-token text needs none, and selecting it would copy every layer's)."""
         logits, kv = self._start(activations)
         if rows is None:
             return logits, kv
         rows = rows.to(logits.device)
-        kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv]
+        kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv] if cache else []
         return logits.index_select(0, rows), kv
 
     def teacher_forced_logits(
@@ -274,7 +275,7 @@ class DecoderModel(nn.Module):
             logits, _ = self._start(activations, extra, keep=length)
             logits = logits if length > 1 else logits.unsqueeze(1)
         else:
-            first, kv = self._start_rows(activations, rows)
+            first, kv = self._start_rows(activations, rows, cache=extra is not None)
             logits = first.unsqueeze(1)
             if extra is not None:
                 rest, _ = self._step(extra, kv, keep=length - 1)

@@ -159,13 +159,14 @@ def test_two_process_torchrun_dump_stores_the_continuation_a_single_process_does
     """Each rank stores M's continuation for its own samples under the same header, which the
     global metadata repeats; read back, it is token for token the single-process dump's."""
     cfg = _predicting_cfg(tmp_path, tiny_llama_dir, corpus_dir)
+    train = cfg.train
     result = _torchrun_dump(
         cfg,
-        "train.t_text=3",
-        "train.warm_start.steps=1",
-        "train.warm_start.objective=warm_start_predict",
-        "train.predict.tokens=2",
-        "train.predict.first=content",
+        f"train.t_text={train.t_text}",
+        f"train.warm_start.steps={train.warm_start.steps}",
+        f"train.warm_start.objective={train.warm_start.objective}",
+        f"train.predict.tokens={train.predict.tokens}",
+        f"train.predict.first={train.predict.first}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     directory = split_of(cfg, "train")
@@ -174,8 +175,8 @@ def test_two_process_torchrun_dump_stores_the_continuation_a_single_process_does
         dump_activations(_predicting_cfg(tmp_path / "single", tiny_llama_dir, corpus_dir))["train"]
     )
     assert ref.predicted is not None and ds.predicted == ref.predicted
-    for rank in (0, 1):
-        meta = json.loads((directory / f"rank_{rank}" / "metadata.json").read_text())
+    for meta_dir in (directory, directory / "rank_0", directory / "rank_1"):
+        meta = json.loads((meta_dir / "metadata.json").read_text())
         assert meta["predicted"] == ref.predicted
     ds.read_predictions(ds.predicted)
     ref.read_predictions(ref.predicted)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -190,7 +191,20 @@ def test_a_lens_keeps_its_decode_settings_unless_the_user_sets_a_key(
     )
     assert (
         "Writing with decode.samples=0 (the lens's own: 8), decode.fluency=0.25 (the lens's own: "
-        "1.0) from your config or command line" in capsys.readouterr().out
+        "1.0) from your config or command line; leave them unset" in capsys.readouterr().out
+    )
+    # A lens saved before its decode was filled in writes an unset key at its default: that is
+    # what a key set by the user replaces (samples 0 replaces nothing).
+    config_file = tmp_path / "lens" / "lens_config.json"
+    meta = json.loads(config_file.read_text())
+    meta["config"]["decode"] = {key: None for key in meta["config"]["decode"]}
+    config_file.write_text(json.dumps(meta))
+    load_lens(
+        cfg.model_copy(update={"decode": DecodeConfig(samples=0, fluency=0.25)}), tmp_path / "lens"
+    )
+    assert (
+        "Writing with decode.fluency=0.25 (the lens's own: 1.0) from your config or command "
+        "line; leave it unset" in capsys.readouterr().out
     )
 
 

@@ -290,6 +290,8 @@ def test_tile_cache_stacks_copies_and_leaves_the_original_untouched(orig):
         tiled = tile_cache(cache, 3, upto=4)
         for layer, (k, v) in zip(tiled.layers, before, strict=True):
             assert layer.keys.shape[0] == 3 * rows and layer.keys.shape[2] == 4
+            # One row is broadcast (no copy: stride 0 along the batch); more rows are copied.
+            assert (layer.keys.stride(0) == 0) == (rows == 1)
             torch.testing.assert_close(layer.keys, k[:, :, :4].repeat(3, 1, 1, 1), rtol=0, atol=0)
             torch.testing.assert_close(layer.values, v[:, :, :4].repeat(3, 1, 1, 1), rtol=0, atol=0)
         orig.model(
