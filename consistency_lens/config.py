@@ -742,6 +742,20 @@ def config_from_dict(data: dict) -> LensConfig:
     return _validated(LensConfig, data, "")
 
 
+def dump_settings(data: dict) -> LensConfig:
+    """A saved config's top-level settings (model, layer, corpus, dump), sections at their
+    defaults: what a dump's recorded config says of its samples, read whatever sections or keys
+    the version that wrote it had (a decode key added since must not stop an eval)."""
+    fields = config_fields(LensConfig)
+    top = {
+        key: value
+        for key, value in migrate_saved(data).items()
+        if key in fields
+        and not (isinstance(fields[key], type) and issubclass(fields[key], BaseModel))
+    }
+    return config_from_dict(top)
+
+
 def _validated(model: type[BaseModel], data: dict, prefix: str) -> Any:
     try:
         return model.model_validate(data)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from consistency_lens.config import LensConfig, config_from_dict
+from consistency_lens.config import LensConfig, dump_settings
 from consistency_lens.data.dump import may_train_on_val
 from consistency_lens.errors import LensError
 from consistency_lens.evaluation.card import model_card, verdict_line
@@ -49,7 +49,7 @@ def evaluate_command(cfg: LensConfig, checkpoint: Path | None, output: Path | No
     dataset = open_split(cfg, lens, "val", seed=cfg.seed, dump_missing=True)
     # Said before the numbers, since a lens read on samples it trained on looks better than it
     # is; checked against the config that dumped the split read, whatever `cfg` says.
-    leak = may_train_on_val(lens.cfg, config_from_dict(dataset.metadata["config"]))
+    leak = may_train_on_val(lens.cfg, dump_settings(dataset.metadata["config"]))
     if leak:
         print(f"Warning: the lens may have trained on some of these val samples: {leak}.")
     mean, mean_set = lens_mean(cfg, lens)

@@ -171,6 +171,17 @@ def test_eval_says_when_the_lens_may_have_trained_on_its_val_samples(run, tmp_pa
     assert f"Warning: the lens may have trained on some of these val samples: {why}." in (
         capsys.readouterr().out
     )
+    # A split dumped by a version with settings this one lacks (a section's key, a top-level
+    # key): the check reads the settings it needs and gives the same answer.
+    meta_path = Path(results["split"]) / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["decode"]["added_later"] = 1
+    meta["config"]["added_later"] = 1
+    meta_path.write_text(json.dumps(meta))
+    assert (
+        evaluate_command(other_order, run.train.run_dir / "lens", tmp_path / "later")["val_leak"]
+        == why
+    )
 
 
 def test_a_lens_carrying_its_training_mean_needs_no_training_dump(run, tmp_path):
