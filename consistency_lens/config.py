@@ -743,17 +743,10 @@ def config_from_dict(data: dict) -> LensConfig:
 
 
 def dump_settings(data: dict) -> LensConfig:
-    """A saved config's top-level settings (model, layer, corpus, dump), sections at their
-    defaults: what a dump's recorded config says of its samples, read whatever sections or keys
-    the version that wrote it had (a decode key added since must not stop an eval)."""
-    fields = config_fields(LensConfig)
-    top = {
-        key: value
-        for key, value in migrate_saved(data).items()
-        if key in fields
-        and not (isinstance(fields[key], type) and issubclass(fields[key], BaseModel))
-    }
-    return config_from_dict(top)
+    """A saved config's top-level `DUMP_KEYS` (which samples a dump holds), the rest at defaults:
+    read whatever other settings the version that wrote it had (a key added since must not stop
+    an eval)."""
+    return config_from_dict({k: v for k, v in migrate_saved(data).items() if k in DUMP_KEYS})
 
 
 def _validated(model: type[BaseModel], data: dict, prefix: str) -> Any:

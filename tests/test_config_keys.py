@@ -15,6 +15,7 @@ from consistency_lens.config import (
     LensConfig,
     config_fields,
     dump_config,
+    dump_settings,
     objective_sections,
     setting,
     weight_settings,
@@ -107,3 +108,16 @@ def test_predict_tokens_moved_beside_its_objective_and_stays_free(tmp_path):
         ours = LensConfig(train={"predict": {"tokens": tokens}})
         assert weight_settings(saved) == weight_settings(dump_config(ours))
         check_resume_config(ours, tmp_path)  # not a mismatch: the setting is free
+
+
+def test_dump_settings_reads_a_dump_config_of_another_version():
+    """What a dump's recorded config says of its samples, whatever keys it has beside them."""
+    cfg = LensConfig(seed=7, corpus="pydoc", val_samples=64, layer=3)
+    saved = dump_config(cfg)
+    saved["added_later"] = 1
+    saved["decode"]["added_later"] = 1
+    saved["train"]["steps"] = 99
+    read = dump_settings(saved)
+    top_dump = [key for key in DUMP_KEYS if "." not in key]
+    assert {k: getattr(read, k) for k in top_dump} == {k: getattr(cfg, k) for k in top_dump}
+    assert read.train == LensConfig().train  # sections are not read
