@@ -424,7 +424,11 @@ class ConsistencyLens(nn.Module):
         try:
             cfg = config_from_dict(meta["config"])
         except LensError as err:
-            raise LensError(f"Lens config '{path / CONFIG_FILE}' is damaged: {err}") from None
+            # A key this version lacks is as likely a newer package's as damage: name both.
+            raise LensError(
+                f"Lens config '{path / CONFIG_FILE}' is damaged or was saved by a newer "
+                f"consistency-lens (upgrade to read it): {err}"
+            ) from None
         # The caller's choices, never the file's: what to load and whether its code may run.
         # The device too: a lens trained on a GPU loads on a CPU-only machine (`auto`).
         update = {"model": model or recorded, "trust_remote_code": trust_remote_code}

@@ -430,7 +430,8 @@ def _saved_config(lens_dir: Path, meta: dict) -> LensConfig:
         return config_from_dict(meta["config"])
     except (LensError, KeyError, TypeError):
         raise LensError(
-            f"Lens config '{lens_dir / CONFIG_FILE}' is damaged; save the lens again."
+            f"Lens config '{lens_dir / CONFIG_FILE}' is damaged or was saved by a newer "
+            "consistency-lens; upgrade, or save the lens again."
         ) from None
 
 

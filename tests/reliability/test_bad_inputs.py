@@ -536,7 +536,12 @@ def test_html_path_that_is_a_folder(capsys, world, tmp_path):
         (lambda m: m.update(layer="1"), "key 'layer' must be a int but is a str"),
         (lambda m: m.update(layer=True), "key 'layer' must be a int but is a bool"),
         (lambda m: m.update(config=[]), "key 'config' must be a dict but is a list"),
-        (lambda m: m["config"].update(layer="x"), "is damaged: Config key 'layer'"),
+        (lambda m: m["config"].update(layer="x"), "upgrade to read it): Config key 'layer'"),
+        (
+            lambda m: m["config"]["decode"].update(added_later=1),
+            "saved by a newer consistency-lens (upgrade to read it): Unknown config key "
+            "'decode.added_later'",
+        ),
     ],
 )
 def test_lens_config_missing_keys_or_wrong_types(capsys, world, tmp_path, edit, expected):
