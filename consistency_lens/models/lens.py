@@ -421,14 +421,7 @@ class ConsistencyLens(nn.Module):
                 f"trained on '{model}'."
             )
         _check_weights(path, meta)
-        try:
-            cfg = config_from_dict(meta["config"])
-        except LensError as err:
-            # A key this version lacks is as likely a newer package's as damage: name both.
-            raise LensError(
-                f"Lens config '{path / CONFIG_FILE}' is damaged or was saved by a newer "
-                f"consistency-lens (upgrade to read it): {err}"
-            ) from None
+        cfg = saved_config(path, meta)
         # The caller's choices, never the file's: what to load and whether its code may run.
         # The device too: a lens trained on a GPU loads on a CPU-only machine (`auto`).
         update = {"model": model or recorded, "trust_remote_code": trust_remote_code}
@@ -557,6 +550,20 @@ _LENS_CONFIG_KEYS = {
     "weights_sha256": str,
     "config": dict,
 }
+
+
+def saved_config(path: Path, meta: dict) -> LensConfig:
+    """The config saved in the `lens_config.json` (read as `meta`) of the lens at `path`; one
+    sentence where it does not validate."""
+    try:
+        return config_from_dict(meta["config"])
+    except (LensError, KeyError, TypeError) as err:
+        # A key this version lacks is as likely a newer package's as damage: name both.
+        detail = f": {err}" if isinstance(err, LensError) else "; save the lens again."
+        raise LensError(
+            f"Lens config '{path / CONFIG_FILE}' is damaged or was saved by a newer "
+            f"consistency-lens (upgrade to read it){detail}"
+        ) from None
 
 
 def _read_lens_config(path: Path) -> dict:

@@ -43,7 +43,7 @@ from consistency_lens.models.ceiling import (
     ceiling_from_lens,
     copy_ceiling,
 )
-from consistency_lens.models.lens import CONFIG_FILE, ConsistencyLens
+from consistency_lens.models.lens import CONFIG_FILE, ConsistencyLens, saved_config
 from consistency_lens.models.patching import fve, mse, patched_kl
 from consistency_lens.training import checkpoint as ckpt
 from consistency_lens.training.distributed import Engine, wrap_for_strategy
@@ -424,23 +424,12 @@ def _build_run(
     )
 
 
-def _saved_config(lens_dir: Path, meta: dict) -> LensConfig:
-    """The config saved in the `lens_config.json` (read as `meta`) of the lens at `lens_dir`."""
-    try:
-        return config_from_dict(meta["config"])
-    except (LensError, KeyError, TypeError):
-        raise LensError(
-            f"Lens config '{lens_dir / CONFIG_FILE}' is damaged or was saved by a newer "
-            "consistency-lens; upgrade, or save the lens again."
-        ) from None
-
-
 def _with_starting_decode(cfg: LensConfig) -> LensConfig:
     """`cfg` whose decode keys left unset come from the lens at `train.init_from`: a run started
     from a lens validates, trains (`encoder_refit`) and saves a lens that writes as that one did,
     unless the config or command line says otherwise."""
     lens_dir = Path(cfg.train.init_from)
-    saved = _saved_config(lens_dir, read_json(lens_dir / CONFIG_FILE, "Lens config"))
+    saved = saved_config(lens_dir, read_json(lens_dir / CONFIG_FILE, "Lens config"))
     return cfg.model_copy(update={"decode": decode_settings(saved, cfg)})
 
 
@@ -581,7 +570,7 @@ def train_ceiling(cfg: LensConfig, lens_dir: Path, resume: bool = False) -> Path
         raise LensError(
             "train-ceiling trains E alone in one process; set distributed.strategy=none."
         )
-    own = _saved_config(lens_dir, meta).train
+    own = saved_config(lens_dir, meta).train
     update = {key: getattr(own, key) for key in _E_SHAPE}
     update.update(
         objective="context_ceiling",
